@@ -1,0 +1,1 @@
+"""Frozen Flax T5 and GPT-2, and Hugging Face checkpoint loading."""

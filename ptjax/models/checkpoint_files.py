@@ -1,0 +1,164 @@
+"""Finding a checkpoint (local directory or Hugging Face hub id) and reading its tensors.
+
+Formats, in order of preference: ``model.safetensors`` (or a sharded
+``model.safetensors.index.json``), ``flax_model.msgpack`` (Hugging Face's Flax layout),
+``pytorch_model.bin`` (sharded too; read with ``torch.load(weights_only=True)`` and only
+when torch is installed). Every reader yields tensors under their PyTorch names.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Callable
+
+import jax
+import numpy as np
+
+from ptjax.errors import PtjaxError
+
+SAFETENSORS = "model.safetensors"
+MSGPACK = "flax_model.msgpack"
+TORCH_BIN = "pytorch_model.bin"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "vocab.json",
+                   "merges.txt", "special_tokens_map.json", "tokenizer.model")
+_WEIGHT_FILES = (SAFETENSORS, SAFETENSORS + ".index.json", MSGPACK, TORCH_BIN,
+                 TORCH_BIN + ".index.json")
+
+
+# "name" or "org/name" as the hub spells repository ids.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve(path_or_hub_id: str) -> str:
+    """A local directory holding config.json and weights; hub ids are downloaded."""
+    path = os.path.expanduser(str(path_or_hub_id))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or not _HUB_ID.match(path):
+        raise PtjaxError(f"{path_or_hub_id}: no such directory (give a checkpoint directory "
+                         "or a Hugging Face hub id such as google/t5-small-lm-adapt)")
+    return _download(path)
+
+
+def _download(repo_id: str) -> str:
+    import huggingface_hub as hub
+
+    try:
+        files = set(hub.list_repo_files(repo_id))
+        wanted = [f for f in ("config.json",) + TOKENIZER_FILES if f in files]
+        weights = next((f for f in _WEIGHT_FILES if f in files), None)
+        if weights is None:
+            raise PtjaxError(f"{repo_id}: the hub repository has no weights in a supported "
+                             f"format ({', '.join(_WEIGHT_FILES)})")
+        wanted.append(weights)
+        if weights.endswith(".index.json"):
+            index = json.load(open(hub.hf_hub_download(repo_id, weights)))
+            wanted += sorted(set(index["weight_map"].values()))
+        return hub.snapshot_download(repo_id, allow_patterns=wanted)
+    except PtjaxError:
+        raise
+    except Exception as e:  # network, auth, missing repo: all reported in one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PtjaxError(f"{repo_id}: not a local directory and could not be fetched from "
+                         f"the Hugging Face hub ({type(e).__name__}: {first})") from None
+
+
+class Weights:
+    """Tensors of one checkpoint by PyTorch name, read lazily where the format allows."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._readers: dict[str, Callable[[], np.ndarray]] = {}
+        self.filename = self._open()
+
+    def keys(self):
+        return self._readers.keys()
+
+    def has(self, key: str) -> bool:
+        return key in self._readers
+
+    def get(self, key: str) -> np.ndarray:
+        return self._readers[key]()
+
+    def rename(self, fn: Callable[[str], str]):
+        """Rename every key (e.g. strip GPT-2's ``transformer.`` prefix)."""
+        self._readers = {fn(k): v for k, v in self._readers.items()}
+
+    def _open(self) -> str:
+        d = self.directory
+        for name in (SAFETENSORS, SAFETENSORS + ".index.json"):
+            if os.path.exists(os.path.join(d, name)):
+                shards = _shards(d, name)
+                for shard in shards:
+                    self._add_safetensors(os.path.join(d, shard))
+                return name
+        if os.path.exists(os.path.join(d, MSGPACK)):
+            self._add_msgpack(os.path.join(d, MSGPACK))
+            return MSGPACK
+        for name in (TORCH_BIN, TORCH_BIN + ".index.json"):
+            if os.path.exists(os.path.join(d, name)):
+                try:
+                    import torch  # noqa: F401
+                except ImportError:
+                    raise PtjaxError(
+                        f"{os.path.join(d, name)}: this checkpoint is a PyTorch pickle; "
+                        "install torch to read it (pip install torch) or convert it to "
+                        "model.safetensors") from None
+                for shard in _shards(d, name):
+                    self._add_torch(os.path.join(d, shard))
+                return name
+        raise PtjaxError(f"{d}: no weights found (looked for {', '.join(_WEIGHT_FILES)})")
+
+    def _add_safetensors(self, file: str):
+        from safetensors import safe_open
+
+        # The "flax" framework reads bfloat16, which numpy's reader cannot; tensors are
+        # materialised on the host CPU, one at a time, when asked for.
+        cpu = jax.devices("cpu")[0]
+        handle = safe_open(file, framework="flax")
+        for key in handle.keys():
+            def read(key=key):
+                with jax.default_device(cpu):
+                    return np.asarray(handle.get_tensor(key))
+            self._readers[key] = read
+
+    def _add_msgpack(self, file: str):
+        from flax import serialization, traverse_util
+
+        with open(file, "rb") as f:
+            tree = serialization.msgpack_restore(f.read())
+        for path, value in traverse_util.flatten_dict(tree).items():
+            key, value = _flax_to_torch_name(path, np.asarray(value))
+            self._readers[key] = lambda value=value: value
+
+    def _add_torch(self, file: str):
+        import torch
+
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        for key, tensor in state.items():
+            def read(tensor=tensor):
+                t = tensor.detach()
+                return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+            self._readers[key] = read
+
+
+def _shards(directory: str, name: str) -> list[str]:
+    if not name.endswith(".index.json"):
+        return [name]
+    with open(os.path.join(directory, name)) as f:
+        return sorted(set(json.load(f)["weight_map"].values()))
+
+
+def _flax_to_torch_name(path: tuple, value: np.ndarray):
+    """Hugging Face Flax names/layout -> PyTorch names/layout.
+
+    Flax ``kernel`` is the transpose of the PyTorch weight (true for Dense and for GPT-2's
+    FlaxConv1D alike); ``embedding`` and LayerNorm ``scale`` are PyTorch ``weight``.
+    """
+    *prefix, leaf = [str(p) for p in path]
+    if leaf == "kernel":
+        value = value.T
+    if leaf in ("kernel", "embedding", "scale"):
+        leaf = "weight"
+    return ".".join(prefix + [leaf]), value

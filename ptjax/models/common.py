@@ -1,0 +1,162 @@
+"""Pieces shared by the Flax T5 and GPT-2 modules.
+
+Shape suffixes follow nanodo: ``B`` batch, ``T`` query length, ``S`` key length,
+``H`` heads, ``K`` head size, ``D`` model width, ``P`` prompt length.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+# Added to the scores of masked keys. Finite (unlike -inf) so that a row with every key
+# masked (a padding query) softmaxes to uniform weights instead of NaN.
+MASK_VALUE = -1e10
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def mask_bias(mask_BxTxS: jax.Array) -> jax.Array:
+    """Boolean mask [B, T, S] (True = attend) -> additive fp32 bias [B, 1, T, S]."""
+    return jnp.where(mask_BxTxS, 0.0, MASK_VALUE).astype(jnp.float32)[:, None]
+
+
+def causal_mask(length: int) -> jax.Array:
+    """[T, T] boolean, True where key position <= query position."""
+    idx = jnp.arange(length)
+    return idx[None, :] <= idx[:, None]
+
+
+def broadcast_prompt(prompt: jax.Array, batch: int, dtype) -> jax.Array:
+    """A prompt of shape [P, D] (shared) or [B, P, D] -> [B, P, D] in ``dtype``."""
+    if prompt.ndim == 2:
+        prompt = jnp.broadcast_to(prompt[None], (batch,) + prompt.shape)
+    elif prompt.ndim != 3 or prompt.shape[0] != batch:
+        raise ValueError(
+            f"prompt must have shape [P, D] or [{batch}, P, D], got {tuple(prompt.shape)}")
+    return prompt.astype(dtype)
+
+
+def remat_layer(layer_cls, remat: str):
+    """Wrap a layer class in ``nn.remat`` with the named policy ('none' = no remat)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; valid: {sorted(REMAT_POLICIES)}")
+    if remat == "none":
+        return layer_cls
+    return nn.remat(layer_cls, policy=REMAT_POLICIES[remat], prevent_cse=False)
+
+
+def scan_layers(layer_cls, length: int, n_broadcast: int):
+    """Stack ``length`` copies of ``layer_cls`` with ``nn.scan``.
+
+    The layer is called as ``layer(carry, *broadcast_args, per_layer_xs)`` and returns
+    ``(carry, per_layer_ys)``; parameters get a leading [layers] axis, each layer gets its
+    own dropout rng, and ``per_layer_xs`` (a KV cache, or None) is sliced on axis 0.
+    """
+    return nn.scan(
+        layer_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * n_broadcast + (0,),
+        length=length,
+    )
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, no bias; variance in fp32."""
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        scale = self.param("scale", nn.initializers.ones, (x_BxTxD.shape[-1],), jnp.float32)
+        x = x_BxTxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return x.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class Unembed(nn.Module):
+    """Output projection [D] -> [vocab] with fp32 logits whatever the compute dtype."""
+    vocab_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (x_BxTxD.shape[-1], self.vocab_size), jnp.float32)
+        return jnp.einsum("btd,dv->btv", x_BxTxD.astype(self.dtype), kernel.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+def tied_logits(x_BxTxD, embedding_VxD, dtype):
+    """Logits against a tied input embedding, accumulated and returned in fp32."""
+    return jnp.einsum("btd,vd->btv", x_BxTxD.astype(dtype), embedding_VxD.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with an optional KV cache, used by T5 and GPT-2.
+
+    Parameters ``q``/``k``/``v`` have kernels [D, H, K] and ``o`` has [H, K, D], so heads
+    are an explicit axis for tensor-parallel sharding.
+
+    Cache semantics (``cache`` is ``{"k": [B, S, H, K], "v": [B, S, H, K]}`` or None):
+      * self-attention: the new keys/values of ``x`` are written at ``cache_index`` and
+        the query attends over the whole cache (``bias`` masks unwritten slots);
+      * cross-attention (``cross=True``): keys/values of ``kv`` are computed once when
+        ``prefill`` is set and read from the cache afterwards.
+    """
+    num_heads: int
+    head_dim: int
+    out_dim: int
+    dropout_rate: float
+    dtype: jnp.dtype
+    deterministic: bool
+    use_bias: bool = False
+    scale: float = 1.0
+    cross: bool = False
+    prefill: bool = False
+
+    @nn.compact
+    def __call__(self, x_BxTxD, kv_BxSxD, bias_BxHxTxS, cache=None, cache_index=None):
+        def proj(name):
+            return nn.DenseGeneral((self.num_heads, self.head_dim), use_bias=self.use_bias,
+                                   dtype=self.dtype, name=name)
+
+        q_BxTxHxK = proj("q")(x_BxTxD)
+        if self.cross and cache is not None and not self.prefill:
+            k_BxSxHxK, v_BxSxHxK = cache["k"], cache["v"]
+        else:
+            k_BxSxHxK, v_BxSxHxK = proj("k")(kv_BxSxD), proj("v")(kv_BxSxD)
+        if cache is not None and not self.cross:
+            start = (0, cache_index, 0, 0)
+            k_BxSxHxK = jax.lax.dynamic_update_slice(
+                cache["k"], k_BxSxHxK.astype(cache["k"].dtype), start)
+            v_BxSxHxK = jax.lax.dynamic_update_slice(
+                cache["v"], v_BxSxHxK.astype(cache["v"].dtype), start)
+        new_cache = None if cache is None else {"k": k_BxSxHxK, "v": v_BxSxHxK}
+
+        scores = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        if self.scale != 1.0:
+            scores = scores * self.scale
+        weights = jax.nn.softmax(scores + bias_BxHxTxS, axis=-1).astype(self.dtype)
+        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=self.deterministic)
+        out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights, v_BxSxHxK.astype(self.dtype))
+        out = nn.DenseGeneral(self.out_dim, axis=(-2, -1), use_bias=self.use_bias,
+                              dtype=self.dtype, name="o")(out_BxTxHxK)
+        return out, new_cache

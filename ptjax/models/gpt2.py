@@ -1,0 +1,170 @@
+"""Flax (Linen) GPT-2: learned absolute positions, pre-LN blocks, gelu_new, tied lm_head.
+
+A soft prompt [P, D] is prepended to the embedded input and takes positions 0..P-1; the
+real tokens follow at P, P+1, ... (PEFT's convention). Positions count attended tokens
+(``cumsum(mask) - 1``), so a left-padded row still puts its first real token right after
+the prompt, where PEFT would leave the pads in between.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, broadcast_prompt, mask_bias,
+                                 remat_layer, scan_layers, tied_logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """The architecture of a GPT-2 checkpoint; names follow Hugging Face's GPT2Config."""
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    scale_attn_weights: bool = True
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+    pad_token_id: int | None = None
+    model_type: str = "gpt2"
+
+    @property
+    def hidden_size(self) -> int:
+        """The embedding width D a prompt must have."""
+        return self.n_embd
+
+    @property
+    def d_ff(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @property
+    def max_prompt_positions(self) -> int:
+        """Prompt + input must fit the learned position table."""
+        return self.n_positions
+
+
+class Block(nn.Module):
+    config: GPT2Config
+    dtype: Any
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxD, bias_BxHxTxS, cache_index, cache):
+        cfg = self.config
+        drop = nn.Dropout(cfg.resid_pdrop)
+        head_dim = cfg.n_embd // cfg.n_head
+        h = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_1")(x_BxTxD)
+        h, new_cache = MultiHeadAttention(
+            num_heads=cfg.n_head, head_dim=head_dim, out_dim=cfg.n_embd,
+            dropout_rate=cfg.attn_pdrop, dtype=self.dtype, deterministic=self.deterministic,
+            use_bias=True, scale=head_dim ** -0.5 if cfg.scale_attn_weights else 1.0,
+            name="attn")(h, h, bias_BxHxTxS, cache, cache_index)
+        x_BxTxD = x_BxTxD + drop(h, deterministic=self.deterministic)
+        h = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_2")(x_BxTxD)
+        h = nn.Dense(cfg.d_ff, dtype=self.dtype, name="c_fc")(h)
+        h = ACTIVATIONS[cfg.activation_function](h)
+        h = nn.Dense(cfg.n_embd, dtype=self.dtype, name="c_proj")(h)
+        return x_BxTxD + drop(h, deterministic=self.deterministic), new_cache
+
+
+class GPT2(nn.Module):
+    """GPT-2 LM. ``dtype`` is the compute dtype; logits are always fp32."""
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    deterministic: bool = True
+    remat: str = "none"
+
+    def setup(self):
+        cfg = self.config
+        init = nn.initializers.normal(0.02)
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=self.dtype, embedding_init=init)
+        self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=self.dtype, embedding_init=init)
+        self.h = scan_layers(remat_layer(Block, self.remat), cfg.n_layer, 2)(
+            cfg, self.dtype, self.deterministic)
+        self.ln_f = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype)
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+
+    def embed(self, input_ids_BxL, attention_mask_BxL=None, prompt=None):
+        """-> (embeddings [B, P+L, D] without positions, mask [B, P+L], P)."""
+        if attention_mask_BxL is None:
+            attention_mask_BxL = jnp.ones(input_ids_BxL.shape, bool)
+        mask = attention_mask_BxL.astype(bool)
+        x = self.wte(input_ids_BxL)
+        if prompt is None:
+            return x, mask, 0
+        prompt_BxPxD = broadcast_prompt(prompt, input_ids_BxL.shape[0], self.dtype)
+        x = jnp.concatenate([prompt_BxPxD, x], axis=1)
+        mask = jnp.concatenate([jnp.ones(prompt_BxPxD.shape[:2], bool), mask], axis=1)
+        return x, mask, prompt_BxPxD.shape[1]
+
+    def forward(self, embeds_BxTxD, positions_BxT, key_mask_BxS, cache=None, cache_index=None):
+        """Embedded tokens at ``positions`` -> (fp32 logits [B, T, vocab], cache).
+
+        Without a cache S == T. With one, the T new tokens fill slots ``cache_index``..
+        of a cache of S slots and ``key_mask_BxS`` says which slots hold real tokens.
+        """
+        T = embeds_BxTxD.shape[1]
+        q_pos = jnp.arange(T) if cache is None else cache_index + jnp.arange(T)
+        k_pos = jnp.arange(key_mask_BxS.shape[1])
+        causal_TxS = k_pos[None, :] <= q_pos[:, None]
+        bias = mask_bias(causal_TxS[None] & key_mask_BxS[:, None, :])
+        x = embeds_BxTxD + self.wpe(positions_BxT)
+        x = self.drop(x, deterministic=self.deterministic)
+        x, cache = self.h(x, bias, cache_index, cache)
+        x = self.ln_f(x)
+        return tied_logits(x, self.wte.embedding, self.dtype), cache
+
+    def __call__(self, input_ids, attention_mask=None, prompt=None):
+        """Logits [B, L, vocab] for the real input positions (prompt positions dropped)."""
+        x, mask, P = self.embed(input_ids, attention_mask, prompt)
+        logits, _ = self.forward(x, positions_from_mask(mask), mask)
+        return logits[:, P:]
+
+
+def positions_from_mask(mask_BxT):
+    """Position of each token = number of attended tokens before it (pads clipped to 0)."""
+    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def init_cache(config: GPT2Config, batch: int, max_len: int, dtype):
+    """Zeros for the KV cache: {"k", "v"} each [layers, B, max_len, H, K]."""
+    shape = (config.n_layer, batch, max_len, config.n_head, config.n_embd // config.n_head)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def hf_rules(config: GPT2Config):
+    """{params path: Rule} mapping each ptjax parameter to its Hugging Face tensor."""
+    from ptjax.models.convert import Rule
+
+    n = config.n_layer
+    rules = {
+        ("wte", "embedding"): Rule("wte.weight"),
+        ("wpe", "embedding"): Rule("wpe.weight"),
+        ("ln_f", "scale"): Rule("ln_f.weight"),
+        ("ln_f", "bias"): Rule("ln_f.bias"),
+    }
+    for ln in ("ln_1", "ln_2"):
+        rules[("h", ln, "scale")] = Rule(f"h.{{i}}.{ln}.weight", layers=n)
+        rules[("h", ln, "bias")] = Rule(f"h.{{i}}.{ln}.bias", layers=n)
+    for idx, proj in enumerate("qkv"):  # c_attn fuses [q | k | v] on its output axis
+        rules[("h", "attn", proj, "kernel")] = Rule(
+            "h.{i}.attn.c_attn.weight", "conv1d", part=(idx, 3), layers=n)
+        rules[("h", "attn", proj, "bias")] = Rule(
+            "h.{i}.attn.c_attn.bias", part=(idx, 3), layers=n, flatten=True)
+    rules[("h", "attn", "o", "kernel")] = Rule("h.{i}.attn.c_proj.weight", "conv1d", n_in=2,
+                                               layers=n)
+    rules[("h", "attn", "o", "bias")] = Rule("h.{i}.attn.c_proj.bias", layers=n)
+    for name in ("c_fc", "c_proj"):
+        rules[("h", name, "kernel")] = Rule(f"h.{{i}}.mlp.{name}.weight", "conv1d", layers=n)
+        rules[("h", name, "bias")] = Rule(f"h.{{i}}.mlp.{name}.bias", layers=n)
+    return rules

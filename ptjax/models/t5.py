@@ -1,0 +1,324 @@
+"""Flax (Linen) T5: v1.0 (ReLU, tied output with d_model**-0.5 rescale) and v1.1 /
+LM-adapted (gated-GELU, separate lm_head), with soft-prompt injection and a KV cache.
+
+Layers are stacked on a leading [layers] axis and run with ``nn.scan`` so compile time
+does not grow with depth. Only layer 0 of each stack owns the relative-position bias in
+T5, so here it lives outside the scanned layers (``relpos_bias``) and is computed once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, RMSNorm, Unembed,
+                                 broadcast_prompt, causal_mask, mask_bias, remat_layer,
+                                 scan_layers, tied_logits)
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """The architecture of a T5 checkpoint; field names follow Hugging Face's T5Config."""
+    vocab_size: int
+    d_model: int
+    d_kv: int
+    d_ff: int
+    num_layers: int
+    num_decoder_layers: int
+    num_heads: int
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "relu"
+    # T5 v1.0 multiplies the decoder output by d_model**-0.5 before the (tied) output
+    # projection; v1.1 does not.
+    scale_decoder_outputs: bool = True
+    # False when the checkpoint has its own lm_head (v1.1); True = project with `shared`.
+    tie_lm_head: bool = True
+    dropout_rate: float = 0.1
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    model_type: str = "t5"
+
+    @property
+    def hidden_size(self) -> int:
+        """The embedding width D a prompt must have."""
+        return self.d_model
+
+    @property
+    def is_gated(self) -> bool:
+        return self.feed_forward_proj.split("-")[0] == "gated"
+
+    @property
+    def activation(self) -> str:
+        if self.feed_forward_proj == "gated-gelu":  # T5 v1.1's name for the tanh GELU
+            return "gelu_new"
+        return self.feed_forward_proj.split("-")[-1]
+
+    @property
+    def max_prompt_positions(self) -> int | None:
+        """Relative positions put no limit on prompt + input length."""
+        return None
+
+
+def relative_position_bucket(rel_pos, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int):
+    """T5's bucketing of (key - query) distances; int32 of the same shape as ``rel_pos``."""
+    buckets = jnp.zeros_like(rel_pos)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel_pos > 0).astype(jnp.int32) * num_buckets
+        rel_pos = jnp.abs(rel_pos)
+    else:
+        rel_pos = -jnp.minimum(rel_pos, 0)
+    max_exact = num_buckets // 2
+    # fp32 like the reference so that bucket edges land on the same distances.
+    safe = jnp.maximum(rel_pos, 1).astype(jnp.float32)
+    large = max_exact + (jnp.log(safe / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return buckets + jnp.where(rel_pos < max_exact, rel_pos, large)
+
+
+class RelativePositionBias(nn.Module):
+    """Learned per-head bias for each distance bucket -> [1, H, T, S] in fp32."""
+    config: T5Config
+    bidirectional: bool
+
+    @nn.compact
+    def __call__(self, q_pos_T, k_pos_S):
+        cfg = self.config
+        table = self.param("embedding", nn.initializers.normal(1.0),
+                           (cfg.relative_attention_num_buckets, cfg.num_heads), jnp.float32)
+        buckets_TxS = relative_position_bucket(
+            k_pos_S[None, :] - q_pos_T[:, None], bidirectional=self.bidirectional,
+            num_buckets=cfg.relative_attention_num_buckets,
+            max_distance=cfg.relative_attention_max_distance)
+        return jnp.transpose(table[buckets_TxS].astype(jnp.float32), (2, 0, 1))[None]
+
+
+class FeedForward(nn.Module):
+    config: T5Config
+    dtype: Any
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        cfg = self.config
+        act = ACTIVATIONS[cfg.activation]
+
+        def dense(features, name):
+            return nn.Dense(features, use_bias=False, dtype=self.dtype, name=name)
+
+        if cfg.is_gated:
+            h = act(dense(cfg.d_ff, "wi_0")(x_BxTxD)) * dense(cfg.d_ff, "wi_1")(x_BxTxD)
+        else:
+            h = act(dense(cfg.d_ff, "wi")(x_BxTxD))
+        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+        return dense(cfg.d_model, "wo")(h)
+
+
+def _attention(cfg: T5Config, dtype, deterministic, name, cross=False, prefill=False):
+    return MultiHeadAttention(num_heads=cfg.num_heads, head_dim=cfg.d_kv, out_dim=cfg.d_model,
+                              dropout_rate=cfg.dropout_rate, dtype=dtype,
+                              deterministic=deterministic, cross=cross, prefill=prefill,
+                              name=name)
+
+
+class EncoderLayer(nn.Module):
+    config: T5Config
+    dtype: Any
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxSxD, bias_BxHxSxS, _unused):
+        cfg = self.config
+        drop = nn.Dropout(cfg.dropout_rate)
+        h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="attn_norm")(x_BxSxD)
+        h, _ = _attention(cfg, self.dtype, self.deterministic, "attn")(h, h, bias_BxHxSxS)
+        x_BxSxD = x_BxSxD + drop(h, deterministic=self.deterministic)
+        h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="mlp_norm")(x_BxSxD)
+        h = FeedForward(cfg, self.dtype, self.deterministic, name="mlp")(h)
+        return x_BxSxD + drop(h, deterministic=self.deterministic), None
+
+
+class DecoderLayer(nn.Module):
+    config: T5Config
+    dtype: Any
+    deterministic: bool
+    prefill: bool = False
+
+    @nn.compact
+    def __call__(self, x_BxTxD, enc_BxSxD, self_bias, cross_bias, cache_index, cache):
+        cfg = self.config
+        drop = nn.Dropout(cfg.dropout_rate)
+        cache = cache or {}
+        h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="self_attn_norm")(x_BxTxD)
+        h, self_cache = _attention(cfg, self.dtype, self.deterministic, "self_attn")(
+            h, h, self_bias, cache.get("self"), cache_index)
+        x_BxTxD = x_BxTxD + drop(h, deterministic=self.deterministic)
+        h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="cross_attn_norm")(x_BxTxD)
+        h, cross_cache = _attention(cfg, self.dtype, self.deterministic, "cross_attn",
+                                    cross=True, prefill=self.prefill)(
+            h, enc_BxSxD, cross_bias, cache.get("cross"))
+        x_BxTxD = x_BxTxD + drop(h, deterministic=self.deterministic)
+        h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="mlp_norm")(x_BxTxD)
+        h = FeedForward(cfg, self.dtype, self.deterministic, name="mlp")(h)
+        new_cache = None if self_cache is None else {"self": self_cache, "cross": cross_cache}
+        return x_BxTxD + drop(h, deterministic=self.deterministic), new_cache
+
+
+class Encoder(nn.Module):
+    config: T5Config
+    dtype: Any
+    deterministic: bool
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, embeds_BxSxD, mask_BxS):
+        cfg = self.config
+        pos_S = jnp.arange(embeds_BxSxD.shape[1])
+        bias = (RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(pos_S, pos_S)
+                + mask_bias(mask_BxS[:, None, :]))
+        x = nn.Dropout(cfg.dropout_rate)(embeds_BxSxD, deterministic=self.deterministic)
+        layers = scan_layers(remat_layer(EncoderLayer, self.remat), cfg.num_layers, 1)
+        x, _ = layers(cfg, self.dtype, self.deterministic, name="layers")(x, bias, None)
+        x = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="final_norm")(x)
+        return nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+
+
+class Decoder(nn.Module):
+    config: T5Config
+    dtype: Any
+    deterministic: bool
+    remat: str = "none"
+    prefill: bool = False
+
+    @nn.compact
+    def __call__(self, embeds_BxTxD, mask_BxS, enc_BxSxD, enc_mask_BxS, cache=None,
+                 cache_index=None):
+        """``mask_BxS`` masks decoder keys: [B, T] without a cache, [B, cache_len] with one.
+
+        With a cache, the T new positions start at ``cache_index``.
+        """
+        cfg = self.config
+        T = embeds_BxTxD.shape[1]
+        if cache is None:
+            q_pos = jnp.arange(T)
+            k_pos = q_pos
+        else:
+            q_pos = cache_index + jnp.arange(T)
+            k_pos = jnp.arange(cache["self"]["k"].shape[2])
+        causal = k_pos[None, :] <= q_pos[:, None]
+        self_bias = (RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")(
+            q_pos, k_pos) + mask_bias(causal[None] & mask_BxS[:, None, :]))
+        cross_bias = mask_bias(enc_mask_BxS[:, None, :])
+        x = nn.Dropout(cfg.dropout_rate)(embeds_BxTxD, deterministic=self.deterministic)
+        layer = remat_layer(DecoderLayer, self.remat)
+        layers = scan_layers(layer, cfg.num_decoder_layers, 4)
+        x, new_cache = layers(cfg, self.dtype, self.deterministic, self.prefill,
+                              name="layers")(x, enc_BxSxD, self_bias, cross_bias,
+                                             cache_index, cache)
+        x = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="final_norm")(x)
+        return nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic), new_cache
+
+
+class T5(nn.Module):
+    """T5 encoder-decoder. ``dtype`` is the compute dtype; logits are always fp32."""
+    config: T5Config
+    dtype: Any = jnp.float32
+    deterministic: bool = True
+    remat: str = "none"
+    prefill: bool = False
+
+    def setup(self):
+        cfg = self.config
+        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype,
+                               embedding_init=nn.initializers.normal(1.0))
+        self.encoder = Encoder(cfg, self.dtype, self.deterministic, self.remat)
+        self.decoder = Decoder(cfg, self.dtype, self.deterministic, self.remat, self.prefill)
+        if not cfg.tie_lm_head:
+            self.lm_head = Unembed(cfg.vocab_size, self.dtype)
+
+    def encode(self, input_ids_BxL, attention_mask_BxL=None, prompt=None):
+        """Token ids [B, L] (+ prompt [P, D] or [B, P, D]) -> encoder states [B, P+L, D]
+        and their mask [B, P+L] (ones over the prompt)."""
+        if attention_mask_BxL is None:
+            attention_mask_BxL = jnp.ones(input_ids_BxL.shape, bool)
+        mask = attention_mask_BxL.astype(bool)
+        x = self.shared(input_ids_BxL)
+        if prompt is not None:
+            B = input_ids_BxL.shape[0]
+            prompt_BxPxD = broadcast_prompt(prompt, B, self.dtype)
+            x = jnp.concatenate([prompt_BxPxD, x], axis=1)
+            mask = jnp.concatenate([jnp.ones(prompt_BxPxD.shape[:2], bool), mask], axis=1)
+        return self.encoder(x, mask), mask
+
+    def decode(self, decoder_input_ids_BxT, decoder_mask, enc_BxSxD, enc_mask_BxS, cache=None,
+               cache_index=None):
+        """Decoder ids [B, T] -> (fp32 logits [B, T, vocab], updated cache or None)."""
+        if decoder_mask is None:
+            length = decoder_input_ids_BxT.shape[1] if cache is None else \
+                cache["self"]["k"].shape[2]
+            decoder_mask = jnp.ones((decoder_input_ids_BxT.shape[0], length), bool)
+        x = self.shared(decoder_input_ids_BxT)
+        x, cache = self.decoder(x, decoder_mask.astype(bool), enc_BxSxD, enc_mask_BxS, cache,
+                                cache_index)
+        if self.config.scale_decoder_outputs:
+            x = x * (self.config.d_model ** -0.5)
+        if self.config.tie_lm_head:
+            logits = tied_logits(x, self.shared.embedding, self.dtype)
+        else:
+            logits = self.lm_head(x)
+        return logits, cache
+
+    def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
+                 decoder_attention_mask=None, prompt=None):
+        enc, enc_mask = self.encode(input_ids, attention_mask, prompt)
+        logits, _ = self.decode(decoder_input_ids, decoder_attention_mask, enc, enc_mask)
+        return logits
+
+
+def init_cache(config: T5Config, batch: int, max_len: int, enc_len: int, dtype):
+    """Zeros for the decoder KV cache: self [L, B, max_len, H, K], cross [L, B, S, H, K]."""
+    def kv(length):
+        shape = (config.num_decoder_layers, batch, length, config.num_heads, config.d_kv)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {"self": kv(max_len), "cross": kv(enc_len)}
+
+
+def hf_rules(config: T5Config):
+    """{params path: Rule} mapping each ptjax parameter to its Hugging Face tensor."""
+    from ptjax.models.convert import Rule
+
+    rules = {("shared", "embedding"): Rule("shared.weight")}
+    if not config.tie_lm_head:
+        rules[("lm_head", "kernel")] = Rule("lm_head.weight", "linear")
+    mlp_names = ("wi_0", "wi_1", "wo") if config.is_gated else ("wi", "wo")
+    stacks = {
+        "encoder": (config.num_layers,
+                    [("attn", 0, "SelfAttention"), ("mlp", 1, "DenseReluDense")]),
+        "decoder": (config.num_decoder_layers,
+                    [("self_attn", 0, "SelfAttention"), ("cross_attn", 1, "EncDecAttention"),
+                     ("mlp", 2, "DenseReluDense")]),
+    }
+    for stack, (n, sublayers) in stacks.items():
+        block = f"{stack}.block.{{i}}.layer"
+        rules[(stack, "relpos_bias", "embedding")] = Rule(
+            f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+        rules[(stack, "final_norm", "scale")] = Rule(f"{stack}.final_layer_norm.weight")
+        for name, idx, hf_name in sublayers:
+            norm = "mlp_norm" if name == "mlp" else f"{name}_norm"
+            rules[(stack, "layers", norm, "scale")] = Rule(
+                f"{block}.{idx}.layer_norm.weight", layers=n)
+            projections = mlp_names if name == "mlp" else ("q", "k", "v", "o")
+            for proj in projections:
+                n_in = 2 if proj == "o" else 1  # o's kernel is [H, K, D]
+                rules[(stack, "layers", name, proj, "kernel")] = Rule(
+                    f"{block}.{idx}.{hf_name}.{proj}.weight", "linear", n_in=n_in, layers=n)
+    return rules

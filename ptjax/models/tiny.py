@@ -1,0 +1,101 @@
+"""Built-in tiny models: a locally trained tokenizer and random weights, saved in Hugging
+Face form, so demos and tests run with no network.
+
+    path = build_tiny_model("runs/tiny-t5", family="t5")
+    model = ptjax.load_model(path)
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import jax
+
+from ptjax.errors import PtjaxError
+
+# Words of the built-in synthetic tasks, so the tiny tokenizer covers them whole.
+WORDS = (
+    "the a an this that is was and or not very quite rather really movie film story plot "
+    "actor scene music ending book song meal place day "
+    "good great excellent wonderful lovely fine superb brilliant pleasant delightful "
+    "bad awful terrible poor boring dull horrible dreadful weak bland "
+    "positive negative neutral yes no true false entailment contradiction "
+    "red green blue yellow black white cat dog bird fish horse cow "
+    "one two three four five six seven eight nine ten "
+    "question answer context premise hypothesis sentence review label "
+    "what who where when why how which is are do does did can will"
+).split()
+
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's vocabulary
+GPT2_EOS = "<|endoftext|>"
+
+
+def _corpus(n: int = 2000, seed: int = 0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
+
+
+def train_tokenizer(family: str, vocab_size: int = 512, texts=None):
+    """A small BPE tokenizer trained here, wrapped as a transformers fast tokenizer.
+
+    t5: SentencePiece-like (Metaspace) with <pad>=0, </s>=1, <unk>=2 and an EOS appended
+    to every sequence, like T5's. gpt2: byte-level BPE with <|endoftext|> as BOS/EOS.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(texts) if texts is not None else list(_corpus())
+    texts += WORDS  # every word reachable as a whole token
+    if family == "t5":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        tok.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=list(T5_SPECIALS)))
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                       eos_token="</s>", unk_token="<unk>")
+    if family == "gpt2":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=[GPT2_EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=GPT2_EOS,
+                                       eos_token=GPT2_EOS, unk_token=GPT2_EOS)
+    raise PtjaxError(f"unknown tiny model family {family!r}; valid: t5, gpt2")
+
+
+def tiny_config(family: str, vocab_size: int, **overrides):
+    """A config small enough to train in seconds on a laptop CPU."""
+    from ptjax.models import gpt2, t5
+
+    if family == "t5":
+        base = dict(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                    num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=16,
+                    relative_attention_max_distance=64, feed_forward_proj="gated-gelu",
+                    scale_decoder_outputs=False, tie_lm_head=False)
+        return t5.T5Config(**{**base, **overrides})
+    base = dict(vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2, n_head=4,
+                bos_token_id=0, eos_token_id=0)
+    return gpt2.GPT2Config(**{**base, **overrides})
+
+
+def build_tiny_model(directory: str, family: str = "t5", seed: int = 0, **overrides) -> str:
+    """Train a tokenizer, draw random weights and save both in Hugging Face form.
+
+    Returns ``directory``; an existing tiny model there is reused as it is.
+    """
+    from ptjax.models.model import Model, init_params
+
+    if os.path.exists(os.path.join(directory, "config.json")):
+        return directory
+    tokenizer = train_tokenizer(family)
+    config = tiny_config(family, len(tokenizer), **overrides)
+    model = Model(config=config, params=None, tokenizer=tokenizer)
+    params = init_params(model.module(), jax.random.key(seed))
+    model.save_pretrained(directory, params=params)
+    return directory

@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random Hugging Face PyTorch models saved to disk, and the same
+checkpoints loaded by ptjax. Nothing here touches the network."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch")  # the reference side of the parity tests
+import transformers  # noqa: E402
+
+import ptjax  # noqa: E402
+from ptjax.models.tiny import train_tokenizer  # noqa: E402
+
+T5_CONFIGS = {
+    # v1.0: ReLU, tied output embedding with the d_model**-0.5 rescale.
+    "t5_v1_0": dict(vocab_size=96, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                    feed_forward_proj="relu", decoder_start_token_id=0),
+    # v1.1 / LM-adapted: gated-GELU, separate lm_head, decoder deeper than the encoder.
+    "t5_v1_1": dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                    num_decoder_layers=3, num_heads=4, relative_attention_num_buckets=16,
+                    relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+                    tie_word_embeddings=False, decoder_start_token_id=0),
+}
+GPT2_CONFIGS = {
+    "gpt2": dict(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                 bos_token_id=0, eos_token_id=0),
+    "gpt2_wide_ff": dict(vocab_size=96, n_positions=64, n_embd=32, n_layer=3, n_head=2,
+                         n_inner=80, activation_function="gelu", layer_norm_epsilon=1e-6,
+                         bos_token_id=0, eos_token_id=0),
+}
+
+
+def make_torch_model(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if name in T5_CONFIGS:
+        cfg = transformers.T5Config(**T5_CONFIGS[name])
+        model = transformers.T5ForConditionalGeneration(cfg)
+        if not T5_CONFIGS[name].get("tie_word_embeddings", True):
+            # transformers 5 ties lm_head at init; real v1.1 checkpoints have their own.
+            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2_CONFIGS[name]))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory):
+    """{name: (torch_model, directory)} for every tiny reference configuration."""
+    out = {}
+    for name in list(T5_CONFIGS) + list(GPT2_CONFIGS):
+        model = make_torch_model(name)
+        directory = str(tmp_path_factory.mktemp(name))
+        model.save_pretrained(directory)
+        out[name] = (model, directory)
+    return out
+
+
+@pytest.fixture(scope="session")
+def loaded(saved_models):
+    """{name: (torch_model, ptjax.Model)} in float32."""
+    return {k: (m, ptjax.load_model(d)) for k, (m, d) in saved_models.items()}
+
+
+def padded_batch(rng, batch, length, vocab, lengths, left=False, low=2):
+    """Random ids [B, L] and a 0/1 mask with the given real lengths (pads = id 0)."""
+    ids = rng.integers(low, vocab, (batch, length))
+    mask = np.zeros((batch, length), np.int64)
+    for i, n in enumerate(lengths):
+        if left:
+            mask[i, length - n:] = 1
+        else:
+            mask[i, :n] = 1
+    return np.where(mask == 1, ids, 0), mask
+
+
+@pytest.fixture(scope="session")
+def t5_tokenizer():
+    return train_tokenizer("t5")

@@ -307,9 +307,9 @@ def param_shapes(config, dtype=jnp.float32) -> dict:
 def init_params(module, rng):
     """Random params for a module (used for the built-in tiny models and shapes)."""
     ids = jnp.ones((1, 2), jnp.int32)
-    if isinstance(module, t5.T5):
-        return module.init(rng, ids, None, ids)["params"]
-    return module.init(rng, ids)["params"]
+    args = (ids, None, ids) if isinstance(module, t5.T5) else (ids,)
+    # jitted: eager init of scanned layers runs op by op and takes seconds
+    return jax.jit(lambda r: module.init(r, *args)["params"])(rng)
 
 
 def load_model(path_or_hub_id: str, dtype="float32") -> Model:

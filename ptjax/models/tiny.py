@@ -64,8 +64,10 @@ def train_tokenizer(family: str, vocab_size: int = 512, texts=None):
         tok.train_from_iterator(texts, trainers.BpeTrainer(
             vocab_size=vocab_size, special_tokens=[GPT2_EOS],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        # GPT-2 has no pad token; padding with EOS is the usual choice (masked anyway).
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=GPT2_EOS,
-                                       eos_token=GPT2_EOS, unk_token=GPT2_EOS)
+                                       eos_token=GPT2_EOS, unk_token=GPT2_EOS,
+                                       pad_token=GPT2_EOS)
     raise PtjaxError(f"unknown tiny model family {family!r}; valid: t5, gpt2")
 
 

@@ -341,6 +341,18 @@ def test_error_torch_bin_without_torch(t5_bin_dir, monkeypatch):
     assert "pytorch_model.bin" in _error(excinfo)
 
 
+def test_safetensors_preferred_over_torch_bin_without_torch(t5_ref, tmp_path, monkeypatch):
+    """A stray pytorch_model.bin next to model.safetensors needs no torch: safetensors wins."""
+    directory = tmp_path / "both"
+    shutil.copytree(t5_ref.directory, directory)
+    torch.save({"garbage": torch.zeros(1)}, directory / "pytorch_model.bin")
+    expected = t5_ref.state_dict()["shared.weight"].numpy()
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert checkpoint_files.Weights(str(directory)).filename == "model.safetensors"
+    model = ptjax.load_model(str(directory))
+    np.testing.assert_array_equal(np.asarray(model.params["shared"]["embedding"]), expected)
+
+
 def test_torch_bin_loads_with_torch(t5_bin_dir, t5_ref):
     """The same directory loads once torch is importable (the error above is not sticky)."""
     model = ptjax.load_model(t5_bin_dir)
@@ -383,13 +395,72 @@ def test_error_hub_id_offline(monkeypatch, tmp_path):
     assert "hub" in _error(excinfo).lower()
 
 
-@pytest.mark.xfail(strict=True, reason="ptjax bug: an unparsable config.json escapes as "
-                   "json.JSONDecodeError instead of a one-line PtjaxError")
-def test_error_invalid_config_json(t5_ref, tmp_path):
-    directory = tmp_path / "badjson"
-    directory.mkdir()
-    shutil.copy(os.path.join(t5_ref.directory, "model.safetensors"), directory)
-    (directory / "config.json").write_text("{not json")
-    with pytest.raises(PtjaxError, match="config.json") as excinfo:
+def _bad_json(d, src):
+    shutil.copy(os.path.join(src, "model.safetensors"), d)
+    (d / "config.json").write_text("{not json")
+
+
+def _truncated_safetensors(d, src):
+    (d / "model.safetensors").write_bytes(open(os.path.join(src, "model.safetensors"),
+                                               "rb").read()[:1000])
+
+
+def _garbage_torch_bin(d, src):
+    (d / "pytorch_model.bin").write_bytes(b"garbage")
+
+
+def _garbage_msgpack(d, src):
+    (d / "flax_model.msgpack").write_bytes(b"\x00garbage")
+
+
+def _index_without_shard(d, src):
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"shared.weight": "model-00001-of-00002.safetensors"}}))
+
+
+@pytest.mark.parametrize("setup, names", [
+    pytest.param(_bad_json, "config.json", id="invalid_config_json"),
+    pytest.param(_truncated_safetensors, "model.safetensors",
+                 id="truncated_safetensors"),
+    pytest.param(_garbage_torch_bin, "pytorch_model.bin", id="garbage_torch_bin"),
+    pytest.param(_garbage_msgpack, "flax_model.msgpack", id="garbage_msgpack"),
+    pytest.param(_index_without_shard, "model-00001-of-00002.safetensors",
+                 id="index_names_missing_shard"),
+])
+def test_error_corrupt_checkpoint_file(t5_ref, tmp_path, setup, names):
+    directory = tmp_path / "corrupt"
+    t5_ref.copy_config(directory)
+    setup(directory, t5_ref.directory)
+    with pytest.raises(PtjaxError, match=re.escape(names)) as excinfo:
         ptjax.load_model(str(directory))
+    _error(excinfo)
+
+
+def test_config_json_that_is_not_an_object(t5_ref, tmp_path):
+    directory = tmp_path / "listconfig"
+    directory.mkdir()
+    (directory / "config.json").write_text("[1, 2]")
+    with pytest.raises(PtjaxError, match="must hold a JSON object, got list") as excinfo:
+        ptjax.load_model(str(directory))
+    _error(excinfo)
+
+
+def test_legacy_untied_t5_without_lm_head_is_an_error(tmp_path):
+    """An old v1.1 config (tie_word_embeddings false) promises an lm_head: a checkpoint that
+    lost it must fail, not silently project with the input embedding."""
+    from ptjax.models.tiny import build_tiny_model
+
+    path = build_tiny_model(str(tmp_path / "tiny"), family="t5")  # untied v1.1-style
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    cfg.pop("scale_decoder_outputs")
+    cfg["tie_word_embeddings"] = False
+    json.dump(cfg, open(os.path.join(path, "config.json"), "w"))
+    ptjax.load_model(path)  # still loads with its head
+    from safetensors.numpy import load_file, save_file
+
+    state = load_file(os.path.join(path, "model.safetensors"))
+    del state["lm_head.weight"]
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with pytest.raises(PtjaxError, match="missing weight 'lm_head.weight'") as excinfo:
+        ptjax.load_model(path)
     _error(excinfo)

@@ -59,9 +59,8 @@ def _download(repo_id: str) -> str:
     except PtjaxError:
         raise
     except Exception as e:  # network, auth, missing repo: all reported in one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise PtjaxError(f"{repo_id}: not a local directory and could not be fetched from "
-                         f"the Hugging Face hub ({type(e).__name__}: {first})") from None
+                         f"the Hugging Face hub ({type(e).__name__}: {_first_line(e)})") from None
 
 
 class Weights:
@@ -91,10 +90,10 @@ class Weights:
             if os.path.exists(os.path.join(d, name)):
                 shards = _shards(d, name)
                 for shard in shards:
-                    self._add_safetensors(os.path.join(d, shard))
+                    self._read(self._add_safetensors, os.path.join(d, shard))
                 return name
         if os.path.exists(os.path.join(d, MSGPACK)):
-            self._add_msgpack(os.path.join(d, MSGPACK))
+            self._read(self._add_msgpack, os.path.join(d, MSGPACK))
             return MSGPACK
         for name in (TORCH_BIN, TORCH_BIN + ".index.json"):
             if os.path.exists(os.path.join(d, name)):
@@ -106,9 +105,22 @@ class Weights:
                         "install torch to read it (pip install torch) or convert it to "
                         "model.safetensors") from None
                 for shard in _shards(d, name):
-                    self._add_torch(os.path.join(d, shard))
+                    self._read(self._add_torch, os.path.join(d, shard))
                 return name
         raise PtjaxError(f"{d}: no weights found (looked for {', '.join(_WEIGHT_FILES)})")
+
+    @staticmethod
+    def _read(add: Callable[[str], None], file: str):
+        """Run a reader; a missing, truncated or corrupt file becomes one PtjaxError line."""
+        if not os.path.exists(file):
+            raise PtjaxError(f"{file}: not found (named by the checkpoint's index)")
+        try:
+            add(file)
+        except PtjaxError:
+            raise
+        except Exception as e:
+            raise PtjaxError(f"{file}: cannot be read, the file looks corrupt or truncated "
+                             f"({type(e).__name__}: {_first_line(e)})") from None
 
     def _add_safetensors(self, file: str):
         from safetensors import safe_open
@@ -143,11 +155,21 @@ class Weights:
             self._readers[key] = read
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _shards(directory: str, name: str) -> list[str]:
     if not name.endswith(".index.json"):
         return [name]
-    with open(os.path.join(directory, name)) as f:
-        return sorted(set(json.load(f)["weight_map"].values()))
+    path = os.path.join(directory, name)
+    try:
+        with open(path) as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PtjaxError(f"{path}: not a valid index (needs a JSON object with a "
+                         f"'weight_map'; {type(e).__name__}: {_first_line(e)})") from None
 
 
 def _flax_to_torch_name(path: tuple, value: np.ndarray):

@@ -224,9 +224,15 @@ def _t5_config(c: dict, weights, where: str) -> t5.T5Config:
     num_layers = _require(c, "num_layers", where)
     # transformers 5 saves scale_decoder_outputs; older configs say tie_word_embeddings.
     scale = c.get("scale_decoder_outputs", c.get("tie_word_embeddings", True) is not False)
-    tie_lm_head = not weights.has("lm_head.weight") or (
-        weights.has("shared.weight")
-        and np.array_equal(weights.get("lm_head.weight"), weights.get("shared.weight")))
+    # A legacy v1.1 config (tie_word_embeddings false, no scale_decoder_outputs) promises
+    # its own lm_head: never silently fall back to `shared` when it is missing.
+    legacy_untied = "scale_decoder_outputs" not in c and c.get("tie_word_embeddings") is False
+    if weights.has("lm_head.weight"):
+        # .bin files store the tied head as a second name for the same tensor
+        tie_lm_head = weights.has("shared.weight") and np.array_equal(
+            weights.get("lm_head.weight"), weights.get("shared.weight"))
+    else:
+        tie_lm_head = not legacy_untied
     return t5.T5Config(
         vocab_size=_require(c, "vocab_size", where), d_model=_require(c, "d_model", where),
         d_kv=_require(c, "d_kv", where), d_ff=_require(c, "d_ff", where),
@@ -324,8 +330,14 @@ def load_model(path_or_hub_id: str, dtype="float32") -> Model:
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise PtjaxError(f"{config_path}: not found; a checkpoint directory needs config.json")
-    with open(config_path) as f:
-        hf_config = json.load(f)
+    try:
+        with open(config_path) as f:
+            hf_config = json.load(f)
+    except ValueError as e:
+        raise PtjaxError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise PtjaxError(f"{config_path}: must hold a JSON object, got "
+                         f"{type(hf_config).__name__}")
     model_type = hf_config.get("model_type")
     if model_type not in _FAMILIES:
         raise PtjaxError(f"{config_path}: model_type {model_type!r} is not supported; "
@@ -354,4 +366,4 @@ def load_tokenizer(directory: str):
         return AutoTokenizer.from_pretrained(directory)
     except Exception as e:
         raise PtjaxError(f"{directory}: tokenizer files are present but could not be loaded "
-                         f"({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
+                         f"({type(e).__name__}: {checkpoint_files._first_line(e)})") from None

@@ -35,12 +35,6 @@ def mask_bias(mask_BxTxS: jax.Array) -> jax.Array:
     return jnp.where(mask_BxTxS, 0.0, MASK_VALUE).astype(jnp.float32)[:, None]
 
 
-def causal_mask(length: int) -> jax.Array:
-    """[T, T] boolean, True where key position <= query position."""
-    idx = jnp.arange(length)
-    return idx[None, :] <= idx[:, None]
-
-
 def broadcast_prompt(prompt: jax.Array, batch: int, dtype) -> jax.Array:
     """A prompt of shape [P, D] (shared) or [B, P, D] -> [B, P, D] in ``dtype``."""
     if prompt.ndim == 2:

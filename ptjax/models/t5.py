@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, RMSNorm, Unembed,
-                                 broadcast_prompt, causal_mask, mask_bias, remat_layer,
+                                 broadcast_prompt, mask_bias, remat_layer,
                                  scan_layers, tied_logits)
 
 

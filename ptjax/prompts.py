@@ -1,0 +1,124 @@
+"""Soft-prompt tables and the initialisation strategies of Lester et al. (2021) and PEFT.
+
+A prompt table is one fp32 array [K, P, D]: K prompts (several seeds / inits trained
+together, or an ensemble), P prompt positions, D the model's embedding width. Each of the
+K prompts draws from its own rng key.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ptjax.errors import PtjaxError
+
+STRATEGIES = ("random_uniform", "sampled_vocab", "class_label", "text", "file")
+# PEFT's adapter_model.safetensors names the prompt table so; ptjax exports use it too.
+PEFT_PROMPT_KEY = "prompt_embeddings"
+
+
+def random_uniform(key, length: int, dim: int, low: float = -0.5, high: float = 0.5):
+    """[P, D] uniform in [low, high): the paper uses [-0.5, 0.5], its code [0, 0.5)."""
+    return jax.random.uniform(key, (length, dim), jnp.float32, low, high)
+
+
+def sampled_vocab(key, length: int, embedding_VxD, vocab_limit: int = 5000):
+    """[P, D] rows of the embedding drawn from the first ``vocab_limit`` ids (T5's
+    SentencePiece ids are ordered by frequency), without replacement unless P > N."""
+    n = min(vocab_limit, embedding_VxD.shape[0])
+    ids = jax.random.choice(key, n, (length,), replace=length > n)
+    return jnp.asarray(embedding_VxD)[ids].astype(jnp.float32)
+
+
+def class_label(key, length: int, embedding_VxD, label_ids: Sequence[Sequence[int]],
+                fallback: str = "sampled_vocab", vocab_limit: int = 5000,
+                low: float = -0.5, high: float = 0.5):
+    """[P, D]: position c holds the mean embedding of class c's label tokens; the
+    remaining positions come from ``fallback`` (sampled_vocab or random_uniform)."""
+    if not label_ids:
+        raise PtjaxError("class_label init needs the task's label strings; none were given "
+                         "(set the task's labels or choose another init)")
+    if len(label_ids) > length:
+        raise PtjaxError(f"class_label init: {len(label_ids)} labels do not fit a prompt of "
+                         f"length {length}")
+    emb = jnp.asarray(embedding_VxD)
+    labels = jnp.stack([emb[jnp.asarray(ids)].astype(jnp.float32).mean(0) for ids in label_ids])
+    rest = length - labels.shape[0]
+    if rest == 0:
+        return labels
+    if fallback == "sampled_vocab":
+        filler = sampled_vocab(key, rest, emb, vocab_limit)
+    elif fallback == "random_uniform":
+        filler = random_uniform(key, rest, emb.shape[1], low, high)
+    else:
+        raise PtjaxError(f"class_label fallback {fallback!r} is not valid; valid: "
+                         "sampled_vocab, random_uniform")
+    return jnp.concatenate([labels, filler], axis=0)
+
+
+def text(length: int, embedding_VxD, token_ids: Sequence[int]):
+    """[P, D] from text token ids, PEFT's TEXT semantics: ids tiled cyclically, truncated
+    to P."""
+    if len(token_ids) == 0:
+        raise PtjaxError("text init needs a non-empty init text")
+    ids = np.resize(np.asarray(token_ids), length)  # cyclic tiling, then truncation
+    return jnp.asarray(embedding_VxD)[ids].astype(jnp.float32)
+
+
+def from_file(path: str, length: int, dim: int):
+    """[P, D] from a .npy file (the official released prompts) or a safetensors file with
+    ``prompt_embeddings`` (a PEFT adapter_model.safetensors or a ptjax export)."""
+    if not os.path.exists(path):
+        raise PtjaxError(f"{path}: prompt file not found")
+    if path.endswith(".npy"):
+        table = np.load(path)
+    elif path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        tensors = load_file(path)
+        if PEFT_PROMPT_KEY not in tensors:
+            raise PtjaxError(f"{path}: no {PEFT_PROMPT_KEY!r} tensor (found: "
+                             f"{', '.join(sorted(tensors)) or 'none'})")
+        table = tensors[PEFT_PROMPT_KEY]
+    else:
+        raise PtjaxError(f"{path}: prompt files must be .npy or .safetensors")
+    if table.shape != (length, dim):
+        raise PtjaxError(f"{path}: prompt has shape {tuple(table.shape)}, expected "
+                         f"({length}, {dim}) (prompt length, model width)")
+    return jnp.asarray(table, jnp.float32)
+
+
+def init_prompts(strategy: str, seeds: Sequence[int], length: int, embedding_VxD, *,
+                 low: float = -0.5, high: float = 0.5, vocab_limit: int = 5000,
+                 label_ids: Sequence[Sequence[int]] | None = None,
+                 fallback: str = "sampled_vocab", text_ids: Sequence[int] | None = None,
+                 path: str | None = None):
+    """A prompt table [K, P, D] in fp32, prompt k drawn with ``seeds[k]``.
+
+    embedding_VxD: the frozen model's input embedding (T5 ``shared``, GPT-2 ``wte``).
+    """
+    if strategy not in STRATEGIES:
+        raise PtjaxError(f"unknown prompt init {strategy!r}; valid: {', '.join(STRATEGIES)}")
+    if length < 1:
+        raise PtjaxError(f"prompt length must be >= 1, got {length}")
+    dim = embedding_VxD.shape[1]
+
+    def one(seed):
+        key = jax.random.key(seed)
+        if strategy == "random_uniform":
+            return random_uniform(key, length, dim, low, high)
+        if strategy == "sampled_vocab":
+            return sampled_vocab(key, length, embedding_VxD, vocab_limit)
+        if strategy == "class_label":
+            return class_label(key, length, embedding_VxD, label_ids or [], fallback,
+                               vocab_limit, low, high)
+        if strategy == "text":
+            return text(length, embedding_VxD, text_ids or [])
+        if path is None:
+            raise PtjaxError("file init needs a prompt file path")
+        return from_file(path, length, dim)
+
+    return jnp.stack([one(s) for s in seeds])

@@ -11,7 +11,6 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, broadcast_prompt, mask_bias,

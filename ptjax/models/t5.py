@@ -12,7 +12,6 @@ import math
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, RMSNorm, Unembed,

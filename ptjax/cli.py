@@ -3,6 +3,8 @@
     ptjax info MODEL                 architecture, parameter count, weights file
     ptjax generate MODEL TEXT ...    greedy decoding, optionally behind a random soft prompt
     ptjax tiny DIR [--family t5]     write a built-in tiny model (no network needed)
+    ptjax train [CONFIG.yaml] [key=value ...]   prompt (or model) tuning; resumes a killed run
+    ptjax eval RUN_DIR|CONFIG [key=value ...] [--prompt FILE]   evaluate saved prompts
     ptjax demo [--out runs/demo]     build the tiny model, load it, run logits + decoding
 
 A user's mistake (bad path, unsupported model, wrong shape) prints one line and exits 2.
@@ -116,6 +118,53 @@ def cmd_demo(args):
           "arrives with `ptjax train`.")
 
 
+def _config_and_overrides(items):
+    """``[CONFIG.yaml] [dotted.key=value ...]`` -> RunConfig."""
+    from ptjax.config import load_config
+
+    path, overrides = None, list(items)
+    if overrides and "=" not in overrides[0]:
+        path = overrides.pop(0)
+        if os.path.isdir(path):  # a run directory: its resolved config
+            path = os.path.join(path, "config.yaml")
+    for item in overrides:
+        if "=" not in item:
+            raise PtjaxError(f"argument {item!r} is not a dotted.key=value override (only the "
+                             "first argument may be a config file)")
+    return load_config(path, overrides)
+
+
+def cmd_train(args):
+    from ptjax.run import train
+
+    cfg = _config_and_overrides(args.items)
+    if not args.progress:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
+    results = train(cfg)
+    metric = results["metric"]
+    for p in results["prompts"]:
+        print(f"prompt {p['prompt']} (seed {p['seed']}): best {metric} "
+              f"{p['best_' + metric]:.2f} at step {p['best_step']}")
+    print(f"exported to {results['export']}; metrics in {cfg.run_dir}/metrics.jsonl")
+
+
+def cmd_eval(args):
+    from ptjax.run import evaluate_prompts
+
+    cfg = _config_and_overrides(args.items)
+    metrics = evaluate_prompts(cfg, args.prompt, args.split)
+    for name, values in metrics.items():
+        for k, v in enumerate(values):
+            print(f"prompt {k}: {args.split} {name} {v:.2f}")
+    if args.out:
+        import json
+
+        with open(args.out, "w") as f:
+            json.dump({"split": args.split, "prompt_file": args.prompt, **metrics}, f, indent=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptjax", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -143,6 +192,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_tiny)
 
+    sp = sub.add_parser("train", help="prompt tuning (or model tuning) from a YAML config")
+    sp.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                    help="an optional YAML config, then dotted.key=value overrides")
+    sp.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bar (logs only)")
+    sp.set_defaults(fn=cmd_train)
+
+    sp = sub.add_parser("eval", help="evaluate saved prompts on a split")
+    sp.add_argument("items", nargs="*", metavar="RUN_DIR | CONFIG.yaml | key=value",
+                    help="a run directory or YAML config, then dotted.key=value overrides")
+    sp.add_argument("--prompt", default=None,
+                    help="a .npy ([P, D] or [K, P, D]) or safetensors prompt; default: the "
+                         "run's export/prompts.npy")
+    sp.add_argument("--split", default="validation")
+    sp.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    sp.set_defaults(fn=cmd_eval)
+
     sp = sub.add_parser("demo", help="the local demo on the built-in tiny model")
     sp.add_argument("--out", default="runs/demo")
     sp.add_argument("--prompt-length", type=int, default=20)
@@ -150,8 +216,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def enable_compilation_cache():
+    """Reuse compiled steps across runs (a resumed run starts in seconds): JAX's persistent
+    cache in $PTJAX_COMPILATION_CACHE (default ~/.cache/ptjax/xla; "" turns it off)."""
+    import jax
+
+    path = os.environ.get("PTJAX_COMPILATION_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "ptjax", "xla"))
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may come after options too: `ptjax train c.yaml --no-progress a.b=1`
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "items") or any(x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.items += extra
+    if args.command in ("train", "eval"):
+        enable_compilation_cache()
     try:
         args.fn(args)
     except PtjaxError as e:

@@ -68,27 +68,44 @@ def text(length: int, embedding_VxD, token_ids: Sequence[int]):
     return jnp.asarray(embedding_VxD)[ids].astype(jnp.float32)
 
 
-def from_file(path: str, length: int, dim: int):
-    """[P, D] from a .npy file (the official released prompts) or a safetensors file with
-    ``prompt_embeddings`` (a PEFT adapter_model.safetensors or a ptjax export)."""
+def load_table(path: str, dim: int, length: int | None = None):
+    """A prompt table [K, P, D] from a .npy ([P, D] or [K, P, D]; the official released
+    prompts are [P, D]) or a safetensors file with ``prompt_embeddings`` (a PEFT
+    adapter_model.safetensors or a ptjax export)."""
     if not os.path.exists(path):
         raise PtjaxError(f"{path}: prompt file not found")
-    if path.endswith(".npy"):
-        table = np.load(path)
-    elif path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+    try:
+        if path.endswith(".npy"):
+            table = np.load(path)
+        elif path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
 
-        tensors = load_file(path)
-        if PEFT_PROMPT_KEY not in tensors:
-            raise PtjaxError(f"{path}: no {PEFT_PROMPT_KEY!r} tensor (found: "
-                             f"{', '.join(sorted(tensors)) or 'none'})")
-        table = tensors[PEFT_PROMPT_KEY]
-    else:
-        raise PtjaxError(f"{path}: prompt files must be .npy or .safetensors")
-    if table.shape != (length, dim):
-        raise PtjaxError(f"{path}: prompt has shape {tuple(table.shape)}, expected "
-                         f"({length}, {dim}) (prompt length, model width)")
+            tensors = load_file(path)
+            if PEFT_PROMPT_KEY not in tensors:
+                raise PtjaxError(f"{path}: no {PEFT_PROMPT_KEY!r} tensor (found: "
+                                 f"{', '.join(sorted(tensors)) or 'none'})")
+            table = tensors[PEFT_PROMPT_KEY]
+        else:
+            raise PtjaxError(f"{path}: prompt files must be .npy or .safetensors")
+    except (ValueError, OSError) as e:
+        raise PtjaxError(f"{path}: cannot be read as a prompt ({str(e).splitlines()[0]})") \
+            from None
+    shape = tuple(table.shape)
+    if table.ndim == 2:
+        table = table[None]
+    want = f"({length if length else 'P'}, {dim})"
+    if table.ndim != 3 or table.shape[2] != dim or (length and table.shape[1] != length):
+        raise PtjaxError(f"{path}: prompt has shape {shape}, expected {want} or (K, {want[1:]} "
+                         "(prompt length, model width)")
     return jnp.asarray(table, jnp.float32)
+
+
+def from_file(path: str, length: int, dim: int):
+    """[P, D] from a one-prompt file (see ``load_table``)."""
+    table = load_table(path, dim, length)
+    if table.shape[0] != 1:
+        raise PtjaxError(f"{path}: holds {table.shape[0]} prompts; expected one [P, D]")
+    return table[0]
 
 
 def init_prompts(strategy: str, seeds: Sequence[int], length: int, embedding_VxD, *,
@@ -117,8 +134,14 @@ def init_prompts(strategy: str, seeds: Sequence[int], length: int, embedding_VxD
                                vocab_limit, low, high)
         if strategy == "text":
             return text(length, embedding_VxD, text_ids or [])
-        if path is None:
-            raise PtjaxError("file init needs a prompt file path")
-        return from_file(path, length, dim)
+        raise AssertionError(strategy)
 
+    if strategy == "file":
+        if not path:
+            raise PtjaxError("file init needs a prompt file path")
+        table = load_table(path, dim, length)
+        if table.shape[0] not in (1, len(seeds)):
+            raise PtjaxError(f"{path}: holds {table.shape[0]} prompts; expected 1 or one per "
+                             f"seed ({len(seeds)})")
+        return jnp.broadcast_to(table, (len(seeds),) + table.shape[1:])
     return jnp.stack([one(s) for s in seeds])

@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# One XLA compilation cache for the session, shared with `ptjax train` subprocesses.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("PTJAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="ptjax-xla-"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

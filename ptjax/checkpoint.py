@@ -1,0 +1,50 @@
+"""Orbax checkpoints of the trainable state only: never the frozen weights.
+
+Each checkpoint step holds three items:
+  state: ``TrainState`` (prompt or, for model tuning, the weights; optimizer state; step;
+         rng)
+  best:  the best trainable so far (early stopping on dev), same tree as state.trainable
+  meta:  JSON: data position (examples consumed), best metric and step per prompt
+
+Orbax writes each step to a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint as the latest.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str, keep: int):
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state, best, meta: dict):
+        """Asynchronous: device arrays are copied before this returns, so the caller may
+        donate ``state`` to the next train step at once."""
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
+            meta=ocp.args.JsonSave(meta)))
+
+    def restore(self, step: int, state_like, best_like):
+        """-> (state, best, meta), with the structure and shapes of the ``*_like`` trees."""
+        abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract(state_like)),
+            best=ocp.args.StandardRestore(abstract(best_like)),
+            meta=ocp.args.JsonRestore()))
+        return out["state"], out["best"], out["meta"]
+
+    def wait(self):
+        self._manager.wait_until_finished()
+
+    def close(self):
+        self._manager.close()

@@ -1,0 +1,316 @@
+"""Typed, frozen run configs: YAML files plus ``dotted.key=value`` overrides.
+
+    cfg = load_config("experiments/demo.yaml", ["train.steps=200", "prompt.length=20"])
+    cfg.prompt.length, cfg.optim.learning_rate, ...
+
+Every section is a frozen dataclass; the defaults are the paper's (Lester et al. 2021):
+prompt length 100, Adafactor at a constant 0.3 with weight decay 1e-5 and decay rate 0.8,
+no parameter scaling, batch 32, 30,000 steps, dropout 0.1. An unknown key is a one-line
+error naming the closest valid key; a bad value names the key and what is valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import typing
+from typing import Any
+
+import yaml
+
+from ptjax.errors import PtjaxError
+
+PROMPT_INITS = ("random_uniform", "sampled_vocab", "class_label", "text", "file")
+OPTIMIZERS = ("adafactor", "adam", "adamw", "sgd")
+SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
+METHODS = ("prompt", "model")
+EVAL_MODES = ("auto", "rank", "generate")
+DTYPES = ("float32", "bfloat16", "float16")
+REMATS = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    path: str = "tiny-t5"  # checkpoint dir, hub id, or a built-in: tiny-t5 | tiny-gpt2
+    dtype: str = "float32"  # weights and activations; softmax, norms and loss stay fp32
+    remat: str = "none"
+    tiny_dir: str = "runs/models"  # where built-in tiny models are written
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+    length: int = 100
+    init: str = "sampled_vocab"
+    seeds: tuple[int, ...] = (0,)  # one prompt per seed: K = len(seeds)
+    low: float = -0.5  # random_uniform range (the official code uses [0, 0.5))
+    high: float = 0.5
+    vocab_limit: int = 5000  # sampled_vocab draws from the first N ids
+    fallback: str = "sampled_vocab"  # class_label's filler for positions past the labels
+    text: str = ""  # text init
+    file: str = ""  # file init: .npy [P, D] / [K, P, D] or safetensors
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adafactor"
+    learning_rate: float = 0.3
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-5
+    decay_rate: float = 0.8  # Adafactor's second-moment decay exponent
+    clipping_threshold: float = 1.0  # Adafactor's update clipping (T5X's default)
+    multiply_by_parameter_scale: bool = False
+    b1: float = 0.9  # Adam / AdamW
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 0.0  # global-norm gradient clipping per prompt; 0 = off
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    name: str = "synthetic_sentiment"  # a built-in task, or "jsonl"
+    train_file: str = ""  # jsonl: {"inputs": ..., "targets": ...} per line
+    dev_file: str = ""
+    labels: tuple[str, ...] = ()  # verbalized classes; empty = the task's own (if any)
+    max_input_length: int = 64  # input tokens; longer inputs are truncated
+    max_target_length: int = 8
+    eval_mode: str = "auto"  # rank classification when there are labels, else greedy EM
+    dev_size: int = 0  # evaluate on the first N dev examples; 0 = all
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    method: str = "prompt"  # prompt tuning, or "model" tuning (all weights, Figure 1)
+    steps: int = 30000
+    batch_size: int = 32
+    dropout: float = 0.1
+    seed: int = 0  # data order and dropout
+    log_every: int = 50
+    eval_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    eval_batch_size: int = 64
+    metric: str = ""  # the metric that picks the best step; "" = the task's default
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = ModelConfig()
+    prompt: PromptConfig = PromptConfig()
+    optim: OptimConfig = OptimConfig()
+    task: TaskConfig = TaskConfig()
+    train: TrainConfig = TrainConfig()
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. (YAML 1.1 also reads yes/no/on/off as
+    booleans, which would turn labels such as [no, yes] into [False, True].)"""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"))
+
+
+def _yaml(text):
+    return yaml.load(text, Loader=_Loader)
+
+
+CHOICES = {
+    "model.dtype": DTYPES, "model.remat": REMATS, "prompt.init": PROMPT_INITS,
+    "prompt.fallback": ("sampled_vocab", "random_uniform"), "optim.name": OPTIMIZERS,
+    "optim.schedule": SCHEDULES, "task.eval_mode": EVAL_MODES, "train.method": METHODS,
+}
+POSITIVE = ("prompt.length", "train.steps", "train.batch_size", "train.log_every",
+            "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+            "train.eval_batch_size", "task.max_input_length", "task.max_target_length",
+            "prompt.vocab_limit")
+
+
+def _fields(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def all_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a config class, e.g. 'optim.learning_rate'."""
+    keys = []
+    for name, typ in _fields(cls).items():
+        if dataclasses.is_dataclass(typ):
+            keys += all_keys(typ, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown(key: str, where: str) -> PtjaxError:
+    keys = all_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    if not close:  # compare the last part alone: "lr" is far from "optim.learning_rate"
+        tails = {k.rsplit(".", 1)[-1]: k for k in keys}
+        close = [tails[t] for t in difflib.get_close_matches(key.rsplit(".", 1)[-1], tails,
+                                                              n=1, cutoff=0.5)]
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(keys)}"
+    return PtjaxError(f"{where}: unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, typ, value, where: str):
+    """``value`` (from YAML or an override) as the field's type, or a one-line error."""
+    def bad(expected):
+        return PtjaxError(f"{where}: {key}={value!r} is not {expected}")
+
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad("a boolean (true / false)")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise bad("an integer")
+        try:
+            return int(value)
+        except ValueError:
+            raise bad("an integer") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        try:  # PyYAML reads "1e-5" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise bad("a string")
+        return str(value)
+    if typing.get_origin(typ) is tuple:
+        (inner, _) = typing.get_args(typ)
+        if value is None or value == "":
+            return ()
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(key, inner, v, where) for v in value)
+    raise AssertionError(f"unhandled config type {typ}")
+
+
+def _build(cls, data: dict, prefix: str, where: str):
+    fields = _fields(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise _unknown(key, where)
+        typ = fields[name]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise PtjaxError(f"{where}: {key!r} is a section; give it as a mapping of "
+                                 f"keys ({', '.join(_fields(typ))})")
+            kwargs[name] = _build(typ, value, f"{key}.", where)
+        else:
+            kwargs[name] = _coerce(key, typ, value, where)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, key: str, value, where: str):
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _unknown(key, where)
+        node = child
+    node[parts[-1]] = value
+
+
+def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
+    """One-line errors for values outside their choices or ranges."""
+    for key, valid in CHOICES.items():
+        value = get(cfg, key)
+        if value not in valid:
+            raise PtjaxError(f"{where}: {key}={value!r} is not valid; valid: {', '.join(valid)}")
+    for key in POSITIVE:
+        if get(cfg, key) < 1:
+            raise PtjaxError(f"{where}: {key}={get(cfg, key)} must be >= 1")
+    if not cfg.prompt.seeds:
+        raise PtjaxError(f"{where}: prompt.seeds is empty; give one seed per prompt, e.g. [0]")
+    if cfg.train.method == "model" and len(cfg.prompt.seeds) > 1:
+        raise PtjaxError(f"{where}: train.method=model trains one model; prompt.seeds must "
+                         "hold one seed")
+    if not 0.0 <= cfg.train.dropout < 1.0:
+        raise PtjaxError(f"{where}: train.dropout={cfg.train.dropout} must be in [0, 1)")
+    if cfg.task.name == "jsonl" and not (cfg.task.train_file and cfg.task.dev_file):
+        raise PtjaxError(f"{where}: task.name=jsonl needs task.train_file and task.dev_file")
+    if cfg.prompt.init == "file" and not cfg.prompt.file:
+        raise PtjaxError(f"{where}: prompt.init=file needs prompt.file (a .npy or "
+                         ".safetensors prompt)")
+    if cfg.prompt.init == "text" and not cfg.prompt.text:
+        raise PtjaxError(f"{where}: prompt.init=text needs prompt.text")
+    return cfg
+
+
+def get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def from_dict(data: dict, overrides=(), where: str = "config") -> RunConfig:
+    """A validated ``RunConfig`` from a nested dict and ``dotted.key=value`` strings."""
+    data = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise PtjaxError(f"override {item!r} must look like dotted.key=value "
+                             "(e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        value = _yaml(raw) if raw.strip() else ""
+        _set_dotted(data, key.strip(), value, "override")
+    return validate(_build(RunConfig, data, "", where), where)
+
+
+def _deepcopy(d):
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def load_config(path: str | None, overrides=()) -> RunConfig:
+    """Read a YAML config (``None`` = all defaults) and apply overrides."""
+    data = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise PtjaxError(f"{path}: config file not found")
+        try:
+            with open(path) as f:
+                data = _yaml(f) or {}
+        except yaml.YAMLError as e:
+            raise PtjaxError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise PtjaxError(f"{path}: must hold a mapping of config sections")
+    return from_dict(data, overrides, where=path or "config")
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists), ready for YAML / JSON."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: RunConfig, path: str):
+    """Atomic: a run killed while writing leaves the old file or the new one, never half."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

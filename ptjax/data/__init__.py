@@ -1,0 +1,1 @@
+"""Tasks (text-to-text examples), their encoding into fixed-shape batches, and metrics."""

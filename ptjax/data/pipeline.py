@@ -1,0 +1,110 @@
+"""Text-to-text examples -> fixed-shape numpy batches, and the deterministic train order.
+
+Shapes are fixed by the config (inputs ``Li`` = task.max_input_length, targets ``Lt`` =
+task.max_target_length), so the jitted step compiles once.
+
+T5 (teacher forcing): input_ids/input_mask [N, Li]; decoder_input_ids, targets and
+target_mask [N, Lt], the decoder input being the targets shifted right behind
+decoder_start_token_id. Both sides end in EOS, as T5's tokenizer writes them.
+
+GPT-2: one sequence ``inputs + " " + targets + EOS`` right-padded to Li + Lt:
+input_ids/input_mask [N, Li+Lt]; targets[t] = the token at t+1 and target_mask marks only
+the target tokens (the loss never sees the input), as PEFT's causal-LM labels do.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ptjax.errors import PtjaxError
+
+
+def _tokenize(tokenizer, texts):
+    return tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []
+
+
+def _clip(ids, limit, keep_last=None):
+    """ids cut to ``limit`` tokens (keeping a final EOS if given); also says if it cut."""
+    if len(ids) <= limit:
+        return list(ids), False
+    if keep_last is not None and ids and ids[-1] == keep_last:
+        return list(ids[:limit - 1]) + [keep_last], True
+    return list(ids[:limit]), True
+
+
+def _pad(rows, length, pad_id, left=False):
+    out = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, r in enumerate(rows):
+        if left:
+            out[i, length - len(r):], mask[i, length - len(r):] = r, 1
+        else:
+            out[i, :len(r)], mask[i, :len(r)] = r, 1
+    return out, mask
+
+
+def encode(model, examples, max_input_length: int, max_target_length: int) -> tuple[dict, int]:
+    """Examples -> (arrays as in the module docstring, number of truncated examples)."""
+    tok, cfg = model.tokenizer, model.config
+    if tok is None:
+        raise PtjaxError(f"{model.path}: the checkpoint has no tokenizer files, so task text "
+                         "cannot be encoded")
+    inputs = [e["inputs"] for e in examples]
+    if model.is_encoder_decoder:
+        eos = cfg.eos_token_id
+        enc = [_clip(ids, max_input_length, eos) for ids in _tokenize(tok, inputs)]
+        tgt = [_clip(ids, max_target_length, eos)
+               for ids in _tokenize(tok, [e["targets"] for e in examples])]
+        input_ids, input_mask = _pad([ids for ids, _ in enc], max_input_length, cfg.pad_token_id)
+        targets, target_mask = _pad([ids for ids, _ in tgt], max_target_length, cfg.pad_token_id)
+        dec = np.concatenate([np.full((len(examples), 1), cfg.decoder_start_token_id, np.int32),
+                              targets[:, :-1]], axis=1)
+        arrays = dict(input_ids=input_ids, input_mask=input_mask, decoder_input_ids=dec,
+                      targets=targets, target_mask=target_mask)
+        cut = sum(a or b for (_, a), (_, b) in zip(enc, tgt))
+        return arrays, cut
+    eos = cfg.eos_token_id
+    pad = eos if cfg.pad_token_id is None else cfg.pad_token_id
+    L = max_input_length + max_target_length
+    enc = [_clip(ids, max_input_length) for ids in _tokenize(tok, inputs)]
+    tgt = [_clip(ids + [eos], max_target_length, eos)
+           for ids in _tokenize(tok, [" " + e["targets"] for e in examples])]
+    seqs = [a + b for (a, _), (b, _) in zip(enc, tgt)]
+    input_ids, input_mask = _pad(seqs, L, pad)
+    targets = np.concatenate([input_ids[:, 1:], np.full((len(seqs), 1), pad, np.int32)], 1)
+    target_mask = np.zeros_like(input_mask)
+    for i, ((a, _), (b, _)) in enumerate(zip(enc, tgt)):
+        target_mask[i, len(a) - 1:len(a) + len(b) - 1] = 1  # positions predicting the target
+    # generation reads the inputs alone, left-padded so every row ends at the same slot
+    gen_ids, gen_mask = _pad([a for a, _ in enc], max_input_length, pad, left=True)
+    arrays = dict(input_ids=input_ids, input_mask=input_mask, targets=targets,
+                  target_mask=target_mask, gen_ids=gen_ids, gen_mask=gen_mask)
+    cut = sum(a or b for (_, a), (_, b) in zip(enc, tgt))
+    return arrays, cut
+
+
+def train_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+    """Example indices of train batch ``step``: epochs are seeded permutations laid end to
+    end, so batch ``step`` depends only on (step, seed) and a resumed run reads exactly
+    what an uninterrupted one would. The data position is ``step * batch_size``."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[offset:offset + batch_size - len(out)])
+    return np.asarray(out)
+
+
+def take(arrays: dict, idx) -> dict:
+    return {k: v[idx] for k, v in arrays.items()}
+
+
+def eval_batches(arrays: dict, batch_size: int):
+    """Fixed-size chunks in order; the last is filled with copies of row 0.
+    Yields (batch, n_valid)."""
+    n = len(next(iter(arrays.values())))
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        valid = int(min(batch_size, n - start))
+        idx[valid:] = 0
+        yield take(arrays, idx), valid

@@ -1,0 +1,65 @@
+"""Run configs: YAML + dotted overrides into typed frozen dataclasses; one-line errors."""
+import dataclasses
+
+import pytest
+
+from ptjax import config as C
+from ptjax.errors import PtjaxError
+
+
+def test_defaults_are_the_papers():
+    cfg = C.load_config(None)
+    assert cfg.prompt.length == 100 and cfg.prompt.low == -0.5 and cfg.prompt.high == 0.5
+    assert cfg.prompt.vocab_limit == 5000 and cfg.prompt.fallback == "sampled_vocab"
+    o = cfg.optim
+    assert (o.name, o.learning_rate, o.schedule, o.weight_decay, o.decay_rate,
+            o.multiply_by_parameter_scale) == ("adafactor", 0.3, "constant", 1e-5, 0.8, False)
+    assert (cfg.train.batch_size, cfg.train.steps, cfg.train.dropout) == (32, 30000, 0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.steps = 1
+
+
+def test_yaml_and_typed_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: runs/x\nprompt:\n  length: 5\n  seeds: [1, 2]\n"
+                    "optim:\n  learning_rate: 1e-3\n")
+    cfg = C.load_config(str(path), ["train.steps=7", "prompt.seeds=3,4,5", "optim.b2=0.98",
+                                    "task.labels=[no, yes]", "train.progress=false"])
+    assert cfg.run_dir == "runs/x" and cfg.prompt.length == 5
+    assert cfg.optim.learning_rate == 1e-3  # PyYAML reads "1e-3" as a string
+    assert cfg.prompt.seeds == (3, 4, 5) and cfg.train.steps == 7
+    assert cfg.task.labels == ("no", "yes") and cfg.train.progress is False
+    # the resolved config written to a run directory reads back equal
+    C.save_config(cfg, str(tmp_path / "resolved.yaml"))
+    assert C.load_config(str(tmp_path / "resolved.yaml")) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.learnig_rate=0.1", "unknown config key 'optim.learnig_rate'; did you mean "
+                               "'optim.learning_rate'?"),
+    ("train.step=5", "did you mean 'train.steps'?"),
+    ("lr=0.1", "unknown config key 'lr'"),
+    ("optim.name=lamb", "optim.name='lamb' is not valid; valid: adafactor, adam, adamw, sgd"),
+    ("prompt.init=zeros", "valid: random_uniform, sampled_vocab, class_label, text, file"),
+    ("train.steps=ten", "train.steps='ten' is not an integer"),
+    ("optim.learning_rate=fast", "is not a number"),
+    ("prompt.length=0", "prompt.length=0 must be >= 1"),
+    ("train.steps", "must look like dotted.key=value"),
+    ("prompt.init=file", "prompt.init=file needs prompt.file"),
+    ("task.name=jsonl", "task.name=jsonl needs task.train_file and task.dev_file"),
+])
+def test_bad_overrides_are_one_line_errors(override, message):
+    with pytest.raises(PtjaxError) as e:
+        C.load_config(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_yaml_key_names_file_and_closest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("prompt:\n  lenght: 5\n")
+    with pytest.raises(PtjaxError, match=r"c.yaml: unknown config key 'prompt.lenght'; "
+                                         r"did you mean 'prompt.length'\?"):
+        C.load_config(str(path))
+    path.write_text("optim: adam\n")
+    with pytest.raises(PtjaxError, match="'optim' is a section"):
+        C.load_config(str(path))

@@ -1,0 +1,265 @@
+"""`ptjax train` / `ptjax eval` end to end on the built-in tiny models: run directory,
+metrics, early stopping, orbax checkpoints of the trainable state only, exact resume after
+SIGKILL, exports that PEFT loads, and one-line errors that leave the run resumable."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import torch
+from ptjax import cli
+from ptjax.config import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tiny-models"))
+
+
+def base_args(run_dir, tiny_dir, **kw):
+    args = {"run_dir": run_dir, "model.tiny_dir": tiny_dir, "model.path": "tiny-t5",
+            "prompt.length": 4, "prompt.init": "sampled_vocab", "task.max_input_length": 24,
+            "task.max_target_length": 4, "task.dev_size": 16, "train.batch_size": 8,
+            "train.eval_batch_size": 16, "train.steps": 6, "train.eval_every": 3,
+            "train.checkpoint_every": 3, "train.log_every": 2, "train.dropout": 0.0,
+            "train.progress": False}
+    args.update(kw)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def ptjax(*argv, capsys=None):
+    code = cli.main(list(argv))
+    out = capsys.readouterr() if capsys else None
+    return code, out
+
+
+def read_rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def t5_run(tiny_dir, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("t5-run"))
+    code, _ = ptjax("train", *base_args(run_dir, tiny_dir, **{"prompt.seeds": "[0,1]"}))
+    assert code == 0
+    return run_dir
+
+
+def test_run_directory(t5_run):
+    cfg = load_config(os.path.join(t5_run, "config.yaml"))
+    assert cfg.prompt.seeds == (0, 1) and cfg.train.steps == 6
+    rows = read_rows(t5_run)
+    train = [r for r in rows if r["split"] == "train"]
+    dev = [r for r in rows if r["split"] == "validation"]
+    assert [r["step"] for r in train] == [2, 2, 3, 3, 4, 4, 6, 6]  # log, eval and ckpt steps
+    assert all(np.isfinite(r["loss"]) and r["learning_rate"] == 0.3 for r in train)
+    assert [(r["step"], r["prompt"]) for r in dev] == [(3, 0), (3, 1), (6, 0), (6, 1)]
+    assert os.listdir(os.path.join(t5_run, "tb"))  # TensorBoard events
+    results = json.load(open(os.path.join(t5_run, "results.json")))
+    for k, p in enumerate(results["prompts"]):
+        best = max((r for r in dev if r["prompt"] == k), key=lambda r: r["accuracy"])
+        assert p["best_accuracy"] == best["accuracy"] and p["seed"] == k
+        assert p["best_step"] == min(r["step"] for r in dev
+                                     if r["prompt"] == k and r["accuracy"] == best["accuracy"])
+    table = np.load(os.path.join(t5_run, "export", "prompts.npy"))
+    assert table.shape == (2, 4, 64) and table.dtype == np.float32
+    for k in range(2):
+        d = os.path.join(t5_run, "export", f"prompt-{k}")
+        np.testing.assert_array_equal(np.load(os.path.join(d, "prompt.npy")), table[k])
+        assert {"prompt.safetensors", "adapter_config.json",
+                "adapter_model.safetensors"} <= set(os.listdir(d))
+
+
+def test_eval_reproduces_the_best_metric(t5_run, capsys):
+    """`ptjax eval RUN_DIR` on the exported best prompts gives the logged best accuracy."""
+    out = os.path.join(t5_run, "eval.json")
+    code, _ = ptjax("eval", t5_run, "--out", out, capsys=capsys)
+    assert code == 0
+    results = json.load(open(os.path.join(t5_run, "results.json")))
+    assert json.load(open(out))["accuracy"] == [p["best_accuracy"] for p in results["prompts"]]
+
+
+def test_checkpoints_hold_only_the_trainable_state(t5_run):
+    ckpt = os.path.join(t5_run, "checkpoints")
+    assert sorted(os.listdir(ckpt)) == ["3", "6"]
+    state = ocp.StandardCheckpointer().restore(os.path.join(ckpt, "6", "state"))
+    assert set(state) == {"step", "trainable", "opt_state", "rng"}
+    assert set(state["trainable"]) == {"prompt"} and int(state["step"]) == 6
+    model_params = 0
+    for leaf in jax.tree.leaves(state):
+        assert leaf.size <= 2 * 4 * 64  # never a [vocab, D] embedding or a layer kernel
+    meta = json.load(open(os.path.join(ckpt, "6", "meta", "metadata")))
+    assert meta["data_position"] == 6 * 8 and len(meta["best_metric"]) == 2
+    del model_params
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_peft_loads_the_adapter_with_equal_logits(family, t5_run, tiny_dir, tmp_path):
+    """The exported adapter directory is a PEFT prompt-tuning adapter of the same base
+    model: PEFT's logits on the same inputs equal ptjax's."""
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from ptjax.models.model import load_model
+
+    if family == "t5":
+        adapter = os.path.join(t5_run, "export", "prompt-1")
+    else:
+        run_dir = str(tmp_path / "gpt2")
+        code, _ = ptjax("train", *base_args(run_dir, tiny_dir, **{
+            "model.path": "tiny-gpt2", "task.name": "synthetic_qa", "train.steps": 3}))
+        assert code == 0
+        adapter = os.path.join(run_dir, "export", "prompt-0")
+    config = json.load(open(os.path.join(adapter, "adapter_config.json")))
+    base = config["base_model_name_or_path"]
+    assert base == os.path.join(tiny_dir, f"tiny-{family}")
+    model = load_model(base)
+    auto = (transformers.AutoModelForSeq2SeqLM if family == "t5"
+            else transformers.AutoModelForCausalLM)
+    peft_model = peft.PeftModel.from_pretrained(auto.from_pretrained(base), adapter).eval()
+    prompt = np.load(os.path.join(adapter, "prompt.npy"))
+    tok = model.tokenizer
+    batch = tok(["review: the movie was great", "review: a dull film"], padding=True,
+                return_tensors="np")
+    kw = {}
+    if family == "t5":
+        dec = np.array([[0, 5, 9], [0, 7, 3]])
+        kw = dict(decoder_input_ids=dec)
+    ours = np.asarray(model.logits(model.params, batch["input_ids"],
+                                   attention_mask=batch["attention_mask"], prompt=prompt, **kw))
+    with torch.no_grad():
+        theirs = peft_model(input_ids=torch.tensor(batch["input_ids"]),
+                            attention_mask=torch.tensor(batch["attention_mask"]),
+                            **{k: torch.tensor(v) for k, v in kw.items()}).logits.numpy()
+    if family == "gpt2":
+        theirs = theirs[:, prompt.shape[0]:]  # PEFT returns logits for the prompt too
+        real = batch["attention_mask"] == 1  # pad positions' logits carry no meaning
+        ours, theirs = ours[real], theirs[real]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_gpt2_generative_task_scores_exact_match(tmp_path, tiny_dir, capsys):
+    run_dir = str(tmp_path / "qa")
+    code, _ = ptjax("train", *base_args(run_dir, tiny_dir, **{
+        "model.path": "tiny-gpt2", "task.name": "synthetic_qa", "train.steps": 2,
+        "train.eval_every": 2}), capsys=capsys)
+    assert code == 0
+    dev = [r for r in read_rows(run_dir) if r["split"] == "validation"]
+    assert [r["step"] for r in dev] == [2] and 0.0 <= dev[0]["exact_match"] <= 100.0
+
+
+def _finished_steps(ckpt_dir):
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir):
+    """Kill -9 a run after its first checkpoint, rerun the same command: prompts,
+    optimizer-driven metrics and results equal an uninterrupted run's exactly (CPU)."""
+    def command(run_dir):
+        args = base_args(run_dir, tiny_dir, **{
+            "prompt.seeds": "[3,4]", "train.steps": 60, "train.eval_every": 20,
+            "train.checkpoint_every": 5, "train.log_every": 5, "train.dropout": 0.1})
+        return [sys.executable, "-m", "ptjax.cli", "train", *args]
+
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
+    subprocess.run(command(ref), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(command(cut), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not _finished_steps(os.path.join(cut, "checkpoints")) and time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _finished_steps(os.path.join(cut, "checkpoints"))
+    assert killed_at and killed_at[-1] < 60, "the run was not killed mid-way"
+    out = subprocess.run(command(cut), check=True, env=env, capture_output=True, text=True)
+    assert f"resuming {cut} from step {killed_at[-1]}" in out.stdout
+    np.testing.assert_array_equal(np.load(os.path.join(ref, "export", "prompts.npy")),
+                                  np.load(os.path.join(cut, "export", "prompts.npy")))
+
+    def rows(d):
+        return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in read_rows(d)]
+
+    assert rows(ref) == rows(cut)
+    a, b = (json.load(open(os.path.join(d, "results.json"))) for d in (ref, cut))
+    assert {**a, "run_dir": "", "export": ""} == {**b, "run_dir": "", "export": ""}
+    state = [ocp.StandardCheckpointer().restore(os.path.join(d, "checkpoints", "60", "state"))
+             for d in (ref, cut)]
+    jax.tree.map(np.testing.assert_array_equal, *state)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, tiny_dir, capsys):
+    run_dir = str(tmp_path / "nan")
+    # Adam moves every prompt entry by ~lr per step: 1e38 overflows fp32 within a few steps.
+    code, out = ptjax("train", *base_args(run_dir, tiny_dir, **{
+        "optim.name": "adam", "optim.learning_rate": 1e38, "train.steps": 30,
+        "train.checkpoint_every": 2, "train.log_every": 1, "train.eval_every": 100}),
+        capsys=capsys)
+    assert code == 2
+    msg = out.err.strip()
+    assert "\n" not in msg and msg.startswith("ptjax: error: loss is nan at step ")
+    bad_step = int(msg.split("at step ")[1].split()[0])
+    steps = _finished_steps(os.path.join(run_dir, "checkpoints"))
+    assert steps and steps[-1] < bad_step
+    assert f"the last good checkpoint is step {steps[-1]}" in msg
+    state = ocp.StandardCheckpointer().restore(
+        os.path.join(run_dir, "checkpoints", str(steps[-1]), "state"))
+    assert np.isfinite(state["trainable"]["prompt"]).all()
+    assert all(np.isfinite(r["loss"]) for r in read_rows(run_dir))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"prompt.init": "class_label", "task.name": "synthetic_qa"},
+     "prompt.init=class_label needs class labels; task 'synthetic_qa' has none"),
+    ({"model.path": "tiny-gpt2", "prompt.length": 300},
+     "prompt.length=300 is longer than the model's 256 positions"),
+    ({"model.path": "tiny-gpt2", "prompt.length": 200, "task.max_input_length": 60},
+     "prompt.length (200) + task.max_input_length (60) + task.max_target_length (4) = 264 "
+     "exceeds the model's 256 positions"),
+    ({"optim.name": "adagrad"}, "optim.name='adagrad' is not valid; valid: adafactor"),
+    ({"prompt.init": "zeros"}, "prompt.init='zeros' is not valid"),
+    ({"prompt.init": "file", "prompt.file": "/nonexistent/p.npy"},
+     "/nonexistent/p.npy: prompt file not found"),
+    ({"prompt.init": "file", "prompt.file": "WRONG"}, "prompt has shape (4, 32), expected "
+                                                      "(4, 64)"),
+    ({"task.name": "jsonl", "task.train_file": "/nonexistent/t.jsonl",
+      "task.dev_file": "/nonexistent/d.jsonl"}, "/nonexistent/t.jsonl: task file not found"),
+])
+def test_bad_runs_are_one_line_errors_and_leave_the_run_resumable(
+        overrides, message, tmp_path, tiny_dir, capsys):
+    run_dir = str(tmp_path / "run")
+    if overrides.get("prompt.file") == "WRONG":
+        overrides = {**overrides, "prompt.file": str(tmp_path / "p.npy")}
+        np.save(overrides["prompt.file"], np.zeros((4, 32), np.float32))
+    code, out = ptjax("train", *base_args(run_dir, tiny_dir, **overrides), capsys=capsys)
+    assert code == 2
+    err = out.err.strip()
+    assert err.startswith("ptjax: error: ") and "\n" not in err and message in err, err
+    # nothing was written that would stop the corrected run from starting here
+    code, _ = ptjax("train", *base_args(run_dir, tiny_dir, **{"train.steps": 1}),
+                    capsys=capsys)
+    assert code == 0
+
+
+def test_rerun_with_another_config_is_refused(t5_run, tiny_dir, capsys):
+    code, out = ptjax("train", *base_args(t5_run, tiny_dir, **{
+        "prompt.seeds": "[0,1]", "optim.learning_rate": 0.1}), capsys=capsys)
+    assert code == 2
+    assert "this run was started with optim.learning_rate=0.3, not 0.1" in out.err

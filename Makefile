@@ -21,7 +21,7 @@ $(VENV)/.ptjax-test: $(VENV)/.ptjax-base
 	touch $@
 
 demo: $(VENV)/.ptjax-base
-	$(BIN)/ptjax demo
+	$(BIN)/ptjax train experiments/demo.yaml
 
 test: $(VENV)/.ptjax-test
 	$(BIN)/python -m pytest -q

@@ -5,7 +5,6 @@
     ptjax tiny DIR [--family t5]     write a built-in tiny model (no network needed)
     ptjax train [CONFIG.yaml] [key=value ...]   prompt (or model) tuning; resumes a killed run
     ptjax eval RUN_DIR|CONFIG [key=value ...] [--prompt FILE]   evaluate saved prompts
-    ptjax demo [--out runs/demo]     build the tiny model, load it, run logits + decoding
 
 A user's mistake (bad path, unsupported model, wrong shape) prints one line and exits 2.
 """
@@ -14,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 from ptjax.errors import PtjaxError
 
@@ -75,47 +73,6 @@ def cmd_tiny(args):
 
     path = build_tiny_model(args.directory, family=args.family, seed=args.seed)
     print(f"tiny {args.family} model written to {path}")
-
-
-def cmd_demo(args):
-    import jax
-    import numpy as np
-
-    from ptjax.models.model import load_model
-    from ptjax.models.tiny import build_tiny_model
-
-    t0 = time.perf_counter()
-    path = build_tiny_model(os.path.join(args.out, "tiny-t5"), family="t5")
-    model = load_model(path)
-    n = sum(x.size for x in jax.tree.leaves(model.params))
-    print(f"[1/3] built-in tiny T5 at {path}: {n:,} parameters "
-          f"({time.perf_counter() - t0:.1f}s)")
-
-    texts = ["the movie was great", "a dull and boring film", "what a lovely day"]
-    batch = model.tokenizer(texts, padding=True, return_tensors="np")
-    targets = model.tokenizer(["positive", "negative", "positive"], padding=True,
-                              return_tensors="np")["input_ids"]
-    dec = np.concatenate([np.zeros((3, 1), targets.dtype), targets[:, :-1]], axis=1)
-    prompt = _random_prompt(model, args.prompt_length, seed=0)
-    times = []
-    for _ in range(3):  # first call compiles, later ones reuse the same executable
-        t = time.perf_counter()
-        logits = model.logits(model.params, batch["input_ids"],
-                              attention_mask=batch["attention_mask"], decoder_input_ids=dec,
-                              prompt=prompt)
-        logits.block_until_ready()
-        times.append(time.perf_counter() - t)
-    logp = jax.nn.log_softmax(logits)
-    nll = -np.take_along_axis(np.asarray(logp), targets[..., None], -1)[..., 0]
-    print(f"[2/3] logits {logits.shape} with a {args.prompt_length}-token soft prompt: "
-          f"target NLL {nll[targets != 0].mean():.3f}; compile {times[0]:.2f}s, "
-          f"then {times[-1] * 1e3:.1f} ms/call")
-    outs = _generate(model, texts, 6, prompt)
-    print("[3/3] greedy decoding with the KV cache (random weights, so random words):")
-    for text, out in zip(texts, outs):
-        print(f"      {text!r} -> {out!r}")
-    print("done: the frozen model loads, takes a soft prompt and decodes; prompt training "
-          "arrives with `ptjax train`.")
 
 
 def _config_and_overrides(items):
@@ -209,10 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     sp.set_defaults(fn=cmd_eval)
 
-    sp = sub.add_parser("demo", help="the local demo on the built-in tiny model")
-    sp.add_argument("--out", default="runs/demo")
-    sp.add_argument("--prompt-length", type=int, default=20)
-    sp.set_defaults(fn=cmd_demo)
     return p
 
 

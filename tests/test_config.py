@@ -63,3 +63,15 @@ def test_unknown_yaml_key_names_file_and_closest(tmp_path):
     path.write_text("optim: adam\n")
     with pytest.raises(PtjaxError, match="'optim' is a section"):
         C.load_config(str(path))
+
+
+def test_shipped_experiment_configs_are_valid():
+    import glob
+    import os
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "experiments")
+    paths = glob.glob(os.path.join(root, "*.yaml"))
+    assert paths
+    for path in paths:
+        C.load_config(path)

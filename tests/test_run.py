@@ -176,7 +176,7 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir):
 
     env = dict(os.environ, PYTHONPATH=ROOT)
     ref, cut = str(tmp_path / "ref"), str(tmp_path / "cut")
-    subprocess.run(command(ref), check=True, env=env, capture_output=True)
+    assert ptjax(*command(ref)[3:])[0] == 0  # the uninterrupted reference, in-process
     proc = subprocess.Popen(command(cut), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -263,3 +263,31 @@ def test_rerun_with_another_config_is_refused(t5_run, tiny_dir, capsys):
         "prompt.seeds": "[0,1]", "optim.learning_rate": 0.1}), capsys=capsys)
     assert code == 2
     assert "this run was started with optim.learning_rate=0.3, not 0.1" in out.err
+
+
+def test_model_tuning_and_jsonl_task(tmp_path, tiny_dir, capsys):
+    """train.method=model on a JSONL task with labels: all weights train, the best model is
+    exported in Hugging Face form and `ptjax eval` scores it."""
+    rows = [{"inputs": f"review: {w} film", "targets": lab}
+            for w, lab in [("great", "yes"), ("awful", "no"), ("lovely", "yes"),
+                           ("dull", "no")] * 4]
+    for split in ("train", "dev"):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    run_dir = str(tmp_path / "model-tuning")
+    args = base_args(run_dir, tiny_dir, **{
+        "train.method": "model", "optim.name": "adam", "optim.learning_rate": 3e-3,
+        "task.name": "jsonl", "task.train_file": str(tmp_path / "train.jsonl"),
+        "task.dev_file": str(tmp_path / "dev.jsonl"), "task.labels": "[no, yes]",
+        "train.steps": 20, "train.eval_every": 10, "train.checkpoint_every": 10})
+    code, _ = ptjax("train", *args, capsys=capsys)
+    assert code == 0
+    train = [r["loss"] for r in read_rows(run_dir) if r["split"] == "train"]
+    assert train[-1] < train[0]
+    state = ocp.StandardCheckpointer().restore(
+        os.path.join(run_dir, "checkpoints", "20", "state"))
+    assert set(state["trainable"]) == {"params"}  # model tuning saves the weights it trains
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    code, out = ptjax("eval", run_dir, capsys=capsys)
+    assert code == 0
+    assert f"validation accuracy {results['prompts'][0]['best_accuracy']:.2f}" in out.out

@@ -1,0 +1,82 @@
+"""Rank classification and greedy exact match for K prompts at once, checked against a
+plain loop over ``Model.logits`` / ``Model.generate`` one prompt and one label at a time."""
+import jax
+import numpy as np
+import pytest
+
+from ptjax.data.tasks import Task
+from ptjax.evaluation import build_dev_set, evaluate
+from ptjax.models.model import load_model
+from ptjax.models.tiny import build_tiny_model
+
+EXAMPLES = [{"inputs": "review: the movie was great", "targets": "positive"},
+            {"inputs": "review: a dull and boring film", "targets": "negative"},
+            {"inputs": "review: what a lovely day", "targets": "positive"},
+            {"inputs": "review: bad", "targets": "negative"},
+            {"inputs": "review: the song was fine", "targets": "positive"}]
+
+
+@pytest.fixture(scope="module", params=["t5", "gpt2"])
+def model(request, tmp_path_factory):
+    return load_model(build_tiny_model(str(tmp_path_factory.mktemp(request.param)),
+                                       family=request.param))
+
+
+def _prompts(model, K=2, P=3):
+    return jax.random.normal(jax.random.PRNGKey(0), (K, P, model.config.hidden_size))
+
+
+def _padded(ids, length):
+    """[1, length] ids and mask, right-padded (one shape: one compilation)."""
+    out, mask = np.zeros((1, length), np.int32), np.zeros((1, length), np.int32)
+    out[0, :len(ids)], mask[0, :len(ids)] = ids, 1
+    return out, mask
+
+
+def _label_logprob(model, prompt, text, label):
+    tok = model.tokenizer
+    if model.is_encoder_decoder:
+        ids, mask = _padded(tok(text)["input_ids"], 16)
+        tgt = tok(label)["input_ids"]
+        dec, _ = _padded([model.config.decoder_start_token_id] + tgt[:-1], 4)
+        logp = jax.nn.log_softmax(model.logits(model.params, ids, attention_mask=mask,
+                                               decoder_input_ids=dec, prompt=prompt))[0]
+        return float(sum(logp[i, t] for i, t in enumerate(tgt)))
+    inp = tok(text)["input_ids"]
+    tgt = tok(" " + label)["input_ids"] + [model.config.eos_token_id]
+    seq, mask = _padded(inp + tgt, 20)
+    logp = jax.nn.log_softmax(model.logits(model.params, seq, attention_mask=mask,
+                                           prompt=prompt))[0]
+    return float(sum(logp[len(inp) - 1 + i, t] for i, t in enumerate(tgt)))
+
+
+def test_rank_classification_matches_a_plain_loop(model):
+    task = Task("t", {"validation": EXAMPLES}, labels=("negative", "positive"))
+    dev = build_dev_set(model, task, "auto", 16, 4)
+    prompts = _prompts(model)
+    got = evaluate(model, model.params, prompts, dev, batch_size=4, max_new_tokens=4)
+    want = []
+    for k in range(2):
+        preds = [int(np.argmax([_label_logprob(model, prompts[k], ex["inputs"], lab)
+                                for lab in task.labels])) for ex in EXAMPLES]
+        gold = [task.labels.index(ex["targets"]) for ex in EXAMPLES]
+        want.append(100.0 * np.mean(np.asarray(preds) == gold))
+    assert got == {"accuracy": want}
+
+
+def test_exact_match_matches_a_plain_loop(model):
+    tok = model.tokenizer
+    prompts = _prompts(model)
+    # targets: what the model decodes behind prompt 1 for the first two examples (all
+    # five in one batch with a shared [P, D] prompt), so EM is not 0
+    tok.padding_side = "right" if model.is_encoder_decoder else "left"
+    batch = tok([ex["inputs"] for ex in EXAMPLES], padding=True, return_tensors="np")
+    out = model.generate(model.params, batch["input_ids"], attention_mask=batch["attention_mask"],
+                         prompt=prompts[1], max_new_tokens=4)
+    outs = [o.strip() for o in tok.batch_decode(np.asarray(out), skip_special_tokens=True)]
+    examples = [{**ex, "targets": outs[i] if i < 2 else "no such output"}
+                for i, ex in enumerate(EXAMPLES)]
+    dev = build_dev_set(model, Task("t", {"validation": examples}), "auto", 16, 4)
+    got = evaluate(model, model.params, prompts, dev, batch_size=2, max_new_tokens=4)
+    assert got["exact_match"][1] == pytest.approx(40.0)
+    assert len(got["exact_match"]) == 2

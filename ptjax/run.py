@@ -119,8 +119,9 @@ class MetricsLog:
                         continue
                     if row["step"] <= resume_step:
                         rows.append(line if line.endswith("\n") else line + "\n")
-        with open(self.path, "w") as f:
+        with open(self.path + ".tmp", "w") as f:  # atomic: a kill here loses nothing
             f.writelines(rows)
+        os.replace(self.path + ".tmp", self.path)
         self._file = open(self.path, "a")
         self._tb = None
         if enabled_tb:

@@ -95,12 +95,10 @@ def test_checkpoints_hold_only_the_trainable_state(t5_run):
     state = ocp.StandardCheckpointer().restore(os.path.join(ckpt, "6", "state"))
     assert set(state) == {"step", "trainable", "opt_state", "rng"}
     assert set(state["trainable"]) == {"prompt"} and int(state["step"]) == 6
-    model_params = 0
     for leaf in jax.tree.leaves(state):
         assert leaf.size <= 2 * 4 * 64  # never a [vocab, D] embedding or a layer kernel
     meta = json.load(open(os.path.join(ckpt, "6", "meta", "metadata")))
     assert meta["data_position"] == 6 * 8 and len(meta["best_metric"]) == 2
-    del model_params
 
 
 @pytest.mark.parametrize("family", ["t5", "gpt2"])

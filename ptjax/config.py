@@ -69,7 +69,9 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    name: str = "synthetic_sentiment"  # a built-in task, or "jsonl"
+    name: str = "synthetic_sentiment"  # built-in, "jsonl", or a TFDS task (e.g. rte, boolq)
+    data_dir: str = ""  # TFDS data_dir ("" = TFDS's default, ~/tensorflow_datasets)
+    prefix: bool = False  # keep T5's task-name prefix ("rte sentence1: ..."); the paper drops it
     train_file: str = ""  # jsonl: {"inputs": ..., "targets": ...} per line
     dev_file: str = ""
     labels: tuple[str, ...] = ()  # verbalized classes; empty = the task's own (if any)

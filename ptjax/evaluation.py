@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptjax.data import pipeline
+from ptjax.data import metrics, pipeline
 from ptjax.errors import PtjaxError
 from ptjax.train import prompt_rows, sequence_nll, tile_rows
 
@@ -25,34 +25,49 @@ from ptjax.train import prompt_rows, sequence_nll, tile_rows
 class DevSet:
     """A task's dev split, encoded once. mode: "rank" or "generate"."""
     mode: str
-    metric: str
-    arrays: dict  # rank: one row per (example, label), example-major; generate: examples
-    targets: list
-    gold: np.ndarray | None = None  # rank: [N] label index
-    n_labels: int = 0
+    metric_set: str
+    examples: list  # the formatted examples (targets, answers, groups)
+    arrays: dict  # rank: one row per (example, candidate), example-major; generate: examples
+    candidates: list | None = None  # rank: each example's candidate strings
+    labels: tuple = ()
+    select: str = "accuracy"  # the metric that picks the best step
 
 
 def build_dev_set(model, task, mode: str, max_input_length: int, max_target_length: int,
                   split: str = "validation") -> DevSet:
+    """Rank candidates are the task's labels, or an example's own "candidates" (COPA's
+    choices, ReCoRD's entities)."""
     examples = task.split(split)
+    if not examples:
+        raise PtjaxError(f"task {task.name!r} has no {split} examples")
+    per_example = any("candidates" in ex for ex in examples)
     if mode == "auto":
-        mode = "rank" if task.labels else "generate"
+        mode = "rank" if task.labels or per_example else "generate"
+    metric_set = task.metric_set or task.metric
     if mode == "rank":
-        labels = list(task.labels)
-        gold = []
-        for i, ex in enumerate(examples):
-            if ex["targets"] not in labels:
+        candidates = [list(ex.get("candidates") or task.labels) for ex in examples]
+        for i, (ex, cands) in enumerate(zip(examples, candidates)):
+            if not cands:
+                raise PtjaxError(f"task {task.name!r} {split} example {i} has no rank "
+                                 "candidates (set task.labels or task.eval_mode=generate)")
+            gold = ex.get("answers") or [ex["targets"]]
+            if ex["targets"] != "<unk>" and not set(gold) & set(cands):
                 raise PtjaxError(f"task {task.name!r} {split} example {i}: target "
-                                 f"{ex['targets']!r} is not one of the labels "
-                                 f"({', '.join(labels)})")
-            gold.append(labels.index(ex["targets"]))
-        pairs = [{"inputs": ex["inputs"], "targets": lab} for ex in examples for lab in labels]
+                                 f"{ex['targets']!r} is not one of its candidates "
+                                 f"({', '.join(cands[:10])})")
+        pairs = [{"inputs": ex["inputs"], "targets": c}
+                 for ex, cands in zip(examples, candidates) for c in cands]
         arrays, _ = pipeline.encode(model, pairs, max_input_length, max_target_length)
-        _check_labels_fit(model, labels, max_target_length)
-        return DevSet("rank", "accuracy", arrays, [ex["targets"] for ex in examples],
-                      np.asarray(gold), len(labels))
+        _check_labels_fit(model, sorted({c for cands in candidates for c in cands}),
+                          max_target_length)
+        return DevSet("rank", metric_set, examples, arrays, candidates, tuple(task.labels),
+                      task.metric)
     arrays, _ = pipeline.encode(model, examples, max_input_length, max_target_length)
-    return DevSet("generate", "exact_match", arrays, [ex["targets"] for ex in examples])
+    select = task.metric
+    if metric_set == "accuracy":  # a classification task decoded greedily
+        metric_set = select = "exact_match"
+    return DevSet("generate", metric_set, examples, arrays, labels=tuple(task.labels),
+                  select=select)
 
 
 def _check_labels_fit(model, labels, max_target_length):
@@ -80,18 +95,37 @@ def evaluate(model, params, prompts_KxPxD, dev: DevSet, batch_size: int,
              max_new_tokens: int) -> dict:
     """Metrics per prompt ({metric: [K] floats}); prompts None = the bare model (K = 1).
 
-    batch_size counts rows per prompt (example-label pairs for rank classification).
+    batch_size counts rows per prompt (example-candidate pairs for rank classification).
     """
     if dev.mode == "rank":
         scores = [np.asarray(_scores(model, params, prompts_KxPxD, b))[:, :n]
                   for b, n in pipeline.eval_batches(dev.arrays, batch_size)]
-        scores = np.concatenate(scores, axis=1)  # [K, N * L]
-        pred = scores.reshape(scores.shape[0], -1, dev.n_labels).argmax(-1)
-        return {"accuracy": [float(100.0 * np.mean(p == dev.gold)) for p in pred]}
-    outputs = _generate(model, params, prompts_KxPxD, dev.arrays, batch_size, max_new_tokens)
-    return {"exact_match": [float(100.0 * np.mean([o.strip() == t.strip()
-                                                   for o, t in zip(outs, dev.targets)]))
-                            for outs in outputs]}
+        scores = np.concatenate(scores, axis=1)  # [K, total candidates]
+        bounds = np.cumsum([0] + [len(c) for c in dev.candidates])
+        predictions = [[cands[int(np.argmax(row[a:b]))]
+                        for cands, a, b in zip(dev.candidates, bounds[:-1], bounds[1:])]
+                       for row in scores]
+    else:
+        predictions = [[o.strip() for o in outs] for outs in
+                       _generate(model, params, prompts_KxPxD, dev.arrays, batch_size,
+                                 max_new_tokens)]
+    per_prompt = [task_metrics(dev.metric_set, dev.examples, p, dev.labels)
+                  for p in predictions]
+    return {name: [m[name] for m in per_prompt] for name in per_prompt[0]}
+
+
+def task_metrics(metric_set: str, examples, predictions, labels=()) -> dict:
+    """A metric set (``ptjax.data.metrics``) over one prompt's predictions, or greedy
+    exact match after stripping spaces."""
+    if metric_set == "exact_match":
+        return {"exact_match": float(100.0 * np.mean(
+            [p.strip() == ex["targets"].strip() for p, ex in zip(predictions, examples)]))}
+    return metrics.compute(metric_set, examples, predictions, labels)
+
+
+def metric_names(metric_set: str) -> tuple:
+    """The metrics a set reports ("score": the mean a benchmark average counts)."""
+    return ("exact_match",) if metric_set == "exact_match" else metrics.METRIC_KEYS[metric_set]
 
 
 def _generate(model, params, prompts, arrays, batch_size, max_new_tokens):

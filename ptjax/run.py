@@ -29,7 +29,7 @@ from ptjax.checkpoint import Checkpointer
 from ptjax.data import pipeline
 from ptjax.data.tasks import load_task
 from ptjax.errors import PtjaxError
-from ptjax.evaluation import build_dev_set, evaluate
+from ptjax.evaluation import build_dev_set, evaluate, metric_names
 from ptjax.export import export_prompts
 from ptjax.prompts import init_prompts, load_table
 from ptjax.train import (init_state, learning_rate_schedule, make_optimizer, make_train_step,
@@ -206,10 +206,11 @@ def train(cfg) -> dict:
               f"task.max_target_length={cfg.task.max_target_length}")
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
                         cfg.task.max_target_length)
-    metric = tc.metric or dev.metric
-    if metric != dev.metric:
-        raise PtjaxError(f"train.metric={metric!r} is not computed for this task; valid: "
-                         f"{dev.metric}")
+    metric = tc.metric or dev.select
+    valid = metric_names(dev.metric_set)
+    if metric not in valid:
+        raise PtjaxError(f"train.metric={metric!r} is not computed for task "
+                         f"{cfg.task.name!r}; valid: {', '.join(valid)}")
 
     tx = make_optimizer(cfg.optim, tc.steps)
     if method == "prompt":
@@ -333,7 +334,7 @@ def _finish(model, cfg, best_tree, best, metric, run_dir) -> dict:
 def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validation") -> dict:
     """``ptjax eval``: metrics of saved prompts (default: the run's exported best)."""
     model = load_run_model(cfg.model)
-    task = load_task(cfg.task)
+    task = load_task(cfg.task, splits=(split,))
     check_lengths(model, cfg)
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
                         cfg.task.max_target_length, split=split)

@@ -25,11 +25,15 @@ ANIMALS = "cat dog bird fish horse cow".split()
 @dataclasses.dataclass(frozen=True)
 class Task:
     """A task's splits. ``labels``: the verbalized classes (rank classification), or ()
-    for a generative task. ``metric``: the dev metric that picks the best step."""
+    for a generative task. ``metric``: the dev metric that picks the best step;
+    ``metric_set``: the ``ptjax.data.metrics`` set computed on dev ("" = just ``metric``).
+    Examples may also carry "candidates" (per-example rank candidates), "answers" (all
+    gold answers) and "group" (e.g. MultiRC's question)."""
     name: str
     splits: dict
     labels: tuple = ()
     metric: str = "accuracy"
+    metric_set: str = ""
 
     def split(self, name: str) -> list[dict]:
         if name not in self.splits:
@@ -94,15 +98,21 @@ def read_jsonl(path: str) -> list[dict]:
 BUILTIN = ("synthetic_sentiment", "synthetic_qa")
 
 
-def load_task(cfg) -> Task:
+def task_names() -> list[str]:
+    return [*BUILTIN, "jsonl", *TFDS_TASKS]
+
+
+def load_task(cfg, splits=("train", "validation")) -> Task:
     """The task a ``TaskConfig`` names; ``cfg.labels`` overrides the task's labels."""
     if cfg.name in BUILTIN:
         task = synthetic(cfg.name)
     elif cfg.name == "jsonl":
         task = Task("jsonl", {"train": read_jsonl(cfg.train_file),
                               "validation": read_jsonl(cfg.dev_file)})
+    elif cfg.name in TFDS_TASKS:
+        task = load_tfds_task(cfg.name, cfg, splits)
     else:
-        raise PtjaxError(f"unknown task {cfg.name!r}; valid: {', '.join(BUILTIN)}, jsonl")
+        raise PtjaxError(f"unknown task {cfg.name!r}; valid: {', '.join(task_names())}")
     if cfg.labels:
         task = dataclasses.replace(task, labels=tuple(cfg.labels), metric="accuracy")
     mode = cfg.eval_mode
@@ -111,7 +121,102 @@ def load_task(cfg) -> Task:
                          "(set task.labels)")
     if mode == "generate":
         task = dataclasses.replace(task, metric="exact_match")
-    if cfg.dev_size:
-        dev = task.splits["validation"][:cfg.dev_size]
-        task = dataclasses.replace(task, splits={**task.splits, "validation": dev})
+    if cfg.dev_size:  # evaluation splits cut to their first N examples
+        task = dataclasses.replace(task, splits={
+            k: v if k == "train" else v[:cfg.dev_size] for k, v in task.splits.items()})
     return task
+
+
+# ---------------------------------------------------------------- TFDS tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsTask:
+    """A task read through tensorflow-datasets and formatted as T5 does.
+
+    tfds_name: the TFDS dataset/config; format: the ``ptjax.data.formats`` name;
+    metric: the ``ptjax.data.metrics`` metric set; select: the metric that picks the best
+    step; splits: ptjax split -> TFDS split; labels: label names to use instead of the
+    dataset's (a QQP prompt evaluated on MRPC reads MRPC's labels as QQP's).
+    """
+    tfds_name: str
+    format: str
+    metric: str = "accuracy"
+    select: str = "accuracy"
+    splits: tuple = (("train", "train"), ("validation", "validation"), ("test", "test"))
+    labels: tuple = ()
+
+
+SUPERGLUE = ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc")
+MRQA_OUT_OF_DOMAIN = ("bio_asq", "drop", "duo_rc", "race", "relation_extraction",
+                      "textbook_qa")
+_ONLY_TEST = (("validation", "test"), ("test", "test"))  # MRQA out-of-domain: dev sets
+
+TFDS_TASKS = {
+    "boolq": TfdsTask("super_glue/boolq", "boolq"),
+    "cb": TfdsTask("super_glue/cb", "cb", "cb", "score"),
+    "copa": TfdsTask("super_glue/copa", "copa"),
+    "multirc": TfdsTask("super_glue/multirc", "multirc", "multirc", "score"),
+    "record": TfdsTask("super_glue/record", "record", "record", "score"),
+    "rte": TfdsTask("super_glue/rte", "rte"),
+    "wic": TfdsTask("super_glue/wic", "wic"),
+    # T5's WSC "simple": the model names the referent (greedy), scored against the label
+    "wsc": TfdsTask("super_glue/wsc.fixed", "wsc", "wsc", "accuracy"),
+    "mrpc": TfdsTask("glue/mrpc", "mrpc", "f1_accuracy", "score"),
+    "qqp": TfdsTask("glue/qqp", "qqp", "f1_accuracy", "score"),
+    "sst2": TfdsTask("glue/sst2", "sst2"),
+    "squad": TfdsTask("squad/v1.1", "squad", "squad", "score",
+                      (("train", "train"), ("validation", "validation"))),
+    # Domain transfer: QQP <-> MRPC with the labels renamed (duplicate <-> equivalent).
+    "mrpc_as_qqp": TfdsTask("glue/mrpc", "mrpc", "f1_accuracy", "score",
+                            labels=("not_duplicate", "duplicate")),
+    "qqp_as_mrpc": TfdsTask("glue/qqp", "qqp", "f1_accuracy", "score",
+                            labels=("not_equivalent", "equivalent")),
+    **{f"mrqa_{name}": TfdsTask(f"mrqa/{name}", "mrqa", "squad", "score", _ONLY_TEST)
+       for name in MRQA_OUT_OF_DOMAIN},
+}
+
+
+def _tfds():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    # TensorFlow only reads data here: keep it off the accelerators JAX uses.
+    tf.config.set_visible_devices([], "GPU")
+    return tfds
+
+
+def load_tfds_task(name: str, cfg, splits=("train", "validation")) -> Task:
+    """Read and format the splits of a registered TFDS task (no download at run time)."""
+    from ptjax.data.formats import format_example
+
+    spec = TFDS_TASKS[name]
+    tfds = _tfds()
+    data_dir = cfg.data_dir or None
+    builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
+    features = builder.info.features
+    label = features["label"] if "label" in features.keys() else None
+    dataset_labels = tuple(getattr(label, "names", None) or ())
+    labels = spec.labels or dataset_labels
+    tfds_split = dict(spec.splits)
+    out = {}
+    for split in splits:
+        if split not in tfds_split:
+            continue
+        try:
+            ds = tfds.load(spec.tfds_name, split=tfds_split[split], data_dir=data_dir,
+                           download=False, shuffle_files=False)
+        except (AssertionError, FileNotFoundError) as e:
+            where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets)"
+            raise PtjaxError(
+                f"task {name!r}: TFDS dataset {spec.tfds_name} ({tfds_split[split]}) is not "
+                f"prepared in {where}; run `tfds build {spec.tfds_name}"
+                f"{' --data_dir ' + data_dir if data_dir else ''}` on a machine with network "
+                "(or copy a prepared directory) and set task.data_dir") from e
+        out[split] = [f for ex in tfds.as_numpy(ds)
+                      for f in format_example(spec.format, ex, labels, prefix=cfg.prefix,
+                                              split=split)]
+    # classification tasks rank their label names; copa/record carry per-example candidates
+    ranked = labels if spec.metric in ("accuracy", "cb", "multirc", "f1_accuracy") else ()
+    return Task(name, out, tuple(ranked), spec.select, metric_set=spec.metric)

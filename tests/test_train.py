@@ -118,10 +118,12 @@ def test_k_prompts_train_as_separate_runs(loaded):
     for b in batches:
         both, _ = step(both, model.params, b)
         singles = [step(s, model.params, b)[0] for s in singles]
+    # K*B rows vs B rows change fp32 matmul blocking: gradients differ by ~1e-6 relative,
+    # 7.6e-6 absolute on the prompt after 3 Adafactor steps (jax 0.10.2, 2-core CPU).
     for k in range(2):
         np.testing.assert_allclose(np.asarray(both.trainable["prompt"][k]),
                                    np.asarray(singles[k].trainable["prompt"][0]),
-                                   rtol=1e-5, atol=1e-6)
+                                   rtol=1e-5, atol=2e-5)
 
 
 def test_model_tuning_updates_all_weights(loaded):

@@ -4,7 +4,8 @@ Each checkpoint step holds three items:
   state: ``TrainState`` (prompt or, for model tuning, the weights; optimizer state; step;
          rng)
   best:  the best trainable so far (early stopping on dev), same tree as state.trainable
-  meta:  JSON: data position (examples consumed), best metric and step per prompt
+  meta:  JSON: data position (examples consumed), data shards (the order's layout),
+         best metric and step per prompt
 
 Orbax writes each step to a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoint as the latest.
@@ -42,6 +43,11 @@ class Checkpointer:
             best=ocp.args.StandardRestore(abstract(best_like)),
             meta=ocp.args.JsonRestore()))
         return out["state"], out["best"], out["meta"]
+
+    def restore_meta(self, step: int) -> dict:
+        """The JSON item alone (data position, data shards, best metrics)."""
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return out["meta"]
 
     def wait(self):
         self._manager.wait_until_finished()

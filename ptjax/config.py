@@ -28,6 +28,7 @@ METHODS = ("prompt", "model")
 EVAL_MODES = ("auto", "rank", "generate")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots", "dots_no_batch")
+ENSEMBLES = ("majority", "mean_logprob")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +50,7 @@ class PromptConfig:
     fallback: str = "sampled_vocab"  # class_label's filler for positions past the labels
     text: str = ""  # text init
     file: str = ""  # file init: .npy [P, D] / [K, P, D] or safetensors
+    inits: tuple[str, ...] = ()  # one init per seed (packed sweeps); empty = `init` for all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,7 @@ class TaskConfig:
     max_target_length: int = 8
     eval_mode: str = "auto"  # rank classification when there are labels, else greedy EM
     dev_size: int = 0  # evaluate on the first N dev examples; 0 = all
+    transfer: tuple[str, ...] = ()  # tasks the best prompts are evaluated on zero-shot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,17 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_batch_size: int = 64
     metric: str = ""  # the metric that picks the best step; "" = the task's default
+    ensemble: str = ""  # "", majority or mean_logprob: also score the K prompts' ensemble
+    data_shards: int = 0  # train data shards (one per process by default); see pipeline
     progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # data-parallel devices; -1 = all remaining
+    model: int = 1  # tensor-parallel devices for the frozen weights
+    fsdp: bool = False  # also split the weights' embed axis over data (the largest models)
+    distributed: str = "auto"  # jax.distributed.initialize(): auto (cluster found) | on | off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +118,7 @@ class RunConfig:
     optim: OptimConfig = OptimConfig()
     task: TaskConfig = TaskConfig()
     train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
 
 
 class _Loader(yaml.SafeLoader):
@@ -128,6 +142,7 @@ CHOICES = {
     "model.dtype": DTYPES, "model.remat": REMATS, "prompt.init": PROMPT_INITS,
     "prompt.fallback": ("sampled_vocab", "random_uniform"), "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES, "task.eval_mode": EVAL_MODES, "train.method": METHODS,
+    "train.ensemble": ("", *ENSEMBLES), "mesh.distributed": ("auto", "on", "off"),
 }
 POSITIVE = ("prompt.length", "train.steps", "train.batch_size", "train.log_every",
             "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
@@ -252,10 +267,24 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         raise PtjaxError(f"{where}: train.dropout={cfg.train.dropout} must be in [0, 1)")
     if cfg.task.name == "jsonl" and not (cfg.task.train_file and cfg.task.dev_file):
         raise PtjaxError(f"{where}: task.name=jsonl needs task.train_file and task.dev_file")
-    if cfg.prompt.init == "file" and not cfg.prompt.file:
+    if cfg.prompt.inits:
+        if len(cfg.prompt.inits) != len(cfg.prompt.seeds):
+            raise PtjaxError(f"{where}: prompt.inits has {len(cfg.prompt.inits)} entries but "
+                             f"prompt.seeds has {len(cfg.prompt.seeds)}; give one init per seed")
+        for init in cfg.prompt.inits:
+            if init not in PROMPT_INITS:
+                raise PtjaxError(f"{where}: prompt.inits has {init!r}; valid: "
+                                 f"{', '.join(PROMPT_INITS)}")
+    if cfg.train.data_shards < 0:
+        raise PtjaxError(f"{where}: train.data_shards={cfg.train.data_shards} must be >= 0 "
+                         "(0 = one per process)")
+    if cfg.train.ensemble and len(cfg.prompt.seeds) < 2:
+        raise PtjaxError(f"{where}: train.ensemble={cfg.train.ensemble} needs several prompts "
+                         "(prompt.seeds with two or more seeds)")
+    if "file" in (cfg.prompt.init, *cfg.prompt.inits) and not cfg.prompt.file:
         raise PtjaxError(f"{where}: prompt.init=file needs prompt.file (a .npy or "
                          ".safetensors prompt)")
-    if cfg.prompt.init == "text" and not cfg.prompt.text:
+    if "text" in (cfg.prompt.init, *cfg.prompt.inits) and not cfg.prompt.text:
         raise PtjaxError(f"{where}: prompt.init=text needs prompt.text")
     return cfg
 

@@ -6,6 +6,8 @@ included) behind the prompt, and the best-scoring label is the prediction.
 Generation: greedy decoding with the KV cache, then exact match after stripping spaces.
 
 Metrics are percentages, one value per prompt: {"accuracy": [K]} or {"exact_match": [K]}.
+K prompts run in one forward pass of K x B rows; ``ensemble`` combines their predictions
+(majority vote or mean log-likelihood), as in the paper's prompt ensembles.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptjax import sharding
 from ptjax.data import metrics, pipeline
 from ptjax.errors import PtjaxError
-from ptjax.train import prompt_rows, sequence_nll, tile_rows
+from ptjax.train import prompt_nll, sequence_nll
 
 
 @dataclasses.dataclass
@@ -86,32 +89,110 @@ def _scores(model, params, prompts, batch):
     if prompts is None:
         nll, _ = sequence_nll(model, params, batch, None)
         return -nll[None]
-    K, R = prompts.shape[0], batch["input_ids"].shape[0]
-    nll, _ = sequence_nll(model, params, tile_rows(batch, K), prompt_rows(prompts, R))
-    return -nll.reshape(K, R)
+    nll, _ = prompt_nll(model, params, prompts, batch)
+    return -nll
 
 
-def evaluate(model, params, prompts_KxPxD, dev: DevSet, batch_size: int,
-             max_new_tokens: int) -> dict:
-    """Metrics per prompt ({metric: [K] floats}); prompts None = the bare model (K = 1).
+@dataclasses.dataclass
+class Predictions:
+    """K prompts' outputs on a dev set. texts[k][i]: prompt k's answer to example i.
+    scores: rank mode, [K, total candidates] log-likelihoods (example-major)."""
+    texts: list
+    scores: np.ndarray | None = None
 
-    batch_size counts rows per prompt (example-candidate pairs for rank classification).
+
+def _rows_per_batch(batch_size: int, mesh) -> int:
+    """Eval batches split evenly over the mesh's data axis (padding rows are dropped)."""
+    data = 1 if mesh is None else mesh.shape["data"]
+    return -(-batch_size // data) * data
+
+
+def predict(model, params, prompts_KxPxD, dev: DevSet, batch_size: int,
+            max_new_tokens: int, mesh=None) -> Predictions:
+    """Every prompt's prediction for every dev example; prompts None = the bare model.
+
+    batch_size counts rows per prompt (example-candidate pairs for rank classification);
+    with a mesh the rows are split over its data axis and the weights stay where they are.
     """
+    batch_size = _rows_per_batch(batch_size, mesh)
+    put = (lambda b: b) if mesh is None else (lambda b: sharding.replicated_batch(b, mesh))
     if dev.mode == "rank":
-        scores = [np.asarray(_scores(model, params, prompts_KxPxD, b))[:, :n]
+        scores = [sharding.to_host(_scores(model, params, prompts_KxPxD, put(b)))[:, :n]
                   for b, n in pipeline.eval_batches(dev.arrays, batch_size)]
         scores = np.concatenate(scores, axis=1)  # [K, total candidates]
         bounds = np.cumsum([0] + [len(c) for c in dev.candidates])
-        predictions = [[cands[int(np.argmax(row[a:b]))]
-                        for cands, a, b in zip(dev.candidates, bounds[:-1], bounds[1:])]
-                       for row in scores]
-    else:
-        predictions = [[o.strip() for o in outs] for outs in
-                       _generate(model, params, prompts_KxPxD, dev.arrays, batch_size,
-                                 max_new_tokens)]
-    per_prompt = [task_metrics(dev.metric_set, dev.examples, p, dev.labels)
-                  for p in predictions]
+        texts = [[cands[int(np.argmax(row[a:b]))]
+                  for cands, a, b in zip(dev.candidates, bounds[:-1], bounds[1:])]
+                 for row in scores]
+        return Predictions(texts, scores)
+    outs = _generate(model, params, prompts_KxPxD, dev.arrays, batch_size, max_new_tokens, put)
+    return Predictions([[o.strip() for o in texts] for texts in outs])
+
+
+def score(dev: DevSet, texts_K) -> dict:
+    """{metric: [K]} for K lists of predictions."""
+    per_prompt = [task_metrics(dev.metric_set, dev.examples, p, dev.labels) for p in texts_K]
     return {name: [m[name] for m in per_prompt] for name in per_prompt[0]}
+
+
+def evaluate(model, params, prompts_KxPxD, dev: DevSet, batch_size: int,
+             max_new_tokens: int, mesh=None) -> dict:
+    """Metrics per prompt ({metric: [K] floats}); prompts None = the bare model (K = 1)."""
+    return score(dev, predict(model, params, prompts_KxPxD, dev, batch_size, max_new_tokens,
+                              mesh).texts)
+
+
+ENSEMBLE_METHODS = ("majority", "mean_logprob")
+
+
+def ensemble(dev: DevSet, preds: Predictions, method: str = "majority") -> list[str]:
+    """One prediction per example from K prompts (Lester et al.'s prompt ensembling).
+
+    majority: the answer most prompts give; a tie goes to the tied answer with the highest
+      mean log-likelihood (rank mode) or to the one the lowest-numbered prompt gave.
+    mean_logprob: rank mode only, the candidate with the highest log-likelihood averaged
+      over prompts.
+    """
+    if method not in ENSEMBLE_METHODS:
+        raise PtjaxError(f"ensemble method {method!r} is not valid; valid: "
+                         f"{', '.join(ENSEMBLE_METHODS)}")
+    if method == "mean_logprob" and preds.scores is None:
+        raise PtjaxError("ensemble method mean_logprob needs rank classification (scored "
+                         "candidates); this dev set is decoded greedily, use majority")
+    n = len(preds.texts[0])
+    if preds.scores is not None:
+        mean = preds.scores.mean(0)
+        bounds = np.cumsum([0] + [len(c) for c in dev.candidates])
+        by_candidate = [dict(zip(c, mean[a:b]))
+                        for c, a, b in zip(dev.candidates, bounds[:-1], bounds[1:])]
+    if method == "mean_logprob":
+        return [max(cands, key=cands.get) for cands in by_candidate]
+    out = []
+    for i in range(n):
+        answers = [texts[i] for texts in preds.texts]
+        counts = {a: answers.count(a) for a in answers}  # insertion order = prompt order
+        top = max(counts.values())
+        tied = [a for a in counts if counts[a] == top]
+        if len(tied) > 1 and preds.scores is not None:
+            tied = sorted(tied, key=lambda a: -by_candidate[i][a])
+        out.append(tied[0])
+    return out
+
+
+def ensemble_table(dev: DevSet, preds: Predictions, method: str = "majority") -> dict:
+    """The paper's ensemble table for one metric set: each prompt's metrics, their mean,
+    the best prompt's, and the ensemble's. {"prompts": {metric: [K]}, "average": {...},
+    "best": {...}, "ensemble": {...}}; best = the prompt best on ``dev.select``."""
+    per_prompt = score(dev, preds.texts)
+    best = int(np.argmax(per_prompt[dev.select]))
+    return {
+        "method": method,
+        "prompts": per_prompt,
+        "average": {m: float(np.mean(v)) for m, v in per_prompt.items()},
+        "best": {m: float(v[best]) for m, v in per_prompt.items()},
+        "best_prompt": best,
+        "ensemble": {m: v[0] for m, v in score(dev, [ensemble(dev, preds, method)]).items()},
+    }
 
 
 def task_metrics(metric_set: str, examples, predictions, labels=()) -> dict:
@@ -128,19 +209,22 @@ def metric_names(metric_set: str) -> tuple:
     return ("exact_match",) if metric_set == "exact_match" else metrics.METRIC_KEYS[metric_set]
 
 
-def _generate(model, params, prompts, arrays, batch_size, max_new_tokens):
-    """Greedy outputs as text, one list of N strings per prompt."""
+def _generate(model, params, prompts, arrays, batch_size, max_new_tokens, put):
+    """Greedy outputs as text, one list of N strings per prompt. Each example is
+    replicated over K rows (row b*K + k holds example b behind prompt k)."""
     ids_key, mask_key = (("input_ids", "input_mask") if model.is_encoder_decoder
                          else ("gen_ids", "gen_mask"))
     K = 1 if prompts is None else prompts.shape[0]
     outs = [[] for _ in range(K)]
     for batch, n in pipeline.eval_batches({"ids": arrays[ids_key], "mask": arrays[mask_key]},
                                           batch_size):
-        rows = tile_rows(batch, K)
-        p = None if prompts is None else prompt_rows(jnp.asarray(prompts), len(batch["ids"]))
-        tokens = np.asarray(model.generate(params, rows["ids"], attention_mask=rows["mask"],
-                                           prompt=p, max_new_tokens=max_new_tokens))
-        tokens = tokens.reshape(K, -1, tokens.shape[-1])[:, :n]
+        B = len(batch["ids"])
+        rows = put({k: np.repeat(v, K, axis=0) for k, v in batch.items()})
+        p = None if prompts is None else jnp.tile(jnp.asarray(prompts), (B, 1, 1))
+        tokens = sharding.to_host(model.generate(
+            params, rows["ids"], attention_mask=rows["mask"], prompt=p,
+            max_new_tokens=max_new_tokens))
+        tokens = tokens.reshape(B, K, -1)[:n]
         for k in range(K):
-            outs[k] += model.tokenizer.batch_decode(tokens[k], skip_special_tokens=True)
+            outs[k] += model.tokenizer.batch_decode(tokens[:, k], skip_special_tokens=True)
     return outs

@@ -27,28 +27,36 @@ import numpy as np
 from ptjax import config as config_lib
 from ptjax.checkpoint import Checkpointer
 from ptjax.data import pipeline
-from ptjax.data.tasks import load_task
+from ptjax.data.tasks import load_task, task_names
 from ptjax.errors import PtjaxError
-from ptjax.evaluation import build_dev_set, evaluate, metric_names
+from ptjax.evaluation import build_dev_set, ensemble_table, evaluate, metric_names, predict
 from ptjax.export import export_prompts
+from ptjax.models.model import load_model
 from ptjax.prompts import init_prompts, load_table
+from ptjax.sharding import (batch_sharding, global_batch, initialize_distributed,
+                            is_main_process, make_mesh, place, replicated, to_host)
 from ptjax.train import (init_state, learning_rate_schedule, make_optimizer, make_train_step,
                          per_prompt, trainable_params)
 
 TINY = {"tiny-t5": "t5", "tiny-gpt2": "gpt2"}
-# Keys a rerun may change and still resume the same run.
-RESUMABLE_CHANGES = ("train.steps", "train.progress")
+# Keys a rerun may change and still resume the same run: its length, its display, and
+# the devices it runs on (orbax restores into the new mesh's shardings).
+RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.eval_batch_size", "mesh.data",
+                     "mesh.model", "mesh.fsdp", "mesh.distributed")
 
 
-def load_run_model(cfg):
-    """The frozen model a ``ModelConfig`` names (built-in tiny models are built once)."""
-    from ptjax.models.model import load_model
+def load_run_model(cfg, mesh=None, fsdp: bool = False):
+    """The frozen model a ``ModelConfig`` names (built-in tiny models are built once, by
+    process 0), its weights placed on ``mesh``."""
     from ptjax.models.tiny import build_tiny_model
 
     path = cfg.path
     if path in TINY:
-        path = build_tiny_model(os.path.join(cfg.tiny_dir, path), family=TINY[path])
-    return load_model(path, dtype=cfg.dtype)
+        path = os.path.join(cfg.tiny_dir, path)
+        if is_main_process():
+            build_tiny_model(path, family=TINY[cfg.path])
+        _sync("ptjax-tiny-model")
+    return load_model(path, dtype=cfg.dtype, mesh=mesh, fsdp=fsdp)
 
 
 def base_model_path(cfg) -> str:
@@ -74,22 +82,31 @@ def check_lengths(model, cfg):
                          f"{limit} positions")
 
 
-def initial_prompts(model, cfg, task):
+def initial_prompts(model, cfg, task) -> np.ndarray:
+    """The [K, P, D] fp32 prompt table: prompt k from ``prompt.inits[k]`` (or
+    ``prompt.init``) and ``prompt.seeds[k]``. Built on the host from a host copy of the
+    input embedding, identically on every process."""
     p = cfg.prompt
-    emb = _input_embedding(model)
+    emb = to_host(_input_embedding(model))
     tok = model.tokenizer
+    inits = p.inits or (p.init,) * len(p.seeds)
     label_ids = text_ids = None
-    if p.init == "class_label":
+    if "class_label" in inits:
         if not task.labels:
             raise PtjaxError(f"prompt.init=class_label needs class labels; task {task.name!r} "
                              "has none (set task.labels or choose another prompt.init)")
         # T5's tokenizer appends EOS: the label's embedding is its word pieces alone
         label_ids = [_strip_special(tok, lab) for lab in task.labels]
-    if p.init == "text":
+    if "text" in inits:
         text_ids = _strip_special(tok, p.text)
-    return init_prompts(p.init, p.seeds, p.length, emb, low=p.low, high=p.high,
-                        vocab_limit=p.vocab_limit, label_ids=label_ids, fallback=p.fallback,
-                        text_ids=text_ids, path=p.file or None)
+    if "file" in inits:  # one [P, D] for every file-initialised prompt, or one per seed
+        from_file = np.asarray(init_prompts("file", p.seeds, p.length, emb, path=p.file))
+    rows = [from_file[k] if init == "file" else
+            np.asarray(init_prompts(init, [seed], p.length, emb, low=p.low, high=p.high,
+                                    vocab_limit=p.vocab_limit, label_ids=label_ids,
+                                    fallback=p.fallback, text_ids=text_ids))[0]
+            for k, (init, seed) in enumerate(zip(inits, p.seeds))]
+    return np.stack(rows)
 
 
 def _input_embedding(model):
@@ -168,42 +185,90 @@ def _get(d, key):
     return d
 
 
-@dataclasses.dataclass
 class _Best:
-    metric: list  # [K] best dev metric so far (-inf before the first eval)
-    step: list  # [K]
+    """Per prompt, the best dev metric and step so far and the trainable at that step (the
+    paper's early stopping). The best tree stays on the devices, with the state's
+    shardings, and never aliases the donated state."""
 
-    def update(self, values, step, best_tree, trainable, method):
-        """Keep, per prompt, the trainable at the best dev step (early stopping)."""
+    def __init__(self, trainable, K: int, method: str, metric=None, step=None, tree=None):
+        self.method = method
+        self.metric = list(metric) if metric is not None else [-math.inf] * K
+        self.step = list(step) if step is not None else [0] * K
+        self.tree = tree if tree is not None else jax.tree.map(jnp.copy, trainable)
+
+    def update(self, values, step, trainable):
         improved = [v > m for v, m in zip(values, self.metric)]
         for k, up in enumerate(improved):
             if up:
                 self.metric[k], self.step[k] = float(values[k]), int(step)
         if not any(improved):
-            return best_tree
-        if method == "prompt":
-            mask = np.asarray(improved)[:, None, None]
-            return {"prompt": np.where(mask, np.asarray(trainable["prompt"]),
-                                       best_tree["prompt"])}
-        return jax.tree.map(np.asarray, trainable)
+            return
+        if self.method == "prompt":
+            self.tree = _keep_improved(jnp.asarray(improved), trainable, self.tree)
+        else:
+            self.tree = jax.tree.map(jnp.copy, trainable)
+
+    def meta(self) -> dict:
+        return {"best_metric": self.metric, "best_step": self.step}
+
+
+@jax.jit
+def _keep_improved(improved_K, trainable, best):
+    return {"prompt": jnp.where(improved_K[:, None, None], trainable["prompt"], best["prompt"])}
+
+
+class _NullLog:
+    def write(self, rows):
+        pass
+
+    def close(self):
+        pass
+
+
+def _sync(name: str):
+    """A barrier across processes (no-op on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def prepare(cfg):
+    """Devices, mesh and frozen model for a run: joins the other processes of a multi-host
+    job, builds the (data, model) mesh and loads the weights straight into their shards."""
+    initialize_distributed(cfg.mesh.distributed)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
+    return mesh, load_run_model(cfg.model, mesh, cfg.mesh.fsdp)
 
 
 def train(cfg) -> dict:
-    """Run (or resume) the training a ``RunConfig`` describes; returns results.json's dict."""
-    run_dir = cfg.run_dir
-    model = load_run_model(cfg.model)
-    task = load_task(cfg.task)
-    method, tc = cfg.train.method, cfg.train
-    check_lengths(model, cfg)
-    os.makedirs(run_dir, exist_ok=True)
-    _check_resumable(run_dir, cfg)
+    """Run (or resume) the training a ``RunConfig`` describes; returns results.json's dict.
 
-    train_arrays, cut = pipeline.encode(model, task.split("train"), cfg.task.max_input_length,
-                                        cfg.task.max_target_length)
-    if cut:
-        print(f"note: {cut} of {len(task.split('train'))} train examples were truncated to "
-              f"task.max_input_length={cfg.task.max_input_length} / "
-              f"task.max_target_length={cfg.task.max_target_length}")
+    Every process of a multi-host job runs this; only process 0 writes files other than
+    checkpoints (which orbax writes together).
+    """
+    run_dir, method, tc = cfg.run_dir, cfg.train.method, cfg.train
+    mesh, model = prepare(cfg)
+    main = is_main_process()
+    check_lengths(model, cfg)
+    data_size = mesh.shape["data"]
+    if tc.batch_size % data_size:
+        raise PtjaxError(f"train.batch_size={tc.batch_size} is not a multiple of the mesh's "
+                         f"{data_size} data-parallel devices (mesh.data)")
+    for name in cfg.task.transfer:
+        if name not in task_names():
+            raise PtjaxError(f"task.transfer names unknown task {name!r}; valid: "
+                             f"{', '.join(task_names())}")
+    if main:
+        os.makedirs(run_dir, exist_ok=True)
+        _check_resumable(run_dir, cfg)
+    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), tc.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    n_shards = tc.data_shards or jax.process_count()
+    if start:  # the data order a run started with is kept (see TrainStream)
+        n_shards = ckpt.restore_meta(start).get("data_shards", n_shards)
+    owned = pipeline.owned_shards(n_shards, jax.process_index(), jax.process_count())
+    task = load_task(cfg.task, shards=(owned, n_shards))
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
                         cfg.task.max_target_length)
     metric = tc.metric or dev.select
@@ -211,42 +276,50 @@ def train(cfg) -> dict:
     if metric not in valid:
         raise PtjaxError(f"train.metric={metric!r} is not computed for task "
                          f"{cfg.task.name!r}; valid: {', '.join(valid)}")
+    stream = pipeline.TrainStream(model, task.shards, n_shards, tc.batch_size,
+                                  cfg.task.max_input_length, cfg.task.max_target_length,
+                                  tc.seed)
 
     tx = make_optimizer(cfg.optim, tc.steps)
+    seeds = cfg.prompt.seeds if method == "prompt" else cfg.prompt.seeds[:1]
+    K = len(seeds)
     if method == "prompt":
         tx = per_prompt(tx)
-        trainable = trainable_params(model, method, initial_prompts(model, cfg, task))
+        table = initial_prompts(model, cfg, task)
+        trainable = {"prompt": place(table, replicated(mesh))}
         frozen = model.params
     else:
         trainable = trainable_params(model, method)
         frozen = None
-    K = len(cfg.prompt.seeds) if method == "prompt" else 1
     state = init_state(tx, trainable, tc.seed)
-    best_tree = jax.tree.map(np.asarray, trainable)
-    best = _Best([-math.inf] * K, [0] * K)
-
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), tc.keep_checkpoints)
-    start = ckpt.latest_step() or 0
+    if method == "prompt":
+        state = jax.device_put(state, replicated(mesh))
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+    best = _Best(state.trainable, K, method)
     if start:
-        state, best_tree, meta = ckpt.restore(start, state, best_tree)
-        best = _Best(meta["best_metric"], meta["best_step"])
+        state, best_tree, meta = ckpt.restore(start, state, best.tree)
+        best = _Best(state.trainable, K, method, meta["best_metric"], meta["best_step"],
+                     best_tree)
         assert meta["data_position"] == start * tc.batch_size
-        print(f"resuming {run_dir} from step {start} (checkpoint {ckpt.directory}/{start})")
-    config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    log = MetricsLog(run_dir, start)
+        if main:
+            print(f"resuming {run_dir} from step {start} (checkpoint {ckpt.directory}/{start})")
+    if main:
+        config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    log = MetricsLog(run_dir, start) if main else _NullLog()
 
-    step_fn = make_train_step(model, tx, method, tc.dropout)
+    step_fn = make_train_step(model, tx, method, tc.dropout, seeds,
+                              shardings=(state_sh, frozen_sh, batch_sharding(mesh)))
     lr_at = learning_rate_schedule(cfg.optim, tc.steps)
-    n_train = len(train_arrays["input_ids"])
     pending = []  # (step, device metrics): read in bulk, not every step
-    t_window = time.perf_counter()
+    window = {"t": time.perf_counter(), "truncated": 0, "noted": False}
 
     def flush(s):
-        nonlocal pending, t_window
+        nonlocal pending
         if not pending:
             return
         steps = [p[0] for p in pending]
-        losses = np.stack([np.asarray(p[1]["loss"]) for p in pending])  # [n, K]
+        losses = np.stack([to_host(p[1]["loss"]) for p in pending])  # [n, K]
         bad = ~np.isfinite(losses)
         if bad.any():
             i, k = np.argwhere(bad)[0]
@@ -256,27 +329,35 @@ def train(cfg) -> dict:
                      if last else "no checkpoint was written")
             raise PtjaxError(f"loss is {losses[i, k]} at step {steps[i]} (prompt {k}); "
                              f"training stopped and {where}")
-        rate = len(steps) / max(time.perf_counter() - t_window, 1e-9)
+        rate = len(steps) / max(time.perf_counter() - window["t"], 1e-9)
         mean = losses.mean(0)
         log.write([{"step": s, "split": "train", "prompt": k, "loss": float(mean[k]),
-                    "learning_rate": float(lr_at(s - 1)), "steps_per_s": round(rate, 3)}
-                   for k in range(K)])
+                    "learning_rate": float(lr_at(s - 1)), "steps_per_s": round(rate, 3),
+                    "truncated": window["truncated"]} for k in range(K)])
         if bar is not None:
             bar.set_postfix(loss=f"{mean.mean():.4f}")
-        pending, t_window = [], time.perf_counter()
+        pending.clear()
+        window.update(t=time.perf_counter(), truncated=0)
 
     bar = None
-    if tc.progress:
+    if tc.progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=tc.steps, initial=start, desc=os.path.basename(run_dir.rstrip("/")),
                    unit="step", dynamic_ncols=True)
+    batches = pipeline.prefetch(stream.batch, range(start, tc.steps))
     try:
-        for step in range(start, tc.steps):
-            idx = pipeline.train_indices(step, tc.batch_size, n_train, tc.seed)
-            state, metrics = step_fn(state, frozen, pipeline.take(train_arrays, idx))
+        for step, (local, cut) in zip(range(start, tc.steps), batches):
+            state, metrics = step_fn(state, frozen, global_batch(local, mesh))
             s = step + 1
             pending.append((s, metrics))
+            window["truncated"] += cut
+            if cut and not window["noted"] and main:
+                window["noted"] = True
+                print(f"note: train examples longer than task.max_input_length="
+                      f"{cfg.task.max_input_length} / task.max_target_length="
+                      f"{cfg.task.max_target_length} are truncated (counted in "
+                      "metrics.jsonl as 'truncated')")
             if bar is not None:
                 bar.update(1)
             do_eval = s % tc.eval_every == 0 or s == tc.steps
@@ -284,68 +365,104 @@ def train(cfg) -> dict:
             if s % tc.log_every == 0 or do_eval or do_ckpt:
                 flush(s)
             if do_eval:
-                values = _evaluate_state(model, method, state, frozen, dev, cfg)[metric]
-                best_tree = best.update(values, s, best_tree, state.trainable, method)
-                log.write([{"step": s, "split": "validation", "prompt": k, metric: values[k],
+                values = _evaluate_state(model, method, state, frozen, dev, cfg, mesh)
+                best.update(values[metric], s, state.trainable)
+                log.write([{"step": s, "split": "validation", "prompt": k,
+                            **{m: v[k] for m, v in values.items()},
                             f"best_{metric}": best.metric[k], "best_step": best.step[k]}
                            for k in range(K)])
             if do_ckpt:
-                ckpt.save(s, state, best_tree,
-                          {"data_position": s * tc.batch_size, "best_metric": best.metric,
-                           "best_step": best.step})
+                ckpt.save(s, state, best.tree,
+                          {"data_position": s * tc.batch_size, "data_shards": n_shards,
+                           **best.meta()})
         ckpt.wait()
     finally:
+        batches.close()
         if bar is not None:
             bar.close()
         log.close()
-    results = _finish(model, cfg, best_tree, best, metric, run_dir)
+    results = _finish(model, cfg, best, metric, dev, mesh, frozen)
     ckpt.close()
     return results
 
 
-def _evaluate_state(model, method, state, frozen, dev, cfg):
+def _evaluate_state(model, method, state, frozen, dev, cfg, mesh):
     if method == "prompt":
         return evaluate(model, frozen, state.trainable["prompt"], dev, cfg.train.eval_batch_size,
-                        cfg.task.max_target_length)
+                        cfg.task.max_target_length, mesh)
     params = jax.tree.map(lambda p: p.astype(model.dtype), state.trainable["params"])
     return evaluate(model, params, None, dev, cfg.train.eval_batch_size,
-                    cfg.task.max_target_length)
+                    cfg.task.max_target_length, mesh)
 
 
-def _finish(model, cfg, best_tree, best, metric, run_dir) -> dict:
+def _finish(model, cfg, best, metric, dev, mesh, frozen) -> dict:
+    """Export the best prompts (or model), score their ensemble and their zero-shot
+    transfer, and write results.json. Every process computes; process 0 writes."""
+    run_dir, main = cfg.run_dir, is_main_process()
     export_dir = os.path.join(run_dir, "export")
-    if cfg.train.method == "prompt":
-        export_prompts(export_dir, best_tree["prompt"], model, base_model_path(cfg))
-    else:
-        params = jax.tree.map(lambda p: jnp.asarray(p, model.dtype), best_tree["params"])
-        model.save_pretrained(os.path.join(export_dir, "model"), params=params)
-    seeds = cfg.prompt.seeds if cfg.train.method == "prompt" else [cfg.prompt.seeds[0]]
+    tc = cfg.train
+    seeds = cfg.prompt.seeds if tc.method == "prompt" else cfg.prompt.seeds[:1]
+    inits = cfg.prompt.inits or (cfg.prompt.init,) * len(seeds)
     results = {
-        "run_dir": run_dir, "method": cfg.train.method, "metric": metric,
-        "steps": cfg.train.steps, "export": export_dir,
-        "prompts": [{"prompt": k, "seed": int(seed), "best_step": best.step[k],
-                     f"best_{metric}": best.metric[k]} for k, seed in enumerate(seeds)],
+        "run_dir": run_dir, "method": tc.method, "metric": metric,
+        "steps": tc.steps, "export": export_dir,
+        "prompts": [{"prompt": k, "seed": int(seed),
+                     **({"init": inits[k]} if tc.method == "prompt" else {}),
+                     "best_step": best.step[k], f"best_{metric}": best.metric[k]}
+                    for k, seed in enumerate(seeds)],
     }
-    with open(os.path.join(run_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if tc.method == "prompt":
+        table = to_host(best.tree["prompt"])
+        if main:
+            export_prompts(export_dir, table, model, base_model_path(cfg))
+        best_prompts = best.tree["prompt"]
+        if tc.ensemble:
+            preds = predict(model, frozen, best_prompts, dev, tc.eval_batch_size,
+                            cfg.task.max_target_length, mesh)
+            results["ensemble"] = ensemble_table(dev, preds, tc.ensemble)
+        if cfg.task.transfer:
+            results["transfer"] = {
+                name: evaluate(model, frozen, best_prompts, _transfer_dev_set(model, cfg, name),
+                               tc.eval_batch_size, cfg.task.max_target_length, mesh)
+                for name in cfg.task.transfer}
+    else:
+        params = jax.tree.map(lambda p: to_host(p).astype(model.dtype), best.tree["params"])
+        if main:
+            model.save_pretrained(os.path.join(export_dir, "model"), params=params)
+    if main:
+        tmp = os.path.join(run_dir, "results.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(tmp, os.path.join(run_dir, "results.json"))
+    _sync("ptjax-finish")
     return results
 
 
-def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validation") -> dict:
-    """``ptjax eval``: metrics of saved prompts (default: the run's exported best)."""
-    model = load_run_model(cfg.model)
+def _transfer_dev_set(model, cfg, name: str):
+    """The validation set of a task the prompts never trained on (domain transfer)."""
+    tcfg = dataclasses.replace(cfg.task, name=name, labels=(), transfer=())
+    task = load_task(tcfg, splits=("validation",))
+    return build_dev_set(model, task, tcfg.eval_mode, tcfg.max_input_length,
+                         tcfg.max_target_length)
+
+
+def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validation",
+                     ensemble_method: str = "") -> dict:
+    """``ptjax eval``: metrics of saved prompts (default: the run's exported best), and
+    with ``ensemble_method`` the ensemble table of the K prompts."""
+    mesh, model = prepare(cfg)
     task = load_task(cfg.task, splits=(split,))
     check_lengths(model, cfg)
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
                         cfg.task.max_target_length, split=split)
+    size, lengths = cfg.train.eval_batch_size, cfg.task.max_target_length
     if cfg.train.method == "model":
         path = prompt_path or os.path.join(cfg.run_dir, "export", "model")
-        from ptjax.models.model import load_model
-
-        tuned = load_model(path, dtype=cfg.model.dtype)
-        return evaluate(tuned, tuned.params, None, dev, cfg.train.eval_batch_size,
-                        cfg.task.max_target_length)
+        tuned = load_model(path, dtype=cfg.model.dtype, mesh=mesh, fsdp=cfg.mesh.fsdp)
+        return evaluate(tuned, tuned.params, None, dev, size, lengths, mesh)
     path = prompt_path or os.path.join(cfg.run_dir, "export", "prompts.npy")
-    table = load_table(path, model.config.hidden_size)
-    return evaluate(model, model.params, table, dev, cfg.train.eval_batch_size,
-                    cfg.task.max_target_length)
+    table = place(np.asarray(load_table(path, model.config.hidden_size)), replicated(mesh))
+    if ensemble_method:
+        preds = predict(model, model.params, table, dev, size, lengths, mesh)
+        return ensemble_table(dev, preds, ensemble_method)
+    return evaluate(model, model.params, table, dev, size, lengths, mesh)

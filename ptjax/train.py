@@ -7,9 +7,10 @@ jitted step that is never donated, never updated and never given optimizer state
     step = make_train_step(model, tx, method="prompt", dropout=0.1)
     state, metrics = step(state, model.params, batch)   # state donated; params untouched
 
-With K prompts (``[K, P, D]``) every train batch is seen by each prompt and the optimizer
-is vmapped over K, so the K prompts train exactly as K separate runs would (own Adafactor
-statistics, own gradient clipping), in one forward pass of K x B rows.
+With K prompts (``[K, P, D]``) every train batch is seen by each prompt in one forward
+pass of K x B rows (``vmap`` over K), each prompt with its own dropout key, and the
+optimizer is vmapped over K, so the K prompts train as K separate runs would (own
+Adafactor statistics, own gradient clipping, own dropout masks).
 """
 from __future__ import annotations
 
@@ -82,23 +83,27 @@ def per_prompt(tx: optax.GradientTransformation) -> optax.GradientTransformation
 
 
 def init_state(tx, trainable, seed: int) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                      opt_state=tx.init(trainable), rng=jax.random.PRNGKey(seed))
+    """A fresh train state. Built under jit, so on a mesh the optimizer state takes the
+    shardings of the trainable leaves it mirrors (model tuning's sharded weights)."""
+    def build(trainable):
+        return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                          opt_state=tx.init(trainable), rng=jax.random.PRNGKey(seed))
+    return jax.jit(build)(trainable)
 
 
-def sequence_nll(model, params, batch, prompt_rows, rngs=None, deterministic=True):
-    """Summed target-token NLL and target-token count per row: ([R], [R]) fp32.
+def sequence_nll(model, params, batch, prompt=None, rngs=None, deterministic=True):
+    """Summed target-token NLL and target-token count per row: ([B], [B]) fp32.
 
-    batch: arrays of ``ptjax.data.pipeline.encode`` with R rows; prompt_rows [R, P, D] or
-    None. Padding and (for GPT-2) input tokens carry no loss.
+    batch: arrays of ``ptjax.data.pipeline.encode`` with B rows; prompt [P, D] (shared),
+    [B, P, D] or None. Padding and (for GPT-2) input tokens carry no loss.
     """
     module = model.module(deterministic=deterministic)
     variables = {"params": params}
     if model.is_encoder_decoder:
         logits = module.apply(variables, batch["input_ids"], batch["input_mask"],
-                              batch["decoder_input_ids"], None, prompt_rows, rngs=rngs)
+                              batch["decoder_input_ids"], None, prompt, rngs=rngs)
     else:
-        logits = module.apply(variables, batch["input_ids"], batch["input_mask"], prompt_rows,
+        logits = module.apply(variables, batch["input_ids"], batch["input_mask"], prompt,
                               rngs=rngs)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                           batch["targets"])
@@ -106,53 +111,72 @@ def sequence_nll(model, params, batch, prompt_rows, rngs=None, deterministic=Tru
     return jnp.sum(nll * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
-def tile_rows(batch, k: int):
-    """Every array [B, ...] -> [K*B, ...], prompt-major (rows k*B .. k*B+B-1 = prompt k)."""
-    return jax.tree.map(lambda x: jnp.tile(x, (k,) + (1,) * (x.ndim - 1)), batch)
+def prompt_nll(model, params, prompts_KxPxD, batch, rngs_K=None):
+    """Each of K prompts over the same batch: summed NLL and token count, ([K, B], [K, B]).
+
+    One forward pass over K x B rows (``vmap`` over K; the frozen params are shared, read
+    once). With ``rngs_K`` ([K] dropout keys) prompt k's dropout masks come from its own
+    key, so they are the ones a separate run of that prompt would draw.
+    """
+    if rngs_K is None:
+        return jax.vmap(lambda p: sequence_nll(model, params, batch, p))(prompts_KxPxD)
+    return jax.vmap(lambda p, r: sequence_nll(model, params, batch, p, {"dropout": r},
+                                              deterministic=False))(prompts_KxPxD, rngs_K)
 
 
-def prompt_rows(prompt_KxPxD, batch_size: int):
-    """[K, P, D] -> [K*B, P, D], matching ``tile_rows``."""
-    return jnp.repeat(prompt_KxPxD, batch_size, axis=0)
+def prompt_keys(rng, prompt_seeds_K):
+    """Per-prompt dropout keys: the step's key folded with each prompt's seed, so a prompt
+    draws the same masks whether it trains alone or packed with others."""
+    return jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.asarray(prompt_seeds_K))
 
 
-def loss_fn(model, method: str, trainable, frozen, batch, rng, dropout: float):
+def loss_fn(model, method: str, trainable, frozen, batch, rng, dropout: float,
+            prompt_seeds=None):
     """Sum over prompts of each prompt's mean target-token NLL, and the [K] per-prompt
     means. Summing keeps each prompt's gradient equal to that of its own mean loss."""
-    deterministic = dropout == 0.0
-    rngs = None if deterministic else {"dropout": rng}
     if method == "prompt":
-        table = trainable["prompt"]
-        K, B = table.shape[0], batch["input_ids"].shape[0]
-        nll, count = sequence_nll(model, frozen, tile_rows(batch, K), prompt_rows(table, B),
-                                  rngs, deterministic)
-        per_k = nll.reshape(K, B).sum(1) / jnp.maximum(count.reshape(K, B).sum(1), 1.0)
+        if prompt_seeds is None:  # prompt k's seed is k
+            prompt_seeds = tuple(range(trainable["prompt"].shape[0]))
+        rngs = prompt_keys(rng, prompt_seeds) if dropout > 0.0 else None
+        nll, count = prompt_nll(model, frozen, trainable["prompt"], batch, rngs)
+        per_k = nll.sum(1) / jnp.maximum(count.sum(1), 1.0)
     else:
         # fp32 master weights, cast to the model's dtype for the forward
         params = jax.tree.map(lambda p: p.astype(model.dtype), trainable["params"])
-        nll, count = sequence_nll(model, params, batch, None, rngs, deterministic)
+        rngs = {"dropout": rng} if dropout > 0.0 else None
+        nll, count = sequence_nll(model, params, batch, None, rngs, deterministic=dropout == 0)
         per_k = (nll.sum() / jnp.maximum(count.sum(), 1.0))[None]
     return per_k.sum(), per_k
 
 
-def make_train_step(model, tx, method: str = "prompt", dropout: float = 0.1):
+def make_train_step(model, tx, method: str = "prompt", dropout: float = 0.1,
+                    prompt_seeds=None, shardings=None):
     """The jitted step ``(state, frozen_params, batch) -> (state, {"loss": [K]})``.
 
     ``state`` is donated (its buffers are reused for the new state); ``frozen_params`` is
     only read. For model tuning pass ``frozen_params=None``: the weights are the state.
+    prompt_seeds: prompt k's seed, for its dropout key (see ``prompt_keys``); default k.
+    shardings: ``(state, frozen, batch)`` shardings (``ptjax.sharding``), or None to let
+    jit follow its inputs; metrics come back replicated.
     """
     def step(state: TrainState, frozen, batch):
         rng, drop_rng = jax.random.split(state.rng)
         grads, per_k = jax.grad(
             functools.partial(loss_fn, model, method), has_aux=True)(
-                state.trainable, frozen, batch, drop_rng, dropout)
+                state.trainable, frozen, batch, drop_rng, dropout,
+                None if prompt_seeds is None else tuple(prompt_seeds))
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                          rng=rng)
         return new, {"loss": per_k}
 
-    return jax.jit(step, donate_argnums=(0,))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0,))
+    state_sh, frozen_sh, batch_sh = shardings
+    metrics_sh = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
+                   out_shardings=(state_sh, {"loss": metrics_sh}), donate_argnums=(0,))
 
 
 def trainable_params(model, method: str, prompt_table=None):

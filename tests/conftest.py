@@ -3,6 +3,9 @@ checkpoints loaded by ptjax. Nothing here touches the network."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Eight CPU devices for the mesh tests (before jax starts); everything else runs on device 0.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # One XLA compilation cache for the session, shared with `ptjax train` subprocesses.
 import tempfile  # noqa: E402

@@ -96,7 +96,7 @@ def test_a_tfds_task_trains_end_to_end(tmp_path, capsys):
     run_dir = str(tmp_path / "boolq")
     args = [f"run_dir={run_dir}", f"model.tiny_dir={tmp_path}", "task.name=boolq",
             "prompt.length=4", "prompt.init=class_label", "task.max_input_length=48",
-            "task.max_target_length=8", "train.batch_size=4", "train.steps=2",
+            "task.max_target_length=8", "train.batch_size=8", "train.steps=2",
             "train.eval_every=2", "train.dropout=0", "train.progress=false"]
     with tfds.testing.mock_data(num_examples=8):
         assert cli.main(["train", *args]) == 0

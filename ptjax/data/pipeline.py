@@ -1,4 +1,5 @@
-"""Text-to-text examples -> fixed-shape numpy batches, and the deterministic train order.
+"""Text-to-text examples -> fixed-shape numpy batches, and the deterministic, sharded train
+stream (``TrainStream``).
 
 Shapes are fixed by the config (inputs ``Li`` = task.max_input_length, targets ``Lt`` =
 task.max_target_length), so the jitted step compiles once.
@@ -82,17 +83,85 @@ def encode(model, examples, max_input_length: int, max_target_length: int) -> tu
     return arrays, cut
 
 
-def train_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
-    """Example indices of train batch ``step``: epochs are seeded permutations laid end to
-    end, so batch ``step`` depends only on (step, seed) and a resumed run reads exactly
-    what an uninterrupted one would. The data position is ``step * batch_size``."""
+def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
+    """[start, stop) of each of ``n_shards`` contiguous, near-equal shards of n examples."""
+    return [(q * n // n_shards, (q + 1) * n // n_shards) for q in range(n_shards)]
+
+
+def owned_shards(n_shards: int, process_index: int, process_count: int) -> range:
+    """The shards process p of P reads: a contiguous block of n_shards / P."""
+    if n_shards % process_count:
+        raise PtjaxError(f"train.data_shards={n_shards} is not a multiple of the "
+                         f"{process_count} processes")
+    per = n_shards // process_count
+    return range(process_index * per, (process_index + 1) * per)
+
+
+def train_indices(step: int, batch_size: int, n: int, seed: int, shard: int = 0) -> np.ndarray:
+    """Example indices (within one shard of n examples) of train batch ``step``: epochs are
+    seeded permutations laid end to end, so batch ``step`` depends only on (step, seed,
+    shard) and a resumed run reads exactly what an uninterrupted one would."""
     start = step * batch_size
     out = []
     while len(out) < batch_size:
         epoch, offset = divmod(start + len(out), n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        perm = np.random.default_rng([seed, shard, epoch]).permutation(n)
         out.extend(perm[offset:offset + batch_size - len(out)])
     return np.asarray(out)
+
+
+class TrainStream:
+    """This process's rows of every global train batch, as a pure function of the step.
+
+    The train split is cut into ``n_shards`` contiguous shards; each contributes
+    ``batch_size / n_shards`` rows to every global batch, drawn from its own seeded
+    per-epoch permutation, in shard order. Batch ``step`` therefore depends only on (seed,
+    step, n_shards), not on how many processes read it: process p reads only the shards it
+    owns (``owned_shards``), a resumed run sees exactly the examples it would have seen,
+    and one process given the same ``n_shards`` reproduces a multi-host run's batches.
+    Examples are tokenized batch by batch (``prefetch`` runs this off the main thread).
+
+    shards: {shard index: examples} for the shards this process owns.
+    """
+
+    def __init__(self, model, shards: dict, n_shards: int, batch_size: int,
+                 max_input_length: int, max_target_length: int, seed: int):
+        if batch_size % n_shards:
+            raise PtjaxError(f"train.batch_size={batch_size} is not a multiple of the "
+                             f"{n_shards} data shards (train.data_shards)")
+        for q, examples in shards.items():
+            if not examples:
+                raise PtjaxError(f"train data shard {q} of {n_shards} is empty; use fewer "
+                                 "shards (train.data_shards) or more examples")
+        self.model, self.shards, self.seed = model, dict(sorted(shards.items())), seed
+        self.rows_per_shard = batch_size // n_shards
+        self.lengths = (max_input_length, max_target_length)
+
+    def examples(self, step: int) -> list[dict]:
+        return [self.shards[q][i] for q in self.shards
+                for i in train_indices(step, self.rows_per_shard, len(self.shards[q]),
+                                       self.seed, q)]
+
+    def batch(self, step: int) -> tuple[dict, int]:
+        """(local arrays [rows, ...], number of truncated examples) for global ``step``."""
+        return encode(self.model, self.examples(step), *self.lengths)
+
+
+def prefetch(fn, steps, depth: int = 2):
+    """Yield ``fn(step)`` for each step, computed ``depth`` steps ahead in a thread, so
+    tokenization overlaps the device's work (the Rust tokenizer releases the GIL)."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptjax-data") as pool:
+        queue = collections.deque()
+        it = iter(steps)
+        for step in it:
+            queue.append(pool.submit(fn, step))
+            if len(queue) > depth:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
 
 
 def take(arrays: dict, idx) -> dict:

@@ -28,12 +28,14 @@ class Task:
     for a generative task. ``metric``: the dev metric that picks the best step;
     ``metric_set``: the ``ptjax.data.metrics`` set computed on dev ("" = just ``metric``).
     Examples may also carry "candidates" (per-example rank candidates), "answers" (all
-    gold answers) and "group" (e.g. MultiRC's question)."""
+    gold answers) and "group" (e.g. MultiRC's question). ``shards``: the train shards this
+    process read (``load_task(..., shards=)``), else empty."""
     name: str
     splits: dict
     labels: tuple = ()
     metric: str = "accuracy"
     metric_set: str = ""
+    shards: dict = dataclasses.field(default_factory=dict)  # train: {shard: examples} read
 
     def split(self, name: str) -> list[dict]:
         if name not in self.splits:
@@ -102,17 +104,29 @@ def task_names() -> list[str]:
     return [*BUILTIN, "jsonl", *TFDS_TASKS]
 
 
-def load_task(cfg, splits=("train", "validation")) -> Task:
-    """The task a ``TaskConfig`` names; ``cfg.labels`` overrides the task's labels."""
+def load_task(cfg, splits=("train", "validation"), shards=None) -> Task:
+    """The task a ``TaskConfig`` names; ``cfg.labels`` overrides the task's labels.
+
+    shards: (shard indices, n_shards) to read only those contiguous shards of the train
+    split (``ptjax.data.pipeline.owned_shards``) into ``task.shards``; TFDS reads only them
+    from disk (``tfds.even_splits``).
+    """
     if cfg.name in BUILTIN:
         task = synthetic(cfg.name)
     elif cfg.name == "jsonl":
-        task = Task("jsonl", {"train": read_jsonl(cfg.train_file),
-                              "validation": read_jsonl(cfg.dev_file)})
+        paths = {"train": cfg.train_file, "validation": cfg.dev_file}
+        task = Task("jsonl", {s: read_jsonl(paths[s]) for s in splits if s in paths})
     elif cfg.name in TFDS_TASKS:
-        task = load_tfds_task(cfg.name, cfg, splits)
+        task = load_tfds_task(cfg.name, cfg, splits, shards)
     else:
         raise PtjaxError(f"unknown task {cfg.name!r}; valid: {', '.join(task_names())}")
+    if shards is not None and not task.shards and "train" in task.splits:
+        from ptjax.data.pipeline import shard_bounds
+
+        owned, n = shards
+        bounds = shard_bounds(len(task.splits["train"]), n)
+        task = dataclasses.replace(task, shards={
+            q: task.splits["train"][bounds[q][0]:bounds[q][1]] for q in owned})
     if cfg.labels:
         task = dataclasses.replace(task, labels=tuple(cfg.labels), metric="accuracy")
     mode = cfg.eval_mode
@@ -187,8 +201,10 @@ def _tfds():
     return tfds
 
 
-def load_tfds_task(name: str, cfg, splits=("train", "validation")) -> Task:
-    """Read and format the splits of a registered TFDS task (no download at run time)."""
+def load_tfds_task(name: str, cfg, splits=("train", "validation"), shards=None) -> Task:
+    """Read and format the splits of a registered TFDS task (no download at run time).
+
+    shards: (indices, n) reads only those of n even train shards, into ``Task.shards``."""
     from ptjax.data.formats import format_example
 
     spec = TFDS_TASKS[name]
@@ -200,12 +216,10 @@ def load_tfds_task(name: str, cfg, splits=("train", "validation")) -> Task:
     dataset_labels = tuple(getattr(label, "names", None) or ())
     labels = spec.labels or dataset_labels
     tfds_split = dict(spec.splits)
-    out = {}
-    for split in splits:
-        if split not in tfds_split:
-            continue
+
+    def read(split, tfds_split_arg):
         try:
-            ds = tfds.load(spec.tfds_name, split=tfds_split[split], data_dir=data_dir,
+            ds = tfds.load(spec.tfds_name, split=tfds_split_arg, data_dir=data_dir,
                            download=False, shuffle_files=False)
         except (AssertionError, FileNotFoundError) as e:
             where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets)"
@@ -214,9 +228,22 @@ def load_tfds_task(name: str, cfg, splits=("train", "validation")) -> Task:
                 f"prepared in {where}; run `tfds build {spec.tfds_name}"
                 f"{' --data_dir ' + data_dir if data_dir else ''}` on a machine with network "
                 "(or copy a prepared directory) and set task.data_dir") from e
-        out[split] = [f for ex in tfds.as_numpy(ds)
-                      for f in format_example(spec.format, ex, labels, prefix=cfg.prefix,
-                                              split=split)]
+        return [f for ex in tfds.as_numpy(ds)
+                for f in format_example(spec.format, ex, labels, prefix=cfg.prefix,
+                                        split=split)]
+
+    out, train_shards = {}, {}
+    for split in splits:
+        if split not in tfds_split:
+            continue
+        if split == "train" and shards is not None:
+            owned, n = shards
+            pieces = tfds.even_splits(tfds_split[split], n)
+            train_shards = {q: read(split, pieces[q]) for q in owned}
+            out[split] = [ex for q in owned for ex in train_shards[q]]
+        else:
+            out[split] = read(split, tfds_split[split])
     # classification tasks rank their label names; copa/record carry per-example candidates
     ranked = labels if spec.metric in ("accuracy", "cb", "multirc", "f1_accuracy") else ()
-    return Task(name, out, tuple(ranked), spec.select, metric_set=spec.metric)
+    return Task(name, out, tuple(ranked), spec.select, metric_set=spec.metric,
+                shards=train_shards)

@@ -2,6 +2,9 @@
 
 Shape suffixes follow nanodo: ``B`` batch, ``T`` query length, ``S`` key length,
 ``H`` heads, ``K`` head size, ``D`` model width, ``P`` prompt length.
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv``,
+``mlp``, ``layers``, ...); ``ptjax.sharding`` maps them to mesh axes with one table.
 """
 from __future__ import annotations
 
@@ -45,6 +48,11 @@ def broadcast_prompt(prompt: jax.Array, batch: int, dtype) -> jax.Array:
     return prompt.astype(dtype)
 
 
+def logical(init, *axes: str | None):
+    """``init`` whose parameter is annotated with logical axis names, one per dimension."""
+    return nn.with_logical_partitioning(init, axes)
+
+
 def remat_layer(layer_cls, remat: str):
     """Wrap a layer class in ``nn.remat`` with the named policy ('none' = no remat)."""
     if remat not in REMAT_POLICIES:
@@ -60,10 +68,12 @@ def scan_layers(layer_cls, length: int, n_broadcast: int):
     The layer is called as ``layer(carry, *broadcast_args, per_layer_xs)`` and returns
     ``(carry, per_layer_ys)``; parameters get a leading [layers] axis, each layer gets its
     own dropout rng, and ``per_layer_xs`` (a KV cache, or None) is sliced on axis 0.
+    The stacked axis is the logical axis ``layers``.
     """
     return nn.scan(
         layer_cls,
         variable_axes={"params": 0},
+        metadata_params={nn.PARTITION_NAME: "layers"},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * n_broadcast + (0,),
         length=length,
@@ -77,7 +87,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD):
-        scale = self.param("scale", nn.initializers.ones, (x_BxTxD.shape[-1],), jnp.float32)
+        scale = self.param("scale", logical(nn.initializers.ones, "embed"),
+                           (x_BxTxD.shape[-1],), jnp.float32)
         x = x_BxTxD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         return x.astype(self.dtype) * scale.astype(self.dtype)
@@ -90,7 +101,7 @@ class Unembed(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+        kernel = self.param("kernel", logical(nn.initializers.lecun_normal(), "embed", "vocab"),
                             (x_BxTxD.shape[-1], self.vocab_size), jnp.float32)
         return jnp.einsum("btd,dv->btv", x_BxTxD.astype(self.dtype), kernel.astype(self.dtype),
                           preferred_element_type=jnp.float32)
@@ -128,8 +139,10 @@ class MultiHeadAttention(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD, kv_BxSxD, bias_BxHxTxS, cache=None, cache_index=None):
         def proj(name):
-            return nn.DenseGeneral((self.num_heads, self.head_dim), use_bias=self.use_bias,
-                                   dtype=self.dtype, name=name)
+            return nn.DenseGeneral(
+                (self.num_heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype,
+                kernel_init=logical(nn.initializers.lecun_normal(), "embed", "heads", "kv"),
+                bias_init=logical(nn.initializers.zeros, "heads", "kv"), name=name)
 
         q_BxTxHxK = proj("q")(x_BxTxD)
         if self.cross and cache is not None and not self.prefill:
@@ -151,6 +164,8 @@ class MultiHeadAttention(nn.Module):
         weights = jax.nn.softmax(scores + bias_BxHxTxS, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=self.deterministic)
         out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights, v_BxSxHxK.astype(self.dtype))
-        out = nn.DenseGeneral(self.out_dim, axis=(-2, -1), use_bias=self.use_bias,
-                              dtype=self.dtype, name="o")(out_BxTxHxK)
+        out = nn.DenseGeneral(
+            self.out_dim, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
+            kernel_init=logical(nn.initializers.lecun_normal(), "heads", "kv", "embed"),
+            bias_init=logical(nn.initializers.zeros, "embed"), name="o")(out_BxTxHxK)
         return out, new_cache

@@ -67,12 +67,13 @@ class Rule:
 
 def load_params(rules: Mapping[tuple, Rule], shapes: Mapping[tuple, tuple],
                 get: Callable[[str], np.ndarray], has: Callable[[str], bool], dtype,
-                where: str):
+                where: str, place: Callable = lambda path, array: array):
     """Build the nested params dict from a checkpoint.
 
     shapes: flat {path: expected shape} from ``jax.eval_shape`` of the module's init.
     get / has: read / test a Hugging Face tensor by name. ``where`` names the checkpoint
-    in errors.
+    in errors. place(path, host_array) puts each finished parameter where it belongs
+    (a device or a sharded array) before the next is read, so the host holds one at a time.
     """
     flat = {}
     for path, shape in shapes.items():
@@ -89,7 +90,8 @@ def load_params(rules: Mapping[tuple, Rule], shapes: Mapping[tuple, tuple],
                 raise PtjaxError(f"{where}: weight {key!r} has shape {tuple(w.shape)}, "
                                  f"the config expects {want}")
             arrays.append(rule.to_ptjax(np.asarray(w), layer_shape).astype(dtype))
-        flat[path] = np.stack(arrays) if rule.layers else arrays[0]
+        flat[path] = place(path, np.stack(arrays) if rule.layers else arrays[0])
+        del arrays
     return traverse_util.unflatten_dict(flat)
 
 

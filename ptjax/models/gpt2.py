@@ -13,8 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, broadcast_prompt, mask_bias,
-                                 remat_layer, scan_layers, tied_logits)
+from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, broadcast_prompt, logical,
+                                 mask_bias, remat_layer, scan_layers, tied_logits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,18 @@ class GPT2Config:
         return self.n_positions
 
 
+def layer_norm(cfg: GPT2Config, dtype, name=None):
+    return nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name=name,
+                        scale_init=logical(nn.initializers.ones, "embed"),
+                        bias_init=logical(nn.initializers.zeros, "embed"))
+
+
+def dense(features: int, dtype, name: str, axes):
+    return nn.Dense(features, dtype=dtype, name=name,
+                    kernel_init=logical(nn.initializers.lecun_normal(), *axes),
+                    bias_init=logical(nn.initializers.zeros, axes[-1]))
+
+
 class Block(nn.Module):
     config: GPT2Config
     dtype: Any
@@ -62,17 +74,17 @@ class Block(nn.Module):
         cfg = self.config
         drop = nn.Dropout(cfg.resid_pdrop)
         head_dim = cfg.n_embd // cfg.n_head
-        h = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_1")(x_BxTxD)
+        h = layer_norm(cfg, self.dtype, "ln_1")(x_BxTxD)
         h, new_cache = MultiHeadAttention(
             num_heads=cfg.n_head, head_dim=head_dim, out_dim=cfg.n_embd,
             dropout_rate=cfg.attn_pdrop, dtype=self.dtype, deterministic=self.deterministic,
             use_bias=True, scale=head_dim ** -0.5 if cfg.scale_attn_weights else 1.0,
             name="attn")(h, h, bias_BxHxTxS, cache, cache_index)
         x_BxTxD = x_BxTxD + drop(h, deterministic=self.deterministic)
-        h = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_2")(x_BxTxD)
-        h = nn.Dense(cfg.d_ff, dtype=self.dtype, name="c_fc")(h)
+        h = layer_norm(cfg, self.dtype, "ln_2")(x_BxTxD)
+        h = dense(cfg.d_ff, self.dtype, "c_fc", ("embed", "mlp"))(h)
         h = ACTIVATIONS[cfg.activation_function](h)
-        h = nn.Dense(cfg.n_embd, dtype=self.dtype, name="c_proj")(h)
+        h = dense(cfg.n_embd, self.dtype, "c_proj", ("mlp", "embed"))(h)
         return x_BxTxD + drop(h, deterministic=self.deterministic), new_cache
 
 
@@ -86,11 +98,13 @@ class GPT2(nn.Module):
     def setup(self):
         cfg = self.config
         init = nn.initializers.normal(0.02)
-        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=self.dtype, embedding_init=init)
-        self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=self.dtype, embedding_init=init)
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=self.dtype,
+                            embedding_init=logical(init, "vocab", "embed"))
+        self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=self.dtype,
+                            embedding_init=logical(init, "positions", "embed"))
         self.h = scan_layers(remat_layer(Block, self.remat), cfg.n_layer, 2)(
             cfg, self.dtype, self.deterministic)
-        self.ln_f = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype)
+        self.ln_f = layer_norm(cfg, self.dtype)
         self.drop = nn.Dropout(cfg.embd_pdrop)
 
     def embed(self, input_ids_BxL, attention_mask_BxL=None, prompt=None):

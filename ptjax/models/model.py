@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.linen import meta as nn_meta
 
 from ptjax.errors import PtjaxError
 from ptjax.models import checkpoint_files, gpt2, t5
@@ -305,25 +306,56 @@ def hf_config_dict(config) -> dict:
 
 def param_shapes(config, dtype=jnp.float32) -> dict:
     """Flat {path: shape} of the params a config implies (no weights are made)."""
-    module = _family(config).module(config, dtype)
-    shapes = jax.eval_shape(lambda: init_params(module, jax.random.key(0)))
+    shapes = abstract_params(config, dtype)
     return {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(shapes).items()}
 
 
-def init_params(module, rng):
-    """Random params for a module (used for the built-in tiny models and shapes)."""
+def _boxed_init(module, rng):
     ids = jnp.ones((1, 2), jnp.int32)
     args = (ids, None, ids) if isinstance(module, t5.T5) else (ids,)
+    return module.init(rng, *args)["params"]
+
+
+def init_params(module, rng):
+    """Random params for a module (used for the built-in tiny models and benchmarks)."""
     # jitted: eager init of scanned layers runs op by op and takes seconds
-    return jax.jit(lambda r: module.init(r, *args)["params"])(rng)
+    return jax.jit(lambda r: nn_meta.unbox(_boxed_init(module, r)))(rng)
 
 
-def load_model(path_or_hub_id: str, dtype="float32") -> Model:
+def abstract_params(config, dtype=jnp.float32):
+    """The params tree of a config as ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
+    module = _family(config).module(config, dtype)
+    return jax.eval_shape(lambda: nn_meta.unbox(_boxed_init(module, jax.random.key(0))))
+
+
+def param_logical_axes(config):
+    """The params tree with each leaf's logical axis names, e.g. ("layers", "embed",
+    "heads", "kv") for an attention query kernel."""
+    module = _family(config).module(config)
+    boxed = jax.eval_shape(lambda: _boxed_init(module, jax.random.key(0)))
+    return jax.tree.map(lambda b: tuple(b.names), boxed,
+                        is_leaf=lambda x: isinstance(x, nn_meta.Partitioned))
+
+
+def param_shardings(config, mesh, rules):
+    """NamedShardings of a config's params on ``mesh`` under logical axis ``rules``."""
+    from ptjax.sharding import tree_shardings
+
+    shapes = jax.tree.map(lambda s: tuple(s.shape), abstract_params(config))
+    return tree_shardings(param_logical_axes(config), shapes, mesh, rules)
+
+
+def load_model(path_or_hub_id: str, dtype="float32", *, mesh=None, fsdp: bool = False
+               ) -> Model:
     """Load a Hugging Face T5 / GPT-2 checkpoint into a frozen ptjax ``Model``.
 
     path_or_hub_id: a directory with config.json and weights, or a hub id.
     dtype: "float32", "bfloat16" or "float16": the weights' and activations' dtype
       (softmax, norms' variance and logits stay fp32).
+    mesh: a ``jax.sharding.Mesh`` with axes (data, model): each weight goes straight from
+      the file into its sharded array (``ptjax.sharding`` rules; ``fsdp`` also splits the
+      embed axis over data), one weight at a time, so a model never sits whole on one
+      device or in host memory.
     """
     jdtype = _dtype(dtype)
     directory = checkpoint_files.resolve(path_or_hub_id)
@@ -348,9 +380,16 @@ def load_model(path_or_hub_id: str, dtype="float32") -> Model:
         weights.rename(family.rename)
     where = os.path.join(directory, weights.filename)
     config = family.config_from_hf(hf_config, weights, config_path)
+    if mesh is not None:
+        from ptjax.sharding import logical_rules, place as place_sharded
+
+        shardings = traverse_util.flatten_dict(
+            param_shardings(config, mesh, logical_rules(fsdp)))
+        place = lambda path, array: place_sharded(array, shardings[path])  # noqa: E731
+    else:
+        place = lambda path, array: jnp.asarray(array)  # noqa: E731
     params = load_params(family.hf_rules(config), param_shapes(config), weights.get,
-                         weights.has, jdtype, where)
-    params = jax.tree.map(jnp.asarray, params)
+                         weights.has, jdtype, where, place)
     return Model(config=config, params=params, tokenizer=load_tokenizer(directory),
                  dtype=jdtype, path=directory)
 

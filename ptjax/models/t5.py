@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, RMSNorm, Unembed,
-                                 broadcast_prompt, mask_bias, remat_layer,
+                                 broadcast_prompt, logical, mask_bias, remat_layer,
                                  scan_layers, tied_logits)
 
 
@@ -92,7 +92,7 @@ class RelativePositionBias(nn.Module):
     @nn.compact
     def __call__(self, q_pos_T, k_pos_S):
         cfg = self.config
-        table = self.param("embedding", nn.initializers.normal(1.0),
+        table = self.param("embedding", logical(nn.initializers.normal(1.0), "relpos", "heads"),
                            (cfg.relative_attention_num_buckets, cfg.num_heads), jnp.float32)
         buckets_TxS = relative_position_bucket(
             k_pos_S[None, :] - q_pos_T[:, None], bidirectional=self.bidirectional,
@@ -111,15 +111,17 @@ class FeedForward(nn.Module):
         cfg = self.config
         act = ACTIVATIONS[cfg.activation]
 
-        def dense(features, name):
-            return nn.Dense(features, use_bias=False, dtype=self.dtype, name=name)
+        def dense(features, name, axes):
+            return nn.Dense(features, use_bias=False, dtype=self.dtype, name=name,
+                            kernel_init=logical(nn.initializers.lecun_normal(), *axes))
 
+        up = ("embed", "mlp")
         if cfg.is_gated:
-            h = act(dense(cfg.d_ff, "wi_0")(x_BxTxD)) * dense(cfg.d_ff, "wi_1")(x_BxTxD)
+            h = act(dense(cfg.d_ff, "wi_0", up)(x_BxTxD)) * dense(cfg.d_ff, "wi_1", up)(x_BxTxD)
         else:
-            h = act(dense(cfg.d_ff, "wi")(x_BxTxD))
+            h = act(dense(cfg.d_ff, "wi", up)(x_BxTxD))
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-        return dense(cfg.d_model, "wo")(h)
+        return dense(cfg.d_model, "wo", ("mlp", "embed"))(h)
 
 
 def _attention(cfg: T5Config, dtype, deterministic, name, cross=False, prefill=False):
@@ -238,7 +240,8 @@ class T5(nn.Module):
     def setup(self):
         cfg = self.config
         self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype,
-                               embedding_init=nn.initializers.normal(1.0))
+                               embedding_init=logical(nn.initializers.normal(1.0),
+                                                      "vocab", "embed"))
         self.encoder = Encoder(cfg, self.dtype, self.deterministic, self.remat)
         self.decoder = Decoder(cfg, self.dtype, self.deterministic, self.remat, self.prefill)
         if not cfg.tie_lm_head:

@@ -45,7 +45,10 @@ def logical_rules(fsdp: bool = False) -> tuple[tuple[str, str | None], ...]:
 
 
 def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
-    """A (data, model) mesh over ``devices`` (default: all); -1 = all remaining devices."""
+    """A (data, model) mesh over ``devices`` (default: all); -1 = all remaining devices.
+
+    A single process may ask for fewer devices than it has (the first ones are used); a
+    multi-host mesh must span every device."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     sizes = {"data": data, "model": model}
@@ -56,13 +59,15 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
     if data == -1 and model == -1:
         raise PtjaxError("mesh.data and mesh.model cannot both be -1")
     fixed = math.prod(s for s in sizes.values() if s != -1)
-    if n % fixed:
+    if n % fixed and -1 in sizes.values():
         raise PtjaxError(f"mesh data={data} x model={model} does not divide the {n} devices "
                          "present")
     shape = tuple(n // fixed if s == -1 else s for s in sizes.values())
-    if math.prod(shape) != n:
-        raise PtjaxError(f"mesh data={shape[0]} x model={shape[1]} = {math.prod(shape)} "
-                         f"devices, but {n} are present; use -1 for one axis to take the rest")
+    used = math.prod(shape)
+    if used > n or (used < n and jax.process_count() > 1):
+        raise PtjaxError(f"mesh data={shape[0]} x model={shape[1]} = {used} devices, but {n} "
+                         "are present; use -1 for one axis to take the rest")
+    devices = devices[:used]  # one process may run on the first devices only
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
 
@@ -160,5 +165,8 @@ def initialize_distributed(mode: str = "auto") -> bool:
     if mode == "off" or (mode == "auto" and not _cluster_detected()):
         return False
     if not jax.distributed.is_initialized():
+        # CPU-only hosts (and CPU tests) need gloo for cross-process collectives;
+        # GPU and TPU backends ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()
     return jax.process_count() > 1

@@ -104,26 +104,35 @@ def test_step_trains_only_the_prompt(loaded, name, dropout):
         assert tuple(leaf.shape) not in param_shapes and tuple(leaf.shape[1:]) not in param_shapes
 
 
-def test_k_prompts_train_as_separate_runs(loaded):
-    """Two prompts trained together end where two one-prompt runs end."""
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_k_prompts_train_as_separate_runs(loaded, dropout):
+    """K prompts packed in one step end where K one-prompt runs with the same seeds end,
+    dropout included: prompt k's masks come from its own seed, not its slot."""
     _, model = loaded["t5_v1_1"]
     batches = [to_jnp(t5_batch(np.random.default_rng(i))) for i in range(3)]
     tx, both = _prompt_setup(model, K=2)
-    table = both.trainable["prompt"]
-    singles = []
-    for k in range(2):
-        s = init_state(tx, {"prompt": table[k:k + 1]}, 0)
-        singles.append(s)
-    step = make_train_step(model, tx, "prompt", dropout=0.0)
+    table = np.array(both.trainable["prompt"])  # a copy: the state's buffer is donated
+    seeds = (7, 3)
+    singles = [init_state(tx, {"prompt": jnp.asarray(table[k:k + 1])}, 0) for k in range(2)]
+    packed = make_train_step(model, tx, "prompt", dropout=dropout, prompt_seeds=seeds)
+    alone = [make_train_step(model, tx, "prompt", dropout=dropout, prompt_seeds=(s,))
+             for s in seeds]
     for b in batches:
-        both, _ = step(both, model.params, b)
-        singles = [step(s, model.params, b)[0] for s in singles]
+        both, _ = packed(both, model.params, b)
+        singles = [step(s, model.params, b)[0] for step, s in zip(alone, singles)]
     # K*B rows vs B rows change fp32 matmul blocking: gradients differ by ~1e-6 relative,
     # 7.6e-6 absolute on the prompt after 3 Adafactor steps (jax 0.10.2, 2-core CPU).
     for k in range(2):
         np.testing.assert_allclose(np.asarray(both.trainable["prompt"][k]),
                                    np.asarray(singles[k].trainable["prompt"][0]),
                                    rtol=1e-5, atol=2e-5)
+    if dropout:  # and the masks matter: another seed for prompt 0 ends elsewhere
+        other = make_train_step(model, tx, "prompt", dropout=dropout, prompt_seeds=(8,))
+        s = init_state(tx, {"prompt": jnp.asarray(table[0:1])}, 0)
+        for b in batches:
+            s, _ = other(s, model.params, b)
+        assert np.abs(np.asarray(s.trainable["prompt"][0]) -
+                      np.asarray(both.trainable["prompt"][0])).max() > 1e-3
 
 
 def test_model_tuning_updates_all_weights(loaded):

@@ -127,7 +127,7 @@ class Weights:
 
         # The "flax" framework reads bfloat16, which numpy's reader cannot; tensors are
         # materialised on the host CPU, one at a time, when asked for.
-        cpu = jax.devices("cpu")[0]
+        cpu = jax.local_devices(backend="cpu")[0]  # this process's own, on every host
         handle = safe_open(file, framework="flax")
         for key in handle.keys():
             def read(key=key):

@@ -1,0 +1,192 @@
+"""Meshes on 8 CPU devices (XLA_FLAGS in conftest): parameters are sharded as the logical
+axis rules say, training on meshes (8,1), (4,2), (2,4) follows one device, and a real
+two-process job (SLURM environment, gloo collectives) reproduces a one-process run."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from ptjax import cli
+from ptjax.config import load_config
+from ptjax.data.tasks import load_task
+from ptjax.run import initial_prompts
+from ptjax.errors import PtjaxError
+from ptjax.models.model import load_model
+from ptjax.models.tiny import build_tiny_model
+from ptjax.sharding import logical_rules, make_mesh, spec_for
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    return {f: build_tiny_model(str(d / f"tiny-{f}"), family=f) for f in ("t5", "gpt2")}
+
+
+def test_eight_cpu_devices():
+    assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("data, model, shape", [(-1, 1, (8, 1)), (4, 2, (4, 2)),
+                                                 (-1, 4, (2, 4)), (8, -1, (8, 1)),
+                                                 (2, 1, (2, 1))])
+def test_mesh_shapes(data, model, shape):
+    mesh = make_mesh(data, model)
+    assert tuple(mesh.shape.values()) == shape and mesh.axis_names == ("data", "model")
+
+
+@pytest.mark.parametrize("data, model, message", [
+    (3, -1, "mesh data=3 x model=-1 does not divide the 8 devices present"),
+    (4, 4, "mesh data=4 x model=4 = 16 devices, but 8 are present"),
+    (0, 1, "mesh.data=0 must be a positive size or -1"),
+    (-1, -1, "mesh.data and mesh.model cannot both be -1"),
+])
+def test_bad_meshes_are_one_line_errors(data, model, message):
+    with pytest.raises(PtjaxError, match=message):
+        make_mesh(data, model)
+
+
+def test_rules_replicate_what_the_mesh_does_not_divide():
+    mesh = make_mesh(2, 4)
+    rules = logical_rules()
+    assert spec_for(("layers", "embed", "heads", "kv"), (2, 64, 4, 16), mesh, rules) == \
+        P(None, None, "model")
+    # T5-small's 6 heads on a model axis of 4: replicated rather than an error
+    assert spec_for(("layers", "embed", "heads", "kv"), (2, 64, 6, 16), mesh, rules) == P()
+    fsdp = logical_rules(fsdp=True)
+    assert spec_for(("vocab", "embed"), (96, 64), mesh, fsdp) == P("model", "data")
+    # one mesh axis at most once per array
+    assert spec_for(("mlp", "heads"), (8, 8), mesh, rules) == P("model")
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_weights_are_loaded_into_the_shards_the_rules_name(tiny, fsdp):
+    mesh = make_mesh(2, 4)
+    model = load_model(tiny["t5"], mesh=mesh, fsdp=fsdp)
+    p = model.params
+    embed = "data" if fsdp else None
+    expect = {
+        ("shared", "embedding"): P("model", embed),  # [vocab, embed]
+        ("encoder", "layers", "attn", "q", "kernel"): P(None, embed, "model"),  # [L,D,H,K]
+        ("encoder", "layers", "attn", "o", "kernel"): P(None, "model", None, embed),
+        ("decoder", "layers", "mlp", "wi_0", "kernel"): P(None, embed, "model"),  # [L,D,F]
+        ("decoder", "layers", "mlp", "wo", "kernel"): P(None, "model", embed),
+        ("lm_head", "kernel"): P(embed, "model"),  # [embed, vocab]
+        ("encoder", "relpos_bias", "embedding"): P(None, "model"),  # [buckets, heads]
+    }
+    for path, spec in expect.items():
+        leaf = p
+        for key in path:
+            leaf = leaf[key]
+        assert leaf.sharding.spec == _trimmed(spec), (path, leaf.sharding.spec)
+        shard = leaf.addressable_shards[0].data.shape
+        expected = tuple(d // (mesh.shape[a] if a else 1)
+                         for d, a in zip(leaf.shape, list(spec) + [None] * leaf.ndim))
+        assert shard == expected, (path, shard, expected)
+    # the same logits as the unsharded model
+    plain = load_model(tiny["t5"])
+    ids = np.arange(2, 18, dtype=np.int32).reshape(2, 8)
+    a = plain.logits(plain.params, ids, decoder_input_ids=ids[:, :4])
+    b = model.logits(model.params, ids, decoder_input_ids=ids[:, :4])
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def _trimmed(spec):
+    """PartitionSpec without trailing Nones, as ``spec_for`` writes them."""
+    out = list(spec)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def _train(run_dir, tiny_dir, family="t5", **kw):
+    args = {"run_dir": run_dir, "model.tiny_dir": tiny_dir, "model.path": f"tiny-{family}",
+            "prompt.length": 4, "prompt.seeds": "[0,1]", "task.max_input_length": 24,
+            "task.max_target_length": 4, "task.dev_size": 16, "train.batch_size": 8,
+            "train.eval_batch_size": 16, "train.steps": 4, "train.eval_every": 4,
+            "train.checkpoint_every": 4, "train.log_every": 1, "train.dropout": 0.1,
+            "optim.name": "sgd", "optim.learning_rate": 1.0, "train.progress": False}
+    args.update(kw)
+    assert cli.main(["train", *[f"{k}={v}" for k, v in args.items()]]) == 0
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return rows, os.path.join(run_dir, "export")
+
+
+def _losses(rows):
+    return np.array([r["loss"] for r in rows if r["split"] == "train"])
+
+
+@pytest.mark.parametrize("family, meshes", [("t5", [(8, 1), (4, 2), (2, 4)]),
+                                            ("gpt2", [(2, 4)])])
+def test_meshes_train_as_one_device(tiny, tmp_path, family, meshes):
+    """Same loss curve and final prompts (1e-5) on one device and on meshes (8,1), (4,2),
+    (2,4), with dropout on. SGD keeps fp32 reduction-order noise from being amplified (see
+    the Adafactor note in the README)."""
+    tiny_dir = os.path.dirname(tiny["t5"])
+    ref_rows, ref = _train(str(tmp_path / "one"), tiny_dir, family, **{
+        "mesh.data": 1, "mesh.model": 1})
+    ref_prompts = np.load(os.path.join(ref, "prompts.npy"))
+    cfg = load_config(os.path.join(tmp_path, "one", "config.yaml"))
+    start = initial_prompts(load_model(tiny[family]), cfg, load_task(cfg.task))
+    assert np.abs(ref_prompts - start).max() > 0.05  # the prompts really trained
+    for data, model in meshes:
+        rows, out = _train(str(tmp_path / f"{data}x{model}"), tiny_dir, family, **{
+            "mesh.data": data, "mesh.model": model})
+        np.testing.assert_allclose(_losses(rows), _losses(ref_rows), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.load(os.path.join(out, "prompts.npy")), ref_prompts,
+                                   rtol=1e-5, atol=1e-5)
+        dev = [r for r in rows if r["split"] == "validation"]
+        assert dev == [r for r in ref_rows if r["split"] == "validation"]
+
+
+def test_model_tuning_on_a_mesh_shards_the_optimizer_state(tiny, tmp_path):
+    tiny_dir = os.path.dirname(tiny["t5"])
+    kw = {"train.method": "model", "prompt.seeds": "[0]", "optim.name": "adam",
+          "optim.learning_rate": 1e-3, "train.steps": 3, "train.eval_every": 3,
+          "train.checkpoint_every": 3}
+    ref_rows, _ = _train(str(tmp_path / "one"), tiny_dir, **kw, **{"mesh.data": 1})
+    rows, _ = _train(str(tmp_path / "2x4"), tiny_dir, **kw, **{"mesh.data": 2,
+                                                              "mesh.model": 4})
+    np.testing.assert_allclose(_losses(rows), _losses(ref_rows), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_reproduce_one(tiny, tmp_path):
+    """A job of two processes x 4 CPU devices, started as SLURM would start it
+    (jax.distributed via SLURM_* variables, gloo collectives), trains exactly the batches
+    of a one-process 8-device run with train.data_shards=2; process 0 alone writes."""
+    tiny_dir = os.path.dirname(tiny["t5"])
+    common = {"model.tiny_dir": tiny_dir, "prompt.length": 4, "prompt.seeds": "[0,1]",
+              "task.max_input_length": 24, "task.max_target_length": 4,
+              "task.dev_size": 16, "train.batch_size": 8, "train.eval_batch_size": 16,
+              "train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 2,
+              "train.log_every": 1, "train.dropout": 0.1, "optim.name": "sgd",
+              "optim.learning_rate": 1.0, "train.progress": False}
+    multi = str(tmp_path / "multi")
+    argv = [sys.executable, "-m", "ptjax.cli", "train", f"run_dir={multi}",
+            *[f"{k}={v}" for k, v in common.items()]]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, PYTHONPATH=ROOT, SLURM_JOB_ID=str(1000 + os.getpid() % 3000),
+                   SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                   SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                   XLA_FLAGS="--xla_force_host_platform_device_count=4")
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    rows, single = _train(str(tmp_path / "single"), tiny_dir, **{
+        k: v for k, v in common.items() if k != "model.tiny_dir"},
+        **{"train.data_shards": 2})
+    multi_rows = [json.loads(line) for line in open(os.path.join(multi, "metrics.jsonl"))]
+    np.testing.assert_allclose(_losses(multi_rows), _losses(rows), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.load(os.path.join(multi, "export", "prompts.npy")),
+                               np.load(os.path.join(single, "prompts.npy")), atol=1e-5)
+    meta = json.load(open(os.path.join(multi, "checkpoints", "4", "meta", "metadata")))
+    assert meta["data_shards"] == 2 and meta["data_position"] == 32

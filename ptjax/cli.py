@@ -5,6 +5,7 @@
     ptjax tiny DIR [--family t5]     write a built-in tiny model (no network needed)
     ptjax train [CONFIG.yaml] [key=value ...]   prompt (or model) tuning; resumes a killed run
     ptjax eval RUN_DIR|CONFIG [key=value ...] [--prompt FILE]   evaluate saved prompts
+    ptjax plan CONFIG [key=value ...] [--device-memory 80GB]    memory per device, before a run
 
 A user's mistake (bad path, unsupported model, wrong shape) prints one line and exits 2.
 """
@@ -122,6 +123,18 @@ def cmd_eval(args):
             json.dump({"split": args.split, "prompt_file": args.prompt, **metrics}, f, indent=2)
 
 
+def cmd_plan(args):
+    from ptjax.plan import format_plan, parse_bytes, plan, write_plan
+
+    cfg = _config_and_overrides(args.items)
+    limit = parse_bytes(args.device_memory) if args.device_memory else None
+    result = plan(cfg, limit)
+    print(format_plan(result))
+    if args.out:
+        write_plan(result, args.out)
+    return 1 if result["fits"] is False else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptjax", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -166,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     sp.set_defaults(fn=cmd_eval)
 
+    sp = sub.add_parser("plan", help="memory per device of a run's train step, before loading")
+    sp.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                    help="a YAML config, then dotted.key=value overrides")
+    sp.add_argument("--device-memory", default=None,
+                    help="memory of the target device (e.g. 80GB) instead of the local one")
+    sp.add_argument("--out", default=None, help="also write the plan as JSON")
+    sp.set_defaults(fn=cmd_plan)
+
     return p
 
 
@@ -189,14 +210,14 @@ def main(argv=None) -> int:
         if not hasattr(args, "items") or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.items += extra
-    if args.command in ("train", "eval"):
+    if args.command in ("train", "eval", "plan"):
         enable_compilation_cache()
     try:
-        args.fn(args)
+        code = args.fn(args)
     except PtjaxError as e:
         print(f"ptjax: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def load_run_model(cfg, mesh=None, fsdp: bool = False):
         if is_main_process():
             build_tiny_model(path, family=TINY[cfg.path])
         _sync("ptjax-tiny-model")
-    return load_model(path, dtype=cfg.dtype, mesh=mesh, fsdp=fsdp)
+    model = load_model(path, dtype=cfg.dtype, mesh=mesh, fsdp=fsdp)
+    return dataclasses.replace(model, remat=cfg.remat)  # the train step's policy
 
 
 def base_model_path(cfg) -> str:

@@ -19,6 +19,9 @@ torch = pytest.importorskip("torch")  # the reference side of the parity tests
 import transformers  # noqa: E402
 
 import ptjax  # noqa: E402
+from ptjax.cli import enable_compilation_cache  # noqa: E402
+
+enable_compilation_cache()  # identical steps compiled by several tests are compiled once
 from ptjax.models.tiny import train_tokenizer  # noqa: E402
 
 T5_CONFIGS = {

@@ -63,6 +63,21 @@ def _download(repo_id: str) -> str:
                          f"the Hugging Face hub ({type(e).__name__}: {_first_line(e)})") from None
 
 
+def download_config(repo_id: str) -> str:
+    """The directory holding a hub checkpoint's config.json alone (no weights)."""
+    if not _HUB_ID.match(repo_id):
+        raise PtjaxError(f"{repo_id}: no such directory (give a checkpoint directory or a "
+                         "Hugging Face hub id such as google/t5-small-lm-adapt)")
+    import huggingface_hub as hub
+
+    try:
+        return os.path.dirname(hub.hf_hub_download(repo_id, "config.json"))
+    except Exception as e:  # network, auth, missing repo: all reported in one line
+        raise PtjaxError(f"{repo_id}: not a local directory, not a known checkpoint, and its "
+                         f"config.json could not be fetched from the Hugging Face hub "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
+
+
 class Weights:
     """Tensors of one checkpoint by PyTorch name, read lazily where the format allows."""
 

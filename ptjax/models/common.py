@@ -161,7 +161,9 @@ class MultiHeadAttention(nn.Module):
                             preferred_element_type=jnp.float32)
         if self.scale != 1.0:
             scores = scores * self.scale
-        weights = jax.nn.softmax(scores + bias_BxHxTxS, axis=-1).astype(self.dtype)
+        for part in (bias_BxHxTxS if isinstance(bias_BxHxTxS, tuple) else (bias_BxHxTxS,)):
+            scores = scores + part  # parts broadcast to [B, H, T, S]; XLA fuses the adds
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=self.deterministic)
         out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights, v_BxSxHxK.astype(self.dtype))
         out = nn.DenseGeneral(

@@ -51,19 +51,22 @@ class Model:
     tokenizer: Any = None
     dtype: Any = jnp.float32
     path: str | None = None
+    remat: str = "none"  # the default rematerialisation policy of ``module()`` (training)
 
     @property
     def is_encoder_decoder(self) -> bool:
         return isinstance(self.config, t5.T5Config)
 
-    def module(self, *, deterministic: bool = True, remat: str = "none", **kw):
-        """The Flax module; ``deterministic=False`` turns dropout on (needs a 'dropout' rng)."""
+    def module(self, *, deterministic: bool = True, remat: str | None = None, **kw):
+        """The Flax module; ``deterministic=False`` turns dropout on (needs a 'dropout' rng).
+        remat: none | full | dots | dots_no_batch (default: ``self.remat``)."""
         cls = t5.T5 if self.is_encoder_decoder else gpt2.GPT2
-        return cls(self.config, dtype=self.dtype, deterministic=deterministic, remat=remat, **kw)
+        return cls(self.config, dtype=self.dtype, deterministic=deterministic,
+                   remat=self.remat if remat is None else remat, **kw)
 
     @functools.cached_property
     def _jit_logits(self):
-        return jax.jit(functools.partial(_logits, self.module()))
+        return jax.jit(functools.partial(_logits, self.module(remat="none")))
 
     @functools.cached_property
     def _jit_generate(self):
@@ -392,6 +395,41 @@ def load_model(path_or_hub_id: str, dtype="float32", *, mesh=None, fsdp: bool = 
                          weights.has, jdtype, where, place)
     return Model(config=config, params=params, tokenizer=load_tokenizer(directory),
                  dtype=jdtype, path=directory)
+
+
+class _NoWeights:
+    def has(self, key):
+        return False
+
+
+def architecture(path_or_hub_id: str):
+    """A checkpoint's config without reading its weights: from a local config.json, the
+    built-in table of the paper's checkpoints (``ptjax.models.presets``), or the hub's
+    config.json alone."""
+    from ptjax.models.presets import preset
+
+    path = os.path.expanduser(str(path_or_hub_id))
+    if not os.path.isdir(path):
+        known = preset(path_or_hub_id)
+        if known is not None:
+            return known
+        path = checkpoint_files.download_config(path_or_hub_id)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise PtjaxError(f"{config_path}: not found; a checkpoint directory needs config.json")
+    try:
+        with open(config_path) as f:
+            hf_config = json.load(f)
+    except ValueError as e:
+        raise PtjaxError(f"{config_path}: not valid JSON ({e})") from None
+    model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
+    if model_type not in _FAMILIES:
+        raise PtjaxError(f"{config_path}: model_type {model_type!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    config = _FAMILIES[model_type].config_from_hf(hf_config, _NoWeights(), config_path)
+    if model_type == "t5":  # without weights: v1.0 ties and rescales, v1.1 does neither
+        config = dataclasses.replace(config, tie_lm_head=config.scale_decoder_outputs)
+    return config
 
 
 def load_tokenizer(directory: str):

@@ -1,0 +1,204 @@
+"""``ptjax plan``: memory per device of a run's train step, before any weight is loaded.
+
+The step is compiled ahead of time (as MaxText does) on abstract inputs that carry the
+run's shardings: ``jax.ShapeDtypeStruct`` params, train state and batch, so an 11B model
+is planned on a laptop. XLA's memory analysis of the compiled step gives the argument,
+output and temporary (activation) buffers per device; the weights, trainable state and
+batch are also counted from their shardings, so the report can say what takes the room.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ptjax.errors import PtjaxError
+
+GiB = 1024 ** 3
+
+
+def _per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs / arrays."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None \
+            else leaf.shape
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def parse_bytes(text: str) -> float:
+    """'80GB', '24GiB', '80e9' -> bytes (GB and GiB both read as 2**30, as GPUs are sold)."""
+    t = str(text).strip().upper().replace(" ", "")
+    for suffix in ("GIB", "GB", "G"):
+        if t.endswith(suffix):
+            return float(t[:-len(suffix)]) * GiB
+    try:
+        return float(t)
+    except ValueError:
+        raise PtjaxError(f"--device-memory {text!r} is not a size; give e.g. 80GB or "
+                         "24GiB") from None
+
+
+def device_memory_limit():
+    """(bytes, where it came from) for the first local device, or (None, why not)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"], "reported by the device"
+    if jax.default_backend() == "cpu":
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return pages * size / max(jax.local_device_count(), 1), "host RAM / CPU devices"
+    return None, "unknown"
+
+
+def plan(cfg, device_memory: float | None = None) -> dict:
+    """Compile the run's train step on abstract inputs; memory per device in bytes."""
+    from ptjax.models.model import Model, abstract_params, architecture, param_shardings
+    from ptjax.run import TINY, check_lengths
+    from ptjax.sharding import (batch_sharding, initialize_distributed, logical_rules,
+                                make_mesh, replicated)
+    from ptjax.train import TrainState, make_optimizer, make_train_step, per_prompt
+
+    initialize_distributed(cfg.mesh.distributed)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
+    path = cfg.model.path
+    if path in TINY:
+        from ptjax.models.tiny import build_tiny_model
+
+        path = build_tiny_model(os.path.join(cfg.model.tiny_dir, path), family=TINY[path])
+    config = architecture(path)
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
+        cfg.model.dtype]
+    model = Model(config=config, params=None, dtype=dtype, path=path, remat=cfg.model.remat)
+    check_lengths(model, cfg)
+    tc, method = cfg.train, cfg.train.method
+    if tc.batch_size % mesh.shape["data"]:
+        raise PtjaxError(f"train.batch_size={tc.batch_size} is not a multiple of the mesh's "
+                         f"{mesh.shape['data']} data-parallel devices (mesh.data)")
+
+    p_sh = param_shardings(config, mesh, logical_rules(cfg.mesh.fsdp))
+    frozen = _abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
+                                    abstract_params(config)), p_sh)
+    tx = make_optimizer(cfg.optim, tc.steps)
+    K = len(cfg.prompt.seeds) if method == "prompt" else 1
+    if method == "prompt":
+        tx = per_prompt(tx)
+        D = config.hidden_size
+        trainable = {"prompt": jax.ShapeDtypeStruct((K, cfg.prompt.length, D), jnp.float32,
+                                                    sharding=replicated(mesh))}
+    else:
+        trainable = {"params": _abstract(abstract_params(config), p_sh)}
+
+    def build(t):
+        return TrainState(step=jnp.zeros((), jnp.int32), trainable=t, opt_state=tx.init(t),
+                          rng=jax.random.PRNGKey(0))
+
+    init = jax.jit(build).lower(trainable).compile()
+    state_sh = init.output_shardings
+    state = _abstract(jax.eval_shape(build, trainable), state_sh)
+    B, Li, Lt = tc.batch_size, cfg.task.max_input_length, cfg.task.max_target_length
+    ids = lambda L: jax.ShapeDtypeStruct((B, L), jnp.int32,  # noqa: E731
+                                         sharding=batch_sharding(mesh))
+    if model.is_encoder_decoder:
+        batch = dict(input_ids=ids(Li), input_mask=ids(Li), decoder_input_ids=ids(Lt),
+                     targets=ids(Lt), target_mask=ids(Lt))
+    else:
+        batch = {k: ids(Li + Lt) for k in ("input_ids", "input_mask", "targets",
+                                            "target_mask")}
+    step = make_train_step(model, tx, method, tc.dropout, cfg.prompt.seeds[:K],
+                           shardings=(state_sh, p_sh if method == "prompt" else None,
+                                      batch_sharding(mesh)))
+    compiled = step.lower(state, frozen if method == "prompt" else None, batch).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list):  # older jax returns one dict per computation
+        cost = cost[0] if cost else {}
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    limit, source = (device_memory, "--device-memory") if device_memory else \
+        device_memory_limit()
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen))
+    # XLA's CPU backend has no bf16/fp16 matmuls: it converts the (loop-invariant) weights
+    # to fp32 once, a weight-sized temporary that GPUs and TPUs never allocate.
+    upcast = 0
+    if jax.default_backend() == "cpu" and dtype != jnp.float32:
+        weights = frozen if method == "prompt" else trainable
+        upcast = _per_device_bytes(weights) * 4 // jnp.dtype(dtype).itemsize
+    estimate = peak - upcast
+    return {
+        "model": path, "model_type": config.model_type, "parameters": n_params,
+        "dtype": cfg.model.dtype, "remat": cfg.model.remat, "method": method,
+        "prompts": K, "prompt_length": cfg.prompt.length if method == "prompt" else 0,
+        "batch_size": B, "input_length": Li, "target_length": Lt,
+        "mesh": {"data": mesh.shape["data"], "model": mesh.shape["model"],
+                 "fsdp": cfg.mesh.fsdp},
+        "devices": f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}",
+        "per_device": {
+            "frozen_weights": _per_device_bytes(frozen) if method == "prompt" else 0,
+            "trainable_and_optimizer": _per_device_bytes(state),
+            "batch": _per_device_bytes(batch),
+            "temporaries": mem.temp_size_in_bytes,
+            "peak": peak,
+            "cpu_weight_upcast": upcast,
+            "accelerator_peak": estimate,
+        },
+        "flops_per_step_per_device": float(cost.get("flops", 0.0)),
+        "device_memory": limit, "device_memory_source": source,
+        "fits": None if limit is None else bool(estimate <= limit),
+    }
+
+
+def format_plan(p: dict) -> str:
+    d = p["per_device"]
+
+    def g(x):
+        return f"{x / GiB:9.2f} GiB" if x >= GiB / 10 else f"{x / 2 ** 20:9.2f} MiB"
+
+    lines = [
+        f"{p['model']} ({p['model_type']}, {p['parameters'] / 1e6:,.1f}M parameters, "
+        f"{p['dtype']}, remat {p['remat']}), {p['method']} tuning"
+        + (f", {p['prompts']} x {p['prompt_length']} prompt tokens"
+           if p["method"] == "prompt" else ""),
+        f"batch {p['batch_size']} x (inputs {p['input_length']} + targets "
+        f"{p['target_length']}) on {p['devices']}, mesh data={p['mesh']['data']} "
+        f"model={p['mesh']['model']}{' fsdp' if p['mesh']['fsdp'] else ''}",
+        "per device:",
+        f"  frozen weights          {g(d['frozen_weights'])}",
+        f"  trainable + optimizer   {g(d['trainable_and_optimizer'])}",
+        f"  batch                   {g(d['batch'])}",
+        f"  activations, temporaries{g(d['temporaries'])}   (compiled step)",
+        f"  peak                    {g(d['peak'])}   (arguments + outputs - donated + "
+        "temporaries)",
+    ]
+    if d["cpu_weight_upcast"]:
+        lines += [
+            f"  of which fp32 weights   {g(d['cpu_weight_upcast'])}   (XLA's CPU backend "
+            f"converts {p['dtype']} weights for its matmuls; GPUs and TPUs do not)",
+            f"  peak on an accelerator  {g(d['accelerator_peak'])}   (estimate: peak minus "
+            "that copy)"]
+    if p["fits"] is None:
+        lines.append("device memory unknown: pass --device-memory (e.g. 80GB) to check a fit")
+    else:
+        room = p["device_memory"] - d["accelerator_peak"]
+        verdict = (f"fits, {room / GiB:.2f} GiB to spare" if p["fits"] else
+                   f"does NOT fit: {-room / GiB:.2f} GiB short (try model.remat=full, "
+                   "model.dtype=bfloat16, a smaller train.batch_size, or more devices)")
+        lines.append(f"device memory {p['device_memory'] / GiB:.2f} GiB "
+                     f"({p['device_memory_source']}): {verdict}")
+    return "\n".join(lines)
+
+
+def write_plan(p: dict, path: str):
+    import json
+
+    with open(path, "w") as f:
+        json.dump(p, f, indent=2, default=lambda x: x.item() if isinstance(x, np.generic)
+                  else str(x))

@@ -1,0 +1,81 @@
+"""`ptjax plan`: the compiled step's memory per device, without loading weights; the
+paper's checkpoint sizes known offline."""
+import math
+
+import jax
+import pytest
+
+from ptjax import cli
+from ptjax.config import from_dict
+from ptjax.models.model import abstract_params, architecture
+from ptjax.plan import GiB, parse_bytes, plan
+
+
+@pytest.mark.parametrize("name, millions", [
+    ("google/t5-small-lm-adapt", 77.0), ("google/t5-base-lm-adapt", 247.6),
+    ("google/t5-large-lm-adapt", 783.2), ("google/t5-xl-lm-adapt", 2849.8),
+    ("google/t5-xxl-lm-adapt", 11135.3), ("google/t5-v1_1-base", 247.6), ("gpt2", 124.4)])
+def test_known_checkpoints_need_no_download(name, millions):
+    """Parameter counts of the paper's sizes (77M ... 11B), from shapes alone."""
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(architecture(name))))
+    assert round(n / 1e6, 1) == millions
+
+
+def _cfg(tmp_path, **kw):
+    base = {"model": {"path": "tiny-t5", "tiny_dir": str(tmp_path)},
+            "prompt": {"length": 8, "seeds": [0, 1]},
+            "task": {"max_input_length": 64, "max_target_length": 4},
+            "train": {"batch_size": 16}}
+    for key, value in kw.items():
+        section, name = key.split(".")
+        base.setdefault(section, {})[name] = value
+    return from_dict(base)
+
+
+def test_plan_counts_what_each_device_holds(tmp_path):
+    one = plan(_cfg(tmp_path, **{"mesh.data": 1}))
+    d = one["per_device"]
+    params = sum(math.prod(x.shape) * 4 for x in jax.tree.leaves(
+        abstract_params(architecture(str(tmp_path / "tiny-t5")))))
+    assert d["frozen_weights"] == params and one["parameters"] * 4 == params
+    # K=2 prompts [8, 64] fp32 + Adafactor's [8] and [64] factored... or full moments
+    assert 2 * 8 * 64 * 4 <= d["trainable_and_optimizer"] <= 4 * 2 * 8 * 64 * 4
+    assert d["peak"] >= d["frozen_weights"] + d["temporaries"]
+    assert one["fits"] is True and d["accelerator_peak"] == d["peak"]  # fp32: no upcast
+    # tensor parallel over 4 devices: each holds a fraction of the weights
+    tp = plan(_cfg(tmp_path, **{"mesh.data": 2, "mesh.model": 4}))
+    assert tp["per_device"]["frozen_weights"] < 0.5 * params
+    # model tuning carries fp32 weights and Adam's two moments in its state
+    mt = plan(_cfg(tmp_path, **{"mesh.data": 1, "train.method": "model", "prompt.seeds": [0],
+                                "optim.name": "adam"}))
+    assert mt["per_device"]["frozen_weights"] == 0
+    assert mt["per_device"]["trainable_and_optimizer"] >= 3 * params
+
+
+def test_remat_and_bf16_shrink_the_plan(tmp_path):
+    kw = {"mesh.data": 1, "task.max_input_length": 256, "train.batch_size": 32}
+    none = plan(_cfg(tmp_path, **kw))["per_device"]
+    full = plan(_cfg(tmp_path, **kw, **{"model.remat": "full"}))["per_device"]
+    assert full["temporaries"] < 0.7 * none["temporaries"]
+    bf16 = plan(_cfg(tmp_path, **kw, **{"model.dtype": "bfloat16"}))
+    assert bf16["per_device"]["frozen_weights"] * 2 == none["frozen_weights"]
+    # on CPU the fp32 copy of bf16 weights is named and taken out of the estimate
+    assert bf16["per_device"]["cpu_weight_upcast"] == none["frozen_weights"]
+
+
+def test_plan_command_says_whether_it_fits(tmp_path, capsys):
+    args = ["plan", "model.path=tiny-t5", f"model.tiny_dir={tmp_path}", "prompt.length=8",
+            "task.max_input_length=32", "train.batch_size=8", "mesh.data=1"]
+    assert cli.main(args + ["--device-memory", "80GB"]) == 0
+    out = capsys.readouterr().out
+    assert "peak" in out and "device memory 80.00 GiB (--device-memory): fits" in out
+    assert cli.main(args + ["--device-memory", "1000"]) == 1
+    assert "does NOT fit" in capsys.readouterr().out
+    assert cli.main(args + ["--device-memory", "lots"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ptjax: error: --device-memory 'lots' is not a size; give e.g. 80GB or 24GiB"
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GB") == 80 * GiB == parse_bytes("80 GiB")
+    assert parse_bytes("1e9") == 1e9

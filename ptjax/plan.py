@@ -65,7 +65,8 @@ def plan(cfg, device_memory: float | None = None) -> dict:
     from ptjax.run import TINY, check_lengths
     from ptjax.sharding import (batch_sharding, initialize_distributed, logical_rules,
                                 make_mesh, replicated)
-    from ptjax.train import TrainState, make_optimizer, make_train_step, per_prompt
+    from ptjax.train import (TrainState, make_optimizer, make_train_step, per_prompt,
+                             state_shardings)
 
     initialize_distributed(cfg.mesh.distributed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
@@ -99,10 +100,9 @@ def plan(cfg, device_memory: float | None = None) -> dict:
 
     def build(t):
         return TrainState(step=jnp.zeros((), jnp.int32), trainable=t, opt_state=tx.init(t),
-                          rng=jax.random.PRNGKey(0))
+                          rng=jax.random.PRNGKey(0), prompt_seeds=jnp.zeros((K,), jnp.int32))
 
-    init = jax.jit(build).lower(trainable).compile()
-    state_sh = init.output_shardings
+    state_sh = state_shardings(tx, trainable, build)
     state = _abstract(jax.eval_shape(build, trainable), state_sh)
     B, Li, Lt = tc.batch_size, cfg.task.max_input_length, cfg.task.max_target_length
     ids = lambda L: jax.ShapeDtypeStruct((B, L), jnp.int32,  # noqa: E731
@@ -113,8 +113,7 @@ def plan(cfg, device_memory: float | None = None) -> dict:
     else:
         batch = {k: ids(Li + Lt) for k in ("input_ids", "input_mask", "targets",
                                             "target_mask")}
-    step = make_train_step(model, tx, method, tc.dropout, cfg.prompt.seeds[:K],
-                           shardings=(state_sh, p_sh if method == "prompt" else None,
+    step = make_train_step(model, tx, method, tc.dropout, shardings=(state_sh, p_sh if method == "prompt" else None,
                                       batch_sharding(mesh)))
     compiled = step.lower(state, frozen if method == "prompt" else None, batch).compile()
     mem = compiled.memory_analysis()

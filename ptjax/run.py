@@ -292,7 +292,7 @@ def train(cfg) -> dict:
     else:
         trainable = trainable_params(model, method)
         frozen = None
-    state = init_state(tx, trainable, tc.seed)
+    state = init_state(tx, trainable, tc.seed, seeds)
     if method == "prompt":
         state = jax.device_put(state, replicated(mesh))
     state_sh = jax.tree.map(lambda x: x.sharding, state)
@@ -309,7 +309,7 @@ def train(cfg) -> dict:
         config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
     log = MetricsLog(run_dir, start) if main else _NullLog()
 
-    step_fn = make_train_step(model, tx, method, tc.dropout, seeds,
+    step_fn = make_train_step(model, tx, method, tc.dropout,
                               shardings=(state_sh, frozen_sh, batch_sharding(mesh)))
     lr_at = learning_rate_schedule(cfg.optim, tc.steps)
     pending = []  # (step, device metrics): read in bulk, not every step

@@ -3,7 +3,7 @@
 The trainable state is a small pytree; the frozen params are a separate argument of the
 jitted step that is never donated, never updated and never given optimizer state::
 
-    state = init_state(tx, {"prompt": table_KxPxD}, seed)
+    state = init_state(tx, {"prompt": table_KxPxD}, seed, prompt_seeds=[0, 1, ...])
     step = make_train_step(model, tx, method="prompt", dropout=0.1)
     state, metrics = step(state, model.params, batch)   # state donated; params untouched
 
@@ -28,11 +28,13 @@ from ptjax.errors import PtjaxError
 @flax.struct.dataclass
 class TrainState:
     """step: int32 []; trainable: {"prompt": [K, P, D] fp32} or {"params": ...};
-    opt_state: the optimizer's state for ``trainable`` only; rng: uint32 [2]."""
+    opt_state: the optimizer's state for ``trainable`` only; rng: uint32 [2];
+    prompt_seeds: int32 [K], prompt k's seed (its dropout masks, see ``prompt_keys``)."""
     step: jax.Array
     trainable: Any
     opt_state: Any
     rng: jax.Array
+    prompt_seeds: jax.Array
 
 
 def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
@@ -82,13 +84,42 @@ def per_prompt(tx: optax.GradientTransformation) -> optax.GradientTransformation
     return optax.GradientTransformation(jax.vmap(tx.init), jax.vmap(tx.update))
 
 
-def init_state(tx, trainable, seed: int) -> TrainState:
-    """A fresh train state. Built under jit, so on a mesh the optimizer state takes the
-    shardings of the trainable leaves it mirrors (model tuning's sharded weights)."""
-    def build(trainable):
+def init_state(tx, trainable, seed: int, prompt_seeds=None) -> TrainState:
+    """A fresh train state; ``seed`` seeds the step rng (dropout), prompt_seeds (default
+    0..K-1) name each prompt's own dropout stream. Built under jit, so on a mesh the
+    optimizer state takes the shardings of the trainable leaves it mirrors (model tuning's
+    sharded weights)."""
+    K = trainable["prompt"].shape[0] if "prompt" in trainable else 1
+    seeds = jnp.asarray(range(K) if prompt_seeds is None else prompt_seeds, jnp.int32)
+    if seeds.shape != (K,):
+        raise PtjaxError(f"{seeds.shape[0]} prompt seeds for {K} prompts")
+
+    def build(trainable, seeds):
         return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                          opt_state=tx.init(trainable), rng=jax.random.PRNGKey(seed))
-    return jax.jit(build)(trainable)
+                          opt_state=tx.init(trainable), rng=jax.random.PRNGKey(seed),
+                          prompt_seeds=seeds)
+    return jax.jit(build, out_shardings=state_shardings(tx, trainable, build, seeds))(
+        trainable, seeds)
+
+
+def state_shardings(tx, trainable, build, *args):
+    """Shardings of the state ``build(trainable, *args)`` makes: each optimizer-state leaf
+    shaped like a trainable leaf takes that leaf's sharding (Adam's moments of a sharded
+    weight are sharded alike), everything else is replicated. None off a mesh.
+    (Zeros carry no data dependency, so jit alone would replicate them.)"""
+    shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(trainable)]
+    if not shardings or not isinstance(shardings[0], jax.sharding.NamedSharding):
+        return None
+    rep = jax.sharding.NamedSharding(shardings[0].mesh, jax.sharding.PartitionSpec())
+    abstract = jax.eval_shape(build, trainable, *args)
+    if all(s.is_fully_replicated for s in shardings):  # prompts: replicated everywhere
+        return jax.tree.map(lambda _: rep, abstract)
+    t_sh = jax.tree.map(lambda x: x.sharding, trainable)
+    opt = optax.tree_map_params(
+        tx, lambda leaf, sh, param: sh if leaf.shape == param.shape else rep,
+        abstract.opt_state, t_sh, trainable, transform_non_params=lambda _: rep)
+    return jax.tree.map(lambda _: rep, abstract).replace(
+        trainable=t_sh, opt_state=opt)
 
 
 def sequence_nll(model, params, batch, prompt=None, rngs=None, deterministic=True):
@@ -131,13 +162,13 @@ def prompt_keys(rng, prompt_seeds_K):
 
 
 def loss_fn(model, method: str, trainable, frozen, batch, rng, dropout: float,
-            prompt_seeds=None):
+            prompt_seeds_K=None):
     """Sum over prompts of each prompt's mean target-token NLL, and the [K] per-prompt
     means. Summing keeps each prompt's gradient equal to that of its own mean loss."""
     if method == "prompt":
-        if prompt_seeds is None:  # prompt k's seed is k
-            prompt_seeds = tuple(range(trainable["prompt"].shape[0]))
-        rngs = prompt_keys(rng, prompt_seeds) if dropout > 0.0 else None
+        if prompt_seeds_K is None:  # prompt k's seed is k
+            prompt_seeds_K = jnp.arange(trainable["prompt"].shape[0])
+        rngs = prompt_keys(rng, prompt_seeds_K) if dropout > 0.0 else None
         nll, count = prompt_nll(model, frozen, trainable["prompt"], batch, rngs)
         per_k = nll.sum(1) / jnp.maximum(count.sum(1), 1.0)
     else:
@@ -150,12 +181,11 @@ def loss_fn(model, method: str, trainable, frozen, batch, rng, dropout: float,
 
 
 def make_train_step(model, tx, method: str = "prompt", dropout: float = 0.1,
-                    prompt_seeds=None, shardings=None):
+                    shardings=None):
     """The jitted step ``(state, frozen_params, batch) -> (state, {"loss": [K]})``.
 
     ``state`` is donated (its buffers are reused for the new state); ``frozen_params`` is
     only read. For model tuning pass ``frozen_params=None``: the weights are the state.
-    prompt_seeds: prompt k's seed, for its dropout key (see ``prompt_keys``); default k.
     shardings: ``(state, frozen, batch)`` shardings (``ptjax.sharding``), or None to let
     jit follow its inputs; metrics come back replicated.
     """
@@ -163,12 +193,11 @@ def make_train_step(model, tx, method: str = "prompt", dropout: float = 0.1,
         rng, drop_rng = jax.random.split(state.rng)
         grads, per_k = jax.grad(
             functools.partial(loss_fn, model, method), has_aux=True)(
-                state.trainable, frozen, batch, drop_rng, dropout,
-                None if prompt_seeds is None else tuple(prompt_seeds))
+                state.trainable, frozen, batch, drop_rng, dropout, state.prompt_seeds)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,
-                         rng=rng)
+                         rng=rng, prompt_seeds=state.prompt_seeds)
         return new, {"loss": per_k}
 
     if shardings is None:

@@ -93,7 +93,7 @@ def test_checkpoints_hold_only_the_trainable_state(t5_run):
     ckpt = os.path.join(t5_run, "checkpoints")
     assert sorted(os.listdir(ckpt)) == ["3", "6"]
     state = ocp.StandardCheckpointer().restore(os.path.join(ckpt, "6", "state"))
-    assert set(state) == {"step", "trainable", "opt_state", "rng"}
+    assert set(state) == {"step", "trainable", "opt_state", "rng", "prompt_seeds"}
     assert set(state["trainable"]) == {"prompt"} and int(state["step"]) == 6
     for leaf in jax.tree.leaves(state):
         assert leaf.size <= 2 * 4 * 64  # never a [vocab, D] embedding or a layer kernel

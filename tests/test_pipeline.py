@@ -132,3 +132,56 @@ def test_tfds_processes_read_only_their_even_split(tmp_path, monkeypatch):
     assert len(everything.split("train")) == 10 and all(pieces)
     assert pieces[1] == everything.shards[1]
     assert everything.split("validation")[0]["inputs"].startswith("hypothesis: hypothesis 10")
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_rust_truncation_equals_tokenize_then_cut(family, tmp_path):
+    """Cutting long texts inside the Rust tokenizer gives the ids of tokenizing everything
+    and cutting in Python (T5 keeps its EOS; GPT-2 targets end in EOS)."""
+    model = load_model(build_tiny_model(str(tmp_path / family), family=family))
+    tok, eos = model.tokenizer, model.config.eos_token_id
+    long = "review: " + " ".join(["the movie was very good and"] * 30)
+    examples = [{"inputs": long, "targets": "positive " * 12},
+                {"inputs": "review: dull", "targets": "negative"}]
+    got = pipeline.tokenize(model, examples, 20, 6)
+    for (a, b, cut), ex in zip(got, examples):
+        full_in = tok(ex["inputs"])["input_ids"]
+        if family == "t5":
+            want_a, cut_a = pipeline._clip(full_in, 20, eos)
+            want_b, cut_b = pipeline._clip(tok(ex["targets"])["input_ids"], 6, eos)
+        else:
+            want_a, cut_a = pipeline._clip(full_in, 20)
+            want_b, cut_b = pipeline._clip(tok(" " + ex["targets"])["input_ids"] + [eos], 6,
+                                           eos)
+        assert (a, b, cut) == (want_a, want_b, cut_a or cut_b)
+    assert got[0][2] and not got[1][2]
+
+
+def test_cached_stream_equals_uncached(model):
+    examples = synthetic("synthetic_sentiment").split("train")[:40]
+    cached = pipeline.TrainStream(model, {0: examples}, 1, 8, 24, 4, 0)
+    fresh = pipeline.TrainStream(model, {0: examples}, 1, 8, 24, 4, 0, cache=False)
+    for step in range(10):  # steps 5-9: the second epoch, served from the cache
+        a, b = cached.batch(step), fresh.batch(step)
+        assert a[1] == b[1]
+        for k in a[0]:
+            np.testing.assert_array_equal(a[0][k], b[0][k])
+    assert len(cached._cache) == 40
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_long_texts_tokenized_from_a_prefix_are_exact(family, tmp_path, monkeypatch):
+    """Texts far over the limit are tokenized from a prefix; the kept ids equal those of
+    the whole text, including when the prefix turns out too short (then the whole text is
+    tokenized)."""
+    model = load_model(build_tiny_model(str(tmp_path / family), family=family))
+    tok = model.tokenizer
+    dense = " ".join(["excellent"] * 200)  # few characters per token: the prefix suffices
+    sparse = " ".join(["a"] * 5) + " " + "x" * 400 + " " + " ".join(["good"] * 50)
+    examples = [{"inputs": t, "targets": "positive"} for t in (dense, sparse, "short")]
+    monkeypatch.setattr(pipeline, "CHARS_PER_TOKEN", 2)  # force the prefix path
+    got = pipeline.tokenize(model, examples, 16, 4)
+    for (ids, _, cut), ex in zip(got, examples):
+        full = tok(ex["inputs"])["input_ids"]
+        eos = model.config.eos_token_id if family == "t5" else None
+        assert (ids, cut) == pipeline._clip(full, 16, eos)

@@ -14,13 +14,11 @@ the target tokens (the loss never sees the input), as PEFT's causal-LM labels do
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from ptjax.errors import PtjaxError
-
-
-def _tokenize(tokenizer, texts):
-    return tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []
 
 
 def _clip(ids, limit, keep_last=None):
@@ -30,6 +28,67 @@ def _clip(ids, limit, keep_last=None):
     if keep_last is not None and ids and ids[-1] == keep_last:
         return list(ids[:limit - 1]) + [keep_last], True
     return list(ids[:limit]), True
+
+
+_TRUNCATING = weakref.WeakKeyDictionary()  # tokenizer -> {max_length: Rust tokenizer}
+
+
+def _truncating(tokenizer, max_length: int):
+    """The tokenizer's Rust backend set to truncate at ``max_length`` (special tokens such
+    as T5's EOS kept, as ``truncation=True`` does), or None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    by_length = _TRUNCATING.setdefault(tokenizer, {})
+    if max_length not in by_length:
+        import tokenizers
+
+        copy = tokenizers.Tokenizer.from_str(backend.to_str())
+        copy.no_padding()
+        copy.enable_truncation(max_length)
+        by_length[max_length] = copy
+    return by_length[max_length]
+
+
+CHARS_PER_TOKEN = 8  # prefix budget for long texts (English averages about 4)
+_SPLITTING = ("Metaspace", "ByteLevel", "Whitespace", "WhitespaceSplit", "BertPreTokenizer")
+
+
+def _splits_at_spaces(backend) -> bool:
+    """True when the pre-tokenizer cuts words at spaces, so tokens never span one."""
+    text = repr(backend.pre_tokenizer)  # also lists the parts of a Sequence
+    return any(f"{name}(" in text for name in _SPLITTING) and "split=False" not in text
+
+
+def _tokenize(tokenizer, texts, max_length: int, eos=None):
+    """[(ids, truncated)] for each text: tokenized with the tokenizer's special tokens, cut
+    to ``max_length`` in the Rust tokenizer (a long passage never becomes a Python list).
+    eos: append this id after the text's own tokens (GPT-2 targets), within max_length."""
+    if not texts:
+        return []
+    limit = max_length - (eos is not None)
+    fast = _truncating(tokenizer, limit)
+    if fast is None:  # a slow (pure Python) tokenizer
+        rows = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        if eos is not None:
+            return [_clip(ids + [eos], max_length, eos) for ids in rows]
+        specials = tokenizer.all_special_ids
+        return [_clip(ids, max_length, ids[-1] if ids and ids[-1] in specials else None)
+                for ids in rows]
+    texts = list(texts)
+    # A text far longer than the limit is tokenized from a prefix cut at a space: with a
+    # pre-tokenizer that splits words at spaces the first tokens are the same, and if the
+    # prefix still overflows, the kept tokens are exact. Otherwise the whole text is used.
+    budget = CHARS_PER_TOKEN * max_length if _splits_at_spaces(fast) else None
+    cuts = [t.find(" ", budget) if budget and len(t) > budget else -1 for t in texts]
+    encs = fast.encode_batch([t[:c] if c > 0 else t for t, c in zip(texts, cuts)])
+    redo = [i for i, (c, e) in enumerate(zip(cuts, encs)) if c > 0 and not e.overflowing]
+    for i, e in zip(redo, fast.encode_batch([texts[i] for i in redo])):
+        encs[i] = e
+    out = [(e.ids, bool(e.overflowing)) for e in encs]
+    if eos is not None:
+        out = [(ids + [eos], cut) for ids, cut in out]
+    return out
 
 
 def _pad(rows, length, pad_id, left=False):
@@ -43,44 +102,51 @@ def _pad(rows, length, pad_id, left=False):
     return out, mask
 
 
-def encode(model, examples, max_input_length: int, max_target_length: int) -> tuple[dict, int]:
-    """Examples -> (arrays as in the module docstring, number of truncated examples)."""
+def tokenize(model, examples, max_input_length: int, max_target_length: int) -> list:
+    """Per example (input ids, target ids, truncated), cut to the configured lengths."""
     tok, cfg = model.tokenizer, model.config
     if tok is None:
         raise PtjaxError(f"{model.path}: the checkpoint has no tokenizer files, so task text "
                          "cannot be encoded")
-    inputs = [e["inputs"] for e in examples]
+    inputs = _tokenize(tok, [e["inputs"] for e in examples], max_input_length)
     if model.is_encoder_decoder:
-        eos = cfg.eos_token_id
-        enc = [_clip(ids, max_input_length, eos) for ids in _tokenize(tok, inputs)]
-        tgt = [_clip(ids, max_target_length, eos)
-               for ids in _tokenize(tok, [e["targets"] for e in examples])]
-        input_ids, input_mask = _pad([ids for ids, _ in enc], max_input_length, cfg.pad_token_id)
-        targets, target_mask = _pad([ids for ids, _ in tgt], max_target_length, cfg.pad_token_id)
-        dec = np.concatenate([np.full((len(examples), 1), cfg.decoder_start_token_id, np.int32),
-                              targets[:, :-1]], axis=1)
-        arrays = dict(input_ids=input_ids, input_mask=input_mask, decoder_input_ids=dec,
-                      targets=targets, target_mask=target_mask)
-        cut = sum(a or b for (_, a), (_, b) in zip(enc, tgt))
-        return arrays, cut
-    eos = cfg.eos_token_id
-    pad = eos if cfg.pad_token_id is None else cfg.pad_token_id
-    L = max_input_length + max_target_length
-    enc = [_clip(ids, max_input_length) for ids in _tokenize(tok, inputs)]
-    tgt = [_clip(ids + [eos], max_target_length, eos)
-           for ids in _tokenize(tok, [" " + e["targets"] for e in examples])]
-    seqs = [a + b for (a, _), (b, _) in zip(enc, tgt)]
-    input_ids, input_mask = _pad(seqs, L, pad)
+        targets = _tokenize(tok, [e["targets"] for e in examples], max_target_length)
+    else:  # " " + target, then EOS: what PEFT's causal-LM labels hold
+        targets = _tokenize(tok, [" " + e["targets"] for e in examples], max_target_length,
+                            eos=cfg.eos_token_id)
+    return [(a, b, ca or cb) for (a, ca), (b, cb) in zip(inputs, targets)]
+
+
+def assemble(model, tokenized, max_input_length: int, max_target_length: int) -> dict:
+    """Tokenized examples (``tokenize``) -> the fixed-shape arrays of the module docstring."""
+    cfg = model.config
+    if model.is_encoder_decoder:
+        input_ids, input_mask = _pad([a for a, _, _ in tokenized], max_input_length,
+                                     cfg.pad_token_id)
+        targets, target_mask = _pad([b for _, b, _ in tokenized], max_target_length,
+                                    cfg.pad_token_id)
+        dec = np.concatenate([np.full((len(tokenized), 1), cfg.decoder_start_token_id,
+                                      np.int32), targets[:, :-1]], axis=1)
+        return dict(input_ids=input_ids, input_mask=input_mask, decoder_input_ids=dec,
+                    targets=targets, target_mask=target_mask)
+    pad = cfg.eos_token_id if cfg.pad_token_id is None else cfg.pad_token_id
+    seqs = [a + b for a, b, _ in tokenized]
+    input_ids, input_mask = _pad(seqs, max_input_length + max_target_length, pad)
     targets = np.concatenate([input_ids[:, 1:], np.full((len(seqs), 1), pad, np.int32)], 1)
     target_mask = np.zeros_like(input_mask)
-    for i, ((a, _), (b, _)) in enumerate(zip(enc, tgt)):
+    for i, (a, b, _) in enumerate(tokenized):
         target_mask[i, len(a) - 1:len(a) + len(b) - 1] = 1  # positions predicting the target
     # generation reads the inputs alone, left-padded so every row ends at the same slot
-    gen_ids, gen_mask = _pad([a for a, _ in enc], max_input_length, pad, left=True)
-    arrays = dict(input_ids=input_ids, input_mask=input_mask, targets=targets,
-                  target_mask=target_mask, gen_ids=gen_ids, gen_mask=gen_mask)
-    cut = sum(a or b for (_, a), (_, b) in zip(enc, tgt))
-    return arrays, cut
+    gen_ids, gen_mask = _pad([a for a, _, _ in tokenized], max_input_length, pad, left=True)
+    return dict(input_ids=input_ids, input_mask=input_mask, targets=targets,
+                target_mask=target_mask, gen_ids=gen_ids, gen_mask=gen_mask)
+
+
+def encode(model, examples, max_input_length: int, max_target_length: int) -> tuple[dict, int]:
+    """Examples -> (arrays as in the module docstring, number of truncated examples)."""
+    tokenized = tokenize(model, examples, max_input_length, max_target_length)
+    return (assemble(model, tokenized, max_input_length, max_target_length),
+            sum(cut for _, _, cut in tokenized))
 
 
 def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
@@ -119,13 +185,15 @@ class TrainStream:
     step, n_shards), not on how many processes read it: process p reads only the shards it
     owns (``owned_shards``), a resumed run sees exactly the examples it would have seen,
     and one process given the same ``n_shards`` reproduces a multi-host run's batches.
-    Examples are tokenized batch by batch (``prefetch`` runs this off the main thread).
+    Examples are tokenized batch by batch (``prefetch`` runs this off the main thread) and,
+    with ``cache``, kept tokenized: after the first epoch a batch is only gathered and padded.
 
     shards: {shard index: examples} for the shards this process owns.
     """
 
     def __init__(self, model, shards: dict, n_shards: int, batch_size: int,
-                 max_input_length: int, max_target_length: int, seed: int):
+                 max_input_length: int, max_target_length: int, seed: int,
+                 cache: bool = True):
         if batch_size % n_shards:
             raise PtjaxError(f"train.batch_size={batch_size} is not a multiple of the "
                              f"{n_shards} data shards (train.data_shards)")
@@ -136,15 +204,31 @@ class TrainStream:
         self.model, self.shards, self.seed = model, dict(sorted(shards.items())), seed
         self.rows_per_shard = batch_size // n_shards
         self.lengths = (max_input_length, max_target_length)
+        self._cache = {} if cache else None  # (shard, index) -> tokenize()'s triple
 
-    def examples(self, step: int) -> list[dict]:
-        return [self.shards[q][i] for q in self.shards
+    def indices(self, step: int) -> list[tuple[int, int]]:
+        """(shard, index in shard) of this process's rows of batch ``step``."""
+        return [(q, int(i)) for q in self.shards
                 for i in train_indices(step, self.rows_per_shard, len(self.shards[q]),
                                        self.seed, q)]
 
+    def examples(self, step: int) -> list[dict]:
+        return [self.shards[q][i] for q, i in self.indices(step)]
+
     def batch(self, step: int) -> tuple[dict, int]:
         """(local arrays [rows, ...], number of truncated examples) for global ``step``."""
-        return encode(self.model, self.examples(step), *self.lengths)
+        keys = self.indices(step)
+        if self._cache is None:
+            tokenized = tokenize(self.model, [self.shards[q][i] for q, i in keys],
+                                 *self.lengths)
+        else:
+            missing = sorted({k for k in keys if k not in self._cache})
+            fresh = tokenize(self.model, [self.shards[q][i] for q, i in missing],
+                             *self.lengths)
+            self._cache.update(zip(missing, fresh))
+            tokenized = [self._cache[k] for k in keys]
+        return (assemble(self.model, tokenized, *self.lengths),
+                sum(cut for _, _, cut in tokenized))
 
 
 def prefetch(fn, steps, depth: int = 2):

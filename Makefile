@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # It is installed before the test extra so the extra never replaces it.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test clean
+.PHONY: demo test notebooks clean
 
 $(VENV)/.ptjax-base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,14 @@ $(VENV)/.ptjax-test: $(VENV)/.ptjax-base
 	touch $@
 
 demo: $(VENV)/.ptjax-base
-	$(BIN)/ptjax train experiments/demo.yaml
+	$(BIN)/ptjax sweep experiments/demo.yaml
 
 test: $(VENV)/.ptjax-test
 	$(BIN)/python -m pytest -q
+
+# The analysis notebooks, executed against the demo sweep's output (after `make demo`).
+notebooks: $(VENV)/.ptjax-test
+	$(BIN)/python notebooks/execute.py runs/demo
 
 clean:
 	rm -rf $(VENV) runs

@@ -6,6 +6,9 @@
     ptjax train [CONFIG.yaml] [key=value ...]   prompt (or model) tuning; resumes a killed run
     ptjax eval RUN_DIR|CONFIG [key=value ...] [--prompt FILE]   evaluate saved prompts
     ptjax plan CONFIG [key=value ...] [--device-memory 80GB]    memory per device, before a run
+    ptjax sweep SWEEP.yaml [--shard i/N]   run a sweep (skips finished jobs), then report
+    ptjax report SWEEP_DIR               tables and the paper's plots
+    ptjax neighbors RUN_DIR [--k 5]      nearest vocabulary tokens of each prompt position
 
 A user's mistake (bad path, unsupported model, wrong shape) prints one line and exits 2.
 """
@@ -112,15 +115,75 @@ def cmd_eval(args):
     from ptjax.run import evaluate_prompts
 
     cfg = _config_and_overrides(args.items)
-    metrics = evaluate_prompts(cfg, args.prompt, args.split)
-    for name, values in metrics.items():
-        for k, v in enumerate(values):
-            print(f"prompt {k}: {args.split} {name} {v:.2f}")
+    metrics = evaluate_prompts(cfg, args.prompt, args.split, args.ensemble)
+    if args.ensemble:
+        for name, values in metrics["prompts"].items():
+            each = ", ".join(f"{v:.2f}" for v in values)
+            print(f"{args.split} {name}: prompts [{each}]  average {metrics['average'][name]:.2f}"
+                  f"  best {metrics['best'][name]:.2f}  ensemble ({args.ensemble}) "
+                  f"{metrics['ensemble'][name]:.2f}")
+    else:
+        for name, values in metrics.items():
+            for k, v in enumerate(values):
+                print(f"prompt {k}: {args.split} {name} {v:.2f}")
     if args.out:
         import json
 
         with open(args.out, "w") as f:
             json.dump({"split": args.split, "prompt_file": args.prompt, **metrics}, f, indent=2)
+
+
+def cmd_sweep(args):
+    from ptjax.report import write_report
+    from ptjax.sharding import is_main_process
+    from ptjax.sweep import all_done, load_sweep, parse_shard, run_sweep
+
+    shard = parse_shard(args.shard)
+    sweep = load_sweep(args.sweep, args.dir)
+    if args.dry_run:
+        for job in sweep.jobs:
+            print(f"job {job.id} -> {job.run_dir}")
+            for run in job.runs:
+                print(f"  run {run.id}: " + ", ".join(f"{k}={v}" for k, v in
+                                                     run.settings.items()))
+        print(f"{len(sweep.runs)} runs in {len(sweep.jobs)} jobs")
+        return 0
+    print(f"sweep {sweep.name}: {len(sweep.runs)} runs in {len(sweep.jobs)} jobs -> "
+          f"{sweep.dir}" + (f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""))
+    out = run_sweep(sweep, shard, progress=args.progress)
+    if out["failed"]:
+        print(f"{len(out['failed'])} job(s) failed (their error.txt says why); run the same "
+              "command again to retry them:", file=sys.stderr)
+        for job, err in out["failed"]:
+            print(f"  {job}: {err}", file=sys.stderr)
+    if not all_done(sweep):
+        print(f"this shard is done; when every shard is, run: ptjax report {sweep.dir}")
+    elif args.report and is_main_process():
+        paths = write_report(sweep.dir)
+        print(f"report: {paths.get('report', paths['results'])}")
+        for fig in paths.get("figures", []):
+            print(f"  figure: {fig}")
+    return 1 if out["failed"] else 0
+
+
+def cmd_report(args):
+    from ptjax.report import write_report
+
+    paths = write_report(args.directory)
+    for name, path in paths.items():
+        for p in (path if isinstance(path, list) else [path]):
+            print(f"{name}: {p}")
+
+
+def cmd_neighbors(args):
+    from ptjax.analysis import run_neighbors
+
+    df = run_neighbors(args.run_dir, args.k, args.prompt)
+    for (k, pos), group in df.groupby(["prompt", "position"]):
+        tokens = "  ".join(f"{t} ({c:.2f})" for t, c in zip(group["token"], group["cosine"]))
+        print(f"prompt {k} position {pos:3d}: {tokens}")
+    if args.out:
+        df.to_csv(args.out, index=False)
 
 
 def cmd_plan(args):
@@ -176,8 +239,31 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a .npy ([P, D] or [K, P, D]) or safetensors prompt; default: the "
                          "run's export/prompts.npy")
     sp.add_argument("--split", default="validation")
+    sp.add_argument("--ensemble", default="", choices=["", "majority", "mean_logprob"],
+                    help="also score the prompts as one ensemble (one forward over K x B rows)")
     sp.add_argument("--out", default=None, help="also write the metrics to this JSON file")
     sp.set_defaults(fn=cmd_eval)
+
+    sp = sub.add_parser("sweep", help="run a sweep file (grid x zip x seeds), then report")
+    sp.add_argument("sweep", help="a sweep YAML (see experiments/)")
+    sp.add_argument("--shard", default=None, help="i/N: run every N-th job, from job i")
+    sp.add_argument("--dir", default=None, help="the sweep directory (default: the file's "
+                                                  "dir:, or runs/<name>)")
+    sp.add_argument("--dry-run", action="store_true", help="list runs and jobs, run nothing")
+    sp.add_argument("--no-report", dest="report", action="store_false")
+    sp.add_argument("--no-progress", dest="progress", action="store_false")
+    sp.set_defaults(fn=cmd_sweep)
+
+    sp = sub.add_parser("report", help="tables and the paper's plots of a sweep directory")
+    sp.add_argument("directory")
+    sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("neighbors", help="nearest vocabulary tokens of each prompt position")
+    sp.add_argument("run_dir", help="a prompt-tuning run (or a sweep's jobs/<id>) directory")
+    sp.add_argument("--k", type=int, default=5)
+    sp.add_argument("--prompt", type=int, default=None, help="only this prompt of the run")
+    sp.add_argument("--out", default=None, help="also write the table as CSV")
+    sp.set_defaults(fn=cmd_neighbors)
 
     sp = sub.add_parser("plan", help="memory per device of a run's train step, before loading")
     sp.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
@@ -210,7 +296,7 @@ def main(argv=None) -> int:
         if not hasattr(args, "items") or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.items += extra
-    if args.command in ("train", "eval", "plan"):
+    if args.command in ("train", "eval", "plan", "sweep", "neighbors"):
         enable_compilation_cache()
     try:
         code = args.fn(args)

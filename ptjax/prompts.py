@@ -37,13 +37,13 @@ def class_label(key, length: int, embedding_VxD, label_ids: Sequence[Sequence[in
                 fallback: str = "sampled_vocab", vocab_limit: int = 5000,
                 low: float = -0.5, high: float = 0.5):
     """[P, D]: position c holds the mean embedding of class c's label tokens; the
-    remaining positions come from ``fallback`` (sampled_vocab or random_uniform)."""
+    remaining positions come from ``fallback`` (sampled_vocab or random_uniform). With more
+    labels than positions the first P labels are used, as the official code does (e.g. a
+    1-token prompt for CB's 3 classes in the length ablation)."""
     if not label_ids:
         raise PtjaxError("class_label init needs the task's label strings; none were given "
                          "(set the task's labels or choose another init)")
-    if len(label_ids) > length:
-        raise PtjaxError(f"class_label init: {len(label_ids)} labels do not fit a prompt of "
-                         f"length {length}")
+    label_ids = list(label_ids)[:length]
     emb = jnp.asarray(embedding_VxD)
     labels = jnp.stack([emb[jnp.asarray(ids)].astype(jnp.float32).mean(0) for ids in label_ids])
     rest = length - labels.shape[0]

@@ -406,7 +406,9 @@ def _finish(model, cfg, best, metric, dev, mesh, frozen) -> dict:
     inits = cfg.prompt.inits or (cfg.prompt.init,) * len(seeds)
     results = {
         "run_dir": run_dir, "method": tc.method, "metric": metric,
-        "steps": tc.steps, "export": export_dir,
+        "steps": tc.steps, "export": export_dir, "model": cfg.model.path,
+        "parameters": int(sum(x.size for x in jax.tree.leaves(model.params))),
+        "task": cfg.task.name,
         "prompts": [{"prompt": k, "seed": int(seed),
                      **({"init": inits[k]} if tc.method == "prompt" else {}),
                      "best_step": best.step[k], f"best_{metric}": best.metric[k]}

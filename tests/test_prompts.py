@@ -45,6 +45,9 @@ def test_class_label_averages_multi_token_labels_then_fills():
     rnd = np.asarray(init_prompts("class_label", [0], 4, EMB, label_ids=labels,
                                   fallback="random_uniform"))[0]
     assert np.abs(rnd[2:]).max() <= 0.5
+    # more labels than positions: the first P labels, as the official code does
+    one = np.asarray(init_prompts("class_label", [0], 1, EMB, label_ids=labels))[0]
+    np.testing.assert_allclose(one, EMB[[5]])
 
 
 def test_text_init_matches_peft(tmp_path):
@@ -86,8 +89,6 @@ def test_file_init_npy_and_safetensors(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(strategy="zeros"), "unknown prompt init 'zeros'; valid: random_uniform"),
     (dict(strategy="class_label"), "class_label init needs the task's label strings"),
-    (dict(strategy="class_label", label_ids=[[1]] * 6), "6 labels do not fit a prompt of "
-                                                       "length 5"),
     (dict(strategy="class_label", label_ids=[[1]], fallback="zeros"), "fallback 'zeros'"),
     (dict(strategy="text", text_ids=[]), "text init needs a non-empty init text"),
     (dict(strategy="file", path="/nonexistent/p.npy"), "/nonexistent/p.npy: prompt file "

@@ -1,7 +1,8 @@
 """Task sources: lists of ``{"inputs": str, "targets": str}`` per split.
 
 Built in (no network): ``synthetic_sentiment`` (classification, labels negative /
-positive) and ``synthetic_qa`` (a colour question answered by a word of the input, scored
+positive), ``synthetic_sentiment_shifted`` (the same labels in another domain and form,
+for zero-shot transfer) and ``synthetic_qa`` (a colour question answered by a word of the input, scored
 by greedy exact match or by ranking the colours). ``jsonl`` reads one JSON object per
 line with "inputs" and "targets".
 """
@@ -56,6 +57,15 @@ def _sentiment_example(rng: random.Random) -> dict:
     return {"inputs": f"review: {text}", "targets": "positive" if score > 0 else "negative"}
 
 
+def _shifted_sentiment_example(rng: random.Random) -> dict:
+    """The sentiment task in another domain (animals, not films) and surface form: the
+    target of zero-shot transfer from ``synthetic_sentiment``."""
+    ex = _sentiment_example(rng)
+    words = ex["inputs"].split(" was ", 1)[1].replace(" and ", ", ")
+    animal, colour = rng.choice(ANIMALS), rng.choice(COLOURS)
+    return {"inputs": f"sentence: this {colour} {animal} is {words}", "targets": ex["targets"]}
+
+
 def _qa_example(rng: random.Random) -> dict:
     animals = rng.sample(ANIMALS, 3)
     colours = [rng.choice(COLOURS) for _ in animals]
@@ -67,11 +77,12 @@ def _qa_example(rng: random.Random) -> dict:
 
 def synthetic(name: str, n_train: int = 2048, n_dev: int = 128, seed: int = 0) -> Task:
     """A deterministic built-in task: the same examples on every machine."""
-    make = {"synthetic_sentiment": _sentiment_example, "synthetic_qa": _qa_example}[name]
+    make = {"synthetic_sentiment": _sentiment_example, "synthetic_qa": _qa_example,
+            "synthetic_sentiment_shifted": _shifted_sentiment_example}[name]
     rng = random.Random(f"{name}-{seed}")
     splits = {"train": [make(rng) for _ in range(n_train)],
               "validation": [make(rng) for _ in range(n_dev)]}
-    labels = ("negative", "positive") if name == "synthetic_sentiment" else ()
+    labels = ("negative", "positive") if name.startswith("synthetic_sentiment") else ()
     return Task(name, splits, labels, "accuracy" if labels else "exact_match")
 
 
@@ -97,7 +108,7 @@ def read_jsonl(path: str) -> list[dict]:
     return examples
 
 
-BUILTIN = ("synthetic_sentiment", "synthetic_qa")
+BUILTIN = ("synthetic_sentiment", "synthetic_qa", "synthetic_sentiment_shifted")
 
 
 def task_names() -> list[str]:

@@ -1,0 +1,191 @@
+"""``ptjax report SWEEP_DIR``: the sweep's tables and the paper's plots.
+
+Writes into the sweep directory:
+  results.csv     one row per run x eval step (``ptjax.analysis.load_results``)
+  runs.csv        one row per run: best step and best dev score (early stopping)
+  summary.csv     mean +/- std over seeds of each setting's best dev score
+  ensemble.csv    each packed job's prompts, their average, the best, the ensemble
+  figures/        fig1_size.png (score vs model size per method), fig3a_length.png (score
+                  vs prompt length per size), fig3b_init.png (score vs init per size),
+                  fig3c_pretraining.png (score vs size per checkpoint) -- each drawn when
+                  the sweep varies what it plots
+  report.md       the tables and figures in one page
+
+With several tasks, a run's score is its task's dev metric and a setting's score is the
+mean over tasks per seed (the SuperGLUE average is a mean of task scores), then the mean
+and std over seeds.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+
+from ptjax import analysis
+
+
+def size_label(parameters) -> str:
+    if not np.isfinite(parameters):
+        return "?"
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if parameters >= scale:
+            return f"{parameters / scale:.3g}{unit}"
+    return f"{int(parameters)}"
+
+
+def checkpoint_family(path: str) -> str:
+    """google/t5-xl-lm-adapt -> "lm-adapt"; google/t5-v1_1-xl -> "span corruption (v1.1)"."""
+    if "lm-adapt" in path:
+        return "LM adapted"
+    if "v1_1" in path:
+        return "span corruption (T5 1.1)"
+    return re.sub(r"(small|base|large|xl|xxl)", "", os.path.basename(path)).strip("-_") or path
+
+
+def _task_mean(runs, by):
+    """Mean over tasks for each (setting, seed), so a setting's spread is over seeds."""
+    cols = [c for c in by if c != "task.name"]
+    per_seed = runs.groupby(cols + ["seed"], dropna=False)["best"].mean().reset_index()
+    return per_seed.groupby(cols, dropna=False)["best"].agg(
+        ["mean", "std", "count"]).reset_index()
+
+
+def _label(hue, values) -> str:
+    parts = []
+    for key, v in zip(hue, values if isinstance(values, tuple) else (values,)):
+        if key == "parameters":
+            parts.append(size_label(v))
+        elif key in ("train.method", "family"):
+            parts.append(str(v))
+        else:
+            parts.append(f"{key.split('.')[-1]}={v}")
+    return ", ".join(parts)
+
+
+def _plot(ax, table, x, hue, xlabel, logx=False, categorical=False):
+    """One line (mean, std error bar over seeds) per value of the ``hue`` columns."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    categories = sorted(table[x].unique(), key=str)
+    for values, group in table.groupby(hue, dropna=False, sort=True):
+        group = group.sort_values(x)
+        xs = [categories.index(v) for v in group[x]] if categorical else group[x]
+        ax.errorbar(xs, group["mean"], yerr=group["std"].fillna(0.0), marker="o", capsize=3,
+                    label=_label(hue, values))
+    if categorical:
+        ax.set_xticks(range(len(categories)))
+        ax.set_xticklabels(categories, rotation=15)
+    elif logx:
+        ax.set_xscale("log")
+        ticks = sorted(table[x].unique())
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter() if x != "parameters" else
+                                     matplotlib_func(size_label))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(xlabel)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+
+def matplotlib_func(fn):
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: fn(v))
+
+
+def figures(runs, out_dir: str, metric_name: str) -> list[str]:
+    """The paper's plots for whatever the sweep varies; returns the files written. Other
+    settings the sweep varies (besides the task and the seed) get their own lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = runs.assign(family=runs["model.path"].map(checkpoint_family))
+    varies = {c: runs[c].nunique(dropna=False) > 1 for c in runs.columns}
+    settings = [c for c in analysis.setting_columns(runs) if varies.get(c)
+                and c not in ("task.name", "model.path")]
+    written = []
+
+    def draw(name, title, x, hue, xlabel, **kw):
+        hue = hue + [c for c in settings if c not in (x, *hue)]
+        table = _task_mean(runs, ["task.name", x, *hue])
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        _plot(ax, table, x, hue, xlabel, **kw)
+        ax.set_ylabel(f"dev {metric_name} (mean over seeds)")
+        ax.set_title(title)
+        fig.tight_layout()
+        path = os.path.join(out_dir, name)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    if varies.get("model.path") or varies.get("train.method"):
+        draw("fig1_size.png", "Figure 1: score vs model size", "parameters",
+             ["train.method"], "model parameters", logx=True)
+    if varies.get("prompt.length"):
+        draw("fig3a_length.png", "Figure 3a: prompt length", "prompt.length", ["parameters"],
+             "prompt length", logx=True)
+    if varies.get("prompt.init"):
+        draw("fig3b_init.png", "Figure 3b: prompt initialisation", "prompt.init",
+             ["parameters"], "prompt initialisation", categorical=True)
+    if varies.get("family"):
+        draw("fig3c_pretraining.png", "Figure 3c: pre-training objective", "parameters",
+             ["family"], "model parameters", logx=True)
+    return written
+
+
+def _markdown(df, floatfmt="{:.2f}") -> str:
+    if df.empty:
+        return "(none)\n"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        cells = [floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
+                 for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(directory: str) -> dict:
+    """Write the tables, figures and report.md; returns {name: path}."""
+    results = analysis.load_results(directory)
+    runs = analysis.load_runs(directory)
+    paths = {}
+    results.to_csv(p := os.path.join(directory, "results.csv"), index=False)
+    paths["results"] = p
+    if runs.empty:
+        return paths
+    runs.to_csv(p := os.path.join(directory, "runs.csv"), index=False)
+    paths["runs"] = p
+    summary = analysis.summarize(runs)
+    summary.to_csv(p := os.path.join(directory, "summary.csv"), index=False)
+    paths["summary"] = p
+    ensembles = analysis.load_ensembles(directory)
+    if not ensembles.empty:
+        ensembles.to_csv(p := os.path.join(directory, "ensemble.csv"), index=False)
+        paths["ensemble"] = p
+    fig_dir = os.path.join(directory, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    metric = ", ".join(sorted(runs["metric"].dropna().unique())) or "score"
+    paths["figures"] = figures(runs, fig_dir, metric)
+    transfer = [c for c in runs.columns if c.startswith("transfer:")]
+    lines = [f"# Sweep report: {os.path.basename(os.path.normpath(directory))}", "",
+             f"{len(runs)} runs, dev metric: {metric}; best step by early stopping on dev.",
+             "", "## Mean +/- std over seeds", "", _markdown(summary)]
+    if transfer:
+        cols = [c for c in analysis.setting_columns(runs) if runs[c].nunique() > 1]
+        t = runs.groupby(cols or ["task.name"], dropna=False)[["best", *transfer]].mean()
+        lines += ["## Zero-shot transfer (best prompt of each run)", "",
+                  _markdown(t.reset_index())]
+    if not ensembles.empty:
+        show = ensembles[["task.name", "prompt.length", "metric", "prompts", "average",
+                          "best", "ensemble"]]
+        lines += ["## Prompt ensembles", "", _markdown(show)]
+    lines += ["## Figures", ""] + [f"![{os.path.basename(f)}](figures/{os.path.basename(f)})"
+                                   for f in paths["figures"]]
+    with open(p := os.path.join(directory, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    paths["report"] = p
+    return paths

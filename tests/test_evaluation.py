@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from ptjax.data.tasks import Task
+from ptjax.errors import PtjaxError
 from ptjax.evaluation import build_dev_set, evaluate
 from ptjax.models.model import load_model
 from ptjax.models.tiny import build_tiny_model
@@ -80,3 +81,28 @@ def test_exact_match_matches_a_plain_loop(model):
     got = evaluate(model, model.params, prompts, dev, batch_size=2, max_new_tokens=4)
     assert got["exact_match"][1] == pytest.approx(40.0)
     assert len(got["exact_match"]) == 2
+
+
+def test_ensemble_votes_and_mean_log_probability():
+    """Hand-worked: 3 prompts, 2 examples with candidates (a, b) and (x, y, z)."""
+    from ptjax.evaluation import DevSet, Predictions, ensemble, ensemble_table
+
+    examples = [{"inputs": "1", "targets": "a"}, {"inputs": "2", "targets": "z"}]
+    dev = DevSet("rank", "accuracy", examples, {}, [["a", "b"], ["x", "y", "z"]])
+    scores = np.array([[-1.0, -2.0, -1.0, -5.0, -3.0],    # prompt 0: a, x
+                       [-3.0, -0.5, -4.0, -0.1, -9.0],    # prompt 1: b, y
+                       [-1.5, -1.0, -2.0, -3.0, -1.0]])   # prompt 2: b, z
+    preds = Predictions([["a", "x"], ["b", "y"], ["b", "z"]], scores)
+    # example 0: b wins 2-1; example 1: a three-way tie broken by mean log-likelihood
+    # (x: -7/3, y: -8.1/3, z: -13/3) -> x
+    assert ensemble(dev, preds, "majority") == ["b", "x"]
+    # mean log-likelihood: a -5.5/3 vs b -3.5/3 -> b; x -> x
+    assert ensemble(dev, preds, "mean_logprob") == ["b", "x"]
+    table = ensemble_table(dev, preds)
+    assert table["prompts"]["accuracy"] == [50.0, 0.0, 50.0]
+    assert table["average"]["accuracy"] == pytest.approx(100 / 3)
+    assert table["best"]["accuracy"] == 50.0 and table["ensemble"]["accuracy"] == 0.0
+    generated = Predictions([["a", "q"], ["b", "r"], ["c", "q"]])
+    assert ensemble(dev, generated, "majority") == ["a", "q"]  # tie -> the first prompt's
+    with pytest.raises(PtjaxError, match="mean_logprob needs rank classification"):
+        ensemble(dev, generated, "mean_logprob")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import random
@@ -124,7 +123,6 @@ def main(argv=None):
     per_epoch = a.examples // a.batch
     cold, truncated = rate(range(per_epoch))  # the first epoch tokenizes every example
     warm, _ = rate(range(per_epoch, per_epoch + a.batches))  # later epochs: cached ids
-    pipe_rate = cold
 
     per_example = model_flops(cfg, 1, a.input_length, a.target_length, a.prompt_length)
     accel_rate = a.mfu * a.peak_tflops * 1e12 / per_example
@@ -158,13 +156,10 @@ def main(argv=None):
           f"({a.peak_tflops:.0f} peak TFLOP/s, {per_example / 1e12:.2f} TFLOP/example)")
     print(f"pipeline / accelerator: {result['headroom_first_epoch']:.1f}x first epoch, "
           f"{result['headroom_later_epochs']:.1f}x later")
-    path = a.out or os.path.join(ROOT, "benchmarks", "results", (
-        f"input_pipeline-{result['date']}-{result['device'].replace(' ', '_')}-{a.model}-"
-        f"in{a.input_length}.json"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"written to {os.path.relpath(path, ROOT)}")
+    from train_step import write_result
+
+    write_result(result, a.out, f"input_pipeline-{result['date']}-{result['device']}-"
+                 f"{a.model}-in{a.input_length}.json")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,16 @@ PEAK_TFLOPS = {
 }
 
 
+def write_result(result: dict, out: str | None, name: str) -> str:
+    """Write a benchmark's JSON to ``out`` or benchmarks/results/NAME (spaces -> _)."""
+    path = out or os.path.join(ROOT, "benchmarks", "results", name.replace(" ", "_"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"written to {os.path.relpath(path, ROOT)}")
+    return path
+
+
 def model_flops(cfg, batch: int, input_length: int, target_length: int,
                 prompt_length: int) -> float:
     """Model FLOPs of one prompt-tuning train step (forward + activation gradients)."""
@@ -232,13 +242,8 @@ def main(argv=None):
               f" peak {r['peak_bytes'] / 2 ** 30:6.2f} GiB")
     if ratio:
         print(f"ptjax / PEFT throughput: {ratio:.2f}x")
-    path = a.out or os.path.join(ROOT, "benchmarks", "results", (
-        f"train_step-{result['date']}-{rows[0]['device'].replace(' ', '_')}-{a.model}-"
-        f"b{a.batch}-in{a.input_length}-p{a.prompt_length}-{a.dtype}.json"))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"written to {os.path.relpath(path, ROOT)}")
+    write_result(result, a.out, f"train_step-{result['date']}-{rows[0]['device']}-{a.model}-"
+                 f"b{a.batch}-in{a.input_length}-p{a.prompt_length}-{a.dtype}.json")
 
 
 if __name__ == "__main__":

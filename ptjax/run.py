@@ -316,7 +316,6 @@ def train(cfg) -> dict:
     window = {"t": time.perf_counter(), "truncated": 0, "noted": False}
 
     def flush(s):
-        nonlocal pending
         if not pending:
             return
         steps = [p[0] for p in pending]

@@ -362,17 +362,7 @@ def load_model(path_or_hub_id: str, dtype="float32", *, mesh=None, fsdp: bool = 
     """
     jdtype = _dtype(dtype)
     directory = checkpoint_files.resolve(path_or_hub_id)
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.exists(config_path):
-        raise PtjaxError(f"{config_path}: not found; a checkpoint directory needs config.json")
-    try:
-        with open(config_path) as f:
-            hf_config = json.load(f)
-    except ValueError as e:
-        raise PtjaxError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(hf_config, dict):
-        raise PtjaxError(f"{config_path}: must hold a JSON object, got "
-                         f"{type(hf_config).__name__}")
+    config_path, hf_config = _read_hf_config(directory)
     model_type = hf_config.get("model_type")
     if model_type not in _FAMILIES:
         raise PtjaxError(f"{config_path}: model_type {model_type!r} is not supported; "
@@ -414,15 +404,8 @@ def architecture(path_or_hub_id: str):
         if known is not None:
             return known
         path = checkpoint_files.download_config(path_or_hub_id)
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise PtjaxError(f"{config_path}: not found; a checkpoint directory needs config.json")
-    try:
-        with open(config_path) as f:
-            hf_config = json.load(f)
-    except ValueError as e:
-        raise PtjaxError(f"{config_path}: not valid JSON ({e})") from None
-    model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
+    config_path, hf_config = _read_hf_config(path)
+    model_type = hf_config.get("model_type")
     if model_type not in _FAMILIES:
         raise PtjaxError(f"{config_path}: model_type {model_type!r} is not supported; "
                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -430,6 +413,22 @@ def architecture(path_or_hub_id: str):
     if model_type == "t5":  # without weights: v1.0 ties and rescales, v1.1 does neither
         config = dataclasses.replace(config, tie_lm_head=config.scale_decoder_outputs)
     return config
+
+
+def _read_hf_config(directory: str) -> tuple[str, dict]:
+    """(path, contents) of a checkpoint's config.json, or a one-line error naming it."""
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise PtjaxError(f"{config_path}: not found; a checkpoint directory needs config.json")
+    try:
+        with open(config_path) as f:
+            hf_config = json.load(f)
+    except ValueError as e:
+        raise PtjaxError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise PtjaxError(f"{config_path}: must hold a JSON object, got "
+                         f"{type(hf_config).__name__}")
+    return config_path, hf_config
 
 
 def load_tokenizer(directory: str):

@@ -82,6 +82,9 @@ class TaskConfig:
     eval_mode: str = "auto"  # rank classification when there are labels, else greedy EM
     dev_size: int = 0  # evaluate on the first N dev examples; 0 = all
     transfer: tuple[str, ...] = ()  # tasks the best prompts are evaluated on zero-shot
+    # T5: every target starts with <extra_id_0> (token space), like span-corruption
+    # targets; the paper's "span corruption + sentinel" (Figure 3c)
+    target_sentinel: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

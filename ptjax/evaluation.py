@@ -37,9 +37,11 @@ class DevSet:
 
 
 def build_dev_set(model, task, mode: str, max_input_length: int, max_target_length: int,
-                  split: str = "validation") -> DevSet:
+                  split: str = "validation", target_prefix: tuple = ()) -> DevSet:
     """Rank candidates are the task's labels, or an example's own "candidates" (COPA's
-    choices, ReCoRD's entities)."""
+    choices, ReCoRD's entities). target_prefix: ids put before every target and candidate
+    (task.target_sentinel); greedy outputs are decoded without special tokens, so without
+    T5's sentinels."""
     examples = task.split(split)
     if not examples:
         raise PtjaxError(f"task {task.name!r} has no {split} examples")
@@ -60,12 +62,14 @@ def build_dev_set(model, task, mode: str, max_input_length: int, max_target_leng
                                  f"({', '.join(cands[:10])})")
         pairs = [{"inputs": ex["inputs"], "targets": c}
                  for ex, cands in zip(examples, candidates) for c in cands]
-        arrays, _ = pipeline.encode(model, pairs, max_input_length, max_target_length)
+        arrays, _ = pipeline.encode(model, pairs, max_input_length, max_target_length,
+                                    target_prefix)
         _check_labels_fit(model, sorted({c for cands in candidates for c in cands}),
-                          max_target_length)
+                          max_target_length - len(target_prefix))
         return DevSet("rank", metric_set, examples, arrays, candidates, tuple(task.labels),
                       task.metric)
-    arrays, _ = pipeline.encode(model, examples, max_input_length, max_target_length)
+    arrays, _ = pipeline.encode(model, examples, max_input_length, max_target_length,
+                                target_prefix)
     select = task.metric
     if metric_set == "accuracy":  # a classification task decoded greedily
         metric_set = select = "exact_match"
@@ -211,7 +215,8 @@ def metric_names(metric_set: str) -> tuple:
 
 def _generate(model, params, prompts, arrays, batch_size, max_new_tokens, put):
     """Greedy outputs as text, one list of N strings per prompt. Each example is
-    replicated over K rows (row b*K + k holds example b behind prompt k)."""
+    replicated over K rows (row b*K + k holds example b behind prompt k). Special tokens
+    are dropped, T5's sentinels among them (task.target_sentinel's <extra_id_0>)."""
     ids_key, mask_key = (("input_ids", "input_mask") if model.is_encoder_decoder
                          else ("gen_ids", "gen_mask"))
     K = 1 if prompts is None else prompts.shape[0]

@@ -34,12 +34,15 @@ def size_label(parameters) -> str:
     return f"{int(parameters)}"
 
 
-def checkpoint_family(path: str) -> str:
-    """google/t5-xl-lm-adapt -> "lm-adapt"; google/t5-v1_1-xl -> "span corruption (v1.1)"."""
+def checkpoint_family(path: str, sentinel: bool = False) -> str:
+    """google/t5-xl-lm-adapt -> "LM adapted"; google/t5-v1_1-xl -> "span corruption (T5
+    1.1)", or with task.target_sentinel "span corruption + sentinel" (Figure 3c)."""
     if "lm-adapt" in path:
-        return "LM adapted"
+        return "LM adapted" + (" + sentinel" if sentinel else "")
     if "v1_1" in path:
-        return "span corruption (T5 1.1)"
+        return "span corruption + sentinel" if sentinel else "span corruption (T5 1.1)"
+    if sentinel:
+        return checkpoint_family(path) + " + sentinel"
     return re.sub(r"(small|base|large|xl|xxl)", "", os.path.basename(path)).strip("-_") or path
 
 
@@ -102,10 +105,13 @@ def figures(runs, out_dir: str, metric_name: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = runs.assign(family=runs["model.path"].map(checkpoint_family))
+    sentinel = (runs["task.target_sentinel"].fillna(False) if "task.target_sentinel" in runs
+                else [False] * len(runs))
+    runs = runs.assign(family=[checkpoint_family(p, bool(s))
+                               for p, s in zip(runs["model.path"], sentinel)])
     varies = {c: runs[c].nunique(dropna=False) > 1 for c in runs.columns}
     settings = [c for c in analysis.setting_columns(runs) if varies.get(c)
-                and c not in ("task.name", "model.path")]
+                and c not in ("task.name", "model.path", "task.target_sentinel")]
     written = []
 
     def draw(name, title, x, hue, xlabel, **kw):
@@ -123,7 +129,8 @@ def figures(runs, out_dir: str, metric_name: str) -> list[str]:
 
     if varies.get("model.path") or varies.get("train.method"):
         draw("fig1_size.png", "Figure 1: score vs model size", "parameters",
-             ["train.method"], "model parameters", logx=True)
+             ["train.method"] + ["family"] * bool(varies.get("family")), "model parameters",
+             logx=True)
     if varies.get("prompt.length"):
         draw("fig3a_length.png", "Figure 3a: prompt length", "prompt.length", ["parameters"],
              "prompt length", logx=True)

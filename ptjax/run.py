@@ -83,6 +83,10 @@ def check_lengths(model, cfg):
                          f"{limit} positions")
 
 
+def _target_prefix(model, tcfg) -> tuple:
+    return pipeline.target_prefix(model, tcfg.target_sentinel, tcfg.max_target_length)
+
+
 def initial_prompts(model, cfg, task) -> np.ndarray:
     """The [K, P, D] fp32 prompt table: prompt k from ``prompt.inits[k]`` (or
     ``prompt.init``) and ``prompt.seeds[k]``. Built on the host from a host copy of the
@@ -252,6 +256,7 @@ def train(cfg) -> dict:
     mesh, model = prepare(cfg)
     main = is_main_process()
     check_lengths(model, cfg)
+    prefix = _target_prefix(model, cfg.task)
     data_size = mesh.shape["data"]
     if tc.batch_size % data_size:
         raise PtjaxError(f"train.batch_size={tc.batch_size} is not a multiple of the mesh's "
@@ -271,7 +276,7 @@ def train(cfg) -> dict:
     owned = pipeline.owned_shards(n_shards, jax.process_index(), jax.process_count())
     task = load_task(cfg.task, shards=(owned, n_shards))
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
-                        cfg.task.max_target_length)
+                        cfg.task.max_target_length, target_prefix=prefix)
     metric = tc.metric or dev.select
     valid = metric_names(dev.metric_set)
     if metric not in valid:
@@ -279,7 +284,7 @@ def train(cfg) -> dict:
                          f"{cfg.task.name!r}; valid: {', '.join(valid)}")
     stream = pipeline.TrainStream(model, task.shards, n_shards, tc.batch_size,
                                   cfg.task.max_input_length, cfg.task.max_target_length,
-                                  tc.seed)
+                                  tc.seed, target_prefix=prefix)
 
     tx = make_optimizer(cfg.optim, tc.steps)
     seeds = cfg.prompt.seeds if method == "prompt" else cfg.prompt.seeds[:1]
@@ -445,7 +450,7 @@ def _transfer_dev_set(model, cfg, name: str):
     tcfg = dataclasses.replace(cfg.task, name=name, labels=(), transfer=())
     task = load_task(tcfg, splits=("validation",))
     return build_dev_set(model, task, tcfg.eval_mode, tcfg.max_input_length,
-                         tcfg.max_target_length)
+                         tcfg.max_target_length, target_prefix=_target_prefix(model, tcfg))
 
 
 def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validation",
@@ -456,7 +461,8 @@ def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validati
     task = load_task(cfg.task, splits=(split,))
     check_lengths(model, cfg)
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
-                        cfg.task.max_target_length, split=split)
+                        cfg.task.max_target_length, split=split,
+                        target_prefix=_target_prefix(model, cfg.task))
     size, lengths = cfg.train.eval_batch_size, cfg.task.max_target_length
     if cfg.train.method == "model":
         path = prompt_path or os.path.join(cfg.run_dir, "export", "model")

@@ -14,6 +14,7 @@ A sweep file (YAML)::
     zip:                          # zipped together, then crossed with the grid
       train.method: [prompt, model]
       optim.learning_rate: [0.3, 0.001]
+    # zip may also be a list of such groups: each zipped, the groups crossed
     seeds: [0, 1, 2]              # one run per seed: the prompt's init and dropout seed
     pack: 8                       # runs differing only in seed / init share a job (K <= 8)
     ensemble: majority            # also score each packed job's prompts as an ensemble
@@ -46,6 +47,10 @@ INIT_KEYS = ("prompt.init",)  # what may differ inside a packed job, besides the
 # Keys that never change what a run computes (left out of its id).
 NOT_IN_ID = ("run_dir", "train.progress", "train.eval_batch_size", "mesh.data", "mesh.model",
              "mesh.fsdp", "mesh.distributed")
+
+# Settings added after the first sweeps: left out of the id while at their default, so
+# sweep directories made before them keep their run and job ids.
+LATER_DEFAULTS = {"task.target_sentinel": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +92,10 @@ def _canonical(cfg) -> dict:
         for p in parts[:-1]:
             node = node[p]
         node.pop(parts[-1], None)
+    for key, default in LATER_DEFAULTS.items():
+        section, name = key.split(".")
+        if d[section].get(name) == default:
+            del d[section][name]
     return d
 
 
@@ -152,13 +161,29 @@ def _read(path: str) -> dict:
 def _axes(data: dict, name: str, path: str) -> dict:
     axes = data.get(name) or {}
     if not isinstance(axes, dict):
-        raise PtjaxError(f"{path}: {name} must map config keys to lists of values")
+        raise PtjaxError(f"{path}: {name} must map config keys to lists of values"
+                         + (" (or be a list of such mappings)" if name == "zip" else ""))
     for key, values in axes.items():
         _check_axis(key, path)
         if not isinstance(values, list) or not values:
             raise PtjaxError(f"{path}: {name}.{key} must be a non-empty list of values "
                              f"(got {values!r}); an empty axis makes an empty sweep")
     return axes
+
+
+def _zip_groups(data: dict, path: str) -> list[dict]:
+    """``zip``: one mapping of equal-length axes, or a list of them (crossed)."""
+    raw = data.get("zip") or {}
+    groups = [_axes({"zip": g}, "zip", path) for g in (raw if isinstance(raw, list) else [raw])]
+    seen = set()
+    for g in groups:
+        if seen & set(g):
+            raise PtjaxError(f"{path}: {sorted(seen & set(g))[0]!r} is in two zip groups")
+        seen |= set(g)
+        if len({len(v) for v in g.values()}) > 1:
+            raise PtjaxError(f"{path}: zip axes must have equal lengths (got "
+                             f"{', '.join(f'{k}: {len(v)}' for k, v in g.items())})")
+    return groups
 
 
 def load_sweep(path: str, directory: str | None = None) -> Sweep:
@@ -177,14 +202,11 @@ def load_sweep(path: str, directory: str | None = None) -> Sweep:
         if key not in config_lib.all_keys():
             raise config_lib._unknown(key, f"{path}: config")
         _set(base, key, value)
-    grid, zipped = _axes(data, "grid", path), _axes(data, "zip", path)
+    grid, groups = _axes(data, "grid", path), _zip_groups(data, path)
+    zipped = {k: v for g in groups for k, v in g.items()}
     both = set(grid) & set(zipped)
     if both:
         raise PtjaxError(f"{path}: {sorted(both)[0]!r} is both a grid and a zip axis")
-    lengths = {len(v) for v in zipped.values()}
-    if len(lengths) > 1:
-        raise PtjaxError(f"{path}: zip axes must have equal lengths (got "
-                         f"{', '.join(f'{k}: {len(v)}' for k, v in zipped.items())})")
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -201,7 +223,10 @@ def load_sweep(path: str, directory: str | None = None) -> Sweep:
     directory = directory or data.get("dir") or os.path.join("runs", name)
     keys = tuple(grid) + tuple(zipped) + ("seed",)
 
-    zip_rows = [dict(zip(zipped, vals)) for vals in zip(*zipped.values())] if zipped else [{}]
+    zip_rows = [{k: v for row in rows for k, v in row.items()}
+                for rows in itertools.product(*(
+                    [dict(zip(g, vals)) for vals in zip(*g.values())] if g else [{}]
+                    for g in groups))]
     runs, seen = [], {}
     for grid_vals in itertools.product(*grid.values()):
         for zip_row in zip_rows:

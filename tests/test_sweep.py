@@ -2,6 +2,7 @@
 job (as exact as separate runs), sharding, skip/resume on rerun, one tidy results table,
 the report's tables and plots, ensembles, transfer, nearest tokens, and one-line errors
 that overwrite nothing."""
+import dataclasses
 import glob
 import json
 import os
@@ -15,7 +16,7 @@ from ptjax import analysis as pa
 from ptjax.config import load_config
 from ptjax.report import write_report
 from ptjax.run import train
-from ptjax.sweep import load_sweep, parse_shard, run_sweep
+from ptjax.sweep import load_sweep, parse_shard, run_id, run_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,6 +82,42 @@ def test_expansion_is_deterministic_and_packs_seeds_and_inits(tmp_path, tiny_dir
     model = load_sweep(write_sweep(tmp_path / "m.yaml", tiny_dir, grid={
         "train.method": ["model"]}, ensemble=None), str(tmp_path))
     assert len(model.jobs) == 2  # model tuning is never packed
+
+
+def test_zip_groups_are_each_zipped_then_crossed(tmp_path, tiny_dir):
+    """zip as a list of groups (Figure 3c pairs checkpoints with the sentinel setting and
+    tasks with their inits): each group zipped, the groups crossed with each other and the
+    grid; a lone mapping is the one-group case."""
+    path = write_sweep(tmp_path / "z.yaml", tiny_dir, grid={"prompt.length": [2, 4]},
+                       zip=[{"train.steps": [3, 4], "optim.learning_rate": [0.3, 0.1]},
+                            {"prompt.init": ["random_uniform", "class_label", "sampled_vocab"],
+                             "train.dropout": [0.0, 0.1, 0.2]}], seeds=[0])
+    sweep = load_sweep(path, str(tmp_path))
+    assert sweep.keys == ("prompt.length", "train.steps", "optim.learning_rate",
+                          "prompt.init", "train.dropout", "seed")
+    got = [tuple(r.settings.values()) for r in sweep.runs]
+    assert len(got) == 2 * 2 * 3 == len(set(got))
+    assert got[:4] == [(2, 3, 0.3, "random_uniform", 0.0, 0), (2, 3, 0.3, "class_label", 0.1, 0),
+                       (2, 3, 0.3, "sampled_vocab", 0.2, 0), (2, 4, 0.1, "random_uniform", 0.0, 0)]
+    assert all(r.config.train.steps == r.settings["train.steps"] and
+               r.config.train.dropout == r.settings["train.dropout"] for r in sweep.runs)
+    one = write_sweep(tmp_path / "one.yaml", tiny_dir, grid={"prompt.length": [2, 4]},
+                      zip={"train.steps": [3, 4], "optim.learning_rate": [0.3, 0.1]})
+    listed = write_sweep(tmp_path / "listed.yaml", tiny_dir, grid={"prompt.length": [2, 4]},
+                         zip=[{"train.steps": [3, 4], "optim.learning_rate": [0.3, 0.1]}])
+    assert ([r.id for r in load_sweep(one, "/x").runs] ==
+            [r.id for r in load_sweep(listed, "/x").runs])
+
+
+def test_settings_added_later_keep_existing_run_ids():
+    """task.target_sentinel stays out of a run's id at its default, so sweep directories
+    made before it existed keep their ids (the README's demo job among them)."""
+    sweep = load_sweep(os.path.join(ROOT, "experiments", "demo.yaml"), "/x")
+    assert "a6a54caed0" in [j.id for j in sweep.jobs]
+    run = sweep.runs[0]
+    on = dataclasses.replace(run.config, task=dataclasses.replace(run.config.task,
+                                                                  target_sentinel=True))
+    assert run_id(on) != run.id == run_id(run.config)
 
 
 def test_packed_prompts_equal_separate_runs(tmp_path, tiny_dir):
@@ -176,6 +213,9 @@ def test_shards_and_partial_jobs_resume_to_the_same_table(finished, tiny_dir, tm
     ({"zip": {"train.steps": [3, 4], "optim.learning_rate": [0.1]}},
      "zip axes must have equal lengths"),
     ({"zip": {"prompt.length": [1, 2]}}, "'prompt.length' is both a grid and a zip axis"),
+    ({"zip": [{"train.steps": [3]}, {"train.steps": [4]}]}, "'train.steps' is in two zip"),
+    ({"zip": [{"train.steps": [3, 4], "train.seed": [1]}]}, "zip axes must have equal"),
+    ({"zip": [["train.steps"]]}, "zip must map config keys to lists of values (or be a list"),
     ({"grid": {"prompt.seeds": [[0]]}}, "give seeds with the top-level 'seeds:"),
     ({"seeds": []}, "seeds must be a non-empty list of integers"),
     ({"sweeps": 3}, "unknown sweep key 'sweeps'"),

@@ -8,6 +8,10 @@ T5 (teacher forcing): input_ids/input_mask [N, Li]; decoder_input_ids, targets a
 target_mask [N, Lt], the decoder input being the targets shifted right behind
 decoder_start_token_id. Both sides end in EOS, as T5's tokenizer writes them.
 
+With ``task.target_sentinel`` (T5 only) every target starts with the sentinel
+``<extra_id_0>`` in token space, as span-corruption pre-training targets do: the paper's
+"span corruption + sentinel" setting (Figure 3c). ``target_prefix`` gives those ids.
+
 GPT-2: one sequence ``inputs + " " + targets + EOS`` right-padded to Li + Lt:
 input_ids/input_mask [N, Li+Lt]; targets[t] = the token at t+1 and target_mask marks only
 the target tokens (the loss never sees the input), as PEFT's causal-LM labels do.
@@ -102,15 +106,45 @@ def _pad(rows, length, pad_id, left=False):
     return out, mask
 
 
-def tokenize(model, examples, max_input_length: int, max_target_length: int) -> list:
-    """Per example (input ids, target ids, truncated), cut to the configured lengths."""
-    tok, cfg = model.tokenizer, model.config
-    if tok is None:
+SENTINEL = "<extra_id_0>"  # T5's first span-corruption sentinel, the vocabulary's last id
+
+
+def _tokenizer(model):
+    if model.tokenizer is None:
         raise PtjaxError(f"{model.path}: the checkpoint has no tokenizer files, so task text "
                          "cannot be encoded")
+    return model.tokenizer
+
+
+def target_prefix(model, sentinel: bool, max_target_length: int) -> tuple:
+    """Token ids put before every target: () or, with ``sentinel`` (task.target_sentinel),
+    T5's ``<extra_id_0>``, so downstream targets look like span-corruption targets."""
+    if not sentinel:
+        return ()
+    if max_target_length < 2:
+        raise PtjaxError(f"task.target_sentinel=true puts {SENTINEL} before every target; "
+                         f"task.max_target_length={max_target_length} leaves no room for it")
+    if not model.is_encoder_decoder:
+        raise PtjaxError(f"task.target_sentinel=true needs a T5 checkpoint with span-"
+                         f"corruption sentinels; {model.path} is a decoder-only model")
+    tok = _tokenizer(model)
+    i = tok.convert_tokens_to_ids(SENTINEL)
+    if i is None or i == tok.unk_token_id or i >= model.config.vocab_size:
+        raise PtjaxError(f"task.target_sentinel=true: the tokenizer of {model.path} has no "
+                         f"{SENTINEL} token; only T5 checkpoints with extra_ids have one")
+    return (int(i),)
+
+
+def tokenize(model, examples, max_input_length: int, max_target_length: int,
+             target_prefix: tuple = ()) -> list:
+    """Per example (input ids, target ids, truncated), cut to the configured lengths;
+    ``target_prefix`` ids (T5) start every target and count towards its length."""
+    tok, cfg = _tokenizer(model), model.config
     inputs = _tokenize(tok, [e["inputs"] for e in examples], max_input_length)
     if model.is_encoder_decoder:
-        targets = _tokenize(tok, [e["targets"] for e in examples], max_target_length)
+        targets = _tokenize(tok, [e["targets"] for e in examples],
+                            max_target_length - len(target_prefix))
+        targets = [(list(target_prefix) + ids, cut) for ids, cut in targets]
     else:  # " " + target, then EOS: what PEFT's causal-LM labels hold
         targets = _tokenize(tok, [" " + e["targets"] for e in examples], max_target_length,
                             eos=cfg.eos_token_id)
@@ -142,9 +176,10 @@ def assemble(model, tokenized, max_input_length: int, max_target_length: int) ->
                 target_mask=target_mask, gen_ids=gen_ids, gen_mask=gen_mask)
 
 
-def encode(model, examples, max_input_length: int, max_target_length: int) -> tuple[dict, int]:
+def encode(model, examples, max_input_length: int, max_target_length: int,
+           target_prefix: tuple = ()) -> tuple[dict, int]:
     """Examples -> (arrays as in the module docstring, number of truncated examples)."""
-    tokenized = tokenize(model, examples, max_input_length, max_target_length)
+    tokenized = tokenize(model, examples, max_input_length, max_target_length, target_prefix)
     return (assemble(model, tokenized, max_input_length, max_target_length),
             sum(cut for _, _, cut in tokenized))
 
@@ -188,12 +223,13 @@ class TrainStream:
     Examples are tokenized batch by batch (``prefetch`` runs this off the main thread) and,
     with ``cache``, kept tokenized: after the first epoch a batch is only gathered and padded.
 
-    shards: {shard index: examples} for the shards this process owns.
+    shards: {shard index: examples} for the shards this process owns. target_prefix:
+    ids that start every target (``target_prefix``).
     """
 
     def __init__(self, model, shards: dict, n_shards: int, batch_size: int,
                  max_input_length: int, max_target_length: int, seed: int,
-                 cache: bool = True):
+                 cache: bool = True, target_prefix: tuple = ()):
         if batch_size % n_shards:
             raise PtjaxError(f"train.batch_size={batch_size} is not a multiple of the "
                              f"{n_shards} data shards (train.data_shards)")
@@ -204,6 +240,7 @@ class TrainStream:
         self.model, self.shards, self.seed = model, dict(sorted(shards.items())), seed
         self.rows_per_shard = batch_size // n_shards
         self.lengths = (max_input_length, max_target_length)
+        self.target_prefix = tuple(target_prefix)
         self._cache = {} if cache else None  # (shard, index) -> tokenize()'s triple
 
     def indices(self, step: int) -> list[tuple[int, int]]:
@@ -220,11 +257,11 @@ class TrainStream:
         keys = self.indices(step)
         if self._cache is None:
             tokenized = tokenize(self.model, [self.shards[q][i] for q, i in keys],
-                                 *self.lengths)
+                                 *self.lengths, self.target_prefix)
         else:
             missing = sorted({k for k in keys if k not in self._cache})
             fresh = tokenize(self.model, [self.shards[q][i] for q, i in missing],
-                             *self.lengths)
+                             *self.lengths, self.target_prefix)
             self._cache.update(zip(missing, fresh))
             tokenized = [self._cache[k] for k in keys]
         return (assemble(self.model, tokenized, *self.lengths),

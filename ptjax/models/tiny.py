@@ -36,11 +36,13 @@ def _corpus(n: int = 2000, seed: int = 0):
         yield " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
 
 
-def train_tokenizer(family: str, vocab_size: int = 512, texts=None):
+def train_tokenizer(family: str, vocab_size: int = 512, texts=None, extra_ids: int = 0):
     """A small BPE tokenizer trained here, wrapped as a transformers fast tokenizer.
 
     t5: SentencePiece-like (Metaspace) with <pad>=0, </s>=1, <unk>=2 and an EOS appended
-    to every sequence, like T5's. gpt2: byte-level BPE with <|endoftext|> as BOS/EOS.
+    to every sequence, like T5's; ``extra_ids`` sentinels <extra_id_N-1> .. <extra_id_0>
+    take the last ids, <extra_id_0> the very last, as in T5's vocabulary.
+    gpt2: byte-level BPE with <|endoftext|> as BOS/EOS.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -55,8 +57,11 @@ def train_tokenizer(family: str, vocab_size: int = 512, texts=None):
             vocab_size=vocab_size, special_tokens=list(T5_SPECIALS)))
         tok.post_processor = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+        sentinels = [f"<extra_id_{i}>" for i in reversed(range(extra_ids))]
+        tok.add_special_tokens(sentinels)
         return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
-                                       eos_token="</s>", unk_token="<unk>")
+                                       eos_token="</s>", unk_token="<unk>",
+                                       additional_special_tokens=sentinels)
     if family == "gpt2":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -86,16 +91,18 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     return gpt2.GPT2Config(**{**base, **overrides})
 
 
-def build_tiny_model(directory: str, family: str = "t5", seed: int = 0, **overrides) -> str:
+def build_tiny_model(directory: str, family: str = "t5", seed: int = 0, extra_ids: int = 0,
+                     **overrides) -> str:
     """Train a tokenizer, draw random weights and save both in Hugging Face form.
 
-    Returns ``directory``; an existing tiny model there is reused as it is.
+    extra_ids: T5 sentinels in the vocabulary (see ``train_tokenizer``). Returns
+    ``directory``; an existing tiny model there is reused as it is.
     """
     from ptjax.models.model import Model, init_params
 
     if os.path.exists(os.path.join(directory, "config.json")):
         return directory
-    tokenizer = train_tokenizer(family)
+    tokenizer = train_tokenizer(family, extra_ids=extra_ids)
     config = tiny_config(family, len(tokenizer), **overrides)
     model = Model(config=config, params=None, tokenizer=tokenizer)
     params = init_params(model.module(), jax.random.key(seed))

@@ -38,12 +38,15 @@ def checkpoint_family(path: str, sentinel: bool = False) -> str:
     """google/t5-xl-lm-adapt -> "LM adapted"; google/t5-v1_1-xl -> "span corruption (T5
     1.1)", or with task.target_sentinel "span corruption + sentinel" (Figure 3c)."""
     if "lm-adapt" in path:
-        return "LM adapted" + (" + sentinel" if sentinel else "")
-    if "v1_1" in path:
-        return "span corruption + sentinel" if sentinel else "span corruption (T5 1.1)"
-    if sentinel:
-        return checkpoint_family(path) + " + sentinel"
-    return re.sub(r"(small|base|large|xl|xxl)", "", os.path.basename(path)).strip("-_") or path
+        family = "LM adapted"
+    elif "v1_1" in path:
+        if sentinel:  # the paper's name for this variant
+            return "span corruption + sentinel"
+        family = "span corruption (T5 1.1)"
+    else:
+        family = re.sub(r"(small|base|large|xl|xxl)", "", os.path.basename(path)).strip("-_")
+        family = family or path
+    return family + (" + sentinel" if sentinel else "")
 
 
 def _task_mean(runs, by):

@@ -158,11 +158,11 @@ def _read(path: str) -> dict:
     return data
 
 
-def _axes(data: dict, name: str, path: str) -> dict:
-    axes = data.get(name) or {}
+def _axes(axes, name: str, path: str) -> dict:
+    """One mapping of config keys to non-empty lists of values (``grid`` or a zip group)."""
+    axes = axes or {}
     if not isinstance(axes, dict):
-        raise PtjaxError(f"{path}: {name} must map config keys to lists of values"
-                         + (" (or be a list of such mappings)" if name == "zip" else ""))
+        raise PtjaxError(f"{path}: {name} must map config keys to lists of values")
     for key, values in axes.items():
         _check_axis(key, path)
         if not isinstance(values, list) or not values:
@@ -174,7 +174,11 @@ def _axes(data: dict, name: str, path: str) -> dict:
 def _zip_groups(data: dict, path: str) -> list[dict]:
     """``zip``: one mapping of equal-length axes, or a list of them (crossed)."""
     raw = data.get("zip") or {}
-    groups = [_axes({"zip": g}, "zip", path) for g in (raw if isinstance(raw, list) else [raw])]
+    groups = raw if isinstance(raw, list) else [raw]
+    if not all(isinstance(g, dict) or g is None for g in groups):
+        raise PtjaxError(f"{path}: zip must map config keys to lists of values (or be a list "
+                         "of such mappings)")
+    groups = [_axes(g, "zip", path) for g in groups]
     seen = set()
     for g in groups:
         if seen & set(g):
@@ -202,7 +206,7 @@ def load_sweep(path: str, directory: str | None = None) -> Sweep:
         if key not in config_lib.all_keys():
             raise config_lib._unknown(key, f"{path}: config")
         _set(base, key, value)
-    grid, groups = _axes(data, "grid", path), _zip_groups(data, path)
+    grid, groups = _axes(data.get("grid"), "grid", path), _zip_groups(data, path)
     zipped = {k: v for g in groups for k, v in g.items()}
     both = set(grid) & set(zipped)
     if both:

@@ -1,0 +1,58 @@
+"""Soft-prompt runs give today's results: a short run's final prompts, best metrics and
+train losses are pinned (``tests/data/pinned_*.npz``, written by the code before the
+methods redesign) and must be reproduced to 1e-6.
+
+Regenerate (only when a change of results is intended, and say so in the commit):
+    PTJAX_WRITE_PINNED=1 python -m pytest tests/test_pinned.py
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ptjax import cli
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+CASES = {
+    # K=2 packed prompts, dropout on, Adam: every part of the soft-prompt path.
+    "t5": {"model.path": "tiny-t5", "optim.name": "adam", "optim.learning_rate": 0.01,
+           "train.dropout": 0.1, "prompt.seeds": "[0,1]", "prompt.init": "sampled_vocab"},
+    "gpt2": {"model.path": "tiny-gpt2", "optim.name": "adam", "optim.learning_rate": 0.01,
+             "train.dropout": 0.1, "prompt.seeds": "[3]", "prompt.init": "random_uniform"},
+}
+
+
+def _run(run_dir, tiny_dir, settings):
+    args = {"run_dir": run_dir, "model.tiny_dir": tiny_dir, "prompt.length": 4,
+            "task.max_input_length": 24, "task.max_target_length": 4, "task.dev_size": 16,
+            "train.batch_size": 8, "train.eval_batch_size": 16, "train.steps": 6,
+            "train.eval_every": 3, "train.checkpoint_every": 6, "train.log_every": 1,
+            "train.progress": False, **settings}
+    assert cli.main(["train", *[f"{k}={v}" for k, v in args.items()]]) == 0
+    with open(os.path.join(run_dir, "results.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    losses = [[r["step"], r["prompt"], r["loss"]] for r in rows if r["split"] == "train"]
+    metric = results["metric"]
+    return {"prompts": np.load(os.path.join(run_dir, "export", "prompts.npy")),
+            "best": np.array([p[f"best_{metric}"] for p in results["prompts"]]),
+            "best_step": np.array([p["best_step"] for p in results["prompts"]]),
+            "losses": np.array(losses, np.float64)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_soft_prompt_run_is_pinned(case, tmp_path):
+    got = _run(str(tmp_path / "run"), str(tmp_path / "models"), CASES[case])
+    path = os.path.join(DATA, f"pinned_{case}.npz")
+    if os.environ.get("PTJAX_WRITE_PINNED"):
+        os.makedirs(DATA, exist_ok=True)
+        np.savez(path, **got)
+    want = np.load(path)
+    assert got["prompts"].shape == want["prompts"].shape
+    np.testing.assert_allclose(got["prompts"], want["prompts"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got["losses"], want["losses"], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(got["best_step"], want["best_step"])
+    np.testing.assert_allclose(got["best"], want["best"], atol=1e-6)

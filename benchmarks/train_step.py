@@ -78,6 +78,7 @@ def run_ptjax(a) -> dict:
     import numpy as np
 
     from ptjax.config import OptimConfig
+    from ptjax.methods import for_model
     from ptjax.models.model import Model, init_params
     from ptjax.models.presets import preset
     from ptjax.train import init_state, make_optimizer, make_train_step, per_prompt
@@ -92,7 +93,7 @@ def run_ptjax(a) -> dict:
     table = jax.random.uniform(jax.random.key(1), (a.prompts, a.prompt_length, cfg.d_model),
                                minval=-0.5, maxval=0.5)
     state = init_state(tx, {"prompt": table}, 0)
-    step = make_train_step(model, tx, "prompt", dropout=a.dropout)
+    step = make_train_step(model, for_model(model), tx, dropout=a.dropout)
     batch = {k: jnp.asarray(v) for k, v in _batch_np(a.batch, a.input_length,
                                                    a.target_length, cfg.vocab_size).items()}
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@
 Works on a sweep directory (``ptjax sweep``) and on a single run directory
 (``ptjax train``). Columns: ``run``, ``job``, ``prompt`` (its slot in the job), ``seed``,
 the swept settings under their config keys (``prompt.length``, ``model.path``, ...), the
-standard settings (``model.path``, ``task.name``, ``train.method``, ``prompt.length``,
+standard settings (``model.path``, ``task.name``, ``method.name``, ``prompt.length``,
 ``prompt.init``), ``parameters`` (of the frozen model), ``step``, ``metric`` (the name of
 the dev metric that picks the best step), ``score`` (its value) and every dev metric.
 """
@@ -20,9 +20,10 @@ import os
 import numpy as np
 
 from ptjax import config as config_lib
+from ptjax import methods
 from ptjax.errors import PtjaxError
 
-STANDARD = ("model.path", "task.name", "train.method", "prompt.length", "prompt.init")
+STANDARD = ("model.path", "task.name", "method.name", "prompt.length", "prompt.init")
 
 
 def _read_json(path: str):
@@ -56,8 +57,7 @@ def _entries(directory: str) -> list[dict]:
         name = os.path.basename(os.path.normpath(directory))
         return [{"run": f"{name}/{k}", "job": name, "prompt": k, "settings": {"seed": s},
                  "run_dir": directory, "keys": ["seed"], "sweep": ""}
-                for k, s in enumerate(cfg.prompt.seeds if cfg.train.method == "prompt"
-                                      else cfg.prompt.seeds[:1])]
+                for k, s in enumerate(methods.build(cfg, None).seeds)]
     raise PtjaxError(f"{directory}: neither a sweep directory (sweep.json) nor a run "
                      "directory (config.yaml)")
 
@@ -72,6 +72,7 @@ def _settings(entry: dict, cfg, results: dict | None) -> dict:
     out["seed"] = cfg.prompt.seeds[k] if k < len(cfg.prompt.seeds) else cfg.prompt.seeds[0]
     for key, value in entry["settings"].items():
         if key != "seed":
+            key = config_lib.current_key(key)  # sweeps made before a key was renamed
             out[key] = value if not isinstance(value, list) else tuple(value)
     out["parameters"] = (results or {}).get("parameters", np.nan)
     return out
@@ -220,7 +221,8 @@ def run_neighbors(run_dir: str, k: int = 5, prompt: int | None = None):
     one DataFrame with a ``prompt`` column."""
     import pandas as pd
 
-    from ptjax.run import _input_embedding, load_run_model
+    from ptjax.prompts import input_embedding
+    from ptjax.run import load_run_model
     from ptjax.sharding import to_host
 
     cfg_path = os.path.join(run_dir, "config.yaml")
@@ -234,6 +236,6 @@ def run_neighbors(run_dir: str, k: int = 5, prompt: int | None = None):
     which = range(table.shape[0]) if prompt is None else [prompt]
     if prompt is not None and not 0 <= prompt < table.shape[0]:
         raise PtjaxError(f"--prompt {prompt}: the run has prompts 0..{table.shape[0] - 1}")
-    emb = to_host(_input_embedding(model))
+    emb = to_host(input_embedding(model))
     return pd.concat([nearest_tokens(table[i], emb, model.tokenizer, k).assign(prompt=i)
                       for i in which], ignore_index=True)

@@ -44,6 +44,13 @@ class Checkpointer:
             meta=ocp.args.JsonRestore()))
         return out["state"], out["best"], out["meta"]
 
+    def restore_best(self, step: int, best_like) -> tuple:
+        """(best, meta) alone: what inference needs (``ptjax.load_run``)."""
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, best_like)
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            best=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return out["best"], out["meta"]
+
     def restore_meta(self, step: int) -> dict:
         """The JSON item alone (data position, data shards, best metrics)."""
         out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

@@ -1,10 +1,12 @@
 """The ``ptjax`` command line.
 
     ptjax info MODEL                 architecture, parameter count, weights file
-    ptjax generate MODEL TEXT ...    greedy decoding, optionally behind a random soft prompt
+    ptjax generate MODEL|RUN_DIR TEXT ...   greedy decoding (behind a trained run's member k,
+                                     or a random soft prompt)
     ptjax tiny DIR [--family t5]     write a built-in tiny model (no network needed)
-    ptjax train [CONFIG.yaml] [key=value ...]   prompt (or model) tuning; resumes a killed run
-    ptjax eval RUN_DIR|CONFIG [key=value ...] [--prompt FILE]   evaluate saved prompts
+    ptjax train [CONFIG.yaml] [key=value ...]   train (method.name: prompt | prefix | ptuning |
+                                     model); resumes a killed run
+    ptjax eval RUN_DIR|CONFIG [key=value ...] [--prompt FILE]   evaluate a trained run
     ptjax plan CONFIG [key=value ...] [--device-memory 80GB]    memory per device, before a run
     ptjax sweep SWEEP.yaml [--shard i/N]   run a sweep (skips finished jobs), then report
     ptjax report SWEEP_DIR               tables and the paper's plots
@@ -47,7 +49,7 @@ def _random_prompt(model, length: int, seed: int):
     return rng.uniform(-0.5, 0.5, (length, model.config.hidden_size)).astype(np.float32)
 
 
-def _generate(model, texts, max_new_tokens, prompt):
+def _generate(model, params, texts, max_new_tokens, prompt):
     import numpy as np
 
     if model.tokenizer is None:
@@ -59,16 +61,24 @@ def _generate(model, texts, max_new_tokens, prompt):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
     batch = tok(list(texts), padding=True, return_tensors="np")
-    out = model.generate(model.params, batch["input_ids"],
+    out = model.generate(params, batch["input_ids"],
                          attention_mask=batch["attention_mask"], prompt=prompt,
                          max_new_tokens=max_new_tokens)
     return tok.batch_decode(np.asarray(out), skip_special_tokens=True)
 
 
 def cmd_generate(args):
-    model = _load(args)
-    prompt = _random_prompt(model, args.prompt_length, args.seed)
-    for text, out in zip(args.text, _generate(model, args.text, args.max_new_tokens, prompt)):
+    if os.path.exists(os.path.join(args.model, "config.yaml")):  # a trained run
+        from ptjax.trained import load_run
+
+        run = load_run(args.model)
+        model = run.model
+        params, prompt = run.inputs(args.k)
+    else:
+        model = _load(args)
+        params, prompt = model.params, _random_prompt(model, args.prompt_length, args.seed)
+    outs = _generate(model, params, args.text, args.max_new_tokens, prompt)
+    for text, out in zip(args.text, outs):
         print(f"{text!r} -> {out!r}")
 
 
@@ -106,7 +116,7 @@ def cmd_train(args):
     results = train(cfg)
     metric = results["metric"]
     for p in results["prompts"]:
-        print(f"prompt {p['prompt']} (seed {p['seed']}): best {metric} "
+        print(f"{results['method']} {p['prompt']} (seed {p['seed']}): best {metric} "
               f"{p['best_' + metric]:.2f} at step {p['best_step']}")
     print(f"exported to {results['export']}; metrics in {cfg.run_dir}/metrics.jsonl")
 
@@ -115,7 +125,9 @@ def cmd_eval(args):
     from ptjax.run import evaluate_prompts
 
     cfg = _config_and_overrides(args.items)
-    metrics = evaluate_prompts(cfg, args.prompt, args.split, args.ensemble)
+    items = list(args.items)
+    run_dir = items[0] if items and os.path.isdir(items[0]) else None
+    metrics = evaluate_prompts(cfg, args.prompt, args.split, args.ensemble, run_dir)
     if args.ensemble:
         for name, values in metrics["prompts"].items():
             each = ", ".join(f"{v:.2f}" for v in values)
@@ -125,7 +137,7 @@ def cmd_eval(args):
     else:
         for name, values in metrics.items():
             for k, v in enumerate(values):
-                print(f"prompt {k}: {args.split} {name} {v:.2f}")
+                print(f"member {k}: {args.split} {name} {v:.2f}")
     if args.out:
         import json
 
@@ -211,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_info)
 
     sp = sub.add_parser("generate", help="greedy decoding")
-    model_args(sp)
+    sp.add_argument("model", help="checkpoint directory, Hugging Face hub id, or a trained "
+                                  "run directory (any method)")
+    sp.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    sp.add_argument("--k", type=int, default=0, help="a trained run's member (prompt k)")
     sp.add_argument("text", nargs="+")
     sp.add_argument("--max-new-tokens", type=int, default=32)
     sp.add_argument("--prompt-length", type=int, default=0,
@@ -225,19 +240,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_tiny)
 
-    sp = sub.add_parser("train", help="prompt tuning (or model tuning) from a YAML config")
+    sp = sub.add_parser("train", help="train a method (prompt, prefix, ptuning, model) from a "
+                                      "YAML config")
     sp.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
                     help="an optional YAML config, then dotted.key=value overrides")
     sp.add_argument("--no-progress", dest="progress", action="store_false",
                     help="no progress bar (logs only)")
     sp.set_defaults(fn=cmd_train)
 
-    sp = sub.add_parser("eval", help="evaluate saved prompts on a split")
+    sp = sub.add_parser("eval", help="evaluate a trained run (or a prompt file) on a split")
     sp.add_argument("items", nargs="*", metavar="RUN_DIR | CONFIG.yaml | key=value",
                     help="a run directory or YAML config, then dotted.key=value overrides")
     sp.add_argument("--prompt", default=None,
-                    help="a .npy ([P, D] or [K, P, D]) or safetensors prompt; default: the "
-                         "run's export/prompts.npy")
+                    help="a .npy ([P, D] or [K, P, D]) or safetensors soft prompt; default: "
+                         "the run's trained members (best, from its checkpoints)")
     sp.add_argument("--split", default="validation")
     sp.add_argument("--ensemble", default="", choices=["", "majority", "mean_logprob"],
                     help="also score the prompts as one ensemble (one forward over K x B rows)")

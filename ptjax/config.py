@@ -20,11 +20,14 @@ from typing import Any
 import yaml
 
 from ptjax.errors import PtjaxError
+from ptjax.methods.prefix import INITS as PREFIX_INITS
+from ptjax.methods.prefix import PrefixConfig
+from ptjax.methods.ptuning import ENCODERS, PTuningConfig
 
 PROMPT_INITS = ("random_uniform", "sampled_vocab", "class_label", "text", "file")
 OPTIMIZERS = ("adafactor", "adam", "adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
-METHODS = ("prompt", "model")
+METHODS = ("prompt", "prefix", "ptuning", "model")  # = ptjax.methods.NAMES (tested)
 EVAL_MODES = ("auto", "rank", "generate")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots", "dots_no_batch")
@@ -88,8 +91,16 @@ class TaskConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """What trains: ``name`` picks the method (ptjax.methods); each method with settings
+    of its own has a subsection here, read only when it is the one named."""
+    name: str = "prompt"  # prompt | prefix | ptuning | model
+    prefix: PrefixConfig = PrefixConfig()
+    ptuning: PTuningConfig = PTuningConfig()
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    method: str = "prompt"  # prompt tuning, or "model" tuning (all weights, Figure 1)
     steps: int = 30000
     batch_size: int = 32
     dropout: float = 0.1
@@ -117,6 +128,7 @@ class MeshConfig:
 class RunConfig:
     run_dir: str = "runs/default"
     model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
     prompt: PromptConfig = PromptConfig()
     optim: OptimConfig = OptimConfig()
     task: TaskConfig = TaskConfig()
@@ -144,13 +156,15 @@ def _yaml(text):
 CHOICES = {
     "model.dtype": DTYPES, "model.remat": REMATS, "prompt.init": PROMPT_INITS,
     "prompt.fallback": ("sampled_vocab", "random_uniform"), "optim.name": OPTIMIZERS,
-    "optim.schedule": SCHEDULES, "task.eval_mode": EVAL_MODES, "train.method": METHODS,
+    "optim.schedule": SCHEDULES, "task.eval_mode": EVAL_MODES, "method.name": METHODS,
+    "method.prefix.init": PREFIX_INITS, "method.ptuning.encoder": ENCODERS,
     "train.ensemble": ("", *ENSEMBLES), "mesh.distributed": ("auto", "on", "off"),
 }
 POSITIVE = ("prompt.length", "train.steps", "train.batch_size", "train.log_every",
             "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
             "train.eval_batch_size", "task.max_input_length", "task.max_target_length",
-            "prompt.vocab_limit")
+            "prompt.vocab_limit", "method.prefix.hidden")
+NON_NEGATIVE = ("method.prefix.embed_dim", "method.ptuning.hidden")
 
 
 def _fields(cls) -> dict[str, Any]:
@@ -229,6 +243,9 @@ def _build(cls, data: dict, prefix: str, where: str):
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in fields:
+            while isinstance(value, dict) and value:  # name the whole key: a.b.c, not a.b
+                name, value = next(iter(value.items()))
+                key = f"{key}.{name}"
             raise _unknown(key, where)
         typ = fields[name]
         if dataclasses.is_dataclass(typ):
@@ -261,11 +278,23 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     for key in POSITIVE:
         if get(cfg, key) < 1:
             raise PtjaxError(f"{where}: {key}={get(cfg, key)} must be >= 1")
+    for key in NON_NEGATIVE:
+        if get(cfg, key) < 0:
+            raise PtjaxError(f"{where}: {key}={get(cfg, key)} must be >= 0 (0 = the model's "
+                             "width)")
     if not cfg.prompt.seeds:
         raise PtjaxError(f"{where}: prompt.seeds is empty; give one seed per prompt, e.g. [0]")
-    if cfg.train.method == "model" and len(cfg.prompt.seeds) > 1:
-        raise PtjaxError(f"{where}: train.method=model trains one model; prompt.seeds must "
-                         "hold one seed")
+    single = {"model": "trains one model",
+              "ptuning": "with method.ptuning.tune_model=true trains one model"}
+    if (cfg.method.name == "model" or (cfg.method.name == "ptuning" and
+                                       cfg.method.ptuning.tune_model)) \
+            and len(cfg.prompt.seeds) > 1:
+        raise PtjaxError(f"{where}: method.name={cfg.method.name} {single[cfg.method.name]}; "
+                         "prompt.seeds must hold one seed")
+    for site in cfg.method.prefix.sites:
+        if site not in ("encoder", "decoder", "cross"):
+            raise PtjaxError(f"{where}: method.prefix.sites has {site!r}; valid: encoder, "
+                             "decoder, cross (T5), decoder (GPT-2)")
     if not 0.0 <= cfg.train.dropout < 1.0:
         raise PtjaxError(f"{where}: train.dropout={cfg.train.dropout} must be in [0, 1)")
     if cfg.task.name == "jsonl" and not (cfg.task.train_file and cfg.task.dev_file):
@@ -287,6 +316,9 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     if "file" in (cfg.prompt.init, *cfg.prompt.inits) and not cfg.prompt.file:
         raise PtjaxError(f"{where}: prompt.init=file needs prompt.file (a .npy or "
                          ".safetensors prompt)")
+    if cfg.method.name == "prefix" and cfg.method.prefix.init == "text" and not cfg.prompt.text:
+        raise PtjaxError(f"{where}: method.prefix.init=text needs prompt.text (the words whose "
+                         "keys and values initialise the prefix)")
     if "text" in (cfg.prompt.init, *cfg.prompt.inits) and not cfg.prompt.text:
         raise PtjaxError(f"{where}: prompt.init=text needs prompt.text")
     return cfg
@@ -308,7 +340,32 @@ def from_dict(data: dict, overrides=(), where: str = "config") -> RunConfig:
         key, raw = item.split("=", 1)
         value = _yaml(raw) if raw.strip() else ""
         _set_dotted(data, key.strip(), value, "override")
+    _moved_method(data, where)
     return validate(_build(RunConfig, data, "", where), where)
+
+
+# Keys that were renamed: read under their new name (config files, overrides, sweep axes).
+RENAMED = {"train.method": "method.name"}
+
+
+def current_key(key: str) -> str:
+    return RENAMED.get(key, key)
+
+
+def _moved_method(data: dict, where: str):
+    """``train.method`` (before the methods seam) is read as ``method.name``."""
+    train = data.get("train")
+    if not isinstance(train, dict) or "method" not in train:
+        return
+    old = train.pop("method")
+    method = data.setdefault("method", {})
+    if not isinstance(method, dict):
+        return
+    if "name" in method and method["name"] != old:
+        raise PtjaxError(f"{where}: train.method={old!r} and method.name={method['name']!r} "
+                         "disagree; train.method is the old name of method.name, give only "
+                         "method.name")
+    method["name"] = old
 
 
 def _deepcopy(d):

@@ -1,13 +1,15 @@
-"""Dev-set evaluation of K prompts at once: rank classification and greedy exact match.
+"""Dev-set evaluation of K members (prompts, prefixes, prompt encoders) at once: rank
+classification and greedy exact match, for any ``ptjax.methods`` method.
 
 Rank classification (T5X's ``rank_classification``): every example is paired with every
 verbalized label, each label scored by the summed log-likelihood of its tokens (EOS
 included) behind the prompt, and the best-scoring label is the prediction.
 Generation: greedy decoding with the KV cache, then exact match after stripping spaces.
 
-Metrics are percentages, one value per prompt: {"accuracy": [K]} or {"exact_match": [K]}.
-K prompts run in one forward pass of K x B rows; ``ensemble`` combines their predictions
-(majority vote or mean log-likelihood), as in the paper's prompt ensembles.
+Metrics are percentages, one value per member: {"accuracy": [K]} or {"exact_match": [K]}.
+K members run in one forward pass of K x B rows; ``ensemble`` combines their predictions
+(majority vote or mean log-likelihood), as in the paper's prompt ensembles. ``method``
+None scores the bare model (K = 1).
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import numpy as np
 from ptjax import sharding
 from ptjax.data import metrics, pipeline
 from ptjax.errors import PtjaxError
-from ptjax.train import prompt_nll, sequence_nll
+from ptjax.models.common import PromptInputs
+from ptjax.train import member_nll, sequence_nll
 
 
 @dataclasses.dataclass
@@ -87,13 +90,13 @@ def _check_labels_fit(model, labels, max_target_length):
                              "are scored whole")
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _scores(model, params, prompts, batch):
-    """Summed log-likelihood of each row's targets for each prompt -> [K, R]."""
-    if prompts is None:
-        nll, _ = sequence_nll(model, params, batch, None)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _scores(model, method, trainable, frozen, batch):
+    """Summed log-likelihood of each row's targets for each member -> [K, R]."""
+    if method is None:
+        nll, _ = sequence_nll(model, frozen, batch, None)
         return -nll[None]
-    nll, _ = prompt_nll(model, params, prompts, batch)
+    nll, _ = member_nll(model, method, trainable, frozen, batch)
     return -nll
 
 
@@ -111,9 +114,10 @@ def _rows_per_batch(batch_size: int, mesh) -> int:
     return -(-batch_size // data) * data
 
 
-def predict(model, params, prompts_KxPxD, dev: DevSet, batch_size: int,
+def predict(model, method, trainable, frozen, dev: DevSet, batch_size: int,
             max_new_tokens: int, mesh=None) -> Predictions:
-    """Every prompt's prediction for every dev example; prompts None = the bare model.
+    """Every member's prediction for every dev example (method None: the bare model with
+    params ``frozen``). trainable: the method's tree, leaves [K, ...].
 
     batch_size counts rows per prompt (example-candidate pairs for rank classification);
     with a mesh the rows are split over its data axis and the weights stay where they are.
@@ -121,7 +125,7 @@ def predict(model, params, prompts_KxPxD, dev: DevSet, batch_size: int,
     batch_size = _rows_per_batch(batch_size, mesh)
     put = (lambda b: b) if mesh is None else (lambda b: sharding.replicated_batch(b, mesh))
     if dev.mode == "rank":
-        scores = [sharding.to_host(_scores(model, params, prompts_KxPxD, put(b)))[:, :n]
+        scores = [sharding.to_host(_scores(model, method, trainable, frozen, put(b)))[:, :n]
                   for b, n in pipeline.eval_batches(dev.arrays, batch_size)]
         scores = np.concatenate(scores, axis=1)  # [K, total candidates]
         bounds = np.cumsum([0] + [len(c) for c in dev.candidates])
@@ -129,7 +133,8 @@ def predict(model, params, prompts_KxPxD, dev: DevSet, batch_size: int,
                   for cands, a, b in zip(dev.candidates, bounds[:-1], bounds[1:])]
                  for row in scores]
         return Predictions(texts, scores)
-    outs = _generate(model, params, prompts_KxPxD, dev.arrays, batch_size, max_new_tokens, put)
+    outs = _generate(model, method, trainable, frozen, dev.arrays, batch_size, max_new_tokens,
+                     put)
     return Predictions([[o.strip() for o in texts] for texts in outs])
 
 
@@ -139,11 +144,11 @@ def score(dev: DevSet, texts_K) -> dict:
     return {name: [m[name] for m in per_prompt] for name in per_prompt[0]}
 
 
-def evaluate(model, params, prompts_KxPxD, dev: DevSet, batch_size: int,
+def evaluate(model, method, trainable, frozen, dev: DevSet, batch_size: int,
              max_new_tokens: int, mesh=None) -> dict:
-    """Metrics per prompt ({metric: [K] floats}); prompts None = the bare model (K = 1)."""
-    return score(dev, predict(model, params, prompts_KxPxD, dev, batch_size, max_new_tokens,
-                              mesh).texts)
+    """Metrics per member ({metric: [K] floats}); method None = the bare model (K = 1)."""
+    return score(dev, predict(model, method, trainable, frozen, dev, batch_size,
+                              max_new_tokens, mesh).texts)
 
 
 ENSEMBLE_METHODS = ("majority", "mean_logprob")
@@ -213,19 +218,43 @@ def metric_names(metric_set: str) -> tuple:
     return ("exact_match",) if metric_set == "exact_match" else metrics.METRIC_KEYS[metric_set]
 
 
-def _generate(model, params, prompts, arrays, batch_size, max_new_tokens, put):
-    """Greedy outputs as text, one list of N strings per prompt. Each example is
-    replicated over K rows (row b*K + k holds example b behind prompt k). Special tokens
+def member_inputs(method, trainable, frozen):
+    """(params, PromptInputs with a leading K axis or None) of K members for inference:
+    weights come from the member when the method tunes them (K = 1), else ``frozen``."""
+    if method is None:
+        return frozen, None
+    if method.tunes_weights:
+        params = method.inputs(jax.tree.map(lambda x: x[0], trainable), frozen)[0]
+    else:
+        params = frozen
+    prompts = jax.jit(jax.vmap(lambda m: method.inputs(m, None)[1]))(trainable)
+    return params, prompts
+
+
+def rows_of(prompts_K: PromptInputs | None, B: int) -> PromptInputs | None:
+    """K members' prompt inputs laid out per row: row b*K + k gets member k."""
+    if prompts_K is None:
+        return None
+    embeds = None if prompts_K.embeds is None else jnp.tile(prompts_K.embeds, (B, 1, 1))
+    prefix = None if prompts_K.prefix is None else jax.tree.map(
+        lambda x: jnp.tile(jnp.swapaxes(x, 0, 1), (1, B, 1, 1, 1)), prompts_K.prefix)
+    return PromptInputs(embeds=embeds, prefix=prefix)
+
+
+def _generate(model, method, trainable, frozen, arrays, batch_size, max_new_tokens, put):
+    """Greedy outputs as text, one list of N strings per member. Each example is
+    replicated over K rows (row b*K + k holds example b behind member k). Special tokens
     are dropped, T5's sentinels among them (task.target_sentinel's <extra_id_0>)."""
     ids_key, mask_key = (("input_ids", "input_mask") if model.is_encoder_decoder
                          else ("gen_ids", "gen_mask"))
-    K = 1 if prompts is None else prompts.shape[0]
+    K = 1 if method is None else jax.tree.leaves(trainable)[0].shape[0]
+    params, prompts = member_inputs(method, trainable, frozen)
     outs = [[] for _ in range(K)]
     for batch, n in pipeline.eval_batches({"ids": arrays[ids_key], "mask": arrays[mask_key]},
                                           batch_size):
         B = len(batch["ids"])
         rows = put({k: np.repeat(v, K, axis=0) for k, v in batch.items()})
-        p = None if prompts is None else jnp.tile(jnp.asarray(prompts), (B, 1, 1))
+        p = rows_of(prompts, B)
         tokens = sharding.to_host(model.generate(
             params, rows["ids"], attention_mask=rows["mask"], prompt=p,
             max_new_tokens=max_new_tokens))

@@ -61,12 +61,12 @@ def device_memory_limit():
 
 def plan(cfg, device_memory: float | None = None) -> dict:
     """Compile the run's train step on abstract inputs; memory per device in bytes."""
+    from ptjax import methods
     from ptjax.models.model import Model, abstract_params, architecture, param_shardings
     from ptjax.run import TINY, check_lengths
     from ptjax.sharding import (batch_sharding, initialize_distributed, logical_rules,
-                                make_mesh, replicated)
-    from ptjax.train import (TrainState, make_optimizer, make_train_step, per_prompt,
-                             state_shardings)
+                                make_mesh)
+    from ptjax.train import setup
 
     initialize_distributed(cfg.mesh.distributed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
@@ -79,31 +79,23 @@ def plan(cfg, device_memory: float | None = None) -> dict:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
         cfg.model.dtype]
     model = Model(config=config, params=None, dtype=dtype, path=path, remat=cfg.model.remat)
-    check_lengths(model, cfg)
-    tc, method = cfg.train, cfg.train.method
+    method = methods.build(cfg, config, dtype)
+    method.check(model)
+    check_lengths(model, method, cfg)
+    tc = cfg.train
     if tc.batch_size % mesh.shape["data"]:
         raise PtjaxError(f"train.batch_size={tc.batch_size} is not a multiple of the mesh's "
                          f"{mesh.shape['data']} data-parallel devices (mesh.data)")
 
-    p_sh = param_shardings(config, mesh, logical_rules(cfg.mesh.fsdp))
-    frozen = _abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
-                                    abstract_params(config)), p_sh)
-    tx = make_optimizer(cfg.optim, tc.steps)
-    K = len(cfg.prompt.seeds) if method == "prompt" else 1
-    if method == "prompt":
-        tx = per_prompt(tx)
-        D = config.hidden_size
-        trainable = {"prompt": jax.ShapeDtypeStruct((K, cfg.prompt.length, D), jnp.float32,
-                                                    sharding=replicated(mesh))}
-    else:
-        trainable = {"params": _abstract(abstract_params(config), p_sh)}
-
-    def build(t):
-        return TrainState(step=jnp.zeros((), jnp.int32), trainable=t, opt_state=tx.init(t),
-                          rng=jax.random.PRNGKey(0), prompt_seeds=jnp.zeros((K,), jnp.int32))
-
-    state_sh = state_shardings(tx, trainable, build)
-    state = _abstract(jax.eval_shape(build, trainable), state_sh)
+    rules = logical_rules(cfg.mesh.fsdp)
+    frozen = None
+    if not method.tunes_weights:
+        frozen = _abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
+                                        abstract_params(config)),
+                           param_shardings(config, mesh, rules))
+    shapes = method.shapes()
+    trainable = _abstract(shapes, method.shardings(shapes, mesh, rules))
+    _, state, step = setup(model, method, cfg, mesh, trainable, frozen, abstract=True)
     B, Li, Lt = tc.batch_size, cfg.task.max_input_length, cfg.task.max_target_length
     ids = lambda L: jax.ShapeDtypeStruct((B, L), jnp.int32,  # noqa: E731
                                          sharding=batch_sharding(mesh))
@@ -113,9 +105,7 @@ def plan(cfg, device_memory: float | None = None) -> dict:
     else:
         batch = {k: ids(Li + Lt) for k in ("input_ids", "input_mask", "targets",
                                             "target_mask")}
-    step = make_train_step(model, tx, method, tc.dropout, shardings=(state_sh, p_sh if method == "prompt" else None,
-                                      batch_sharding(mesh)))
-    compiled = step.lower(state, frozen if method == "prompt" else None, batch).compile()
+    compiled = step.lower(state, frozen, batch).compile()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):  # older jax returns one dict per computation
@@ -124,24 +114,26 @@ def plan(cfg, device_memory: float | None = None) -> dict:
             - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
     limit, source = (device_memory, "--device-memory") if device_memory else \
         device_memory_limit()
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(frozen))
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
     # XLA's CPU backend has no bf16/fp16 matmuls: it converts the (loop-invariant) weights
     # to fp32 once, a weight-sized temporary that GPUs and TPUs never allocate.
     upcast = 0
     if jax.default_backend() == "cpu" and dtype != jnp.float32:
-        weights = frozen if method == "prompt" else trainable
+        weights = frozen if frozen is not None else trainable["params"]
         upcast = _per_device_bytes(weights) * 4 // jnp.dtype(dtype).itemsize
     estimate = peak - upcast
     return {
         "model": path, "model_type": config.model_type, "parameters": n_params,
-        "dtype": cfg.model.dtype, "remat": cfg.model.remat, "method": method,
-        "prompts": K, "prompt_length": cfg.prompt.length if method == "prompt" else 0,
+        "dtype": cfg.model.dtype, "remat": cfg.model.remat, "method": method.name,
+        "prompts": method.K, "prompt_length": method.prompt_tokens,
+        "trainable_parameters_per_member": int(sum(
+            math.prod(x.shape[1:]) for x in jax.tree.leaves(shapes))),
         "batch_size": B, "input_length": Li, "target_length": Lt,
         "mesh": {"data": mesh.shape["data"], "model": mesh.shape["model"],
                  "fsdp": cfg.mesh.fsdp},
         "devices": f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}",
         "per_device": {
-            "frozen_weights": _per_device_bytes(frozen) if method == "prompt" else 0,
+            "frozen_weights": 0 if frozen is None else _per_device_bytes(frozen),
             "trainable_and_optimizer": _per_device_bytes(state),
             "batch": _per_device_bytes(batch),
             "temporaries": mem.temp_size_in_bytes,
@@ -165,7 +157,8 @@ def format_plan(p: dict) -> str:
         f"{p['model']} ({p['model_type']}, {p['parameters'] / 1e6:,.1f}M parameters, "
         f"{p['dtype']}, remat {p['remat']}), {p['method']} tuning"
         + (f", {p['prompts']} x {p['prompt_length']} prompt tokens"
-           if p["method"] == "prompt" else ""),
+           if p["prompt_length"] else "")
+        + f", {p['trainable_parameters_per_member']:,} trainable parameters each",
         f"batch {p['batch_size']} x (inputs {p['input_length']} + targets "
         f"{p['target_length']}) on {p['devices']}, mesh data={p['mesh']['data']} "
         f"model={p['mesh']['model']}{' fsdp' if p['mesh']['fsdp'] else ''}",

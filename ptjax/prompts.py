@@ -145,3 +145,42 @@ def init_prompts(strategy: str, seeds: Sequence[int], length: int, embedding_VxD
                              f"seed ({len(seeds)})")
         return jnp.broadcast_to(table, (len(seeds),) + table.shape[1:])
     return jnp.stack([one(s) for s in seeds])
+
+
+def initial_prompts(model, p, task) -> np.ndarray:
+    """The [K, P, D] fp32 prompt table: prompt k from ``prompt.inits[k]`` (or
+    ``prompt.init``) and ``prompt.seeds[k]``. Built on the host from a host copy of the
+    input embedding, identically on every process. p: the run's ``prompt`` section."""
+    from ptjax.sharding import to_host
+
+    emb = to_host(input_embedding(model))
+    tok = model.tokenizer
+    inits = p.inits or (p.init,) * len(p.seeds)
+    label_ids = text_ids = None
+    if "class_label" in inits:
+        if not task.labels:
+            raise PtjaxError(f"prompt.init=class_label needs class labels; task {task.name!r} "
+                             "has none (set task.labels or choose another prompt.init)")
+        # T5's tokenizer appends EOS: the label's embedding is its word pieces alone
+        label_ids = [_strip_special(tok, lab) for lab in task.labels]
+    if "text" in inits:
+        text_ids = _strip_special(tok, p.text)
+    if "file" in inits:  # one [P, D] for every file-initialised prompt, or one per seed
+        from_file = np.asarray(init_prompts("file", p.seeds, p.length, emb, path=p.file))
+    rows = [from_file[k] if init == "file" else
+            np.asarray(init_prompts(init, [seed], p.length, emb, low=p.low, high=p.high,
+                                    vocab_limit=p.vocab_limit, label_ids=label_ids,
+                                    fallback=p.fallback, text_ids=text_ids))[0]
+            for k, (init, seed) in enumerate(zip(inits, p.seeds))]
+    return np.stack(rows)
+
+
+def input_embedding(model):
+    if model.is_encoder_decoder:
+        return model.params["shared"]["embedding"]
+    return model.params["wte"]["embedding"]
+
+
+def _strip_special(tok, text):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return [i for i in ids if i not in set(tok.all_special_ids)]

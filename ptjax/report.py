@@ -62,7 +62,7 @@ def _label(hue, values) -> str:
     for key, v in zip(hue, values if isinstance(values, tuple) else (values,)):
         if key == "parameters":
             parts.append(size_label(v))
-        elif key in ("train.method", "family"):
+        elif key in ("method.name", "family"):
             parts.append(str(v))
         else:
             parts.append(f"{key.split('.')[-1]}={v}")
@@ -130,9 +130,9 @@ def figures(runs, out_dir: str, metric_name: str) -> list[str]:
         plt.close(fig)
         written.append(path)
 
-    if varies.get("model.path") or varies.get("train.method"):
+    if varies.get("model.path") or varies.get("method.name"):
         draw("fig1_size.png", "Figure 1: score vs model size", "parameters",
-             ["train.method"] + ["family"] * bool(varies.get("family")), "model parameters",
+             ["method.name"] + ["family"] * bool(varies.get("family")), "model parameters",
              logx=True)
     if varies.get("prompt.length"):
         draw("fig3a_length.png", "Figure 3a: prompt length", "prompt.length", ["parameters"],

@@ -5,9 +5,10 @@
       metrics.jsonl      one row per (step, split, prompt): loss / dev metric
       tb/                TensorBoard events
       checkpoints/       orbax: trainable state + best + data position, never frozen weights
-      export/            the best prompts: prompts.npy [K, P, D], prompt-k/ (npy,
-                         safetensors, PEFT adapter); model tuning: export/model/ (HF form)
-      results.json       best step and metric per prompt, for notebooks
+      export/            the best members, as the method exports them (prompt tuning:
+                         prompts.npy [K, P, D], prompt-k/ with npy, safetensors and a PEFT
+                         adapter; prefix: prefix-k/; model tuning: model/ in HF form)
+      results.json       best step and metric per member, for notebooks
 
 Rerunning the same command after a crash or a kill resumes from the last checkpoint and
 reaches the same prompts and metrics as an uninterrupted run.
@@ -25,18 +26,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptjax import config as config_lib
+from ptjax import methods
 from ptjax.checkpoint import Checkpointer
 from ptjax.data import pipeline
 from ptjax.data.tasks import load_task, task_names
 from ptjax.errors import PtjaxError
 from ptjax.evaluation import build_dev_set, ensemble_table, evaluate, metric_names, predict
-from ptjax.export import export_prompts
 from ptjax.models.model import load_model
-from ptjax.prompts import init_prompts, load_table
-from ptjax.sharding import (batch_sharding, global_batch, initialize_distributed,
-                            is_main_process, make_mesh, place, replicated, to_host)
-from ptjax.train import (init_state, learning_rate_schedule, make_optimizer, make_train_step,
-                         per_prompt, trainable_params)
+from ptjax.prompts import load_table
+from ptjax.sharding import (global_batch, initialize_distributed, is_main_process,
+                            logical_rules, make_mesh, place, replicated, to_host)
+from ptjax.train import learning_rate_schedule, setup
 
 TINY = {"tiny-t5": "t5", "tiny-gpt2": "gpt2"}
 # Keys a rerun may change and still resume the same run: its length, its display, and
@@ -67,9 +67,9 @@ def base_model_path(cfg) -> str:
     return os.path.abspath(cfg.model.path) if os.path.isdir(cfg.model.path) else cfg.model.path
 
 
-def check_lengths(model, cfg):
+def check_lengths(model, method, cfg):
     """One-line errors for a prompt or sequence the model cannot position."""
-    P = cfg.prompt.length if cfg.train.method == "prompt" else 0
+    P = method.positions()
     limit = model.config.max_prompt_positions
     if limit is None:  # T5: relative positions, any length
         return
@@ -85,44 +85,6 @@ def check_lengths(model, cfg):
 
 def _target_prefix(model, tcfg) -> tuple:
     return pipeline.target_prefix(model, tcfg.target_sentinel, tcfg.max_target_length)
-
-
-def initial_prompts(model, cfg, task) -> np.ndarray:
-    """The [K, P, D] fp32 prompt table: prompt k from ``prompt.inits[k]`` (or
-    ``prompt.init``) and ``prompt.seeds[k]``. Built on the host from a host copy of the
-    input embedding, identically on every process."""
-    p = cfg.prompt
-    emb = to_host(_input_embedding(model))
-    tok = model.tokenizer
-    inits = p.inits or (p.init,) * len(p.seeds)
-    label_ids = text_ids = None
-    if "class_label" in inits:
-        if not task.labels:
-            raise PtjaxError(f"prompt.init=class_label needs class labels; task {task.name!r} "
-                             "has none (set task.labels or choose another prompt.init)")
-        # T5's tokenizer appends EOS: the label's embedding is its word pieces alone
-        label_ids = [_strip_special(tok, lab) for lab in task.labels]
-    if "text" in inits:
-        text_ids = _strip_special(tok, p.text)
-    if "file" in inits:  # one [P, D] for every file-initialised prompt, or one per seed
-        from_file = np.asarray(init_prompts("file", p.seeds, p.length, emb, path=p.file))
-    rows = [from_file[k] if init == "file" else
-            np.asarray(init_prompts(init, [seed], p.length, emb, low=p.low, high=p.high,
-                                    vocab_limit=p.vocab_limit, label_ids=label_ids,
-                                    fallback=p.fallback, text_ids=text_ids))[0]
-            for k, (init, seed) in enumerate(zip(inits, p.seeds))]
-    return np.stack(rows)
-
-
-def _input_embedding(model):
-    if model.is_encoder_decoder:
-        return model.params["shared"]["embedding"]
-    return model.params["wte"]["embedding"]
-
-
-def _strip_special(tok, text):
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return [i for i in ids if i not in set(tok.all_special_ids)]
 
 
 class MetricsLog:
@@ -191,12 +153,11 @@ def _get(d, key):
 
 
 class _Best:
-    """Per prompt, the best dev metric and step so far and the trainable at that step (the
+    """Per member, the best dev metric and step so far and the trainable at that step (the
     paper's early stopping). The best tree stays on the devices, with the state's
     shardings, and never aliases the donated state."""
 
-    def __init__(self, trainable, K: int, method: str, metric=None, step=None, tree=None):
-        self.method = method
+    def __init__(self, trainable, K: int, metric=None, step=None, tree=None):
         self.metric = list(metric) if metric is not None else [-math.inf] * K
         self.step = list(step) if step is not None else [0] * K
         self.tree = tree if tree is not None else jax.tree.map(jnp.copy, trainable)
@@ -206,12 +167,8 @@ class _Best:
         for k, up in enumerate(improved):
             if up:
                 self.metric[k], self.step[k] = float(values[k]), int(step)
-        if not any(improved):
-            return
-        if self.method == "prompt":
+        if any(improved):
             self.tree = _keep_improved(jnp.asarray(improved), trainable, self.tree)
-        else:
-            self.tree = jax.tree.map(jnp.copy, trainable)
 
     def meta(self) -> dict:
         return {"best_metric": self.metric, "best_step": self.step}
@@ -219,7 +176,10 @@ class _Best:
 
 @jax.jit
 def _keep_improved(improved_K, trainable, best):
-    return {"prompt": jnp.where(improved_K[:, None, None], trainable["prompt"], best["prompt"])}
+    """Member k of every leaf [K, ...] from ``trainable`` where it improved, else ``best``."""
+    return jax.tree.map(
+        lambda new, old: jnp.where(improved_K.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+        trainable, best)
 
 
 class _NullLog:
@@ -252,10 +212,12 @@ def train(cfg) -> dict:
     Every process of a multi-host job runs this; only process 0 writes files other than
     checkpoints (which orbax writes together).
     """
-    run_dir, method, tc = cfg.run_dir, cfg.train.method, cfg.train
+    run_dir, tc = cfg.run_dir, cfg.train
     mesh, model = prepare(cfg)
+    method = methods.build(cfg, model.config, model.dtype)
     main = is_main_process()
-    check_lengths(model, cfg)
+    method.check(model)
+    check_lengths(model, method, cfg)
     prefix = _target_prefix(model, cfg.task)
     data_size = mesh.shape["data"]
     if tc.batch_size % data_size:
@@ -286,27 +248,14 @@ def train(cfg) -> dict:
                                   cfg.task.max_input_length, cfg.task.max_target_length,
                                   tc.seed, target_prefix=prefix)
 
-    tx = make_optimizer(cfg.optim, tc.steps)
-    seeds = cfg.prompt.seeds if method == "prompt" else cfg.prompt.seeds[:1]
-    K = len(seeds)
-    if method == "prompt":
-        tx = per_prompt(tx)
-        table = initial_prompts(model, cfg, task)
-        trainable = {"prompt": place(table, replicated(mesh))}
-        frozen = model.params
-    else:
-        trainable = trainable_params(model, method)
-        frozen = None
-    state = init_state(tx, trainable, tc.seed, seeds)
-    if method == "prompt":
-        state = jax.device_put(state, replicated(mesh))
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
-    best = _Best(state.trainable, K, method)
+    K = method.K
+    trainable = place_trainable(method, method.init(model, cfg, task), mesh, cfg)
+    frozen = None if method.tunes_weights else model.params
+    _, state, step_fn = setup(model, method, cfg, mesh, trainable, frozen)
+    best = _Best(state.trainable, K)
     if start:
         state, best_tree, meta = ckpt.restore(start, state, best.tree)
-        best = _Best(state.trainable, K, method, meta["best_metric"], meta["best_step"],
-                     best_tree)
+        best = _Best(state.trainable, K, meta["best_metric"], meta["best_step"], best_tree)
         assert meta["data_position"] == start * tc.batch_size
         if main:
             print(f"resuming {run_dir} from step {start} (checkpoint {ckpt.directory}/{start})")
@@ -314,8 +263,6 @@ def train(cfg) -> dict:
         config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
     log = MetricsLog(run_dir, start) if main else _NullLog()
 
-    step_fn = make_train_step(model, tx, method, tc.dropout,
-                              shardings=(state_sh, frozen_sh, batch_sharding(mesh)))
     lr_at = learning_rate_schedule(cfg.optim, tc.steps)
     pending = []  # (step, device metrics): read in bulk, not every step
     window = {"t": time.perf_counter(), "truncated": 0, "noted": False}
@@ -332,7 +279,7 @@ def train(cfg) -> dict:
             last = ckpt.latest_step()
             where = (f"the last good checkpoint is step {last} in {ckpt.directory}"
                      if last else "no checkpoint was written")
-            raise PtjaxError(f"loss is {losses[i, k]} at step {steps[i]} (prompt {k}); "
+            raise PtjaxError(f"loss is {losses[i, k]} at step {steps[i]} (member {k}); "
                              f"training stopped and {where}")
         rate = len(steps) / max(time.perf_counter() - window["t"], 1e-9)
         mean = losses.mean(0)
@@ -370,7 +317,8 @@ def train(cfg) -> dict:
             if s % tc.log_every == 0 or do_eval or do_ckpt:
                 flush(s)
             if do_eval:
-                values = _evaluate_state(model, method, state, frozen, dev, cfg, mesh)
+                values = evaluate(model, method, state.trainable, frozen, dev,
+                                  tc.eval_batch_size, cfg.task.max_target_length, mesh)
                 best.update(values[metric], s, state.trainable)
                 log.write([{"step": s, "split": "validation", "prompt": k,
                             **{m: v[k] for m, v in values.items()},
@@ -386,56 +334,49 @@ def train(cfg) -> dict:
         if bar is not None:
             bar.close()
         log.close()
-    results = _finish(model, cfg, best, metric, dev, mesh, frozen)
+    results = _finish(model, method, cfg, best, metric, dev, mesh, frozen)
     ckpt.close()
     return results
 
 
-def _evaluate_state(model, method, state, frozen, dev, cfg, mesh):
-    if method == "prompt":
-        return evaluate(model, frozen, state.trainable["prompt"], dev, cfg.train.eval_batch_size,
-                        cfg.task.max_target_length, mesh)
-    params = jax.tree.map(lambda p: p.astype(model.dtype), state.trainable["params"])
-    return evaluate(model, params, None, dev, cfg.train.eval_batch_size,
-                    cfg.task.max_target_length, mesh)
+def place_trainable(method, tree, mesh, cfg):
+    """A method's host trainable tree placed with its shardings on ``mesh``."""
+    shardings = method.shardings(method.shapes(), mesh, logical_rules(cfg.mesh.fsdp))
+
+    def put(x, sh):
+        if isinstance(x, jax.Array):  # already on the devices (model weights): reshard there
+            return jax.jit(lambda a: a.astype(jnp.float32), out_shardings=sh)(x)
+        return place(np.asarray(x, np.float32), sh)
+    return jax.tree.map(put, tree, shardings)
 
 
-def _finish(model, cfg, best, metric, dev, mesh, frozen) -> dict:
-    """Export the best prompts (or model), score their ensemble and their zero-shot
-    transfer, and write results.json. Every process computes; process 0 writes."""
+def _finish(model, method, cfg, best, metric, dev, mesh, frozen) -> dict:
+    """Export the best members, score their ensemble and their zero-shot transfer, and
+    write results.json. Every process computes; process 0 writes."""
     run_dir, main = cfg.run_dir, is_main_process()
     export_dir = os.path.join(run_dir, "export")
     tc = cfg.train
-    seeds = cfg.prompt.seeds if tc.method == "prompt" else cfg.prompt.seeds[:1]
-    inits = cfg.prompt.inits or (cfg.prompt.init,) * len(seeds)
     results = {
-        "run_dir": run_dir, "method": tc.method, "metric": metric,
+        "run_dir": run_dir, "method": method.name, "metric": metric,
         "steps": tc.steps, "export": export_dir, "model": cfg.model.path,
         "parameters": int(sum(x.size for x in jax.tree.leaves(model.params))),
         "task": cfg.task.name,
-        "prompts": [{"prompt": k, "seed": int(seed),
-                     **({"init": inits[k]} if tc.method == "prompt" else {}),
+        "prompts": [{"prompt": k, "seed": int(seed), **method.describe(k),
                      "best_step": best.step[k], f"best_{metric}": best.metric[k]}
-                    for k, seed in enumerate(seeds)],
+                    for k, seed in enumerate(method.seeds)],
     }
-    if tc.method == "prompt":
-        table = to_host(best.tree["prompt"])
-        if main:
-            export_prompts(export_dir, table, model, base_model_path(cfg))
-        best_prompts = best.tree["prompt"]
-        if tc.ensemble:
-            preds = predict(model, frozen, best_prompts, dev, tc.eval_batch_size,
-                            cfg.task.max_target_length, mesh)
-            results["ensemble"] = ensemble_table(dev, preds, tc.ensemble)
-        if cfg.task.transfer:
-            results["transfer"] = {
-                name: evaluate(model, frozen, best_prompts, _transfer_dev_set(model, cfg, name),
-                               tc.eval_batch_size, cfg.task.max_target_length, mesh)
-                for name in cfg.task.transfer}
-    else:
-        params = jax.tree.map(lambda p: to_host(p).astype(model.dtype), best.tree["params"])
-        if main:
-            model.save_pretrained(os.path.join(export_dir, "model"), params=params)
+    host = jax.tree.map(to_host, best.tree)
+    if main:
+        method.export(export_dir, host, model, base_model_path(cfg))
+    if tc.ensemble:
+        preds = predict(model, method, best.tree, frozen, dev, tc.eval_batch_size,
+                        cfg.task.max_target_length, mesh)
+        results["ensemble"] = ensemble_table(dev, preds, tc.ensemble)
+    if cfg.task.transfer:
+        results["transfer"] = {
+            name: evaluate(model, method, best.tree, frozen, _transfer_dev_set(model, cfg, name),
+                           tc.eval_batch_size, cfg.task.max_target_length, mesh)
+            for name in cfg.task.transfer}
     if main:
         tmp = os.path.join(run_dir, "results.json.tmp")
         with open(tmp, "w") as f:
@@ -454,23 +395,30 @@ def _transfer_dev_set(model, cfg, name: str):
 
 
 def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validation",
-                     ensemble_method: str = "") -> dict:
-    """``ptjax eval``: metrics of saved prompts (default: the run's exported best), and
-    with ``ensemble_method`` the ensemble table of the K prompts."""
-    mesh, model = prepare(cfg)
+                     ensemble_method: str = "", run_dir: str | None = None) -> dict:
+    """``ptjax eval``: metrics of a run's trained members (the best ones, from its newest
+    checkpoint; any method), or of soft prompts in a file (``prompt_path``), and with
+    ``ensemble_method`` the ensemble table of the K members."""
+    if prompt_path is None:
+        from ptjax.trained import restore_run
+
+        run = restore_run(cfg, run_dir or cfg.run_dir)
+        mesh, model, method, trainable = run.mesh, run.model, run.method, run.trainables
+    else:
+        mesh, model = prepare(cfg)
+        method = methods.REGISTRY["prompt"](model.config, cfg.prompt, None, model.dtype)
+        table = np.asarray(load_table(prompt_path, model.config.hidden_size))
+        method = dataclasses.replace(method, prompt=dataclasses.replace(
+            cfg.prompt, length=table.shape[1], seeds=tuple(range(table.shape[0])), inits=()))
+        trainable = {"prompt": place(table, replicated(mesh))}
     task = load_task(cfg.task, splits=(split,))
-    check_lengths(model, cfg)
+    check_lengths(model, method, cfg)
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
                         cfg.task.max_target_length, split=split,
                         target_prefix=_target_prefix(model, cfg.task))
     size, lengths = cfg.train.eval_batch_size, cfg.task.max_target_length
-    if cfg.train.method == "model":
-        path = prompt_path or os.path.join(cfg.run_dir, "export", "model")
-        tuned = load_model(path, dtype=cfg.model.dtype, mesh=mesh, fsdp=cfg.mesh.fsdp)
-        return evaluate(tuned, tuned.params, None, dev, size, lengths, mesh)
-    path = prompt_path or os.path.join(cfg.run_dir, "export", "prompts.npy")
-    table = place(np.asarray(load_table(path, model.config.hidden_size)), replicated(mesh))
+    frozen = None if method.tunes_weights else model.params
     if ensemble_method:
-        preds = predict(model, model.params, table, dev, size, lengths, mesh)
+        preds = predict(model, method, trainable, frozen, dev, size, lengths, mesh)
         return ensemble_table(dev, preds, ensemble_method)
-    return evaluate(model, model.params, table, dev, size, lengths, mesh)
+    return evaluate(model, method, trainable, frozen, dev, size, lengths, mesh)

@@ -12,7 +12,7 @@ A sweep file (YAML)::
       model.path: [google/t5-small-lm-adapt, google/t5-base-lm-adapt]
       prompt.length: [1, 5, 20, 100, 150]
     zip:                          # zipped together, then crossed with the grid
-      train.method: [prompt, model]
+      method.name: [prompt, model]
       optim.learning_rate: [0.3, 0.001]
     # zip may also be a list of such groups: each zipped, the groups crossed
     seeds: [0, 1, 2]              # one run per seed: the prompt's init and dropout seed
@@ -39,6 +39,7 @@ import sys
 import yaml
 
 from ptjax import config as config_lib
+from ptjax import methods
 from ptjax.errors import PtjaxError
 
 SWEEP_KEYS = ("name", "description", "dir", "base", "config", "grid", "zip", "seeds", "pack",
@@ -86,6 +87,14 @@ class Sweep:
 
 def _canonical(cfg) -> dict:
     d = config_lib.to_dict(cfg)
+    # The method seam moved train.method to method.name and added method sections: ids
+    # keep the old form, a method's section entering only once it leaves its defaults.
+    method = d.pop("method")
+    d["train"]["method"] = method.pop("name")
+    defaults = config_lib.to_dict(config_lib.MethodConfig())
+    for section, values in method.items():
+        if values != defaults[section]:
+            d.setdefault("method", {})[section] = values
     for key in NOT_IN_ID:
         parts = key.split(".")
         node = d
@@ -163,6 +172,7 @@ def _axes(axes, name: str, path: str) -> dict:
     axes = axes or {}
     if not isinstance(axes, dict):
         raise PtjaxError(f"{path}: {name} must map config keys to lists of values")
+    axes = {config_lib.current_key(k): v for k, v in axes.items()}
     for key, values in axes.items():
         _check_axis(key, path)
         if not isinstance(values, list) or not values:
@@ -203,6 +213,7 @@ def load_sweep(path: str, directory: str | None = None) -> Sweep:
     if not isinstance(overrides, dict):
         raise PtjaxError(f"{path}: config must be a mapping of config keys")
     for key, value in _flatten(overrides).items():
+        key = config_lib.current_key(key)
         if key not in config_lib.all_keys():
             raise config_lib._unknown(key, f"{path}: config")
         _set(base, key, value)
@@ -266,7 +277,8 @@ def _pack_key(cfg) -> str:
 def _pack(runs, pack: int, ensemble: str, directory: str) -> list[Job]:
     groups: dict[str, list[Run]] = {}
     for run in runs:
-        key = run.id if run.config.train.method == "model" else _pack_key(run.config)
+        packs = methods.build(run.config, None).packs
+        key = _pack_key(run.config) if packs else run.id
         groups.setdefault(key, []).append(run)
     jobs = []
     for members in groups.values():

@@ -1,16 +1,19 @@
-"""Prompt tuning (and model tuning) on a frozen model: loss, optimizer, the jitted step.
+"""Training on a frozen model, for every method: loss, optimizer, the jitted step.
 
-The trainable state is a small pytree; the frozen params are a separate argument of the
-jitted step that is never donated, never updated and never given optimizer state::
+The trainable state is a small pytree (a ``ptjax.methods`` method's, every leaf with a
+leading K axis); the frozen params are a separate argument of the jitted step that is
+never donated, never updated and never given optimizer state::
 
-    state = init_state(tx, {"prompt": table_KxPxD}, seed, prompt_seeds=[0, 1, ...])
-    step = make_train_step(model, tx, method="prompt", dropout=0.1)
+    method = ptjax.methods.build(cfg, model.config, model.dtype)
+    tx = method.optimizer(cfg.optim, steps)
+    state = init_state(tx, method.init(model, cfg, task), seed, prompt_seeds=[0, 1, ...])
+    step = make_train_step(model, method, tx, dropout=0.1)
     state, metrics = step(state, model.params, batch)   # state donated; params untouched
 
-With K prompts (``[K, P, D]``) every train batch is seen by each prompt in one forward
-pass of K x B rows (``vmap`` over K), each prompt with its own dropout key, and the
-optimizer is vmapped over K, so the K prompts train as K separate runs would (own
-Adafactor statistics, own gradient clipping, own dropout masks).
+With K members (K prompts, prefixes or prompt encoders) every train batch is seen by each
+in one forward pass of K x B rows (``vmap`` over K), each with its own dropout key, and
+the optimizer is vmapped over K, so the K members train as K separate runs would (own
+Adafactor statistics, own gradient clipping, own dropout masks). Model tuning is K = 1.
 """
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ from ptjax.errors import PtjaxError
 
 @flax.struct.dataclass
 class TrainState:
-    """step: int32 []; trainable: {"prompt": [K, P, D] fp32} or {"params": ...};
-    opt_state: the optimizer's state for ``trainable`` only; rng: uint32 [2];
-    prompt_seeds: int32 [K], prompt k's seed (its dropout masks, see ``prompt_keys``)."""
+    """step: int32 []; trainable: the method's tree, every leaf [K, ...] fp32 (e.g.
+    {"prompt": [K, P, D]}); opt_state: the optimizer's state for ``trainable`` only;
+    rng: uint32 [2]; prompt_seeds: int32 [K], member k's seed (its dropout masks, see
+    ``prompt_keys``)."""
     step: jax.Array
     trainable: Any
     opt_state: Any
@@ -89,17 +93,44 @@ def init_state(tx, trainable, seed: int, prompt_seeds=None) -> TrainState:
     0..K-1) name each prompt's own dropout stream. Built under jit, so on a mesh the
     optimizer state takes the shardings of the trainable leaves it mirrors (model tuning's
     sharded weights)."""
-    K = trainable["prompt"].shape[0] if "prompt" in trainable else 1
+    K = jax.tree.leaves(trainable)[0].shape[0]
     seeds = jnp.asarray(range(K) if prompt_seeds is None else prompt_seeds, jnp.int32)
     if seeds.shape != (K,):
         raise PtjaxError(f"{seeds.shape[0]} prompt seeds for {K} prompts")
+    build = _state_builder(tx, seed)
+    return jax.jit(build, out_shardings=state_shardings(tx, trainable, build, seeds))(
+        trainable, seeds)
 
+
+def _state_builder(tx, seed: int):
     def build(trainable, seeds):
         return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
                           opt_state=tx.init(trainable), rng=jax.random.PRNGKey(seed),
                           prompt_seeds=seeds)
-    return jax.jit(build, out_shardings=state_shardings(tx, trainable, build, seeds))(
-        trainable, seeds)
+    return build
+
+
+def setup(model, method, cfg, mesh, trainable, frozen, abstract: bool = False):
+    """What ``ptjax train`` and ``ptjax plan`` both build: (optimizer, initial state,
+    jitted step). trainable / frozen: placed arrays, or ``jax.ShapeDtypeStruct`` leaves
+    with shardings when ``abstract`` (then the state is abstract too); frozen is None
+    when the method tunes the weights."""
+    from ptjax.sharding import batch_sharding
+
+    tx = method.optimizer(cfg.optim, cfg.train.steps)
+    seeds = jnp.asarray(method.seeds, jnp.int32)
+    if abstract:
+        build = _state_builder(tx, cfg.train.seed)
+        shardings = state_shardings(tx, trainable, build, seeds)
+        state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             jax.eval_shape(build, trainable, seeds), shardings)
+    else:
+        state = init_state(tx, trainable, cfg.train.seed, method.seeds)
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+    step = make_train_step(model, method, tx, cfg.train.dropout,
+                           shardings=(state_sh, frozen_sh, batch_sharding(mesh)))
+    return tx, state, step
 
 
 def state_shardings(tx, trainable, build, *args):
@@ -115,9 +146,18 @@ def state_shardings(tx, trainable, build, *args):
     if all(s.is_fully_replicated for s in shardings):  # prompts: replicated everywhere
         return jax.tree.map(lambda _: rep, abstract)
     t_sh = jax.tree.map(lambda x: x.sharding, trainable)
-    opt = optax.tree_map_params(
-        tx, lambda leaf, sh, param: sh if leaf.shape == param.shape else rep,
-        abstract.opt_state, t_sh, trainable, transform_non_params=lambda _: rep)
+    # An optimizer-state leaf mirrors the trainable leaf whose key path ends its own (Adam's
+    # mu["params"]["encoder"]... mirrors trainable["params"]["encoder"]...) and shape it has.
+    by_path = {tuple(path): (x.shape, x.sharding)
+               for path, x in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+
+    def mirror(path, leaf):
+        for i in range(len(path)):
+            shape, sh = by_path.get(tuple(path[i:]), (None, None))
+            if shape == leaf.shape:
+                return sh
+        return rep
+    opt = jax.tree_util.tree_map_with_path(mirror, abstract.opt_state)
     return jax.tree.map(lambda _: rep, abstract).replace(
         trainable=t_sh, opt_state=opt)
 
@@ -142,17 +182,21 @@ def sequence_nll(model, params, batch, prompt=None, rngs=None, deterministic=Tru
     return jnp.sum(nll * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
-def prompt_nll(model, params, prompts_KxPxD, batch, rngs_K=None):
-    """Each of K prompts over the same batch: summed NLL and token count, ([K, B], [K, B]).
+def member_nll(model, method, trainable, frozen, batch, rngs_K=None):
+    """Each of K members over the same batch: summed NLL and token count, ([K, B], [K, B]).
 
     One forward pass over K x B rows (``vmap`` over K; the frozen params are shared, read
-    once). With ``rngs_K`` ([K] dropout keys) prompt k's dropout masks come from its own
-    key, so they are the ones a separate run of that prompt would draw.
+    once). With ``rngs_K`` ([K] dropout keys) member k's dropout masks come from its own
+    key, so they are the ones a separate run of that member would draw.
     """
+    def one(member, rng):
+        params, prompt = method.inputs(member, frozen)
+        rngs = None if rng is None else {"dropout": rng}
+        return sequence_nll(model, params, batch, prompt, rngs, deterministic=rng is None)
+
     if rngs_K is None:
-        return jax.vmap(lambda p: sequence_nll(model, params, batch, p))(prompts_KxPxD)
-    return jax.vmap(lambda p, r: sequence_nll(model, params, batch, p, {"dropout": r},
-                                              deterministic=False))(prompts_KxPxD, rngs_K)
+        return jax.vmap(lambda m: one(m, None))(trainable)
+    return jax.vmap(one)(trainable, rngs_K)
 
 
 def prompt_keys(rng, prompt_seeds_K):
@@ -161,31 +205,24 @@ def prompt_keys(rng, prompt_seeds_K):
     return jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.asarray(prompt_seeds_K))
 
 
-def loss_fn(model, method: str, trainable, frozen, batch, rng, dropout: float,
+def loss_fn(model, method, trainable, frozen, batch, rng, dropout: float,
             prompt_seeds_K=None):
-    """Sum over prompts of each prompt's mean target-token NLL, and the [K] per-prompt
-    means. Summing keeps each prompt's gradient equal to that of its own mean loss."""
-    if method == "prompt":
-        if prompt_seeds_K is None:  # prompt k's seed is k
-            prompt_seeds_K = jnp.arange(trainable["prompt"].shape[0])
-        rngs = prompt_keys(rng, prompt_seeds_K) if dropout > 0.0 else None
-        nll, count = prompt_nll(model, frozen, trainable["prompt"], batch, rngs)
-        per_k = nll.sum(1) / jnp.maximum(count.sum(1), 1.0)
-    else:
-        # fp32 master weights, cast to the model's dtype for the forward
-        params = jax.tree.map(lambda p: p.astype(model.dtype), trainable["params"])
-        rngs = {"dropout": rng} if dropout > 0.0 else None
-        nll, count = sequence_nll(model, params, batch, None, rngs, deterministic=dropout == 0)
-        per_k = (nll.sum() / jnp.maximum(count.sum(), 1.0))[None]
+    """Sum over members of each member's mean target-token NLL, and the [K] per-member
+    means. Summing keeps each member's gradient equal to that of its own mean loss."""
+    if prompt_seeds_K is None:  # member k's seed is k
+        prompt_seeds_K = jnp.arange(jax.tree.leaves(trainable)[0].shape[0])
+    rngs = prompt_keys(rng, prompt_seeds_K) if dropout > 0.0 else None
+    nll, count = member_nll(model, method, trainable, frozen, batch, rngs)
+    per_k = nll.sum(1) / jnp.maximum(count.sum(1), 1.0)
     return per_k.sum(), per_k
 
 
-def make_train_step(model, tx, method: str = "prompt", dropout: float = 0.1,
-                    shardings=None):
+def make_train_step(model, method, tx, dropout: float = 0.1, shardings=None):
     """The jitted step ``(state, frozen_params, batch) -> (state, {"loss": [K]})``.
 
     ``state`` is donated (its buffers are reused for the new state); ``frozen_params`` is
-    only read. For model tuning pass ``frozen_params=None``: the weights are the state.
+    only read. When the method tunes the weights pass ``frozen_params=None``: the weights
+    are the state.
     shardings: ``(state, frozen, batch)`` shardings (``ptjax.sharding``), or None to let
     jit follow its inputs; metrics come back replicated.
     """
@@ -206,11 +243,3 @@ def make_train_step(model, tx, method: str = "prompt", dropout: float = 0.1,
     metrics_sh = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
     return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
                    out_shardings=(state_sh, {"loss": metrics_sh}), donate_argnums=(0,))
-
-
-def trainable_params(model, method: str, prompt_table=None):
-    """The trainable pytree of a method: {"prompt": [K, P, D]} or fp32 {"params": ...}."""
-    if method == "prompt":
-        return {"prompt": jnp.asarray(prompt_table, jnp.float32)}
-    # a copy: the state is donated and must not take the loaded model's buffers with it
-    return {"params": jax.tree.map(lambda p: jnp.array(p, jnp.float32), model.params)}

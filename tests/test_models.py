@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import padded_batch
 
 import ptjax
 from ptjax import cli
 from ptjax.models.tiny import build_tiny_model
-from conftest import padded_batch
 
 
 def test_layers_are_stacked_for_scan(loaded):

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import GPT2_CONFIGS, T5_CONFIGS, padded_batch
 
 import ptjax
-from conftest import GPT2_CONFIGS, T5_CONFIGS, padded_batch
 
 ATOL = 1e-4
 P = 5

@@ -51,7 +51,7 @@ def test_plan_counts_what_each_device_holds(tmp_path):
     assert mt["per_device"]["frozen_weights"] == 0
     assert mt["per_device"]["trainable_and_optimizer"] >= 3 * params
     # ... and on a (2, 4) mesh the moments are sharded like the weights they mirror
-    mt_tp = plan(_cfg(tmp_path, **{"mesh.data": 2, "mesh.model": 4, "train.method": "model",
+    mt_tp = plan(_cfg(tmp_path, **{"mesh.data": 2, "mesh.model": 4, "method.name": "model",
                                    "prompt.seeds": [0], "optim.name": "adam"}))
     assert mt_tp["per_device"]["trainable_and_optimizer"] < \
         0.5 * mt["per_device"]["trainable_and_optimizer"]

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from conftest import torch
+
 from ptjax import cli
 from ptjax.config import load_config
 
@@ -162,14 +162,39 @@ def _finished_steps(ckpt_dir):
     return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
 
 
+METHOD_ARGS = {
+    "prompt": {},
+    "prefix": {"method.name": "prefix", "method.prefix.hidden": 16},
+    "ptuning": {"method.name": "ptuning", "method.ptuning.encoder": "lstm",
+                "method.ptuning.hidden": 16},
+    "model": {"method.name": "model", "prompt.seeds": "[3]", "optim.name": "adam",
+              "optim.learning_rate": 1e-3},
+}
+
+
+def _files(directory):
+    out = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, directory)] = f.read()
+    return out
+
+
 @pytest.mark.slow
-def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir):
-    """Kill -9 a run after its first checkpoint, rerun the same command: prompts,
-    optimizer-driven metrics and results equal an uninterrupted run's exactly (CPU)."""
+@pytest.mark.parametrize("method", sorted(METHOD_ARGS))
+def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir, method):
+    """Kill -9 a run after its first checkpoint, rerun the same command: the trained
+    members, their exports, optimizer-driven metrics and results equal an uninterrupted
+    run's exactly (CPU), for every method."""
+    steps = 60 if method == "prompt" else 30
+
     def command(run_dir):
         args = base_args(run_dir, tiny_dir, **{
-            "prompt.seeds": "[3,4]", "train.steps": 60, "train.eval_every": 20,
-            "train.checkpoint_every": 5, "train.log_every": 5, "train.dropout": 0.1})
+            "prompt.seeds": "[3,4]", "train.steps": steps, "train.eval_every": 10,
+            "train.checkpoint_every": 5, "train.log_every": 5, "train.dropout": 0.1,
+            **METHOD_ARGS[method]})
         return [sys.executable, "-m", "ptjax.cli", "train", *args]
 
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -185,11 +210,11 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = _finished_steps(os.path.join(cut, "checkpoints"))
-    assert killed_at and killed_at[-1] < 60, "the run was not killed mid-way"
+    assert killed_at and killed_at[-1] < steps, "the run was not killed mid-way"
     out = subprocess.run(command(cut), check=True, env=env, capture_output=True, text=True)
     assert f"resuming {cut} from step {killed_at[-1]}" in out.stdout
-    np.testing.assert_array_equal(np.load(os.path.join(ref, "export", "prompts.npy")),
-                                  np.load(os.path.join(cut, "export", "prompts.npy")))
+    exports = [_files(os.path.join(d, "export")) for d in (ref, cut)]
+    assert exports[0] and exports[0] == exports[1]
 
     def rows(d):
         return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in read_rows(d)]
@@ -197,8 +222,8 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir):
     assert rows(ref) == rows(cut)
     a, b = (json.load(open(os.path.join(d, "results.json"))) for d in (ref, cut))
     assert {**a, "run_dir": "", "export": ""} == {**b, "run_dir": "", "export": ""}
-    state = [ocp.StandardCheckpointer().restore(os.path.join(d, "checkpoints", "60", "state"))
-             for d in (ref, cut)]
+    state = [ocp.StandardCheckpointer().restore(
+        os.path.join(d, "checkpoints", str(steps), "state")) for d in (ref, cut)]
     jax.tree.map(np.testing.assert_array_equal, *state)
 
 
@@ -264,8 +289,9 @@ def test_rerun_with_another_config_is_refused(t5_run, tiny_dir, capsys):
 
 
 def test_model_tuning_and_jsonl_task(tmp_path, tiny_dir, capsys):
-    """train.method=model on a JSONL task with labels: all weights train, the best model is
-    exported in Hugging Face form and `ptjax eval` scores it."""
+    """train.method=model (the old name of method.name) on a JSONL task with labels: all
+    weights train, the best model is exported in Hugging Face form and `ptjax eval` scores
+    it."""
     rows = [{"inputs": f"review: {w} film", "targets": lab}
             for w, lab in [("great", "yes"), ("awful", "no"), ("lovely", "yes"),
                            ("dull", "no")] * 4]

@@ -13,6 +13,7 @@ from ptjax.data import pipeline
 from ptjax.data.tasks import Task
 from ptjax.errors import PtjaxError
 from ptjax.evaluation import build_dev_set, predict
+from ptjax.methods import for_model
 from ptjax.models.model import load_model
 from ptjax.models.tiny import build_tiny_model
 
@@ -74,7 +75,7 @@ def test_rank_classification_scores_sentinel_plus_label(model):
     task = Task("t", {"validation": EXAMPLES}, labels=("negative", "positive"))
     dev = build_dev_set(model, task, "auto", 16, 5, target_prefix=(sid,))
     prompts = jax.random.normal(jax.random.key(0), (1, 3, model.config.hidden_size))
-    preds = predict(model, model.params, prompts, dev, batch_size=8, max_new_tokens=5)
+    preds = predict(model, for_model(model), {"prompt": prompts}, model.params, dev, batch_size=8, max_new_tokens=5)
     want = [_logprob(model, prompts[0], ex["inputs"], [sid] + model.tokenizer(lab)["input_ids"])
             for ex in EXAMPLES for lab in task.labels]
     np.testing.assert_allclose(preds.scores[0], want, rtol=1e-5, atol=1e-5)
@@ -125,7 +126,7 @@ def test_report_draws_span_corruption_plus_sentinel_as_its_own_line(tmp_path, mo
     from ptjax.report import figures
 
     rows = [{"model.path": path, "task.target_sentinel": sentinel, "task.name": task,
-             "train.method": "prompt", "parameters": size, "seed": seed,
+             "method.name": "prompt", "parameters": size, "seed": seed,
              "best": 50.0 + 10 * sentinel + 20 * ("lm-adapt" in path) + seed}
             for size, name in ((77e6, "small"), (248e6, "base"))
             for path, sentinel in ((f"google/t5-v1_1-{name}", False),

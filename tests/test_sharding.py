@@ -14,10 +14,10 @@ from jax.sharding import PartitionSpec as P
 from ptjax import cli
 from ptjax.config import load_config
 from ptjax.data.tasks import load_task
-from ptjax.run import initial_prompts
 from ptjax.errors import PtjaxError
 from ptjax.models.model import load_model
 from ptjax.models.tiny import build_tiny_model
+from ptjax.prompts import initial_prompts
 from ptjax.sharding import logical_rules, make_mesh, spec_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +133,7 @@ def test_meshes_train_as_one_device(tiny, tmp_path, family, meshes):
         "mesh.data": 1, "mesh.model": 1})
     ref_prompts = np.load(os.path.join(ref, "prompts.npy"))
     cfg = load_config(os.path.join(tmp_path, "one", "config.yaml"))
-    start = initial_prompts(load_model(tiny[family]), cfg, load_task(cfg.task))
+    start = initial_prompts(load_model(tiny[family]), cfg.prompt, load_task(cfg.task))
     assert np.abs(ref_prompts - start).max() > 0.05  # the prompts really trained
     for data, model in meshes:
         rows, out = _train(str(tmp_path / f"{data}x{model}"), tiny_dir, family, **{
@@ -148,12 +148,13 @@ def test_meshes_train_as_one_device(tiny, tmp_path, family, meshes):
 def test_model_tuning_on_a_mesh_shards_the_optimizer_state(tiny):
     """Model tuning on a (2, 4) mesh: Adam's moments take the weights' shardings; with SGD
     (no normalisation to amplify reduction-order noise) the losses follow one device's."""
+    from ptjax import methods
     from ptjax.config import OptimConfig
+    from ptjax.run import place_trainable
     from ptjax.sharding import batch_sharding, global_batch
-    from ptjax.train import init_state, make_optimizer, make_train_step, trainable_params
+    from ptjax.train import init_state, make_train_step
 
-    adam = make_optimizer(OptimConfig(name="adam", learning_rate=1e-3), 10)
-    sgd = make_optimizer(OptimConfig(name="sgd", learning_rate=0.1), 10)
+    cfg = load_config(None, ["method.name=model"])
     mesh = make_mesh(2, 4)
     rng = np.random.default_rng(0)
     ids = rng.integers(2, 60, (8, 12)).astype(np.int32)
@@ -162,17 +163,22 @@ def test_model_tuning_on_a_mesh_shards_the_optimizer_state(tiny):
     losses = {}
     for name, m in (("one", None), ("2x4", mesh)):
         model = load_model(tiny["t5"], mesh=m)
+        method = methods.build(cfg, model.config, model.dtype)
         if m is not None:
-            state = init_state(adam, trainable_params(model, "model"), 0)
+            adam = method.optimizer(OptimConfig(name="adam", learning_rate=1e-3), 10)
+            state = init_state(adam, place_trainable(method, method.init(model, cfg, None), m,
+                                                     cfg), 0)
             q = state.opt_state[0].mu["params"]["encoder"]["layers"]["attn"]["q"]["kernel"]
-            assert q.sharding.spec == P(None, None, "model")  # as the weight it mirrors
-            assert q.addressable_shards[0].data.shape == (2, 64, 1, 16)
-        tx = sgd
-        state = init_state(tx, trainable_params(model, "model"), 0)
+            # as the weight it mirrors, behind the K axis
+            assert q.sharding.spec == P(None, None, None, "model")
+            assert q.addressable_shards[0].data.shape == (1, 2, 64, 1, 16)
+        tx = method.optimizer(OptimConfig(name="sgd", learning_rate=0.1), 10)
+        tree = method.init(model, cfg, None)
+        state = init_state(tx, tree if m is None else place_trainable(method, tree, m, cfg), 0)
         shardings = None
         if m is not None:
             shardings = (jax.tree.map(lambda x: x.sharding, state), None, batch_sharding(m))
-        step = make_train_step(model, tx, "model", dropout=0.0, shardings=shardings)
+        step = make_train_step(model, method, tx, dropout=0.0, shardings=shardings)
         out = []
         for _ in range(3):
             state, metrics = step(state, None, batch if m is None else global_batch(batch, m))

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from ptjax import cli
 from ptjax import analysis as pa
+from ptjax import cli
 from ptjax.config import load_config
-from ptjax.report import write_report
 from ptjax.run import train
 from ptjax.sweep import load_sweep, parse_shard, run_id, run_sweep
 

@@ -6,11 +6,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from conftest import padded_batch, torch
+
 from ptjax import config as C
-from ptjax.train import (init_state, learning_rate_schedule, loss_fn, make_optimizer,
-                         make_train_step, per_prompt, trainable_params)
+from ptjax.methods import for_model
+from ptjax.train import (
+    init_state,
+    learning_rate_schedule,
+    loss_fn,
+    make_optimizer,
+    make_train_step,
+    per_prompt,
+)
 
 
 def t5_batch(rng, B=3, L=7, T=4, vocab=96):
@@ -44,7 +51,7 @@ def test_loss_equals_transformers_loss(loaded, name):
     batch = t5_batch(rng) if model.is_encoder_decoder else gpt2_batch(rng)
     P, D = 4, model.config.hidden_size
     prompt = rng.normal(size=(1, P, D)).astype(np.float32)
-    loss, per_k = loss_fn(model, "prompt", {"prompt": jnp.asarray(prompt)}, model.params,
+    loss, per_k = loss_fn(model, for_model(model), {"prompt": jnp.asarray(prompt)}, model.params,
                           to_jnp(batch), jax.random.PRNGKey(0), 0.0)
     B = batch["input_ids"].shape[0]
     t = {k: torch.tensor(v) for k, v in batch.items()}
@@ -69,7 +76,7 @@ def _prompt_setup(model, K=2, P=3, optim=None, seed=0):
     tx = per_prompt(make_optimizer(optim, 10))
     table = jax.random.uniform(jax.random.PRNGKey(seed), (K, P, model.config.hidden_size),
                                minval=-0.5, maxval=0.5)
-    return tx, init_state(tx, trainable_params(model, "prompt", table), seed)
+    return tx, init_state(tx, {"prompt": table}, seed)
 
 
 @pytest.mark.parametrize("name, dropout", [("t5_v1_0", 0.0), ("gpt2", 0.1)])
@@ -79,7 +86,7 @@ def test_step_trains_only_the_prompt(loaded, name, dropout):
     make = t5_batch if model.is_encoder_decoder else gpt2_batch
     frozen_before = jax.tree.map(np.array, model.params)
     tx, state = _prompt_setup(model)
-    step = make_train_step(model, tx, "prompt", dropout=dropout)
+    step = make_train_step(model, for_model(model), tx, dropout=dropout)
     first = state.trainable["prompt"]
     old_prompt = np.array(first)  # a copy: a zero-copy view would block donation
     losses = []
@@ -116,7 +123,7 @@ def test_k_prompts_train_as_separate_runs(loaded, dropout):
     both = init_state(tx, {"prompt": jnp.asarray(table)}, 0, seeds)
     singles = [init_state(tx, {"prompt": jnp.asarray(table[k:k + 1])}, 0, seeds[k:k + 1])
                for k in range(2)]
-    step = make_train_step(model, tx, "prompt", dropout=dropout)
+    step = make_train_step(model, for_model(model), tx, dropout=dropout)
     for b in batches:
         both, _ = step(both, model.params, b)
         singles = [step(s, model.params, b)[0] for s in singles]
@@ -137,18 +144,19 @@ def test_k_prompts_train_as_separate_runs(loaded, dropout):
 
 def test_model_tuning_updates_all_weights(loaded):
     _, model = loaded["t5_v1_0"]
-    tx = make_optimizer(C.OptimConfig(name="adam", learning_rate=1e-3), 10)
-    state = init_state(tx, trainable_params(model, "model"), 0)
+    method = for_model(model, "model")
+    tx = method.optimizer(C.OptimConfig(name="adam", learning_rate=1e-3), 10)
+    state = init_state(tx, method.init(model, None, None), 0)
     n_params = len(jax.tree.leaves(model.params))
-    assert len([x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]) == 2 * n_params
-    step = make_train_step(model, tx, "model", dropout=0.0)
+    assert len([x for x in jax.tree.leaves(state.opt_state) if x.ndim > 1]) == 2 * n_params
+    step = make_train_step(model, method, tx, dropout=0.0)
     batch = to_jnp(t5_batch(np.random.default_rng(0)))
     losses = []
     for _ in range(5):
         state, m = step(state, None, batch)
         losses.append(float(m["loss"][0]))
     assert losses[-1] < losses[0]
-    moved = jax.tree.map(lambda a, b: not np.allclose(np.asarray(a), np.asarray(b)),
+    moved = jax.tree.map(lambda a, b: not np.allclose(np.asarray(a)[0], np.asarray(b)),
                          state.trainable["params"], model.params)
     assert all(jax.tree.leaves(moved))
 

@@ -8,6 +8,9 @@ Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``k
 """
 from __future__ import annotations
 
+from typing import Any
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -36,6 +39,49 @@ REMAT_POLICIES = {
 def mask_bias(mask_BxTxS: jax.Array) -> jax.Array:
     """Boolean mask [B, T, S] (True = attend) -> additive fp32 bias [B, 1, T, S]."""
     return jnp.where(mask_BxTxS, 0.0, MASK_VALUE).astype(jnp.float32)[:, None]
+
+
+@flax.struct.dataclass
+class PromptInputs:
+    """What a prompt method feeds the frozen model; any part may be None.
+
+    embeds: [P, D] (shared) or [B, P, D] input embeddings prepended to the input (T5: the
+      encoder's), as in prompt tuning and P-tuning.
+    prefix: {site: {"k": kv, "v": kv}} keys and values prepended at every layer of an
+      attention site, kv [L, P, H, Dh] (shared) or [L, B, P, H, Dh] (prefix tuning).
+      Sites: T5 "encoder" (self-attention), "decoder" (self-attention), "cross" (decoder
+      cross-attention); GPT-2 "decoder".
+    """
+    embeds: Any = None
+    prefix: Any = None
+
+
+def as_prompt_inputs(prompt) -> PromptInputs:
+    """A bare [P, D] / [B, P, D] array (the public ``prompt=`` argument) or PromptInputs."""
+    if prompt is None or isinstance(prompt, PromptInputs):
+        return prompt if prompt is not None else PromptInputs()
+    return PromptInputs(embeds=prompt)
+
+
+def site_prefix(prompt: PromptInputs, site: str, batch: int, dtype):
+    """One site's prefix as {"k", "v"} [L, B, P, H, Dh] in ``dtype``, or None."""
+    if prompt.prefix is None or prompt.prefix.get(site) is None:
+        return None
+    out = {}
+    for name in ("k", "v"):
+        kv = prompt.prefix[site][name]
+        if kv.ndim == 4:
+            kv = jnp.broadcast_to(kv[:, None], (kv.shape[0], batch) + kv.shape[1:])
+        elif kv.ndim != 5 or kv.shape[1] != batch:
+            raise ValueError(f"prefix {site}.{name} must have shape [L, P, H, Dh] or "
+                             f"[L, {batch}, P, H, Dh], got {tuple(kv.shape)}")
+        out[name] = kv.astype(dtype)
+    return out
+
+
+def prefix_length(prefix) -> int:
+    """P of a site prefix from ``site_prefix`` (0 for None)."""
+    return 0 if prefix is None else prefix["k"].shape[2]
 
 
 def broadcast_prompt(prompt: jax.Array, batch: int, dtype) -> jax.Array:
@@ -72,7 +118,8 @@ def scan_layers(layer_cls, length: int, n_broadcast: int):
     """
     return nn.scan(
         layer_cls,
-        variable_axes={"params": 0},
+        # intermediates: ``capture_intermediates`` sees every layer (prefix text init)
+        variable_axes={"params": 0, "intermediates": 0},
         metadata_params={nn.PARTITION_NAME: "layers"},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * n_broadcast + (0,),
@@ -124,6 +171,9 @@ class MultiHeadAttention(nn.Module):
         the query attends over the whole cache (``bias`` masks unwritten slots);
       * cross-attention (``cross=True``): keys/values of ``kv`` are computed once when
         ``prefill`` is set and read from the cache afterwards.
+
+    ``prefix`` ({"k", "v"} [B, P, H, K], prefix tuning) is prepended to the keys and values
+    after the cache, never written into it; ``bias`` then covers S = P + keys.
     """
     num_heads: int
     head_dim: int
@@ -137,7 +187,8 @@ class MultiHeadAttention(nn.Module):
     prefill: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD, kv_BxSxD, bias_BxHxTxS, cache=None, cache_index=None):
+    def __call__(self, x_BxTxD, kv_BxSxD, bias_BxHxTxS, cache=None, cache_index=None,
+                 prefix=None):
         def proj(name):
             return nn.DenseGeneral(
                 (self.num_heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype,
@@ -156,6 +207,9 @@ class MultiHeadAttention(nn.Module):
             v_BxSxHxK = jax.lax.dynamic_update_slice(
                 cache["v"], v_BxSxHxK.astype(cache["v"].dtype), start)
         new_cache = None if cache is None else {"k": k_BxSxHxK, "v": v_BxSxHxK}
+        if prefix is not None:
+            k_BxSxHxK = jnp.concatenate([prefix["k"].astype(k_BxSxHxK.dtype), k_BxSxHxK], 1)
+            v_BxSxHxK = jnp.concatenate([prefix["v"].astype(v_BxSxHxK.dtype), v_BxSxHxK], 1)
 
         scores = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK.astype(self.dtype),
                             preferred_element_type=jnp.float32)

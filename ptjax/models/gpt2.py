@@ -4,6 +4,10 @@ A soft prompt [P, D] is prepended to the embedded input and takes positions 0..P
 real tokens follow at P, P+1, ... (PEFT's convention). Positions count attended tokens
 (``cumsum(mask) - 1``), so a left-padded row still puts its first real token right after
 the prompt, where PEFT would leave the pads in between.
+
+A prefix (prefix tuning: keys/values prepended at every layer, site "decoder") of P keys
+takes positions 0..P-1 the same way: the tokens' learned positions start at P, Hugging
+Face's convention for P past keys, so PEFT's prefix gives the same logits.
 """
 from __future__ import annotations
 
@@ -13,8 +17,11 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, broadcast_prompt, logical,
-                                 mask_bias, remat_layer, scan_layers, tied_logits)
+from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, as_prompt_inputs,
+                                 broadcast_prompt, logical, mask_bias, prefix_length,
+                                 remat_layer, scan_layers, site_prefix, tied_logits)
+
+SITES = ("decoder",)  # where prefix keys/values can enter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +77,11 @@ class Block(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxTxD, bias_BxHxTxS, cache_index, cache):
+    def __call__(self, x_BxTxD, bias_BxHxTxS, cache_index, layer_xs):
+        """layer_xs: (this layer's cache or None, its prefix {"k", "v"} [B, P, H, K] or
+        None)."""
         cfg = self.config
+        cache, prefix = layer_xs
         drop = nn.Dropout(cfg.resid_pdrop)
         head_dim = cfg.n_embd // cfg.n_head
         h = layer_norm(cfg, self.dtype, "ln_1")(x_BxTxD)
@@ -79,7 +89,7 @@ class Block(nn.Module):
             num_heads=cfg.n_head, head_dim=head_dim, out_dim=cfg.n_embd,
             dropout_rate=cfg.attn_pdrop, dtype=self.dtype, deterministic=self.deterministic,
             use_bias=True, scale=head_dim ** -0.5 if cfg.scale_attn_weights else 1.0,
-            name="attn")(h, h, bias_BxHxTxS, cache, cache_index)
+            name="attn")(h, h, bias_BxHxTxS, cache, cache_index, prefix=prefix)
         x_BxTxD = x_BxTxD + drop(h, deterministic=self.deterministic)
         h = layer_norm(cfg, self.dtype, "ln_2")(x_BxTxD)
         h = dense(cfg.d_ff, self.dtype, "c_fc", ("embed", "mlp"))(h)
@@ -120,27 +130,37 @@ class GPT2(nn.Module):
         mask = jnp.concatenate([jnp.ones(prompt_BxPxD.shape[:2], bool), mask], axis=1)
         return x, mask, prompt_BxPxD.shape[1]
 
-    def forward(self, embeds_BxTxD, positions_BxT, key_mask_BxS, cache=None, cache_index=None):
+    def forward(self, embeds_BxTxD, positions_BxT, key_mask_BxS, cache=None, cache_index=None,
+                prefix=None):
         """Embedded tokens at ``positions`` -> (fp32 logits [B, T, vocab], cache).
 
         Without a cache S == T. With one, the T new tokens fill slots ``cache_index``..
         of a cache of S slots and ``key_mask_BxS`` says which slots hold real tokens.
+        prefix: {"k", "v"} [L, B, P, H, K] keys always attended, before the slots; the
+        tokens' positions are then shifted by P.
         """
-        T = embeds_BxTxD.shape[1]
+        B, T = embeds_BxTxD.shape[:2]
+        P = prefix_length(prefix)
         q_pos = jnp.arange(T) if cache is None else cache_index + jnp.arange(T)
         k_pos = jnp.arange(key_mask_BxS.shape[1])
         causal_TxS = k_pos[None, :] <= q_pos[:, None]
-        bias = mask_bias(causal_TxS[None] & key_mask_BxS[:, None, :])
-        x = embeds_BxTxD + self.wpe(positions_BxT)
+        key_mask = causal_TxS[None] & key_mask_BxS[:, None, :]
+        if P:
+            key_mask = jnp.concatenate([jnp.ones((B, T, P), bool), key_mask], 2)
+        bias = mask_bias(key_mask)
+        x = embeds_BxTxD + self.wpe(positions_BxT + P)
         x = self.drop(x, deterministic=self.deterministic)
-        x, cache = self.h(x, bias, cache_index, cache)
+        x, cache = self.h(x, bias, cache_index, (cache, prefix))
         x = self.ln_f(x)
         return tied_logits(x, self.wte.embedding, self.dtype), cache
 
     def __call__(self, input_ids, attention_mask=None, prompt=None):
-        """Logits [B, L, vocab] for the real input positions (prompt positions dropped)."""
-        x, mask, P = self.embed(input_ids, attention_mask, prompt)
-        logits, _ = self.forward(x, positions_from_mask(mask), mask)
+        """Logits [B, L, vocab] for the real input positions (prompt positions dropped).
+        prompt: [P, D], [B, P, D] or ``PromptInputs``."""
+        prompt = as_prompt_inputs(prompt)
+        x, mask, P = self.embed(input_ids, attention_mask, prompt.embeds)
+        prefix = site_prefix(prompt, "decoder", input_ids.shape[0], self.dtype)
+        logits, _ = self.forward(x, positions_from_mask(mask), mask, prefix=prefix)
         return logits[:, P:]
 
 

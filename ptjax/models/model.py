@@ -24,7 +24,7 @@ from flax.linen import meta as nn_meta
 
 from ptjax.errors import PtjaxError
 from ptjax.models import checkpoint_files, gpt2, t5
-from ptjax.models.common import ACTIVATIONS
+from ptjax.models.common import ACTIVATIONS, as_prompt_inputs, site_prefix
 from ptjax.models.convert import load_params, to_hf_state_dict
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -78,7 +78,8 @@ class Model:
                decoder_attention_mask=None, prompt=None):
         """fp32 logits over the real positions only, never the prompt's.
 
-        input_ids / attention_mask: [B, L]. prompt: [P, D] shared or [B, P, D].
+        input_ids / attention_mask: [B, L]. prompt: [P, D] shared or [B, P, D], or a
+        ``PromptInputs`` (embeddings and/or per-layer prefix keys/values).
         T5: decoder_input_ids / decoder_attention_mask [B, T] -> [B, T, vocab].
         GPT-2: -> [B, L, vocab] (decoder_* must be None).
         """
@@ -106,17 +107,31 @@ class Model:
         return self._jit_generate(params, input_ids, attention_mask, prompt,
                                   max_new_tokens=max_new_tokens)
 
+    @property
+    def prefix_sites(self) -> tuple:
+        """Attention sites that take prefix keys/values (``PromptInputs.prefix``)."""
+        return t5.SITES if self.is_encoder_decoder else gpt2.SITES
+
     def check_prompt(self, prompt, length: int):
         """One-line errors for a prompt of the wrong width or one that overflows positions."""
         if prompt is None:
             return
-        D = self.config.hidden_size
-        shape = tuple(np.shape(prompt))
-        if len(shape) not in (2, 3) or shape[-1] != D:
-            raise PtjaxError(f"prompt has shape {shape}; expected [P, {D}] or [B, P, {D}]")
+        prompt = as_prompt_inputs(prompt)
+        D, used = self.config.hidden_size, 0
+        if prompt.embeds is not None:
+            shape = tuple(np.shape(prompt.embeds))
+            if len(shape) not in (2, 3) or shape[-1] != D:
+                raise PtjaxError(f"prompt has shape {shape}; expected [P, {D}] or [B, P, {D}]")
+            used = shape[-2]
+        for site, kv in (prompt.prefix or {}).items():
+            if site not in self.prefix_sites:
+                raise PtjaxError(f"prefix site {site!r} is not one of this model's: "
+                                 f"{', '.join(self.prefix_sites)}")
+            if site == "decoder" and not self.is_encoder_decoder:
+                used += np.shape(kv["k"])[-3]
         limit = self.config.max_prompt_positions
-        if limit is not None and shape[-2] + length > limit:
-            raise PtjaxError(f"prompt length {shape[-2]} + sequence length {length} exceeds the "
+        if limit is not None and used + length > limit:
+            raise PtjaxError(f"prompt length {used} + sequence length {length} exceeds the "
                              f"model's {limit} positions")
 
     def save_pretrained(self, directory: str, params=None):
@@ -174,11 +189,11 @@ def _t5_generate(cfg, dtype, params, input_ids, attention_mask, prompt, *, max_n
     start = jnp.full((B, 1), cfg.decoder_start_token_id, jnp.int32)
     # The first step also fills the cross-attention keys/values, reused afterwards.
     logits, cache = t5.T5(cfg, dtype, prefill=True).apply(
-        variables, start, None, enc, enc_mask, cache, 0, method=t5.T5.decode)
+        variables, start, None, enc, enc_mask, cache, 0, prompt, method=t5.T5.decode)
 
     def step(cache, token_B, i):
         logits, cache = model.apply(variables, token_B[:, None], None, enc, enc_mask, cache, i,
-                                    method=t5.T5.decode)
+                                    prompt, method=t5.T5.decode)
         return logits[:, -1], cache
 
     first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
@@ -188,21 +203,23 @@ def _t5_generate(cfg, dtype, params, input_ids, attention_mask, prompt, *, max_n
 def _gpt2_generate(cfg, dtype, params, input_ids, attention_mask, prompt, *, max_new_tokens):
     model = gpt2.GPT2(cfg, dtype)
     variables = {"params": params}
-    x, mask, _ = model.apply(variables, input_ids, attention_mask, prompt,
+    prompt = as_prompt_inputs(prompt)
+    x, mask, _ = model.apply(variables, input_ids, attention_mask, prompt.embeds,
                              method=gpt2.GPT2.embed)
     B, T0 = mask.shape
+    prefix = site_prefix(prompt, "decoder", B, dtype)
     # Slots after the context hold generated tokens, all attended.
     key_mask = jnp.concatenate([mask, jnp.ones((B, max_new_tokens), bool)], axis=1)
     cache = gpt2.init_cache(cfg, B, T0 + max_new_tokens, dtype)
     logits, cache = model.apply(variables, x, gpt2.positions_from_mask(mask), key_mask, cache, 0,
-                                method=gpt2.GPT2.forward)
+                                prefix, method=gpt2.GPT2.forward)
     n_real = jnp.sum(mask, axis=1, dtype=jnp.int32)
 
     def step(cache, token_B, i):
         emb = model.apply(variables, token_B[:, None], method=lambda m, t: m.wte(t))
         pos = (n_real + i - 1)[:, None]
         logits, cache = model.apply(variables, emb, pos, key_mask, cache, T0 + i - 1,
-                                    method=gpt2.GPT2.forward)
+                                    prefix, method=gpt2.GPT2.forward)
         return logits[:, -1], cache
 
     first = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)

@@ -1,9 +1,17 @@
 """Flax (Linen) T5: v1.0 (ReLU, tied output with d_model**-0.5 rescale) and v1.1 /
-LM-adapted (gated-GELU, separate lm_head), with soft-prompt injection and a KV cache.
+LM-adapted (gated-GELU, separate lm_head), with prompt inputs (soft prompts prepended to
+the encoder input; prefix keys/values at three attention sites) and a KV cache.
 
 Layers are stacked on a leading [layers] axis and run with ``nn.scan`` so compile time
 does not grow with depth. Only layer 0 of each stack owns the relative-position bias in
 T5, so here it lives outside the scanned layers (``relpos_bias``) and is computed once.
+
+Prefix keys (prefix tuning) and relative positions: a prefix of P keys sits at positions
+0..P-1 and the stack's own tokens follow at P, P+1, ..., so the relative bias treats the
+prefix as tokens just before the sequence, as a prepended soft prompt would be. In the
+decoder this is Hugging Face's convention for past keys (queries at P.., keys at 0..), so
+PEFT's decoder prefix gives the same logits. Cross-attention has no position bias: its
+prefix keys get none either. Prefix keys are never masked.
 """
 from __future__ import annotations
 
@@ -15,8 +23,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, RMSNorm, Unembed,
-                                 broadcast_prompt, logical, mask_bias, remat_layer,
-                                 scan_layers, tied_logits)
+                                 as_prompt_inputs, broadcast_prompt, logical, mask_bias,
+                                 prefix_length, remat_layer, scan_layers, site_prefix,
+                                 tied_logits)
+
+SITES = ("encoder", "decoder", "cross")  # where prefix keys/values can enter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +148,14 @@ class EncoderLayer(nn.Module):
     deterministic: bool
 
     @nn.compact
-    def __call__(self, x_BxSxD, bias_BxHxSxS, _unused):
-        """bias_BxHxSxS: an additive bias, or a tuple of parts that broadcast to it."""
+    def __call__(self, x_BxSxD, bias_BxHxSxS, prefix):
+        """bias_BxHxSxS: an additive bias, or a tuple of parts that broadcast to it (S
+        counts the prefix keys); prefix: this layer's {"k", "v"} [B, P, H, Dh] or None."""
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate)
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="attn_norm")(x_BxSxD)
-        h, _ = _attention(cfg, self.dtype, self.deterministic, "attn")(h, h, bias_BxHxSxS)
+        h, _ = _attention(cfg, self.dtype, self.deterministic, "attn")(
+            h, h, bias_BxHxSxS, prefix=prefix)
         x_BxSxD = x_BxSxD + drop(h, deterministic=self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="mlp_norm")(x_BxSxD)
         h = FeedForward(cfg, self.dtype, self.deterministic, name="mlp")(h)
@@ -156,18 +169,21 @@ class DecoderLayer(nn.Module):
     prefill: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxD, enc_BxSxD, self_bias, cross_bias, cache_index, cache):
+    def __call__(self, x_BxTxD, enc_BxSxD, self_bias, cross_bias, cache_index, layer_xs):
+        """layer_xs: (this layer's cache or None, self-attention prefix or None,
+        cross-attention prefix or None)."""
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate)
+        cache, self_prefix, cross_prefix = layer_xs
         cache = cache or {}
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="self_attn_norm")(x_BxTxD)
         h, self_cache = _attention(cfg, self.dtype, self.deterministic, "self_attn")(
-            h, h, self_bias, cache.get("self"), cache_index)
+            h, h, self_bias, cache.get("self"), cache_index, prefix=self_prefix)
         x_BxTxD = x_BxTxD + drop(h, deterministic=self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="cross_attn_norm")(x_BxTxD)
         h, cross_cache = _attention(cfg, self.dtype, self.deterministic, "cross_attn",
                                     cross=True, prefill=self.prefill)(
-            h, enc_BxSxD, cross_bias, cache.get("cross"))
+            h, enc_BxSxD, cross_bias, cache.get("cross"), prefix=cross_prefix)
         x_BxTxD = x_BxTxD + drop(h, deterministic=self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="mlp_norm")(x_BxTxD)
         h = FeedForward(cfg, self.dtype, self.deterministic, name="mlp")(h)
@@ -182,16 +198,22 @@ class Encoder(nn.Module):
     remat: str = "none"
 
     @nn.compact
-    def __call__(self, embeds_BxSxD, mask_BxS):
+    def __call__(self, embeds_BxSxD, mask_BxS, prefix=None):
+        """prefix: {"k", "v"} [L, B, P, H, Dh] prepended at every layer, or None."""
         cfg = self.config
-        pos_S = jnp.arange(embeds_BxSxD.shape[1])
+        P, S = prefix_length(prefix), embeds_BxSxD.shape[1]
+        q_pos = P + jnp.arange(S)
+        k_pos = jnp.arange(P + S)
+        key_mask = mask_BxS
+        if P:
+            key_mask = jnp.concatenate([jnp.ones((mask_BxS.shape[0], P), bool), mask_BxS], 1)
         # Two broadcastable parts, summed inside each layer's softmax: their sum would be a
         # [B, H, S, S] fp32 buffer held for the whole step (1.5 GiB for T5-XL at 612 tokens).
-        bias = (RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(pos_S, pos_S),
-                mask_bias(mask_BxS[:, None, :]))
+        bias = (RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(q_pos, k_pos),
+                mask_bias(key_mask[:, None, :]))
         x = nn.Dropout(cfg.dropout_rate)(embeds_BxSxD, deterministic=self.deterministic)
         layers = scan_layers(remat_layer(EncoderLayer, self.remat), cfg.num_layers, 1)
-        x, _ = layers(cfg, self.dtype, self.deterministic, name="layers")(x, bias, None)
+        x, _ = layers(cfg, self.dtype, self.deterministic, name="layers")(x, bias, prefix)
         x = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="final_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
 
@@ -205,29 +227,39 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, embeds_BxTxD, mask_BxS, enc_BxSxD, enc_mask_BxS, cache=None,
-                 cache_index=None):
+                 cache_index=None, self_prefix=None, cross_prefix=None):
         """``mask_BxS`` masks decoder keys: [B, T] without a cache, [B, cache_len] with one.
 
-        With a cache, the T new positions start at ``cache_index``.
+        With a cache, the T new positions start at ``cache_index``. self_prefix /
+        cross_prefix: {"k", "v"} [L, B, P, H, Dh] or None (never written to the cache).
         """
         cfg = self.config
-        T = embeds_BxTxD.shape[1]
+        B, T = embeds_BxTxD.shape[:2]
+        P = prefix_length(self_prefix)
         if cache is None:
-            q_pos = jnp.arange(T)
-            k_pos = q_pos
+            q_pos = P + jnp.arange(T)
+            tok_pos = q_pos
         else:
-            q_pos = cache_index + jnp.arange(T)
-            k_pos = jnp.arange(cache["self"]["k"].shape[2])
-        causal = k_pos[None, :] <= q_pos[:, None]
+            q_pos = P + cache_index + jnp.arange(T)
+            tok_pos = P + jnp.arange(cache["self"]["k"].shape[2])
+        causal = tok_pos[None, :] <= q_pos[:, None]
+        key_mask = causal[None] & mask_BxS[:, None, :]
+        if P:
+            key_mask = jnp.concatenate([jnp.ones((B, T, P), bool), key_mask], 2)
+        k_pos = jnp.arange(P + tok_pos.shape[0])
         self_bias = (RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")(
-            q_pos, k_pos) + mask_bias(causal[None] & mask_BxS[:, None, :]))
-        cross_bias = mask_bias(enc_mask_BxS[:, None, :])
+            q_pos, k_pos) + mask_bias(key_mask))
+        Pc = prefix_length(cross_prefix)
+        enc_key_mask = enc_mask_BxS
+        if Pc:
+            enc_key_mask = jnp.concatenate([jnp.ones((B, Pc), bool), enc_mask_BxS], 1)
+        cross_bias = mask_bias(enc_key_mask[:, None, :])
         x = nn.Dropout(cfg.dropout_rate)(embeds_BxTxD, deterministic=self.deterministic)
         layer = remat_layer(DecoderLayer, self.remat)
         layers = scan_layers(layer, cfg.num_decoder_layers, 4)
         x, new_cache = layers(cfg, self.dtype, self.deterministic, self.prefill,
                               name="layers")(x, enc_BxSxD, self_bias, cross_bias,
-                                             cache_index, cache)
+                                             cache_index, (cache, self_prefix, cross_prefix))
         x = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="final_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic), new_cache
 
@@ -251,29 +283,34 @@ class T5(nn.Module):
             self.lm_head = Unembed(cfg.vocab_size, self.dtype)
 
     def encode(self, input_ids_BxL, attention_mask_BxL=None, prompt=None):
-        """Token ids [B, L] (+ prompt [P, D] or [B, P, D]) -> encoder states [B, P+L, D]
-        and their mask [B, P+L] (ones over the prompt)."""
+        """Token ids [B, L] (+ prompt: [P, D], [B, P, D] or ``PromptInputs``) -> encoder
+        states [B, P+L, D] and their mask [B, P+L] (ones over the prompt embeddings; an
+        encoder prefix adds keys, not states)."""
         if attention_mask_BxL is None:
             attention_mask_BxL = jnp.ones(input_ids_BxL.shape, bool)
+        prompt = as_prompt_inputs(prompt)
+        B = input_ids_BxL.shape[0]
         mask = attention_mask_BxL.astype(bool)
         x = self.shared(input_ids_BxL)
-        if prompt is not None:
-            B = input_ids_BxL.shape[0]
-            prompt_BxPxD = broadcast_prompt(prompt, B, self.dtype)
+        if prompt.embeds is not None:
+            prompt_BxPxD = broadcast_prompt(prompt.embeds, B, self.dtype)
             x = jnp.concatenate([prompt_BxPxD, x], axis=1)
             mask = jnp.concatenate([jnp.ones(prompt_BxPxD.shape[:2], bool), mask], axis=1)
-        return self.encoder(x, mask), mask
+        return self.encoder(x, mask, site_prefix(prompt, "encoder", B, self.dtype)), mask
 
     def decode(self, decoder_input_ids_BxT, decoder_mask, enc_BxSxD, enc_mask_BxS, cache=None,
-               cache_index=None):
-        """Decoder ids [B, T] -> (fp32 logits [B, T, vocab], updated cache or None)."""
+               cache_index=None, prompt=None):
+        """Decoder ids [B, T] -> (fp32 logits [B, T, vocab], updated cache or None).
+        prompt: ``PromptInputs`` whose "decoder" / "cross" prefixes apply (or None)."""
         if decoder_mask is None:
             length = decoder_input_ids_BxT.shape[1] if cache is None else \
                 cache["self"]["k"].shape[2]
             decoder_mask = jnp.ones((decoder_input_ids_BxT.shape[0], length), bool)
         x = self.shared(decoder_input_ids_BxT)
+        prompt, B = as_prompt_inputs(prompt), decoder_input_ids_BxT.shape[0]
         x, cache = self.decoder(x, decoder_mask.astype(bool), enc_BxSxD, enc_mask_BxS, cache,
-                                cache_index)
+                                cache_index, site_prefix(prompt, "decoder", B, self.dtype),
+                                site_prefix(prompt, "cross", B, self.dtype))
         if self.config.scale_decoder_outputs:
             x = x * (self.config.d_model ** -0.5)
         if self.config.tie_lm_head:
@@ -285,7 +322,8 @@ class T5(nn.Module):
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
                  decoder_attention_mask=None, prompt=None):
         enc, enc_mask = self.encode(input_ids, attention_mask, prompt)
-        logits, _ = self.decode(decoder_input_ids, decoder_attention_mask, enc, enc_mask)
+        logits, _ = self.decode(decoder_input_ids, decoder_attention_mask, enc, enc_mask,
+                                prompt=prompt)
         return logits
 
 

@@ -1,0 +1,47 @@
+"""Training methods behind one seam (``ptjax.methods.base.Method``), chosen by
+``method.name``:
+
+  prompt   prompt tuning: a soft prompt [P, D] prepended to the input (Lester et al.)
+  prefix   prefix tuning: keys/values at every layer, MLP reparameterisation (Li & Liang)
+  ptuning  P-tuning: prompt vectors through an MLP / biLSTM encoder (Liu et al.)
+  model    model tuning: every weight trained (the paper's Figure 1 baseline)
+
+    method = ptjax.methods.build(cfg, model.config, model.dtype)
+    params, prompt_inputs = method.inputs(member, model.params)
+"""
+from __future__ import annotations
+
+from ptjax.errors import PtjaxError
+from ptjax.methods.base import Method
+from ptjax.methods.model import ModelMethod
+from ptjax.methods.prefix import PrefixConfig, PrefixMethod
+from ptjax.methods.prompt import PromptMethod
+from ptjax.methods.ptuning import PTuningConfig, PTuningMethod
+
+REGISTRY: dict[str, type[Method]] = {
+    m.name: m for m in (PromptMethod, PrefixMethod, PTuningMethod, ModelMethod)}
+NAMES = tuple(REGISTRY)
+
+
+def build(cfg, model_config, dtype=None) -> Method:
+    """The method a ``RunConfig`` names, bound to a model architecture."""
+    import jax.numpy as jnp
+
+    name = cfg.method.name
+    if name not in REGISTRY:
+        raise PtjaxError(f"method.name={name!r} is not valid; valid: {', '.join(NAMES)}")
+    settings = getattr(cfg.method, name, None)
+    return REGISTRY[name](model_config, cfg.prompt, settings,
+                          jnp.float32 if dtype is None else dtype)
+
+
+def for_model(model, name: str = "prompt", overrides=()) -> Method:
+    """A method with default settings (plus ``key=value`` overrides) for a loaded model:
+    ``for_model(model, "prefix", ["prompt.length=10", "method.prefix.hidden=64"])``."""
+    from ptjax.config import load_config
+
+    return build(load_config(None, [f"method.name={name}", *overrides]), model.config,
+                 model.dtype)
+
+
+__all__ = ["Method", "NAMES", "PTuningConfig", "PrefixConfig", "REGISTRY", "build", "for_model"]

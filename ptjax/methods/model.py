@@ -1,0 +1,50 @@
+"""Model tuning (the paper's Figure 1 baseline): every weight of the model is trained, in
+fp32 master copies cast to the model's dtype for the forward. One member (K = 1); the
+weights keep their logical-axis shardings (behind the K axis) and so does Adam's state.
+
+Export: ``model/``, the best weights as a Hugging Face checkpoint.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from ptjax.methods.base import Method
+
+
+class ModelMethod(Method):
+    name = "model"
+    packs = False
+    tunes_weights = True
+    summary = "every weight of the model trained"
+
+    prompt_tokens = 0
+
+    def init(self, model, cfg, task):
+        # a copy: the state is donated and must not take the loaded model's buffers with it
+        return {"params": jax.tree.map(lambda p: jnp.array(p, jnp.float32)[None],
+                                       model.params)}
+
+    def shapes(self):
+        from ptjax.models.model import abstract_params
+
+        return {"params": jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct((1,) + tuple(s.shape), jnp.float32),
+            abstract_params(self.model_config))}
+
+    def shardings(self, shapes, mesh, rules):
+        from ptjax.models.model import param_shardings
+
+        P = jax.sharding.PartitionSpec
+        return {"params": jax.tree.map(
+            lambda s: jax.sharding.NamedSharding(mesh, P(None, *s.spec)),
+            param_shardings(self.model_config, mesh, rules))}
+
+    def inputs(self, member, frozen):
+        return jax.tree.map(lambda p: p.astype(self.dtype), member["params"]), None
+
+    def export(self, directory, best, model, base_model):
+        params = jax.tree.map(lambda p: jnp.asarray(p[0]).astype(model.dtype), best["params"])
+        model.save_pretrained(os.path.join(directory, "model"), params=params)

@@ -1,0 +1,99 @@
+"""``ptjax.load_run``: a trained run of any method, ready for inference.
+
+    run = ptjax.load_run("runs/prefix-demo")
+    run.config, run.model, run.method, run.trainables     # trainables: leaves [K, ...]
+    run.logits(input_ids, k=0, attention_mask=..., decoder_input_ids=...)  # [B, T, vocab]
+    run.generate(input_ids, k=0, attention_mask=..., max_new_tokens=16)   # [B, new]
+
+The trainables are the best members (early stopping on dev) from the run's newest
+checkpoint, in the method's own form (a prefix's MLP, a P-tuning encoder), so inference
+sees exactly what training evaluated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+
+from ptjax.errors import PtjaxError
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainedRun:
+    run_dir: str
+    config: Any  # the run's RunConfig (run_dir = where it was loaded from)
+    model: Any  # the frozen ptjax Model
+    method: Any  # its ptjax.methods Method
+    trainables: Any  # the best members, leaves [K, ...]
+    step: int  # the checkpoint they come from
+    mesh: Any = None
+
+    @property
+    def K(self) -> int:
+        return self.method.K
+
+    def member(self, k: int):
+        if not 0 <= k < self.K:
+            raise PtjaxError(f"{self.run_dir}: k={k} is not a member of this run; valid: "
+                             f"0..{self.K - 1}")
+        return self.method.member(self.trainables, k)
+
+    def inputs(self, k: int = 0):
+        """(params, PromptInputs or None) of member k."""
+        frozen = None if self.method.tunes_weights else self.model.params
+        return jax.jit(self.method.inputs)(self.member(k), frozen)
+
+    def logits(self, input_ids, *, k: int = 0, attention_mask=None, decoder_input_ids=None,
+               decoder_attention_mask=None):
+        """fp32 logits [B, T, vocab] of the real positions with member k applied (T5:
+        decoder positions; GPT-2: input positions), as ``Model.logits``."""
+        params, prompt = self.inputs(k)
+        return self.model.logits(params, input_ids, attention_mask=attention_mask,
+                                 decoder_input_ids=decoder_input_ids,
+                                 decoder_attention_mask=decoder_attention_mask, prompt=prompt)
+
+    def generate(self, input_ids, *, k: int = 0, attention_mask=None,
+                 max_new_tokens: int = 32):
+        """Greedy decoding behind member k -> ids [B, max_new_tokens] (``Model.generate``)."""
+        params, prompt = self.inputs(k)
+        return self.model.generate(params, input_ids, attention_mask=attention_mask,
+                                   prompt=prompt, max_new_tokens=max_new_tokens)
+
+
+def load_run(run_dir: str, overrides=()) -> TrainedRun:
+    """A trained run directory (``ptjax train`` or a sweep's jobs/<id>) of any method.
+    overrides: ``key=value`` strings on top of its config.yaml (e.g. another task)."""
+    from ptjax import config as config_lib
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.exists(path):
+        raise PtjaxError(f"{run_dir}: not a run directory (no config.yaml)")
+    return restore_run(config_lib.load_config(path, overrides), run_dir)
+
+
+def restore_run(cfg, run_dir: str) -> TrainedRun:
+    """The best members saved in ``run_dir``'s checkpoints, for the run config ``cfg``."""
+    from ptjax import methods
+    from ptjax.checkpoint import Checkpointer
+    from ptjax.run import prepare
+    from ptjax.sharding import logical_rules
+
+    cfg = dataclasses.replace(cfg, run_dir=run_dir)
+    mesh, model = prepare(cfg)
+    method = methods.build(cfg, model.config, model.dtype)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints) if os.path.isdir(ckpt_dir) \
+        else None
+    step = ckpt.latest_step() if ckpt else None
+    if not step:
+        raise PtjaxError(f"{ckpt_dir}: no checkpoint; the run has not saved its trained "
+                         "members yet")
+    shapes = method.shapes()
+    shardings = method.shardings(shapes, mesh, logical_rules(cfg.mesh.fsdp))
+    like = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings)
+    best, _ = ckpt.restore_best(step, like)
+    ckpt.close()
+    return TrainedRun(run_dir, cfg, model, method, best, step, mesh)

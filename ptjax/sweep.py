@@ -88,13 +88,13 @@ class Sweep:
 def _canonical(cfg) -> dict:
     d = config_lib.to_dict(cfg)
     # The method seam moved train.method to method.name and added method sections: ids
-    # keep the old form, a method's section entering only once it leaves its defaults.
+    # keep the old form; the named method's own section enters once it leaves its
+    # defaults (other methods' sections do not change what this run computes).
     method = d.pop("method")
-    d["train"]["method"] = method.pop("name")
+    name = d["train"]["method"] = method.pop("name")
     defaults = config_lib.to_dict(config_lib.MethodConfig())
-    for section, values in method.items():
-        if values != defaults[section]:
-            d.setdefault("method", {})[section] = values
+    if name in method and method[name] != defaults[name]:
+        d["method"] = {name: method[name]}
     for key in NOT_IN_ID:
         parts = key.split(".")
         node = d

@@ -84,3 +84,24 @@ def test_plan_command_says_whether_it_fits(tmp_path, capsys):
 def test_parse_bytes():
     assert parse_bytes("80GB") == 80 * GiB == parse_bytes("80 GiB")
     assert parse_bytes("1e9") == 1e9
+
+
+def test_plan_covers_every_method(tmp_path):
+    """Prefix tuning and P-tuning: frozen weights plus each member's own parameters and
+    their optimizer state; a prefix's MLP (h=512 by default) outweighs a soft prompt."""
+    def cfg(**kw):
+        return _cfg(tmp_path, **{"mesh.data": 1, **kw})
+    prompt = plan(cfg())
+    prefix = plan(cfg(**{"method.name": "prefix"}))
+    ptuning = plan(cfg(**{"method.name": "ptuning"}))
+    D, P, h = 64, 8, 512
+    assert prompt["trainable_parameters_per_member"] == P * D
+    # tiny T5: 2 encoder + 2 decoder layers, 4 heads x d_kv 16: three sites of 2 layers
+    out = 2 * 2 * 4 * 16
+    assert prefix["trainable_parameters_per_member"] == 3 * (P * D + D * h + h + h * out + out)
+    assert ptuning["trainable_parameters_per_member"] == P * D + 2 * (D * D + D) + D * D + D
+    for p in (prefix, ptuning):
+        assert p["method"] in ("prefix", "ptuning") and p["prompts"] == 2
+        assert p["per_device"]["frozen_weights"] == prompt["per_device"]["frozen_weights"]
+        assert p["per_device"]["trainable_and_optimizer"] > \
+            prompt["per_device"]["trainable_and_optimizer"]

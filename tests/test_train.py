@@ -194,3 +194,25 @@ def test_schedules_and_clipping():
     assert float(optax.global_norm(u)) == pytest.approx(0.5)
     for name in ("adam", "adamw"):
         make_optimizer(C.OptimConfig(name=name, learning_rate=1e-3), 10).init(g)
+
+
+def test_ptuning_with_the_model_tuned_jointly_uses_two_learning_rates(loaded):
+    """method.ptuning.tune_model: the prompt encoder at optim.learning_rate, the weights at
+    method.ptuning.model_learning_rate (P-tuning's SuperGLUE recipe); 0 keeps them still."""
+    _, model = loaded["t5_v1_0"]
+    batch = to_jnp(t5_batch(np.random.default_rng(0)))
+    moved = {}
+    for model_lr in (0.0, 1e-2):
+        method = for_model(model, "ptuning", [
+            "method.ptuning.tune_model=true", f"method.ptuning.model_learning_rate={model_lr}",
+            "method.ptuning.hidden=8", "prompt.length=2", "prompt.init=random_uniform"])
+        tree = method.init(model, None, None)
+        before = jax.tree.map(np.array, tree)
+        tx = method.optimizer(C.OptimConfig(name="sgd", learning_rate=0.1), 10)
+        state = init_state(tx, tree, 0)
+        state, _ = make_train_step(model, method, tx, dropout=0.0)(state, None, batch)
+        moved[model_lr] = {part: max(jax.tree.leaves(jax.tree.map(
+            lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.trainable[part],
+            before[part]))) for part in ("encoder", "params")}
+    assert moved[0.0]["encoder"] > 0 and moved[0.0]["params"] == 0.0
+    assert moved[1e-2]["params"] > 0

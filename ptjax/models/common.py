@@ -1,7 +1,8 @@
 """Pieces shared by the Flax T5 and GPT-2 modules.
 
 Shape suffixes follow nanodo: ``B`` batch, ``T`` query length, ``S`` key length,
-``H`` heads, ``K`` head size, ``D`` model width, ``P`` prompt length.
+``H`` heads, ``Dh`` head size, ``D`` model width, ``P`` prompt length, ``L`` layers. (``K``
+is reserved for the number of members, prompts or prefixes, trained together.)
 
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv``,
 ``mlp``, ``layers``, ...); ``ptjax.sharding`` maps them to mesh axes with one table.
@@ -163,16 +164,16 @@ def tied_logits(x_BxTxD, embedding_VxD, dtype):
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with an optional KV cache, used by T5 and GPT-2.
 
-    Parameters ``q``/``k``/``v`` have kernels [D, H, K] and ``o`` has [H, K, D], so heads
+    Parameters ``q``/``k``/``v`` have kernels [D, H, Dh] and ``o`` has [H, Dh, D], so heads
     are an explicit axis for tensor-parallel sharding.
 
-    Cache semantics (``cache`` is ``{"k": [B, S, H, K], "v": [B, S, H, K]}`` or None):
+    Cache semantics (``cache`` is ``{"k": [B, S, H, Dh], "v": [B, S, H, Dh]}`` or None):
       * self-attention: the new keys/values of ``x`` are written at ``cache_index`` and
         the query attends over the whole cache (``bias`` masks unwritten slots);
       * cross-attention (``cross=True``): keys/values of ``kv`` are computed once when
         ``prefill`` is set and read from the cache afterwards.
 
-    ``prefix`` ({"k", "v"} [B, P, H, K], prefix tuning) is prepended to the keys and values
+    ``prefix`` ({"k", "v"} [B, P, H, Dh], prefix tuning) is prepended to the keys and values
     after the cache, never written into it; ``bias`` then covers S = P + keys.
     """
     num_heads: int
@@ -195,23 +196,23 @@ class MultiHeadAttention(nn.Module):
                 kernel_init=logical(nn.initializers.lecun_normal(), "embed", "heads", "kv"),
                 bias_init=logical(nn.initializers.zeros, "heads", "kv"), name=name)
 
-        q_BxTxHxK = proj("q")(x_BxTxD)
+        q_BxTxHxDh = proj("q")(x_BxTxD)
         if self.cross and cache is not None and not self.prefill:
-            k_BxSxHxK, v_BxSxHxK = cache["k"], cache["v"]
+            k_BxSxHxDh, v_BxSxHxDh = cache["k"], cache["v"]
         else:
-            k_BxSxHxK, v_BxSxHxK = proj("k")(kv_BxSxD), proj("v")(kv_BxSxD)
+            k_BxSxHxDh, v_BxSxHxDh = proj("k")(kv_BxSxD), proj("v")(kv_BxSxD)
         if cache is not None and not self.cross:
             start = (0, cache_index, 0, 0)
-            k_BxSxHxK = jax.lax.dynamic_update_slice(
-                cache["k"], k_BxSxHxK.astype(cache["k"].dtype), start)
-            v_BxSxHxK = jax.lax.dynamic_update_slice(
-                cache["v"], v_BxSxHxK.astype(cache["v"].dtype), start)
-        new_cache = None if cache is None else {"k": k_BxSxHxK, "v": v_BxSxHxK}
+            k_BxSxHxDh = jax.lax.dynamic_update_slice(
+                cache["k"], k_BxSxHxDh.astype(cache["k"].dtype), start)
+            v_BxSxHxDh = jax.lax.dynamic_update_slice(
+                cache["v"], v_BxSxHxDh.astype(cache["v"].dtype), start)
+        new_cache = None if cache is None else {"k": k_BxSxHxDh, "v": v_BxSxHxDh}
         if prefix is not None:
-            k_BxSxHxK = jnp.concatenate([prefix["k"].astype(k_BxSxHxK.dtype), k_BxSxHxK], 1)
-            v_BxSxHxK = jnp.concatenate([prefix["v"].astype(v_BxSxHxK.dtype), v_BxSxHxK], 1)
+            k_BxSxHxDh = jnp.concatenate([prefix["k"].astype(k_BxSxHxDh.dtype), k_BxSxHxDh], 1)
+            v_BxSxHxDh = jnp.concatenate([prefix["v"].astype(v_BxSxHxDh.dtype), v_BxSxHxDh], 1)
 
-        scores = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK.astype(self.dtype),
+        scores = jnp.einsum("bthk,bshk->bhts", q_BxTxHxDh, k_BxSxHxDh.astype(self.dtype),
                             preferred_element_type=jnp.float32)
         if self.scale != 1.0:
             scores = scores * self.scale
@@ -219,9 +220,9 @@ class MultiHeadAttention(nn.Module):
             scores = scores + part  # parts broadcast to [B, H, T, S]; XLA fuses the adds
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=self.deterministic)
-        out_BxTxHxK = jnp.einsum("bhts,bshk->bthk", weights, v_BxSxHxK.astype(self.dtype))
+        out_BxTxHxDh = jnp.einsum("bhts,bshk->bthk", weights, v_BxSxHxDh.astype(self.dtype))
         out = nn.DenseGeneral(
             self.out_dim, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
             kernel_init=logical(nn.initializers.lecun_normal(), "heads", "kv", "embed"),
-            bias_init=logical(nn.initializers.zeros, "embed"), name="o")(out_BxTxHxK)
+            bias_init=logical(nn.initializers.zeros, "embed"), name="o")(out_BxTxHxDh)
         return out, new_cache

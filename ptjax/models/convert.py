@@ -26,7 +26,7 @@ class Rule:
     part: (index, count) to take one of ``count`` equal slices of the output axis
       (GPT-2's fused c_attn holds q, k and v).
     layers: number of stacked layers; ``key`` then contains ``{i}``.
-    flatten: for copy, the Hugging Face tensor is 1-D (a per-head bias [H, K] is [H*K]).
+    flatten: for copy, the Hugging Face tensor is 1-D (a per-head bias [H, Dh] is [H*Dh]).
     """
     key: str
     kind: str = "copy"

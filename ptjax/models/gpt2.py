@@ -78,7 +78,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxTxD, bias_BxHxTxS, cache_index, layer_xs):
-        """layer_xs: (this layer's cache or None, its prefix {"k", "v"} [B, P, H, K] or
+        """layer_xs: (this layer's cache or None, its prefix {"k", "v"} [B, P, H, Dh] or
         None)."""
         cfg = self.config
         cache, prefix = layer_xs
@@ -136,7 +136,7 @@ class GPT2(nn.Module):
 
         Without a cache S == T. With one, the T new tokens fill slots ``cache_index``..
         of a cache of S slots and ``key_mask_BxS`` says which slots hold real tokens.
-        prefix: {"k", "v"} [L, B, P, H, K] keys always attended, before the slots; the
+        prefix: {"k", "v"} [L, B, P, H, Dh] keys always attended, before the slots; the
         tokens' positions are then shifted by P.
         """
         B, T = embeds_BxTxD.shape[:2]
@@ -170,7 +170,7 @@ def positions_from_mask(mask_BxT):
 
 
 def init_cache(config: GPT2Config, batch: int, max_len: int, dtype):
-    """Zeros for the KV cache: {"k", "v"} each [layers, B, max_len, H, K]."""
+    """Zeros for the KV cache: {"k", "v"} each [layers, B, max_len, H, Dh]."""
     shape = (config.n_layer, batch, max_len, config.n_head, config.n_embd // config.n_head)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 

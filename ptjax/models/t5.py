@@ -328,7 +328,7 @@ class T5(nn.Module):
 
 
 def init_cache(config: T5Config, batch: int, max_len: int, enc_len: int, dtype):
-    """Zeros for the decoder KV cache: self [L, B, max_len, H, K], cross [L, B, S, H, K]."""
+    """Zeros for the decoder KV cache: self [L, B, max_len, H, Dh], cross [L, B, S, H, Dh]."""
     def kv(length):
         shape = (config.num_decoder_layers, batch, length, config.num_heads, config.d_kv)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -361,7 +361,7 @@ def hf_rules(config: T5Config):
                 f"{block}.{idx}.layer_norm.weight", layers=n)
             projections = mlp_names if name == "mlp" else ("q", "k", "v", "o")
             for proj in projections:
-                n_in = 2 if proj == "o" else 1  # o's kernel is [H, K, D]
+                n_in = 2 if proj == "o" else 1  # o's kernel is [H, Dh, D]
                 rules[(stack, "layers", name, proj, "kernel")] = Rule(
                     f"{block}.{idx}.{hf_name}.{proj}.weight", "linear", n_in=n_in, layers=n)
     return rules

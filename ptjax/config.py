@@ -88,6 +88,9 @@ class TaskConfig:
     # T5: every target starts with <extra_id_0> (token space), like span-corruption
     # targets; the paper's "span corruption + sentinel" (Figure 3c)
     target_sentinel: bool = False
+    # lay the input out: fields, hard text, {soft:N} slots, {mask} (ptjax.data.templates);
+    # "" = the task's own format ({inputs}) with the prompt prepended
+    template: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +319,18 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     if "file" in (cfg.prompt.init, *cfg.prompt.inits) and not cfg.prompt.file:
         raise PtjaxError(f"{where}: prompt.init=file needs prompt.file (a .npy or "
                          ".safetensors prompt)")
+    if cfg.task.template:
+        from ptjax.data.templates import parse
+
+        template = parse(cfg.task.template, f"{where}: task.template")
+        if template.soft_tokens:
+            if cfg.method.name not in ("prompt", "ptuning"):
+                raise PtjaxError(f"{where}: task.template has soft slots, which "
+                                 f"method.name={cfg.method.name} does not train; use prompt "
+                                 "or ptuning, or a template without {soft:N}")
+            # the template's soft tokens are the prompt: P = their count
+            cfg = dataclasses.replace(cfg, prompt=dataclasses.replace(
+                cfg.prompt, length=template.soft_tokens))
     if cfg.method.name == "prefix" and cfg.method.prefix.init == "text" and not cfg.prompt.text:
         raise PtjaxError(f"{where}: method.prefix.init=text needs prompt.text (the words whose "
                          "keys and values initialise the prefix)")
@@ -338,8 +353,17 @@ def from_dict(data: dict, overrides=(), where: str = "config") -> RunConfig:
             raise PtjaxError(f"override {item!r} must look like dotted.key=value "
                              "(e.g. train.steps=100)")
         key, raw = item.split("=", 1)
-        value = _yaml(raw) if raw.strip() else ""
-        _set_dotted(data, key.strip(), value, "override")
+        key = current_key(key.strip())
+        if _field_type(key) is str:  # a string is taken as given: "{inputs} {soft:3}"
+            value = raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"" \
+                else raw
+        else:
+            try:
+                value = _yaml(raw) if raw.strip() else ""
+            except yaml.YAMLError as e:
+                raise PtjaxError(f"override {item!r}: the value is not valid YAML "
+                                 f"({str(e).splitlines()[0]})") from None
+        _set_dotted(data, key, value, "override")
     _moved_method(data, where)
     return validate(_build(RunConfig, data, "", where), where)
 
@@ -350,6 +374,17 @@ RENAMED = {"train.method": "method.name"}
 
 def current_key(key: str) -> str:
     return RENAMED.get(key, key)
+
+
+def _field_type(key: str):
+    """The type of a dotted config key, or None for an unknown key."""
+    cls = RunConfig
+    for part in key.split("."):
+        fields = _fields(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return None
+        cls = fields[part]
+    return cls
 
 
 def _moved_method(data: dict, where: str):

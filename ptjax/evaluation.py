@@ -40,7 +40,8 @@ class DevSet:
 
 
 def build_dev_set(model, task, mode: str, max_input_length: int, max_target_length: int,
-                  split: str = "validation", target_prefix: tuple = ()) -> DevSet:
+                  split: str = "validation", target_prefix: tuple = (),
+                  template=None) -> DevSet:
     """Rank candidates are the task's labels, or an example's own "candidates" (COPA's
     choices, ReCoRD's entities). target_prefix: ids put before every target and candidate
     (task.target_sentinel); greedy outputs are decoded without special tokens, so without
@@ -63,16 +64,16 @@ def build_dev_set(model, task, mode: str, max_input_length: int, max_target_leng
                 raise PtjaxError(f"task {task.name!r} {split} example {i}: target "
                                  f"{ex['targets']!r} is not one of its candidates "
                                  f"({', '.join(cands[:10])})")
-        pairs = [{"inputs": ex["inputs"], "targets": c}
+        pairs = [{"inputs": ex["inputs"], "fields": ex.get("fields", {}), "targets": c}
                  for ex, cands in zip(examples, candidates) for c in cands]
         arrays, _ = pipeline.encode(model, pairs, max_input_length, max_target_length,
-                                    target_prefix)
+                                    target_prefix, template)
         _check_labels_fit(model, sorted({c for cands in candidates for c in cands}),
                           max_target_length - len(target_prefix))
         return DevSet("rank", metric_set, examples, arrays, candidates, tuple(task.labels),
                       task.metric)
     arrays, _ = pipeline.encode(model, examples, max_input_length, max_target_length,
-                                target_prefix)
+                                target_prefix, template)
     select = task.metric
     if metric_set == "accuracy":  # a classification task decoded greedily
         metric_set = select = "exact_match"
@@ -245,16 +246,21 @@ def _generate(model, method, trainable, frozen, arrays, batch_size, max_new_toke
     """Greedy outputs as text, one list of N strings per member. Each example is
     replicated over K rows (row b*K + k holds example b behind member k). Special tokens
     are dropped, T5's sentinels among them (task.target_sentinel's <extra_id_0>)."""
-    ids_key, mask_key = (("input_ids", "input_mask") if model.is_encoder_decoder
-                         else ("gen_ids", "gen_mask"))
+    ids_key, mask_key, slots_key = (("input_ids", "input_mask", "slots")
+                                    if model.is_encoder_decoder
+                                    else ("gen_ids", "gen_mask", "gen_slots"))
     K = 1 if method is None else jax.tree.leaves(trainable)[0].shape[0]
     params, prompts = member_inputs(method, trainable, frozen)
     outs = [[] for _ in range(K)]
-    for batch, n in pipeline.eval_batches({"ids": arrays[ids_key], "mask": arrays[mask_key]},
-                                          batch_size):
+    columns = {"ids": arrays[ids_key], "mask": arrays[mask_key]}
+    if slots_key in arrays:
+        columns["slots"] = arrays[slots_key]
+    for batch, n in pipeline.eval_batches(columns, batch_size):
         B = len(batch["ids"])
         rows = put({k: np.repeat(v, K, axis=0) for k, v in batch.items()})
         p = rows_of(prompts, B)
+        if "slots" in rows and p is not None:
+            p = p.replace(slots=rows["slots"])
         tokens = sharding.to_host(model.generate(
             params, rows["ids"], attention_mask=rows["mask"], prompt=p,
             max_new_tokens=max_new_tokens))

@@ -83,8 +83,20 @@ def check_lengths(model, method, cfg):
                          f"{limit} positions")
 
 
-def _target_prefix(model, tcfg) -> tuple:
-    return pipeline.target_prefix(model, tcfg.target_sentinel, tcfg.max_target_length)
+def encoding(model, tcfg) -> dict:
+    """How a task's text becomes ids: {"template": its Template or None, "target_prefix":
+    the ids before every target (T5's <extra_id_0> with task.target_sentinel or a
+    template's {mask})}, the keyword arguments of build_dev_set and TrainStream."""
+    from ptjax.data import templates
+
+    template = None
+    if tcfg.template:
+        template = templates.parse(tcfg.template)
+        templates.check_for_model(template, model.is_encoder_decoder)
+    sentinel = tcfg.target_sentinel or (
+        template is not None and template.has_mask and model.is_encoder_decoder)
+    return {"template": template,
+            "target_prefix": pipeline.target_prefix(model, sentinel, tcfg.max_target_length)}
 
 
 class MetricsLog:
@@ -218,7 +230,7 @@ def train(cfg) -> dict:
     main = is_main_process()
     method.check(model)
     check_lengths(model, method, cfg)
-    prefix = _target_prefix(model, cfg.task)
+    enc = encoding(model, cfg.task)
     data_size = mesh.shape["data"]
     if tc.batch_size % data_size:
         raise PtjaxError(f"train.batch_size={tc.batch_size} is not a multiple of the mesh's "
@@ -238,7 +250,7 @@ def train(cfg) -> dict:
     owned = pipeline.owned_shards(n_shards, jax.process_index(), jax.process_count())
     task = load_task(cfg.task, shards=(owned, n_shards))
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
-                        cfg.task.max_target_length, target_prefix=prefix)
+                        cfg.task.max_target_length, **enc)
     metric = tc.metric or dev.select
     valid = metric_names(dev.metric_set)
     if metric not in valid:
@@ -246,7 +258,7 @@ def train(cfg) -> dict:
                          f"{cfg.task.name!r}; valid: {', '.join(valid)}")
     stream = pipeline.TrainStream(model, task.shards, n_shards, tc.batch_size,
                                   cfg.task.max_input_length, cfg.task.max_target_length,
-                                  tc.seed, target_prefix=prefix)
+                                  tc.seed, **enc)
 
     K = method.K
     trainable = place_trainable(method, method.init(model, cfg, task), mesh, cfg)
@@ -391,7 +403,7 @@ def _transfer_dev_set(model, cfg, name: str):
     tcfg = dataclasses.replace(cfg.task, name=name, labels=(), transfer=())
     task = load_task(tcfg, splits=("validation",))
     return build_dev_set(model, task, tcfg.eval_mode, tcfg.max_input_length,
-                         tcfg.max_target_length, target_prefix=_target_prefix(model, tcfg))
+                         tcfg.max_target_length, **encoding(model, tcfg))
 
 
 def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validation",
@@ -414,8 +426,7 @@ def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validati
     task = load_task(cfg.task, splits=(split,))
     check_lengths(model, method, cfg)
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
-                        cfg.task.max_target_length, split=split,
-                        target_prefix=_target_prefix(model, cfg.task))
+                        cfg.task.max_target_length, split=split, **encoding(model, cfg.task))
     size, lengths = cfg.train.eval_batch_size, cfg.task.max_target_length
     frozen = None if method.tunes_weights else model.params
     if ensemble_method:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from ptjax.errors import PtjaxError
+from ptjax.models.common import as_prompt_inputs
 
 
 @flax.struct.dataclass
@@ -165,11 +166,14 @@ def state_shardings(tx, trainable, build, *args):
 def sequence_nll(model, params, batch, prompt=None, rngs=None, deterministic=True):
     """Summed target-token NLL and target-token count per row: ([B], [B]) fp32.
 
-    batch: arrays of ``ptjax.data.pipeline.encode`` with B rows; prompt [P, D] (shared),
-    [B, P, D] or None. Padding and (for GPT-2) input tokens carry no loss.
+    batch: arrays of ``ptjax.data.pipeline.encode`` with B rows; prompt: ``PromptInputs``
+    (or [P, D] / [B, P, D]) or None; a batch's ``slots`` (a template's soft slots) say
+    where its embeddings go. Padding and (for GPT-2) input tokens carry no loss.
     """
     module = model.module(deterministic=deterministic)
     variables = {"params": params}
+    if "slots" in batch and prompt is not None:  # a template's soft slots
+        prompt = as_prompt_inputs(prompt).replace(slots=batch["slots"])
     if model.is_encoder_decoder:
         logits = module.apply(variables, batch["input_ids"], batch["input_mask"],
                               batch["decoder_input_ids"], None, prompt, rngs=rngs)

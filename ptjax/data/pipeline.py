@@ -15,6 +15,11 @@ With ``task.target_sentinel`` (T5 only) every target starts with the sentinel
 GPT-2: one sequence ``inputs + " " + targets + EOS`` right-padded to Li + Lt:
 input_ids/input_mask [N, Li+Lt]; targets[t] = the token at t+1 and target_mask marks only
 the target tokens (the loss never sees the input), as PEFT's causal-LM labels do.
+
+With a template (``ptjax.data.templates``) the input is laid out by it, and its P soft
+tokens take places of their own: inputs are Li + P wide, and ``slots`` (same shape as
+input_ids, and gen_slots as gen_ids) holds at each place the index of the soft vector
+that goes there (-1 elsewhere). Tokenized inputs mark a soft token as id -(1 + index).
 """
 from __future__ import annotations
 
@@ -136,11 +141,15 @@ def target_prefix(model, sentinel: bool, max_target_length: int) -> tuple:
 
 
 def tokenize(model, examples, max_input_length: int, max_target_length: int,
-             target_prefix: tuple = ()) -> list:
+             target_prefix: tuple = (), template=None) -> list:
     """Per example (input ids, target ids, truncated), cut to the configured lengths;
-    ``target_prefix`` ids (T5) start every target and count towards its length."""
+    ``target_prefix`` ids (T5) start every target and count towards its length.
+    template: lay the input out by a ``Template`` (soft tokens as ids -(1 + index))."""
     tok, cfg = _tokenizer(model), model.config
-    inputs = _tokenize(tok, [e["inputs"] for e in examples], max_input_length)
+    if template is not None:
+        inputs = _tokenize_template(model, template, examples, max_input_length)
+    else:
+        inputs = _tokenize(tok, [e["inputs"] for e in examples], max_input_length)
     if model.is_encoder_decoder:
         targets = _tokenize(tok, [e["targets"] for e in examples],
                             max_target_length - len(target_prefix))
@@ -151,37 +160,116 @@ def tokenize(model, examples, max_input_length: int, max_target_length: int,
     return [(a, b, ca or cb) for (a, ca), (b, cb) in zip(inputs, targets)]
 
 
-def assemble(model, tokenized, max_input_length: int, max_target_length: int) -> dict:
-    """Tokenized examples (``tokenize``) -> the fixed-shape arrays of the module docstring."""
+def _split_slots(ids_NxL, pad_id):
+    """Soft tokens (ids < 0) -> (ids with the pad id there, slots: vector index or -1)."""
+    slots = np.where(ids_NxL < 0, -ids_NxL - 1, -1).astype(np.int32)
+    return np.where(ids_NxL < 0, pad_id, ids_NxL).astype(np.int32), slots
+
+
+def assemble(model, tokenized, max_input_length: int, max_target_length: int,
+             soft_tokens: int = 0) -> dict:
+    """Tokenized examples (``tokenize``) -> the fixed-shape arrays of the module docstring.
+    soft_tokens: P of a template with soft slots (inputs are Li + P wide, with ``slots``)."""
     cfg = model.config
+    width = max_input_length + soft_tokens
     if model.is_encoder_decoder:
-        input_ids, input_mask = _pad([a for a, _, _ in tokenized], max_input_length,
-                                     cfg.pad_token_id)
+        input_ids, input_mask = _pad([a for a, _, _ in tokenized], width, cfg.pad_token_id)
         targets, target_mask = _pad([b for _, b, _ in tokenized], max_target_length,
                                     cfg.pad_token_id)
         dec = np.concatenate([np.full((len(tokenized), 1), cfg.decoder_start_token_id,
                                       np.int32), targets[:, :-1]], axis=1)
-        return dict(input_ids=input_ids, input_mask=input_mask, decoder_input_ids=dec,
-                    targets=targets, target_mask=target_mask)
+        out = dict(input_ids=input_ids, input_mask=input_mask, decoder_input_ids=dec,
+                   targets=targets, target_mask=target_mask)
+        if soft_tokens:
+            out["input_ids"], out["slots"] = _split_slots(input_ids, cfg.pad_token_id)
+        return out
     pad = cfg.eos_token_id if cfg.pad_token_id is None else cfg.pad_token_id
     seqs = [a + b for a, b, _ in tokenized]
-    input_ids, input_mask = _pad(seqs, max_input_length + max_target_length, pad)
+    input_ids, input_mask = _pad(seqs, width + max_target_length, pad)
     targets = np.concatenate([input_ids[:, 1:], np.full((len(seqs), 1), pad, np.int32)], 1)
+    targets = np.maximum(targets, 0)  # a soft token is never a target (target_mask is 0)
     target_mask = np.zeros_like(input_mask)
     for i, (a, b, _) in enumerate(tokenized):
         target_mask[i, len(a) - 1:len(a) + len(b) - 1] = 1  # positions predicting the target
     # generation reads the inputs alone, left-padded so every row ends at the same slot
-    gen_ids, gen_mask = _pad([a for a, _, _ in tokenized], max_input_length, pad, left=True)
-    return dict(input_ids=input_ids, input_mask=input_mask, targets=targets,
-                target_mask=target_mask, gen_ids=gen_ids, gen_mask=gen_mask)
+    gen_ids, gen_mask = _pad([a for a, _, _ in tokenized], width, pad, left=True)
+    out = dict(input_ids=input_ids, input_mask=input_mask, targets=targets,
+               target_mask=target_mask, gen_ids=gen_ids, gen_mask=gen_mask)
+    if soft_tokens:
+        out["input_ids"], out["slots"] = _split_slots(input_ids, pad)
+        out["gen_ids"], out["gen_slots"] = _split_slots(gen_ids, pad)
+    return out
 
 
 def encode(model, examples, max_input_length: int, max_target_length: int,
-           target_prefix: tuple = ()) -> tuple[dict, int]:
+           target_prefix: tuple = (), template=None) -> tuple[dict, int]:
     """Examples -> (arrays as in the module docstring, number of truncated examples)."""
-    tokenized = tokenize(model, examples, max_input_length, max_target_length, target_prefix)
-    return (assemble(model, tokenized, max_input_length, max_target_length),
+    tokenized = tokenize(model, examples, max_input_length, max_target_length, target_prefix,
+                         template)
+    return (assemble(model, tokenized, max_input_length, max_target_length,
+                     template.soft_tokens if template is not None else 0),
             sum(cut for _, _, cut in tokenized))
+
+
+def _tokenize_template(model, template, examples, max_length: int) -> list:
+    """[(input ids with soft tokens as -(1 + index), truncated)] laid out by ``template``:
+    pieces tokenized one by one (a space before a piece that follows text), T5's
+    <extra_id_0> at {mask} and EOS at the end; fields cut longest-first so the text
+    tokens fit ``max_length`` (soft tokens come on top)."""
+    from ptjax.data.templates import field_values
+
+    tok, cfg = _tokenizer(model), model.config
+    enc_dec = model.is_encoder_decoder
+
+    def ids(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    fixed, seen_text = [], False  # per piece: ids (text, mask, soft) or None (a field)
+    for p in template.pieces:
+        lead = " " if p.space and seen_text else ""
+        if p.kind == "text":
+            fixed.append(ids(lead + p.text))
+        elif p.kind == "mask":
+            fixed.append(list(target_prefix(model, True, 2)) if enc_dec else [])
+        elif p.kind == "soft":
+            fixed.append([-(1 + p.start + j) for j in range(p.n)])
+        else:
+            fixed.append(None)
+        seen_text |= p.kind in ("text", "field")
+    eos = [cfg.eos_token_id] if enc_dec else []
+    n_fixed = sum(len([i for i in f if i >= 0]) for f in fixed if f is not None) + len(eos)
+    if n_fixed >= max_length:
+        raise PtjaxError(f"task.template={template.source!r}: its own text takes {n_fixed} of "
+                         f"task.max_input_length={max_length} tokens, leaving none for the "
+                         "example's fields; raise task.max_input_length")
+    values = [field_values(ex) for ex in examples]
+    for name in template.fields:
+        if values and name not in values[0]:
+            raise PtjaxError(f"task.template={template.source!r}: the examples have no field "
+                             f"{{{name}}}; they have: "
+                             f"{', '.join('{' + k + '}' for k in values[0])}")
+    field_ids, seen_text = {}, False
+    for i, p in enumerate(template.pieces):
+        if p.kind == "field":
+            lead = " " if p.space and seen_text else ""
+            rows = tok([lead + str(v[p.name]) for v in values],
+                       add_special_tokens=False)["input_ids"]
+            field_ids[i] = rows
+        seen_text |= p.kind in ("text", "field")
+    out = []
+    for r in range(len(examples)):
+        fields = {i: list(rows[r]) for i, rows in field_ids.items()}
+        excess = n_fixed + sum(map(len, fields.values())) - max_length
+        cut = excess > 0
+        while excess > 0:  # shorten the longest field first
+            i = max(fields, key=lambda k: len(fields[k]))
+            fields[i].pop()
+            excess -= 1
+        seq = []
+        for i, f in enumerate(fixed):
+            seq += fields[i] if f is None else f
+        out.append((seq + eos, cut))
+    return out
 
 
 def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
@@ -229,7 +317,7 @@ class TrainStream:
 
     def __init__(self, model, shards: dict, n_shards: int, batch_size: int,
                  max_input_length: int, max_target_length: int, seed: int,
-                 cache: bool = True, target_prefix: tuple = ()):
+                 cache: bool = True, target_prefix: tuple = (), template=None):
         if batch_size % n_shards:
             raise PtjaxError(f"train.batch_size={batch_size} is not a multiple of the "
                              f"{n_shards} data shards (train.data_shards)")
@@ -241,6 +329,7 @@ class TrainStream:
         self.rows_per_shard = batch_size // n_shards
         self.lengths = (max_input_length, max_target_length)
         self.target_prefix = tuple(target_prefix)
+        self.template = template
         self._cache = {} if cache else None  # (shard, index) -> tokenize()'s triple
 
     def indices(self, step: int) -> list[tuple[int, int]]:
@@ -257,14 +346,15 @@ class TrainStream:
         keys = self.indices(step)
         if self._cache is None:
             tokenized = tokenize(self.model, [self.shards[q][i] for q, i in keys],
-                                 *self.lengths, self.target_prefix)
+                                 *self.lengths, self.target_prefix, self.template)
         else:
             missing = sorted({k for k in keys if k not in self._cache})
             fresh = tokenize(self.model, [self.shards[q][i] for q, i in missing],
-                             *self.lengths, self.target_prefix)
+                             *self.lengths, self.target_prefix, self.template)
             self._cache.update(zip(missing, fresh))
             tokenized = [self._cache[k] for k in keys]
-        return (assemble(self.model, tokenized, *self.lengths),
+        soft = self.template.soft_tokens if self.template is not None else 0
+        return (assemble(self.model, tokenized, *self.lengths, soft),
                 sum(cut for _, _, cut in tokenized))
 
 

@@ -102,7 +102,10 @@ def read_jsonl(path: str) -> list[dict]:
                     or not isinstance(ex.get("targets"), str):
                 raise PtjaxError(f"{path}:{n}: each line needs string fields \"inputs\" and "
                                  "\"targets\"")
-            examples.append({"inputs": ex["inputs"], "targets": ex["targets"]})
+            fields = {k: str(v) for k, v in ex.items() if k not in ("inputs", "targets") and
+                      isinstance(v, (str, int, float)) and not isinstance(v, bool)}
+            examples.append({"inputs": ex["inputs"], "targets": ex["targets"],
+                             **({"fields": fields} if fields else {})})
     if not examples:
         raise PtjaxError(f"{path}: no examples")
     return examples
@@ -212,6 +215,17 @@ def _tfds():
     return tfds
 
 
+def raw_fields(ex: dict) -> dict:
+    """An example's text and number fields as strings, for templates ({premise}, ...)."""
+    out = {}
+    for key, value in ex.items():
+        if isinstance(value, bytes):
+            out[key] = value.decode("utf-8")
+        elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            out[key] = str(value)
+    return out
+
+
 def load_tfds_task(name: str, cfg, splits=("train", "validation"), shards=None) -> Task:
     """Read and format the splits of a registered TFDS task (no download at run time).
 
@@ -239,7 +253,7 @@ def load_tfds_task(name: str, cfg, splits=("train", "validation"), shards=None) 
                 f"prepared in {where}; run `tfds build {spec.tfds_name}"
                 f"{' --data_dir ' + data_dir if data_dir else ''}` on a machine with network "
                 "(or copy a prepared directory) and set task.data_dir") from e
-        return [f for ex in tfds.as_numpy(ds)
+        return [{**f, "fields": raw_fields(ex)} for ex in tfds.as_numpy(ds)
                 for f in format_example(spec.format, ex, labels, prefix=cfg.prefix,
                                         split=split)]
 

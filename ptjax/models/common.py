@@ -52,9 +52,12 @@ class PromptInputs:
       attention site, kv [L, P, H, Dh] (shared) or [L, B, P, H, Dh] (prefix tuning).
       Sites: T5 "encoder" (self-attention), "decoder" (self-attention), "cross" (decoder
       cross-attention); GPT-2 "decoder".
+    slots: [B, L] int, set by a template's soft slots: where ``embeds`` go *inside* the
+      input (the index of the vector at each place, -1 for a token), instead of before it.
     """
     embeds: Any = None
     prefix: Any = None
+    slots: Any = None
 
 
 def as_prompt_inputs(prompt) -> PromptInputs:
@@ -78,6 +81,15 @@ def site_prefix(prompt: PromptInputs, site: str, batch: int, dtype):
                              f"[L, {batch}, P, H, Dh], got {tuple(kv.shape)}")
         out[name] = kv.astype(dtype)
     return out
+
+
+def place_embeds(x_BxLxD, prompt: PromptInputs, dtype):
+    """Token embeddings with a template's soft vectors put at their slots ([B, L, D])."""
+    B = x_BxLxD.shape[0]
+    embeds_BxPxD = broadcast_prompt(prompt.embeds, B, dtype)
+    slots = prompt.slots
+    picked = jnp.take_along_axis(embeds_BxPxD, jnp.maximum(slots, 0)[..., None], axis=1)
+    return jnp.where((slots >= 0)[..., None], picked, x_BxLxD)
 
 
 def prefix_length(prefix) -> int:

@@ -17,8 +17,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, as_prompt_inputs,
-                                 broadcast_prompt, logical, mask_bias, prefix_length,
+from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, PromptInputs,
+                                 as_prompt_inputs, broadcast_prompt, logical, mask_bias,
+                                 place_embeds, prefix_length,
                                  remat_layer, scan_layers, site_prefix, tied_logits)
 
 SITES = ("decoder",)  # where prefix keys/values can enter
@@ -117,12 +118,15 @@ class GPT2(nn.Module):
         self.ln_f = layer_norm(cfg, self.dtype)
         self.drop = nn.Dropout(cfg.embd_pdrop)
 
-    def embed(self, input_ids_BxL, attention_mask_BxL=None, prompt=None):
-        """-> (embeddings [B, P+L, D] without positions, mask [B, P+L], P)."""
+    def embed(self, input_ids_BxL, attention_mask_BxL=None, prompt=None, slots=None):
+        """-> (embeddings [B, P+L, D] without positions, mask [B, P+L], P); with a
+        template's ``slots`` [B, L] the prompt goes inside the input (P = 0)."""
         if attention_mask_BxL is None:
             attention_mask_BxL = jnp.ones(input_ids_BxL.shape, bool)
         mask = attention_mask_BxL.astype(bool)
         x = self.wte(input_ids_BxL)
+        if slots is not None and prompt is not None:
+            return place_embeds(x, PromptInputs(embeds=prompt, slots=slots), self.dtype), mask, 0
         if prompt is None:
             return x, mask, 0
         prompt_BxPxD = broadcast_prompt(prompt, input_ids_BxL.shape[0], self.dtype)
@@ -158,7 +162,7 @@ class GPT2(nn.Module):
         """Logits [B, L, vocab] for the real input positions (prompt positions dropped).
         prompt: [P, D], [B, P, D] or ``PromptInputs``."""
         prompt = as_prompt_inputs(prompt)
-        x, mask, P = self.embed(input_ids, attention_mask, prompt.embeds)
+        x, mask, P = self.embed(input_ids, attention_mask, prompt.embeds, prompt.slots)
         prefix = site_prefix(prompt, "decoder", input_ids.shape[0], self.dtype)
         logits, _ = self.forward(x, positions_from_mask(mask), mask, prefix=prefix)
         return logits[:, P:]

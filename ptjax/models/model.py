@@ -122,7 +122,7 @@ class Model:
             shape = tuple(np.shape(prompt.embeds))
             if len(shape) not in (2, 3) or shape[-1] != D:
                 raise PtjaxError(f"prompt has shape {shape}; expected [P, {D}] or [B, P, {D}]")
-            used = shape[-2]
+            used = 0 if prompt.slots is not None else shape[-2]
         for site, kv in (prompt.prefix or {}).items():
             if site not in self.prefix_sites:
                 raise PtjaxError(f"prefix site {site!r} is not one of this model's: "
@@ -205,7 +205,7 @@ def _gpt2_generate(cfg, dtype, params, input_ids, attention_mask, prompt, *, max
     variables = {"params": params}
     prompt = as_prompt_inputs(prompt)
     x, mask, _ = model.apply(variables, input_ids, attention_mask, prompt.embeds,
-                             method=gpt2.GPT2.embed)
+                             prompt.slots, method=gpt2.GPT2.embed)
     B, T0 = mask.shape
     prefix = site_prefix(prompt, "decoder", B, dtype)
     # Slots after the context hold generated tokens, all attended.

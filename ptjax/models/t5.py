@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, RMSNorm, Unembed,
                                  as_prompt_inputs, broadcast_prompt, logical, mask_bias,
-                                 prefix_length, remat_layer, scan_layers, site_prefix,
+                                 place_embeds, prefix_length, remat_layer, scan_layers, site_prefix,
                                  tied_logits)
 
 SITES = ("encoder", "decoder", "cross")  # where prefix keys/values can enter
@@ -292,7 +292,9 @@ class T5(nn.Module):
         B = input_ids_BxL.shape[0]
         mask = attention_mask_BxL.astype(bool)
         x = self.shared(input_ids_BxL)
-        if prompt.embeds is not None:
+        if prompt.slots is not None:  # a template's soft slots: inside the input
+            x = place_embeds(x, prompt, self.dtype)
+        elif prompt.embeds is not None:
             prompt_BxPxD = broadcast_prompt(prompt.embeds, B, self.dtype)
             x = jnp.concatenate([prompt_BxPxD, x], axis=1)
             mask = jnp.concatenate([jnp.ones(prompt_BxPxD.shape[:2], bool), mask], axis=1)

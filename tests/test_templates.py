@@ -1,0 +1,174 @@
+"""Templates (task.template): parsing, layout and truncation, "{soft:P} {inputs}" equal to
+the prepended prompt, soft slots in the middle trained, packed and resumed, T5's {mask}
+as <extra_id_0>, and one-line errors for bad templates."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ptjax import cli, load_run
+from ptjax.data import pipeline
+from ptjax.data.templates import parse
+from ptjax.errors import PtjaxError
+from ptjax.methods import for_model
+from ptjax.models.model import load_model
+from ptjax.models.tiny import build_tiny_model
+from ptjax.train import loss_fn
+
+EXAMPLES = [
+    {"inputs": "review: the movie was great", "targets": "positive",
+     "fields": {"premise": "the cat is red", "hypothesis": "a red cat"}},
+    {"inputs": "review: a very dull and boring film with a bland ending", "targets": "negative",
+     "fields": {"premise": "the dog is blue and the bird is green and the fish is white",
+                "hypothesis": "a dog"}},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-templates")
+    return {"t5": load_model(build_tiny_model(str(d / "t5"), "t5", extra_ids=2)),
+            "gpt2": load_model(build_tiny_model(str(d / "gpt2"), "gpt2"))}
+
+
+def test_parse_numbers_soft_vectors_in_order_of_first_use():
+    t = parse("{premise} {soft:3} {hypothesis}? {soft:2#a} {mask} {soft:2#a} {soft:1=it}")
+    assert t.soft_tokens == 6 and t.has_mask and t.fields == ("premise", "hypothesis")
+    soft = [(p.start, p.n) for p in t.pieces if p.kind == "soft"]
+    assert soft == [(0, 3), (3, 2), (3, 2), (5, 1)]  # #a shares its two vectors
+    assert t.soft_inits == ((5, 1, "it"),)
+    assert parse("{{literal}} {inputs}").pieces[0].text == "{literal}"
+
+
+@pytest.mark.parametrize("source, message", [
+    ("{inputs", "unmatched '{' at character 0"),
+    ("{inputs} {mask} {mask}", "has two {mask} slots"),
+    ("{soft:0} {inputs}", "{soft:0} is not a soft slot"),
+    ("{soft:2#a} {soft:3#a} {inputs}", "soft slot #a has 2 tokens in one place and 3"),
+    ("{soft:3} no fields", "has no field of the example"),
+    ("{inputs} {what is this}", "{what is this} is neither a field name"),
+])
+def test_bad_templates_are_one_line_errors(source, message):
+    with pytest.raises(PtjaxError, match="task.template=") as e:
+        parse(source)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_soft_prompt_template_equals_the_prepended_prompt(tiny, family):
+    """"{soft:P} {inputs}": the same arrays' content, and the loss and prompt gradient
+    equal prepending the prompt (1e-6), with dropout."""
+    model = tiny[family]
+    P, Li, Lt = 4, 12, 4
+    plain, _ = pipeline.encode(model, EXAMPLES, Li, Lt)
+    templ, _ = pipeline.encode(model, EXAMPLES, Li, Lt, template=parse(f"{{soft:{P}}} {{inputs}}"))
+    assert (templ["slots"][:, :P] == np.arange(P)).all() and (templ["slots"][:, P:] == -1).all()
+    if family == "t5":
+        np.testing.assert_array_equal(templ["input_ids"][:, P:], plain["input_ids"])
+    method = for_model(model, "prompt", [f"prompt.length={P}", "prompt.seeds=[0,1]"])
+    table = {"prompt": jax.random.uniform(jax.random.key(0), (2, P, model.config.hidden_size),
+                                          minval=-0.5, maxval=0.5)}
+
+    def loss_and_grad(batch):
+        batch = {k: jnp.asarray(v) for k, v in batch.items() if not k.startswith("gen_")}
+        f = lambda t: loss_fn(model, method, t, model.params, batch,  # noqa: E731
+                              jax.random.key(1), 0.1)
+        return jax.value_and_grad(f, has_aux=True)(table)
+
+    (loss_a, per_a), grad_a = loss_and_grad(plain)
+    (loss_b, per_b), grad_b = loss_and_grad(templ)
+    np.testing.assert_allclose(np.asarray(per_b), np.asarray(per_a), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad_b["prompt"]), np.asarray(grad_a["prompt"]),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_layout_truncates_fields_never_the_template(tiny):
+    model = tiny["t5"]
+    tok = model.tokenizer
+    t = parse("premise {premise} {soft:2} question {hypothesis} answer {mask}")
+    (ids, _, cut), (ids2, _, cut2) = pipeline.tokenize(model, EXAMPLES, 14, 4, template=t)
+    sentinel = tok.convert_tokens_to_ids("<extra_id_0>")
+    assert ids.count(-1) == 1 and ids.count(-2) == 1  # the two soft tokens, in place
+    assert ids[-2:] == [sentinel, model.config.eos_token_id]  # {mask}, then EOS
+    text = tok.decode([i for i in ids if i >= 0], skip_special_tokens=True)
+    assert text.split() == "premise the cat is red question a red cat answer".split()
+    assert cut2 and not cut and len([i for i in ids2 if i >= 0]) == 14  # the long premise cut
+    text2 = tok.decode([i for i in ids2 if i >= 0], skip_special_tokens=True).split()
+    assert text2[:4] == "premise the dog is".split() and text2[-4:] == \
+        "question a dog answer".split() and len(text2) < 16
+    with pytest.raises(PtjaxError, match="its own text takes .* of task.max_input_length=3"):
+        pipeline.tokenize(model, EXAMPLES, 3, 4, template=t)
+    with pytest.raises(PtjaxError, match=r"the examples have no field \{claim\}; they have: "
+                                         r"\{premise\}, \{hypothesis\}, \{inputs\}"):
+        pipeline.tokenize(model, EXAMPLES, 14, 4, template=parse("{claim} {mask}"))
+
+
+def _train(tmp_path, name, **kw):
+    args = {"run_dir": str(tmp_path / name), "model.tiny_dir": str(tmp_path / "models"),
+            "model.path": "tiny-t5", "prompt.seeds": "[0,1]", "task.max_input_length": 24,
+            "task.max_target_length": 4, "task.dev_size": 16, "train.batch_size": 8,
+            "train.eval_batch_size": 16, "train.steps": 6, "train.eval_every": 3,
+            "train.checkpoint_every": 3, "train.progress": False, "optim.name": "adam",
+            "optim.learning_rate": 0.01, **kw}
+    code = cli.main(["train", *[f"{k}={v}" for k, v in args.items()]])
+    return code, args["run_dir"]
+
+
+@pytest.mark.parametrize("method", ["prompt", "ptuning"])
+def test_slots_in_the_middle_train_pack_and_resume(tmp_path, method):
+    """A template with soft slots between fields (a word-initialised one among them) trains
+    with either method, two packed members equal two separate runs, and a run stopped at
+    step 3 and resumed ends where an uninterrupted one does."""
+    template = "review {soft:2} {inputs} {soft:2=it was} . {soft:2#a}"
+    common = {"task.template": template, "method.name": method, "method.ptuning.hidden": 8}
+    code, both = _train(tmp_path, "both", **common)
+    assert code == 0
+    results = json.load(open(os.path.join(both, "results.json")))
+    assert [p["best_step"] > 0 for p in results["prompts"]] == [True, True]
+    for k, seed in enumerate((0, 1)):
+        assert _train(tmp_path, f"one{seed}", **common, **{"prompt.seeds": f"[{seed}]"})[0] == 0
+    runs = [load_run(both)] + [load_run(str(tmp_path / f"one{s}")) for s in (0, 1)]
+    for k in range(2):
+        jax.tree.map(lambda a, c: np.testing.assert_allclose(
+            np.asarray(a)[k], np.asarray(c)[0], rtol=1e-5, atol=1e-5),
+            runs[0].trainables, runs[1 + k].trainables)
+    # resume: 3 steps, then the same run continued to 6
+    assert _train(tmp_path, "cut", **common, **{"train.steps": 3})[0] == 0
+    assert _train(tmp_path, "cut", **common)[0] == 0
+    cut = load_run(str(tmp_path / "cut"))
+    jax.tree.map(lambda a, c: np.testing.assert_array_equal(np.asarray(a), np.asarray(c)),
+                 cut.trainables, runs[0].trainables)
+    assert runs[0].config.prompt.length == 6  # the template's soft tokens are the prompt
+
+
+def test_t5_mask_is_the_first_sentinel_and_targets_follow_it(tiny):
+    model = tiny["t5"]
+    sentinel = model.tokenizer.convert_tokens_to_ids("<extra_id_0>")
+    t = parse("{premise} {mask}")
+    from ptjax.config import TaskConfig
+    from ptjax.run import encoding
+
+    enc = encoding(model, TaskConfig(template=t.source, max_target_length=4))
+    assert enc["target_prefix"] == (sentinel,)
+    arrays, _ = pipeline.encode(model, EXAMPLES[:1], 12, 4, **enc)
+    row = list(arrays["input_ids"][0][arrays["input_mask"][0] == 1])
+    assert row[-2:] == [sentinel, model.config.eos_token_id]
+    assert arrays["targets"][0][0] == sentinel
+
+
+def test_gpt2_mask_must_come_last_and_overrides_keep_braces(tmp_path, capsys):
+    code, _ = _train(tmp_path, "bad", **{"model.path": "tiny-gpt2",
+                                         "task.template": "{mask} {inputs}"})
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "task.template='{mask} {inputs}': on a decoder-only model the answer follows" in err
+    code, _ = _train(tmp_path, "bad2", **{"method.name": "prefix",
+                                          "task.template": "{soft:2} {inputs}"})
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "task.template has soft slots, which method.name=prefix" in err
+    code, run_dir = _train(tmp_path, "gpt2", **{"model.path": "tiny-gpt2", "train.steps": 2,
+                                                "task.template": "{soft:2} {inputs} {mask}"})
+    assert code == 0

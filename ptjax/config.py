@@ -34,6 +34,10 @@ REMATS = ("none", "full", "dots", "dots_no_batch")
 ENSEMBLES = ("majority", "mean_logprob")
 
 
+# {class: [word, ...]} as ((class, (word, ...)), ...): frozen, ordered, hashable
+LabelWords = tuple[tuple[str, tuple[str, ...]], ...]
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     path: str = "tiny-t5"  # checkpoint dir, hub id, or a built-in: tiny-t5 | tiny-gpt2
@@ -91,6 +95,10 @@ class TaskConfig:
     # lay the input out: fields, hard text, {soft:N} slots, {mask} (ptjax.data.templates);
     # "" = the task's own format ({inputs}) with the prompt prepended
     template: str = ""
+    # label words per class, {class: [word, ...]}: classes ranked by their words'
+    # log-probabilities; training targets are each class's first word
+    verbalizer: LabelWords = ()
+    verbalizer_tokens: str = "mean"  # a multi-token word's score: first | mean | max
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +169,7 @@ CHOICES = {
     "prompt.fallback": ("sampled_vocab", "random_uniform"), "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES, "task.eval_mode": EVAL_MODES, "method.name": METHODS,
     "method.prefix.init": PREFIX_INITS, "method.ptuning.encoder": ENCODERS,
+    "task.verbalizer_tokens": ("first", "mean", "max"),
     "train.ensemble": ("", *ENSEMBLES), "mesh.distributed": ("auto", "on", "off"),
 }
 POSITIVE = ("prompt.length", "train.steps", "train.batch_size", "train.log_every",
@@ -228,6 +237,24 @@ def _coerce(key: str, typ, value, where: str):
         if isinstance(value, (dict, list)):
             raise bad("a string")
         return str(value)
+    if typ == LabelWords:
+        if value is None or value == "" or value == ():
+            return ()
+        items = value.items() if isinstance(value, dict) else value
+        try:
+            pairs = [(str(c), words) for c, words in items]
+        except (TypeError, ValueError):
+            raise bad("a mapping of classes to label words, e.g. {negative: [bad], "
+                      "positive: [good, great]}") from None
+        out = []
+        for c, words in pairs:
+            words = [words] if isinstance(words, str) else words
+            if not isinstance(words, (list, tuple)) or not words or \
+                    not all(isinstance(w, str) and w.strip() for w in words):
+                raise bad(f"a mapping of classes to label words; class {c!r} needs a "
+                          "non-empty list of words")
+            out.append((c, tuple(words)))
+        return tuple(out)
     if typing.get_origin(typ) is tuple:
         (inner, _) = typing.get_args(typ)
         if value is None or value == "":

@@ -37,18 +37,29 @@ class DevSet:
     candidates: list | None = None  # rank: each example's candidate strings
     labels: tuple = ()
     select: str = "accuracy"  # the metric that picks the best step
+    # a verbalizer: rows are (example, label word), example-major, words grouped by class;
+    # row_class[r] is row r's class index, word_mask [R, T] marks the word's own tokens
+    verbalizer: tuple = ()
+    row_class: np.ndarray | None = None
+    word_mask: np.ndarray | None = None
+    word_tokens: str = "mean"
 
 
 def build_dev_set(model, task, mode: str, max_input_length: int, max_target_length: int,
                   split: str = "validation", target_prefix: tuple = (),
-                  template=None) -> DevSet:
+                  template=None, verbalizer: tuple = (), word_tokens: str = "mean") -> DevSet:
     """Rank candidates are the task's labels, or an example's own "candidates" (COPA's
     choices, ReCoRD's entities). target_prefix: ids put before every target and candidate
     (task.target_sentinel); greedy outputs are decoded without special tokens, so without
-    T5's sentinels."""
+    T5's sentinels. verbalizer: ((class, (word, ...)), ...): classes are ranked by their
+    label words' log-probabilities (``verbalize``)."""
     examples = task.split(split)
     if not examples:
         raise PtjaxError(f"task {task.name!r} has no {split} examples")
+    if verbalizer:
+        return _verbalized_dev_set(model, task, split, examples, max_input_length,
+                                   max_target_length, target_prefix, template, verbalizer,
+                                   word_tokens)
     per_example = any("candidates" in ex for ex in examples)
     if mode == "auto":
         mode = "rank" if task.labels or per_example else "generate"
@@ -81,6 +92,60 @@ def build_dev_set(model, task, mode: str, max_input_length: int, max_target_leng
                   select=select)
 
 
+def _verbalized_dev_set(model, task, split, examples, max_input_length, max_target_length,
+                        target_prefix, template, verbalizer, word_tokens) -> DevSet:
+    classes = tuple(c for c, _ in verbalizer)
+    for i, ex in enumerate(examples):
+        if ex["targets"] not in classes:
+            raise PtjaxError(f"task {task.name!r} {split} example {i}: target "
+                             f"{ex['targets']!r} has no label words in task.verbalizer "
+                             f"(classes: {', '.join(classes)})")
+    rows = [(c, w) for c, (_, words) in enumerate(verbalizer) for w in words]
+    pairs = [{"inputs": ex["inputs"], "fields": ex.get("fields", {}), "targets": w}
+             for ex in examples for _, w in rows]
+    _check_labels_fit(model, sorted({w for _, w in rows}),
+                      max_target_length - len(target_prefix))
+    arrays, _ = pipeline.encode(model, pairs, max_input_length, max_target_length,
+                                target_prefix, template)
+    # the word's own tokens: the target tokens after the prefix, without the final EOS
+    mask = arrays["target_mask"].astype(bool)
+    word_mask = mask.copy()
+    first = mask.argmax(1)
+    last = mask.shape[1] - 1 - mask[:, ::-1].argmax(1)
+    rows_idx = np.arange(len(mask))
+    word_mask[rows_idx, last] = False
+    for j in range(len(target_prefix)):
+        word_mask[rows_idx, first + j] = False
+    return DevSet("rank", task.metric_set or task.metric, examples, arrays,
+                  [list(classes)] * len(examples), classes, task.metric,
+                  verbalizer=tuple(verbalizer),
+                  row_class=np.tile([c for c, _ in rows], len(examples)),
+                  word_mask=word_mask, word_tokens=word_tokens)
+
+
+WORD_TOKENS = ("first", "mean", "max")
+
+
+def verbalize(token_logprobs_KxRxT, dev: DevSet) -> np.ndarray:
+    """Class scores [K, N x C] (example-major) from each (example, word) row's token
+    log-probabilities: a word scores the log-probability of its first token, the mean of
+    its tokens' or the max of them (``dev.word_tokens``); a class scores the mean of its
+    words' scores."""
+    lp = np.where(dev.word_mask[None], token_logprobs_KxRxT, np.nan)
+    if dev.word_tokens == "first":
+        first = dev.word_mask.argmax(1)[None, :, None]
+        word = np.take_along_axis(lp, np.broadcast_to(first, lp.shape[:2] + (1,)), 2)[..., 0]
+    elif dev.word_tokens == "mean":
+        word = np.nanmean(lp, axis=2)
+    else:
+        word = np.nanmax(lp, axis=2)
+    K, C, N = word.shape[0], len(dev.verbalizer), len(dev.examples)
+    per_example = word.reshape(K, N, -1)
+    row_class = dev.row_class[:per_example.shape[2]]
+    scores = np.stack([per_example[:, :, row_class == c].mean(2) for c in range(C)], axis=2)
+    return scores.reshape(K, N * C)
+
+
 def _check_labels_fit(model, labels, max_target_length):
     extra = 0 if model.is_encoder_decoder else 1  # GPT-2: " " + label, then EOS appended
     for lab in labels:
@@ -91,13 +156,14 @@ def _check_labels_fit(model, labels, max_target_length):
                              "are scored whole")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _scores(model, method, trainable, frozen, batch):
-    """Summed log-likelihood of each row's targets for each member -> [K, R]."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 5))
+def _scores(model, method, trainable, frozen, batch, per_token=False):
+    """Summed log-likelihood of each row's targets for each member -> [K, R] (per_token:
+    each target position's log-probability, [K, R, T])."""
     if method is None:
-        nll, _ = sequence_nll(model, frozen, batch, None)
+        nll, _ = sequence_nll(model, frozen, batch, None, per_token=per_token)
         return -nll[None]
-    nll, _ = member_nll(model, method, trainable, frozen, batch)
+    nll, _ = member_nll(model, method, trainable, frozen, batch, per_token=per_token)
     return -nll
 
 
@@ -126,9 +192,13 @@ def predict(model, method, trainable, frozen, dev: DevSet, batch_size: int,
     batch_size = _rows_per_batch(batch_size, mesh)
     put = (lambda b: b) if mesh is None else (lambda b: sharding.replicated_batch(b, mesh))
     if dev.mode == "rank":
-        scores = [sharding.to_host(_scores(model, method, trainable, frozen, put(b)))[:, :n]
+        per_token = dev.verbalizer != ()
+        scores = [sharding.to_host(_scores(model, method, trainable, frozen, put(b),
+                                           per_token))[:, :n]
                   for b, n in pipeline.eval_batches(dev.arrays, batch_size)]
-        scores = np.concatenate(scores, axis=1)  # [K, total candidates]
+        scores = np.concatenate(scores, axis=1)  # [K, total candidates (, T)]
+        if per_token:
+            scores = verbalize(scores, dev)  # [K, examples x classes]
         bounds = np.cumsum([0] + [len(c) for c in dev.candidates])
         texts = [[cands[int(np.argmax(row[a:b]))]
                   for cands, a, b in zip(dev.candidates, bounds[:-1], bounds[1:])]

@@ -83,6 +83,28 @@ def check_lengths(model, method, cfg):
                          f"{limit} positions")
 
 
+def verbalizing(tcfg) -> dict:
+    """build_dev_set's verbalizer arguments from a TaskConfig."""
+    return {"verbalizer": tcfg.verbalizer, "word_tokens": tcfg.verbalizer_tokens}
+
+
+def verbalized_train(task, verbalizer):
+    """The task with every train target (a class) replaced by its first label word; a
+    train label without label words is a one-line error, as on dev."""
+    if not verbalizer:
+        return task
+    first = {c: words[0] for c, words in verbalizer}
+
+    def word(ex, q, i):
+        if ex["targets"] not in first:
+            raise PtjaxError(f"task {task.name!r} train example {i} (shard {q}): target "
+                             f"{ex['targets']!r} has no label words in task.verbalizer "
+                             f"(classes: {', '.join(first)})")
+        return {**ex, "targets": first[ex["targets"]]}
+    shards = {q: [word(ex, q, i) for i, ex in enumerate(exs)] for q, exs in task.shards.items()}
+    return dataclasses.replace(task, shards=shards)
+
+
 def encoding(model, tcfg) -> dict:
     """How a task's text becomes ids: {"template": its Template or None, "target_prefix":
     the ids before every target (T5's <extra_id_0> with task.target_sentinel or a
@@ -250,7 +272,8 @@ def train(cfg) -> dict:
     owned = pipeline.owned_shards(n_shards, jax.process_index(), jax.process_count())
     task = load_task(cfg.task, shards=(owned, n_shards))
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
-                        cfg.task.max_target_length, **enc)
+                        cfg.task.max_target_length, **enc, **verbalizing(cfg.task))
+    task = verbalized_train(task, cfg.task.verbalizer)
     metric = tc.metric or dev.select
     valid = metric_names(dev.metric_set)
     if metric not in valid:
@@ -403,7 +426,8 @@ def _transfer_dev_set(model, cfg, name: str):
     tcfg = dataclasses.replace(cfg.task, name=name, labels=(), transfer=())
     task = load_task(tcfg, splits=("validation",))
     return build_dev_set(model, task, tcfg.eval_mode, tcfg.max_input_length,
-                         tcfg.max_target_length, **encoding(model, tcfg))
+                         tcfg.max_target_length, **encoding(model, tcfg),
+                         **verbalizing(tcfg))
 
 
 def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validation",
@@ -426,7 +450,8 @@ def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validati
     task = load_task(cfg.task, splits=(split,))
     check_lengths(model, method, cfg)
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
-                        cfg.task.max_target_length, split=split, **encoding(model, cfg.task))
+                        cfg.task.max_target_length, split=split, **encoding(model, cfg.task),
+                        **verbalizing(cfg.task))
     size, lengths = cfg.train.eval_batch_size, cfg.task.max_target_length
     frozen = None if method.tunes_weights else model.params
     if ensemble_method:

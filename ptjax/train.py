@@ -163,8 +163,10 @@ def state_shardings(tx, trainable, build, *args):
         trainable=t_sh, opt_state=opt)
 
 
-def sequence_nll(model, params, batch, prompt=None, rngs=None, deterministic=True):
-    """Summed target-token NLL and target-token count per row: ([B], [B]) fp32.
+def sequence_nll(model, params, batch, prompt=None, rngs=None, deterministic=True,
+                 per_token: bool = False):
+    """Summed target-token NLL and target-token count per row: ([B], [B]) fp32; with
+    ``per_token`` each target position's NLL and mask instead: ([B, T], [B, T]).
 
     batch: arrays of ``ptjax.data.pipeline.encode`` with B rows; prompt: ``PromptInputs``
     (or [P, D] / [B, P, D]) or None; a batch's ``slots`` (a template's soft slots) say
@@ -183,11 +185,14 @@ def sequence_nll(model, params, batch, prompt=None, rngs=None, deterministic=Tru
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                           batch["targets"])
     mask = batch["target_mask"].astype(jnp.float32)
+    if per_token:
+        return nll * mask, mask
     return jnp.sum(nll * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
-def member_nll(model, method, trainable, frozen, batch, rngs_K=None):
-    """Each of K members over the same batch: summed NLL and token count, ([K, B], [K, B]).
+def member_nll(model, method, trainable, frozen, batch, rngs_K=None, per_token: bool = False):
+    """Each of K members over the same batch: summed NLL and token count, ([K, B], [K, B])
+    (``per_token``: ([K, B, T], [K, B, T])).
 
     One forward pass over K x B rows (``vmap`` over K; the frozen params are shared, read
     once). With ``rngs_K`` ([K] dropout keys) member k's dropout masks come from its own
@@ -196,7 +201,8 @@ def member_nll(model, method, trainable, frozen, batch, rngs_K=None):
     def one(member, rng):
         params, prompt = method.inputs(member, frozen)
         rngs = None if rng is None else {"dropout": rng}
-        return sequence_nll(model, params, batch, prompt, rngs, deterministic=rng is None)
+        return sequence_nll(model, params, batch, prompt, rngs, deterministic=rng is None,
+                            per_token=per_token)
 
     if rngs_K is None:
         return jax.vmap(lambda m: one(m, None))(trainable)

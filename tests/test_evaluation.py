@@ -6,7 +6,7 @@ import pytest
 
 from ptjax.data.tasks import Task
 from ptjax.errors import PtjaxError
-from ptjax.evaluation import build_dev_set, evaluate
+from ptjax.evaluation import build_dev_set, evaluate, predict
 from ptjax.methods import for_model
 from ptjax.models.model import load_model
 from ptjax.models.tiny import build_tiny_model
@@ -107,3 +107,48 @@ def test_ensemble_votes_and_mean_log_probability():
     assert ensemble(dev, generated, "majority") == ["a", "q"]  # tie -> the first prompt's
     with pytest.raises(PtjaxError, match="mean_logprob needs rank classification"):
         ensemble(dev, generated, "mean_logprob")
+
+
+def _word_token_logprobs(model, prompt, text, word):
+    """The log-probability of each of the word's own tokens (no EOS), by a plain loop."""
+    tok = model.tokenizer
+    if model.is_encoder_decoder:
+        ids, mask = _padded(tok(text)["input_ids"], 16)
+        tgt = tok(word)["input_ids"]  # word pieces + EOS
+        dec, _ = _padded([model.config.decoder_start_token_id] + tgt[:-1], 6)
+        logp = jax.nn.log_softmax(model.logits(model.params, ids, attention_mask=mask,
+                                               decoder_input_ids=dec, prompt=prompt))[0]
+        return [float(logp[i, t]) for i, t in enumerate(tgt[:-1])]
+    inp = tok(text)["input_ids"]
+    tgt = tok(" " + word)["input_ids"]
+    seq, mask = _padded(inp + tgt + [model.config.eos_token_id], 24)
+    logp = jax.nn.log_softmax(model.logits(model.params, seq, attention_mask=mask,
+                                           prompt=prompt))[0]
+    return [float(logp[len(inp) - 1 + i, t]) for i, t in enumerate(tgt)]
+
+
+@pytest.mark.parametrize("word_tokens", ["first", "mean", "max"])
+def test_verbalizer_scores_equal_a_plain_loop_over_label_words(model, word_tokens):
+    """Class score = mean over the class's label words of the word's score (its first
+    token's log-probability, the mean or the max of its tokens'); single- and multi-token
+    words; the prediction is the best class."""
+    verbalizer = (("negative", ("bad", "awful terrible")), ("positive", ("good", "very great",
+                                                                        "fine")))
+    assert any(len(model.tokenizer(" " + w, add_special_tokens=False)["input_ids"]) > 1
+               for _, ws in verbalizer for w in ws)
+    task = Task("t", {"validation": EXAMPLES}, labels=("negative", "positive"))
+    dev = build_dev_set(model, task, "auto", 16, 6, verbalizer=verbalizer,
+                        word_tokens=word_tokens)
+    prompts = _prompts(model)
+    preds = predict(model, for_model(model), {"prompt": prompts}, model.params, dev,
+                    batch_size=8, max_new_tokens=4)
+    agg = {"first": lambda x: x[0], "mean": np.mean, "max": np.max}[word_tokens]
+    for k in range(2):
+        want, labels = [], []
+        for ex in EXAMPLES:
+            classes = [np.mean([agg(_word_token_logprobs(model, prompts[k], ex["inputs"], w))
+                                for w in words]) for _, words in verbalizer]
+            want += classes
+            labels.append(verbalizer[int(np.argmax(classes))][0])
+        np.testing.assert_allclose(preds.scores[k], want, rtol=1e-5, atol=1e-5)
+        assert preds.texts[k] == labels

@@ -172,3 +172,26 @@ def test_gpt2_mask_must_come_last_and_overrides_keep_braces(tmp_path, capsys):
     code, run_dir = _train(tmp_path, "gpt2", **{"model.path": "tiny-gpt2", "train.steps": 2,
                                                 "task.template": "{soft:2} {inputs} {mask}"})
     assert code == 0
+
+
+def test_template_and_verbalizer_train_and_score_classes(tmp_path, capsys):
+    """Strategy 2 end to end: a frozen GPT-2, a template ending in {mask} and label words
+    per class; training targets are each class's first word, dev accuracy ranks classes by
+    their words, and a label without words is a one-line error on train as on dev."""
+    verbalizer = "{negative: [bad, awful], positive: [good, great]}"
+    code, run_dir = _train(tmp_path, "verb", **{
+        "model.path": "tiny-gpt2", "task.template": "{inputs} the film was {mask}",
+        "task.verbalizer": verbalizer, "train.steps": 4, "train.eval_every": 2})
+    assert code == 0
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    assert all(0 <= p["best_accuracy"] <= 100 for p in results["prompts"])
+    capsys.readouterr()
+    code, _ = _train(tmp_path, "verb-bad", **{
+        "model.path": "tiny-gpt2", "task.verbalizer": "{negative: [bad]}"})
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "target 'positive' has no label words in task.verbalizer (classes: negative)" in err
+    code, _ = _train(tmp_path, "verb-bad2", **{"task.verbalizer": "[bad, good]"})
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "task.verbalizer=" in err and "a mapping of classes to label words" \
+        in err

@@ -27,7 +27,7 @@ from ptjax.methods.ptuning import ENCODERS, PTuningConfig
 PROMPT_INITS = ("random_uniform", "sampled_vocab", "class_label", "text", "file")
 OPTIMIZERS = ("adafactor", "adam", "adamw", "sgd")
 SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
-METHODS = ("prompt", "prefix", "ptuning", "model")  # = ptjax.methods.NAMES (tested)
+METHODS = ("prompt", "prefix", "ptuning", "model", "design")  # = ptjax.methods.NAMES
 EVAL_MODES = ("auto", "rank", "generate")
 DTYPES = ("float32", "bfloat16", "float16")
 REMATS = ("none", "full", "dots", "dots_no_batch")
@@ -99,13 +99,16 @@ class TaskConfig:
     # log-probabilities; training targets are each class's first word
     verbalizer: LabelWords = ()
     verbalizer_tokens: str = "mean"  # a multi-token word's score: first | mean | max
+    # prompt design (method.name=design): in-context examples drawn from the train split
+    # (per dev example, seeded by prompt.seeds[0]) before every evaluated input
+    shots: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class MethodConfig:
     """What trains: ``name`` picks the method (ptjax.methods); each method with settings
     of its own has a subsection here, read only when it is the one named."""
-    name: str = "prompt"  # prompt | prefix | ptuning | model
+    name: str = "prompt"  # prompt | prefix | ptuning | model | design
     prefix: PrefixConfig = PrefixConfig()
     ptuning: PTuningConfig = PTuningConfig()
 
@@ -176,7 +179,7 @@ POSITIVE = ("prompt.length", "train.steps", "train.batch_size", "train.log_every
             "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
             "train.eval_batch_size", "task.max_input_length", "task.max_target_length",
             "prompt.vocab_limit", "method.prefix.hidden")
-NON_NEGATIVE = ("method.prefix.embed_dim", "method.ptuning.hidden")
+NON_NEGATIVE = ("method.prefix.embed_dim", "method.ptuning.hidden", "task.shots")
 
 
 def _fields(cls) -> dict[str, Any]:
@@ -310,14 +313,14 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
             raise PtjaxError(f"{where}: {key}={get(cfg, key)} must be >= 1")
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
-            raise PtjaxError(f"{where}: {key}={get(cfg, key)} must be >= 0 (0 = the model's "
-                             "width)")
+            raise PtjaxError(f"{where}: {key}={get(cfg, key)} must be >= 0")
     if not cfg.prompt.seeds:
         raise PtjaxError(f"{where}: prompt.seeds is empty; give one seed per prompt, e.g. [0]")
     single = {"model": "trains one model",
-              "ptuning": "with method.ptuning.tune_model=true trains one model"}
-    if (cfg.method.name == "model" or (cfg.method.name == "ptuning" and
-                                       cfg.method.ptuning.tune_model)) \
+              "ptuning": "with method.ptuning.tune_model=true trains one model",
+              "design": "draws one set of in-context examples (a sweep's seeds: one run each)"}
+    if (cfg.method.name in ("model", "design") or (cfg.method.name == "ptuning" and
+                                                   cfg.method.ptuning.tune_model)) \
             and len(cfg.prompt.seeds) > 1:
         raise PtjaxError(f"{where}: method.name={cfg.method.name} {single[cfg.method.name]}; "
                          "prompt.seeds must hold one seed")
@@ -358,6 +361,9 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
             # the template's soft tokens are the prompt: P = their count
             cfg = dataclasses.replace(cfg, prompt=dataclasses.replace(
                 cfg.prompt, length=template.soft_tokens))
+    if cfg.task.shots and cfg.method.name != "design":
+        raise PtjaxError(f"{where}: task.shots={cfg.task.shots} (in-context examples) is for "
+                         "method.name=design, prompt design without training")
     if cfg.method.name == "prefix" and cfg.method.prefix.init == "text" and not cfg.prompt.text:
         raise PtjaxError(f"{where}: method.prefix.init=text needs prompt.text (the words whose "
                          "keys and values initialise the prefix)")

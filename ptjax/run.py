@@ -249,6 +249,10 @@ def train(cfg) -> dict:
     run_dir, tc = cfg.run_dir, cfg.train
     mesh, model = prepare(cfg)
     method = methods.build(cfg, model.config, model.dtype)
+    if not method.trains:  # prompt design: evaluate the bare model, nothing to train
+        from ptjax.design import run_design
+
+        return run_design(cfg, mesh, model, method)
     main = is_main_process()
     method.check(model)
     check_lengths(model, method, cfg)

@@ -51,7 +51,8 @@ NOT_IN_ID = ("run_dir", "train.progress", "train.eval_batch_size", "mesh.data", 
 
 # Settings added after the first sweeps: left out of the id while at their default, so
 # sweep directories made before them keep their run and job ids.
-LATER_DEFAULTS = {"task.target_sentinel": False}
+LATER_DEFAULTS = {"task.target_sentinel": False, "task.template": "", "task.verbalizer": [],
+                  "task.verbalizer_tokens": "mean", "task.shots": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +121,10 @@ def run_id(cfg) -> str:
 def _flatten(data: dict, prefix: str = "") -> dict:
     """{"train": {"steps": 3}, "a.b": 1} -> {"train.steps": 3, "a.b": 1}."""
     out = {}
+    leaves = set(config_lib.all_keys())  # a mapping-valued key (task.verbalizer) stays whole
     for k, v in data.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, dict) and key not in leaves:
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v

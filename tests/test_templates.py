@@ -1,6 +1,7 @@
 """Templates (task.template): parsing, layout and truncation, "{soft:P} {inputs}" equal to
 the prepended prompt, soft slots in the middle trained, packed and resumed, T5's {mask}
 as <extra_id_0>, and one-line errors for bad templates."""
+import dataclasses
 import json
 import os
 
@@ -195,3 +196,57 @@ def test_template_and_verbalizer_train_and_score_classes(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "task.verbalizer=" in err and "a mapping of classes to label words" \
         in err
+
+
+def test_prompt_design_evaluates_the_frozen_model_with_k_shots(tmp_path, capsys):
+    """method.name=design: no training; every dev input is preceded by k solved train
+    examples (a seeded draw per example, the template's text with the answer at {mask});
+    zero-shot and k-shot runs write results a sweep and the report read."""
+    from ptjax.data.templates import parse
+    from ptjax.design import with_demonstrations
+
+    pool = [{"inputs": f"review: film {i}", "targets": "positive" if i % 2 else "negative"}
+            for i in range(10)]
+    t = parse("{inputs} it was {mask}")
+    out = with_demonstrations(pool[:2], pool, 3, 7, t, (("negative", ("bad",)),
+                                                        ("positive", ("good", "great"))))
+    again = with_demonstrations(pool[:2], pool, 3, 7, t, (("negative", ("bad",)),
+                                                          ("positive", ("good",))))
+    assert out == again and out[0]["fields"]["demos"] != out[1]["fields"]["demos"]
+    demos = out[0]["fields"]["demos"].split(" review: ")
+    assert len(demos) == 3 and all(d.endswith(("it was bad", "it was good")) for d in demos)
+    results = {}
+    for shots in (0, 2):
+        code, run_dir = _train(tmp_path, f"design{shots}", **{
+            "method.name": "design", "task.shots": shots, "prompt.seeds": "[3]",
+            "model.path": "tiny-gpt2", "task.template": "{inputs} it was {mask}",
+            "task.verbalizer": "{negative: [bad], positive: [good]}",
+            "task.max_input_length": 60})
+        assert code == 0
+        results[shots] = json.load(open(os.path.join(run_dir, "results.json")))
+        assert results[shots]["method"] == "design" and results[shots]["steps"] == 0
+        assert not os.path.exists(os.path.join(run_dir, "checkpoints"))
+        rows = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+        assert [(r["step"], r["split"]) for r in rows] == [(0, "validation")]
+    capsys.readouterr()
+    code, _ = _train(tmp_path, "design-bad", **{"task.shots": 2})
+    assert code == 2 and "task.shots=2 (in-context examples) is for method.name=design" in \
+        capsys.readouterr().err
+
+
+def test_the_prompt_design_sweep_runs(tmp_path):
+    """experiments/prompt_design.yaml as CI runs it: 3 shot counts x 3 draws, no training,
+    one results row per run."""
+    from ptjax import analysis as pa
+    from ptjax.sweep import load_sweep, run_sweep
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sweep = load_sweep(os.path.join(root, "experiments", "prompt_design.yaml"),
+                       str(tmp_path / "design"))
+    models = str(tmp_path / "models")  # not the repo's runs/models
+    sweep = dataclasses.replace(sweep, jobs=tuple(dataclasses.replace(j, config=dataclasses.replace(
+        j.config, model=dataclasses.replace(j.config.model, tiny_dir=models)))
+        for j in sweep.jobs))
+    assert run_sweep(sweep, progress=False)["failed"] == []
+    runs = pa.load_runs(str(tmp_path / "design"))
+    assert len(runs) == 9 and sorted(set(runs["task.shots"])) == [0, 2, 4]

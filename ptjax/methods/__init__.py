@@ -5,6 +5,7 @@
   prefix   prefix tuning: keys/values at every layer, MLP reparameterisation (Li & Liang)
   ptuning  P-tuning: prompt vectors through an MLP / biLSTM encoder (Liu et al.)
   model    model tuning: every weight trained (the paper's Figure 1 baseline)
+  design   prompt design: no training, a manual template and k in-context examples
 
     method = ptjax.methods.build(cfg, model.config, model.dtype)
     params, prompt_inputs = method.inputs(member, model.params)
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 from ptjax.errors import PtjaxError
 from ptjax.methods.base import Method
+from ptjax.methods.design import DesignMethod
 from ptjax.methods.model import ModelMethod
 from ptjax.methods.prefix import PrefixConfig, PrefixMethod
 from ptjax.methods.prompt import PromptMethod
 from ptjax.methods.ptuning import PTuningConfig, PTuningMethod
 
 REGISTRY: dict[str, type[Method]] = {
-    m.name: m for m in (PromptMethod, PrefixMethod, PTuningMethod, ModelMethod)}
+    m.name: m for m in (PromptMethod, PrefixMethod, PTuningMethod, ModelMethod, DesignMethod)}
 NAMES = tuple(REGISTRY)
 
 

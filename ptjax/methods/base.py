@@ -39,6 +39,8 @@ class Method:
     packs: ClassVar[bool] = True
     # Whether the frozen weights themselves are trained (they are the trainable state).
     tunes_weights: ClassVar[bool] = False
+    # Whether there is anything to train (prompt design evaluates the bare model).
+    trains: ClassVar[bool] = True
     summary: ClassVar[str] = ""
 
     # ------------------------------------------------------------------ what it trains

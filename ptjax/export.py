@@ -35,24 +35,29 @@ def peft_adapter_config(model, length: int, base_model: str) -> dict:
     }
 
 
-def export_prompt(directory: str, prompt_PxD, model, base_model: str) -> str:
-    """Write one prompt [P, D] as .npy, safetensors and a PEFT adapter; returns directory."""
+def export_prompt(directory: str, prompt_PxD, model, base_model: str, peft: bool = True) -> str:
+    """Write one prompt [P, D] as .npy, safetensors and (``peft``) a PEFT adapter; returns
+    directory."""
     from safetensors.numpy import save_file
 
     table = np.asarray(prompt_PxD, np.float32)
     os.makedirs(directory, exist_ok=True)
     np.save(os.path.join(directory, "prompt.npy"), table)
     save_file({PEFT_PROMPT_KEY: table}, os.path.join(directory, "prompt.safetensors"))
+    if not peft:
+        return directory
     save_file({PEFT_PROMPT_KEY: table}, os.path.join(directory, "adapter_model.safetensors"))
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
         json.dump(peft_adapter_config(model, table.shape[0], base_model), f, indent=2)
     return directory
 
 
-def export_prompts(directory: str, table_KxPxD, model, base_model: str) -> list[str]:
-    """All K prompts: ``prompts.npy`` [K, P, D] and one ``prompt-k/`` export each."""
+def export_prompts(directory: str, table_KxPxD, model, base_model: str,
+                   peft: bool = True) -> list[str]:
+    """All K prompts: ``prompts.npy`` [K, P, D] and one ``prompt-k/`` export each; no PEFT
+    adapter when ``peft`` is false (a template puts the prompt where PEFT cannot)."""
     table = np.asarray(table_KxPxD, np.float32)
     os.makedirs(directory, exist_ok=True)
     np.save(os.path.join(directory, "prompts.npy"), table)
-    return [export_prompt(os.path.join(directory, f"prompt-{k}"), p, model, base_model)
+    return [export_prompt(os.path.join(directory, f"prompt-{k}"), p, model, base_model, peft)
             for k, p in enumerate(table)]

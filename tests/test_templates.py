@@ -129,6 +129,9 @@ def test_slots_in_the_middle_train_pack_and_resume(tmp_path, method):
     assert code == 0
     results = json.load(open(os.path.join(both, "results.json")))
     assert [p["best_step"] > 0 for p in results["prompts"]] == [True, True]
+    # the prompt sits inside the input, where no PEFT adapter can put it: none is written
+    assert os.path.exists(os.path.join(both, "export", "prompt-0", "prompt.npy"))
+    assert not os.path.exists(os.path.join(both, "export", "prompt-0", "adapter_config.json"))
     for k, seed in enumerate((0, 1)):
         assert _train(tmp_path, f"one{seed}", **common, **{"prompt.seeds": f"[{seed}]"})[0] == 0
     runs = [load_run(both)] + [load_run(str(tmp_path / f"one{s}")) for s in (0, 1)]

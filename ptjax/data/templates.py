@@ -59,6 +59,16 @@ class Template:
         return tuple(p.name for p in self.pieces if p.kind == "field")
 
     @property
+    def prepends(self) -> bool:
+        """True when the soft tokens all come first, in order, and the rest is {inputs}
+        alone: the prepended prompt PEFT's prompt-learning adapters hold."""
+        kinds = [p.kind for p in self.pieces]
+        starts = [p.start for p in self.pieces if p.kind == "soft"]
+        n = len(starts)
+        return (kinds[:n] == ["soft"] * n and kinds[n:] == ["field"] and
+                self.pieces[-1].name == "inputs" and starts == sorted(set(starts)))
+
+    @property
     def soft_inits(self) -> tuple:
         """(start, n, words) of every distinct slot initialised from words."""
         seen, out = set(), []

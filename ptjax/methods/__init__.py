@@ -34,7 +34,7 @@ def build(cfg, model_config, dtype=None) -> Method:
         raise PtjaxError(f"method.name={name!r} is not valid; valid: {', '.join(NAMES)}")
     settings = getattr(cfg.method, name, None)
     return REGISTRY[name](model_config, cfg.prompt, settings,
-                          jnp.float32 if dtype is None else dtype)
+                          jnp.float32 if dtype is None else dtype, cfg.task.template)
 
 
 def for_model(model, name: str = "prompt", overrides=()) -> Method:

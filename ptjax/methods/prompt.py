@@ -39,4 +39,4 @@ class PromptMethod(Method):
     def export(self, directory, best, model, base_model):
         from ptjax.export import export_prompts
 
-        export_prompts(directory, best["prompt"], model, base_model)
+        export_prompts(directory, best["prompt"], model, base_model, self.peft_prepends)

@@ -182,8 +182,8 @@ class PTuningMethod(Method):
         from ptjax.export import export_prompts
 
         table = self.prompts(best)
-        paths = export_prompts(directory, table, model, base_model)
-        for path in paths:  # the same prompt, said as PEFT's P_TUNING adapter
+        paths = export_prompts(directory, table, model, base_model, self.peft_prepends)
+        for path in paths if self.peft_prepends else ():  # as PEFT's P_TUNING adapter
             with open(os.path.join(path, "adapter_config.json")) as f:
                 config = json.load(f)
             config.update(peft_type="P_TUNING", encoder_reparameterization_type=(

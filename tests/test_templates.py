@@ -253,3 +253,44 @@ def test_the_prompt_design_sweep_runs(tmp_path):
     assert run_sweep(sweep, progress=False)["failed"] == []
     runs = pa.load_runs(str(tmp_path / "design"))
     assert len(runs) == 9 and sorted(set(runs["task.shots"])) == [0, 2, 4]
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_generation_with_soft_slots_equals_a_loop_over_logits(tiny, family):
+    """Greedy KV-cache decoding behind a template's soft slots (inside the input, GPT-2
+    left-padded) gives the tokens that re-running the forward and taking the argmax gives."""
+    from ptjax.evaluation import rows_of
+    from ptjax.models.common import PromptInputs
+
+    model = tiny[family]
+    t = parse("question {soft:2} {inputs} {soft:1} answer")
+    arrays, _ = pipeline.encode(model, EXAMPLES, 12, 4, template=t)
+    ids, mask, slots = ((arrays["input_ids"], arrays["input_mask"], arrays["slots"])
+                        if family == "t5" else
+                        (arrays["gen_ids"], arrays["gen_mask"], arrays["gen_slots"]))
+    embeds = 3 * jax.random.normal(jax.random.key(0), (1, 3, model.config.hidden_size))
+    prompt = rows_of(PromptInputs(embeds=embeds), len(ids)).replace(slots=jnp.asarray(slots))
+    out = np.asarray(model.generate(model.params, ids, attention_mask=mask, prompt=prompt,
+                                    max_new_tokens=4))
+    for b in range(len(ids)):
+        one = PromptInputs(embeds=embeds[0], slots=jnp.asarray(slots[b:b + 1]))
+        want = []
+        if family == "t5":
+            dec = [model.config.decoder_start_token_id]
+            for _ in range(4):
+                logits = model.logits(model.params, ids[b:b + 1], attention_mask=mask[b:b + 1],
+                                      decoder_input_ids=np.array([dec]), prompt=one)
+                dec.append(int(np.argmax(logits[0, -1])))
+            want = dec[1:]
+        else:
+            keep = mask[b] == 1
+            seq, sl = list(ids[b][keep]), list(slots[b][keep])
+            for _ in range(4):
+                logits = model.logits(model.params, np.array([seq]), prompt=PromptInputs(
+                    embeds=embeds[0], slots=jnp.asarray([sl])))
+                want.append(int(np.argmax(logits[0, -1])))
+                seq.append(want[-1])
+                sl.append(-1)
+        eos = model.config.eos_token_id
+        n = want.index(eos) + 1 if eos in want else 4
+        assert list(out[b][:n]) == want[:n]

@@ -95,6 +95,9 @@ class TaskConfig:
     # lay the input out: fields, hard text, {soft:N} slots, {mask} (ptjax.data.templates);
     # "" = the task's own format ({inputs}) with the prompt prepended
     template: str = ""
+    # one template per member (prompt.seeds), trained and scored side by side in one
+    # batch and ensembled like K prompts (train.ensemble); excludes task.template
+    templates: tuple[str, ...] = ()
     # label words per class, {class: [word, ...]}: classes ranked by their words'
     # log-probabilities; training targets are each class's first word
     verbalizer: LabelWords = ()
@@ -349,18 +352,32 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     if "file" in (cfg.prompt.init, *cfg.prompt.inits) and not cfg.prompt.file:
         raise PtjaxError(f"{where}: prompt.init=file needs prompt.file (a .npy or "
                          ".safetensors prompt)")
-    if cfg.task.template:
-        from ptjax.data.templates import parse
+    if cfg.task.templates:
+        if cfg.task.template:
+            raise PtjaxError(f"{where}: give task.template (one for all members) or "
+                             "task.templates (one per member), not both")
+        if cfg.method.name == "design" or len(cfg.task.templates) != len(cfg.prompt.seeds):
+            raise PtjaxError(f"{where}: task.templates has {len(cfg.task.templates)} "
+                             f"templates for {len(cfg.prompt.seeds)} members (prompt.seeds); "
+                             "give one template per seed of a trained method")
+    from ptjax.data.templates import parse
 
-        template = parse(cfg.task.template, f"{where}: task.template")
-        if template.soft_tokens:
-            if cfg.method.name not in ("prompt", "ptuning"):
-                raise PtjaxError(f"{where}: task.template has soft slots, which "
-                                 f"method.name={cfg.method.name} does not train; use prompt "
-                                 "or ptuning, or a template without {soft:N}")
-            # the template's soft tokens are the prompt: P = their count
-            cfg = dataclasses.replace(cfg, prompt=dataclasses.replace(
-                cfg.prompt, length=template.soft_tokens))
+    sources = cfg.task.templates or ((cfg.task.template,) if cfg.task.template else ())
+    counts = [parse(source, f"{where}: task.template" + (f"s[{i}]" if cfg.task.templates
+                                                          else "")).soft_tokens
+              for i, source in enumerate(sources)]
+    soft = max(counts or [0])
+    if soft and min(counts) == 0:
+        raise PtjaxError(f"{where}: task.templates mixes templates with and without soft "
+                         "slots; give every template {soft:N} slots, or none (then the prompt "
+                         "is prepended to each)")
+    if soft:
+        if cfg.method.name not in ("prompt", "ptuning"):
+            raise PtjaxError(f"{where}: task.template has soft slots, which "
+                             f"method.name={cfg.method.name} does not train; use prompt or "
+                             "ptuning, or a template without {soft:N}")
+        # the templates' soft tokens are the prompt: P = their count (the most of any)
+        cfg = dataclasses.replace(cfg, prompt=dataclasses.replace(cfg.prompt, length=soft))
     if cfg.task.shots and cfg.method.name != "design":
         raise PtjaxError(f"{where}: task.shots={cfg.task.shots} (in-context examples) is for "
                          "method.name=design, prompt design without training")

@@ -109,6 +109,8 @@ def _verbalized_dev_set(model, task, split, examples, max_input_length, max_targ
                                 target_prefix, template)
     # the word's own tokens: the target tokens after the prefix, without the final EOS
     mask = arrays["target_mask"].astype(bool)
+    if mask.ndim == 3:  # several templates: targets are the same for every member
+        mask = mask[:, 0]
     word_mask = mask.copy()
     first = mask.argmax(1)
     last = mask.shape[1] - 1 - mask[:, ::-1].argmax(1)
@@ -321,10 +323,19 @@ def _generate(model, method, trainable, frozen, arrays, batch_size, max_new_toke
                                     else ("gen_ids", "gen_mask", "gen_slots"))
     K = 1 if method is None else jax.tree.leaves(trainable)[0].shape[0]
     params, prompts = member_inputs(method, trainable, frozen)
-    outs = [[] for _ in range(K)]
     columns = {"ids": arrays[ids_key], "mask": arrays[mask_key]}
     if slots_key in arrays:
         columns["slots"] = arrays[slots_key]
+    if columns["ids"].ndim == 3:  # several templates: each member decodes its own layout
+        one = lambda k: jax.tree.map(lambda x: x[k:k + 1], prompts)  # noqa: E731
+        return [_decode(model, params, one(k), {c: v[:, k] for c, v in columns.items()},
+                        1, batch_size, max_new_tokens, put)[0] for k in range(K)]
+    return _decode(model, params, prompts, columns, K, batch_size, max_new_tokens, put)
+
+
+def _decode(model, params, prompts, columns, K, batch_size, max_new_tokens, put):
+    """Greedy outputs of K members over the same rows (row b*K + k: member k)."""
+    outs = [[] for _ in range(K)]
     for batch, n in pipeline.eval_batches(columns, batch_size):
         B = len(batch["ids"])
         rows = put({k: np.repeat(v, K, axis=0) for k, v in batch.items()})

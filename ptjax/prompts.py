@@ -147,12 +147,12 @@ def init_prompts(strategy: str, seeds: Sequence[int], length: int, embedding_VxD
     return jnp.stack([one(s) for s in seeds])
 
 
-def initial_prompts(model, p, task, template: str = "") -> np.ndarray:
+def initial_prompts(model, p, task, templates=()) -> np.ndarray:
     """The [K, P, D] fp32 prompt table: prompt k from ``prompt.inits[k]`` (or
     ``prompt.init``) and ``prompt.seeds[k]``. Built on the host from a host copy of the
     input embedding, identically on every process. p: the run's ``prompt`` section.
-    template: the task's template; its {soft:N=words} slots start from the words'
-    embeddings (ids tiled to N, PEFT's TEXT rule) in every prompt."""
+    templates: each prompt's template (or none); its {soft:N=words} slots start from the
+    words' embeddings (ids tiled to N, PEFT's TEXT rule)."""
     from ptjax.sharding import to_host
 
     emb = to_host(input_embedding(model))
@@ -175,11 +175,11 @@ def initial_prompts(model, p, task, template: str = "") -> np.ndarray:
                                     fallback=p.fallback, text_ids=text_ids))[0]
             for k, (init, seed) in enumerate(zip(inits, p.seeds))]
     table = np.stack(rows)
-    if template:
-        from ptjax.data.templates import parse
+    from ptjax.data.templates import parse
 
+    for k, template in enumerate(templates):
         for start, n, words in parse(template).soft_inits:
-            table[:, start:start + n] = np.asarray(text(n, emb, _strip_special(tok, words)))
+            table[k, start:start + n] = np.asarray(text(n, emb, _strip_special(tok, words)))
     return table
 
 

@@ -106,17 +106,22 @@ def verbalized_train(task, verbalizer):
 
 
 def encoding(model, tcfg) -> dict:
-    """How a task's text becomes ids: {"template": its Template or None, "target_prefix":
+    """How a task's text becomes ids: {"template": its Template (a tuple of them with
+    task.templates) or None, "target_prefix":
     the ids before every target (T5's <extra_id_0> with task.target_sentinel or a
     template's {mask})}, the keyword arguments of build_dev_set and TrainStream."""
     from ptjax.data import templates
 
-    template = None
-    if tcfg.template:
-        template = templates.parse(tcfg.template)
-        templates.check_for_model(template, model.is_encoder_decoder)
-    sentinel = tcfg.target_sentinel or (
-        template is not None and template.has_mask and model.is_encoder_decoder)
+    parsed = [templates.parse(t) for t in (tcfg.templates or (tcfg.template,) * bool(
+        tcfg.template))]
+    for t in parsed:
+        templates.check_for_model(t, model.is_encoder_decoder)
+    masks = {t.has_mask for t in parsed}
+    if len(masks) > 1 and model.is_encoder_decoder:
+        raise PtjaxError("task.templates: on T5 either every template has {mask} or none "
+                         "(it decides whether targets start with <extra_id_0>)")
+    sentinel = tcfg.target_sentinel or (True in masks and model.is_encoder_decoder)
+    template = tuple(parsed) if tcfg.templates else (parsed[0] if parsed else None)
     return {"template": template,
             "target_prefix": pipeline.target_prefix(model, sentinel, tcfg.max_target_length)}
 

@@ -52,7 +52,7 @@ NOT_IN_ID = ("run_dir", "train.progress", "train.eval_batch_size", "mesh.data", 
 # Settings added after the first sweeps: left out of the id while at their default, so
 # sweep directories made before them keep their run and job ids.
 LATER_DEFAULTS = {"task.target_sentinel": False, "task.template": "", "task.verbalizer": [],
-                  "task.verbalizer_tokens": "mean", "task.shots": 0}
+                  "task.verbalizer_tokens": "mean", "task.shots": 0, "task.templates": []}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -198,15 +198,17 @@ def member_nll(model, method, trainable, frozen, batch, rngs_K=None, per_token: 
     once). With ``rngs_K`` ([K] dropout keys) member k's dropout masks come from its own
     key, so they are the ones a separate run of that member would draw.
     """
-    def one(member, rng):
+    def one(member, rows, rng):
         params, prompt = method.inputs(member, frozen)
         rngs = None if rng is None else {"dropout": rng}
-        return sequence_nll(model, params, batch, prompt, rngs, deterministic=rng is None,
+        return sequence_nll(model, params, rows, prompt, rngs, deterministic=rng is None,
                             per_token=per_token)
 
+    # several templates: arrays [B, K, ...], member k reads [:, k] (see data.pipeline)
+    rows_axis = 1 if batch["input_ids"].ndim == 3 else None
     if rngs_K is None:
-        return jax.vmap(lambda m: one(m, None))(trainable)
-    return jax.vmap(one)(trainable, rngs_K)
+        return jax.vmap(lambda m, b: one(m, b, None), in_axes=(0, rows_axis))(trainable, batch)
+    return jax.vmap(one, in_axes=(0, rows_axis, 0))(trainable, batch, rngs_K)
 
 
 def prompt_keys(rng, prompt_seeds_K):

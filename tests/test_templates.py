@@ -294,3 +294,40 @@ def test_generation_with_soft_slots_equals_a_loop_over_logits(tiny, family):
         eos = model.config.eos_token_id
         n = want.index(eos) + 1 if eos in want else 4
         assert list(out[b][:n]) == want[:n]
+
+
+def test_several_templates_train_side_by_side_and_ensemble(tmp_path):
+    """task.templates: member k trains behind template k in one batch (arrays [B, K, ...]),
+    ending where a run of that template alone ends; the members' scores ensemble."""
+    t0, t1 = "{soft:2} {inputs} {soft:1}", "review {inputs} it was {soft:3=quite good}"
+    common = {"task.verbalizer": "{negative: [bad], positive: [good]}"}
+    code, both = _train(tmp_path, "both", **common, **{
+        "task.templates": json.dumps([t0, t1]), "train.ensemble": "mean_logprob"})
+    assert code == 0
+    results = json.load(open(os.path.join(both, "results.json")))
+    assert results["ensemble"]["method"] == "mean_logprob"
+    assert len(results["ensemble"]["prompts"]["accuracy"]) == 2
+    runs = [load_run(both)]
+    for seed, t in ((0, t0), (1, t1)):
+        code, d = _train(tmp_path, f"one{seed}", **common, **{"task.template": t,
+                                                                "prompt.seeds": f"[{seed}]"})
+        assert code == 0
+        runs.append(load_run(d))
+    for k in range(2):
+        np.testing.assert_allclose(np.asarray(runs[0].trainables["prompt"][k]),
+                                   np.asarray(runs[1 + k].trainables["prompt"][0]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_several_templates_are_checked(tmp_path, capsys):
+    for kw, message in [
+        ({"task.templates": '["{inputs}", "{soft:2} {inputs}"]'},
+         "mixes templates with and without soft slots"),
+        ({"task.templates": '["{soft:2} {inputs}"]'},
+         "task.templates has 1 templates for 2 members"),
+        ({"task.templates": '["{inputs}", "{inputs}"]', "task.template": "{inputs}"},
+         "give task.template (one for all members) or task.templates"),
+    ]:
+        code, _ = _train(tmp_path, "bad", **kw)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and message in err, err

@@ -20,6 +20,11 @@ With a template (``ptjax.data.templates``) the input is laid out by it, and its 
 tokens take places of their own: inputs are Li + P wide, and ``slots`` (same shape as
 input_ids, and gen_slots as gen_ids) holds at each place the index of the soft vector
 that goes there (-1 elsewhere). Tokenized inputs mark a soft token as id -(1 + index).
+
+With several templates (a tuple, ``task.templates``: one per member) every array gets a
+member axis after the rows, [N, K, ...], each member's layout padded to the widest
+(Li + the most soft tokens of any); rows stay the first axis, so batches shard and split
+as before, and member k reads ``[:, k]``.
 """
 from __future__ import annotations
 
@@ -201,14 +206,34 @@ def assemble(model, tokenized, max_input_length: int, max_target_length: int,
     return out
 
 
+def soft_width(template) -> int:
+    """The soft tokens an encoding's inputs make room for: a template's, the most of
+    several templates', 0 without one."""
+    if isinstance(template, tuple):
+        return max(t.soft_tokens for t in template)
+    return 0 if template is None else template.soft_tokens
+
+
+def stack_members(per_member: list) -> dict:
+    """K arrays dicts (one per template) -> one dict of [N, K, ...] arrays."""
+    return {k: np.stack([a[k] for a in per_member], axis=1) for k in per_member[0]}
+
+
 def encode(model, examples, max_input_length: int, max_target_length: int,
            target_prefix: tuple = (), template=None) -> tuple[dict, int]:
-    """Examples -> (arrays as in the module docstring, number of truncated examples)."""
-    tokenized = tokenize(model, examples, max_input_length, max_target_length, target_prefix,
-                         template)
-    return (assemble(model, tokenized, max_input_length, max_target_length,
-                     template.soft_tokens if template is not None else 0),
-            sum(cut for _, _, cut in tokenized))
+    """Examples -> (arrays as in the module docstring, number of truncated examples).
+    template: a Template, a tuple of them (one per member: arrays [N, K, ...]) or None."""
+    width = soft_width(template)
+    per_member = []
+    for t in (template if isinstance(template, tuple) else (template,)):
+        tokenized = tokenize(model, examples, max_input_length, max_target_length,
+                             target_prefix, t)
+        per_member.append(assemble(model, tokenized, max_input_length, max_target_length,
+                                   width))
+    cut = sum(c for _, _, c in tokenized)
+    if isinstance(template, tuple):
+        return stack_members(per_member), cut
+    return per_member[0], cut
 
 
 def _tokenize_template(model, template, examples, max_length: int) -> list:
@@ -344,18 +369,23 @@ class TrainStream:
     def batch(self, step: int) -> tuple[dict, int]:
         """(local arrays [rows, ...], number of truncated examples) for global ``step``."""
         keys = self.indices(step)
+        several = isinstance(self.template, tuple)
+        templates = self.template if several else (self.template,)
+
+        def tok(examples):  # per example: one tokenize() triple per template
+            return list(zip(*(tokenize(self.model, examples, *self.lengths,
+                                       self.target_prefix, t) for t in templates)))
         if self._cache is None:
-            tokenized = tokenize(self.model, [self.shards[q][i] for q, i in keys],
-                                 *self.lengths, self.target_prefix, self.template)
+            tokenized = tok([self.shards[q][i] for q, i in keys])
         else:
             missing = sorted({k for k in keys if k not in self._cache})
-            fresh = tokenize(self.model, [self.shards[q][i] for q, i in missing],
-                             *self.lengths, self.target_prefix, self.template)
-            self._cache.update(zip(missing, fresh))
+            self._cache.update(zip(missing, tok([self.shards[q][i] for q, i in missing])))
             tokenized = [self._cache[k] for k in keys]
-        soft = self.template.soft_tokens if self.template is not None else 0
-        return (assemble(self.model, tokenized, *self.lengths, soft),
-                sum(cut for _, _, cut in tokenized))
+        width = soft_width(self.template)
+        per_member = [assemble(self.model, [row[m] for row in tokenized], *self.lengths, width)
+                      for m in range(len(templates))]
+        arrays = stack_members(per_member) if several else per_member[0]
+        return arrays, sum(cut for _, _, cut in (row[0] for row in tokenized))
 
 
 def prefetch(fn, steps, depth: int = 2):

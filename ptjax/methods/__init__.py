@@ -33,8 +33,10 @@ def build(cfg, model_config, dtype=None) -> Method:
     if name not in REGISTRY:
         raise PtjaxError(f"method.name={name!r} is not valid; valid: {', '.join(NAMES)}")
     settings = getattr(cfg.method, name, None)
+    templates = cfg.task.templates or (cfg.task.template,) * len(cfg.prompt.seeds) * bool(
+        cfg.task.template)
     return REGISTRY[name](model_config, cfg.prompt, settings,
-                          jnp.float32 if dtype is None else dtype, cfg.task.template)
+                          jnp.float32 if dtype is None else dtype, tuple(templates))
 
 
 def for_model(model, name: str = "prompt", overrides=()) -> Method:

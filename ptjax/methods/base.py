@@ -27,14 +27,14 @@ class Method:
     settings: the method's own config section (``method.<name>``), or None.
     prompt: the run's ``prompt`` section (length P, seeds = the K members, inits).
     dtype: the model's compute dtype.
-    template: the task's template: where a soft prompt goes when not simply prepended.
+    templates: each member's template: where a soft prompt goes when not prepended.
     Hashable, so jitted functions take it as a static argument.
     """
     model_config: Any
     prompt: Any
     settings: Any = None
     dtype: Any = jnp.float32
-    template: str = ""  # the task's template (task.template), "" for none
+    templates: tuple = ()  # each member's template (task.template(s)); () for none
 
     name: ClassVar[str] = ""
     # Whether K members share a job (packed sweeps, ensembles); model tuning trains one.
@@ -104,12 +104,9 @@ class Method:
     @property
     def peft_prepends(self) -> bool:
         """Whether the prompt is prepended, as PEFT's adapters put it."""
-        if not self.template:
-            return True
         from ptjax.data.templates import parse
 
-        t = parse(self.template)
-        return t.soft_tokens == 0 or t.prepends
+        return all(parse(t).soft_tokens == 0 or parse(t).prepends for t in self.templates)
 
     def member(self, tree, k: int):
         """Member k of a [K, ...] tree."""

@@ -113,7 +113,7 @@ class PTuningMethod(Method):
     def init(self, model, cfg, task):
         from ptjax.prompts import initial_prompts
 
-        table = initial_prompts(model, self.prompt, task, cfg.task.template if cfg else "")
+        table = initial_prompts(model, self.prompt, task, self.templates)
         # the encoder's weights draw from their own stream, after the prompt's seed
         members = [self._member(np.random.default_rng([seed, 1]), table[k])
                    for k, seed in enumerate(self.seeds)]

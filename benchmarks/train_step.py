@@ -223,6 +223,7 @@ def main(argv=None):
     flops = model_flops(cfg, a.batch * a.prompts, a.input_length, a.target_length,
                         a.prompt_length)
     rows = []
+    load_before = os.getloadavg()  # other processes on the machine skew CPU timings
     for fw in a.frameworks.split(","):
         if fw == "peft" and a.prompts != 1:
             continue
@@ -252,6 +253,7 @@ def main(argv=None):
               "cpu_count": os.cpu_count(), "command": "python benchmarks/train_step.py " +
               " ".join(argv or sys.argv[1:]), "args": {k: v for k, v in vars(a).items()
                                                         if k not in ("framework", "out")},
+              "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
               "results": rows, "ptjax_over_peft_throughput": ratio}
     if previous is not None:
         result["ptjax_previous_over_peft_throughput"] = previous

@@ -85,15 +85,17 @@ def run_ptjax(a) -> dict:
 
     cfg = preset(a.model)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype]
-    model = Model(config=cfg, params=None, dtype=dtype, remat=a.remat)
     params = init_params(Model(config=cfg, params=None).module(), jax.random.key(0))
     params = jax.tree.map(lambda p: p.astype(dtype), params)
-    model = Model(config=cfg, params=params, dtype=dtype, remat=a.remat)
+    model = Model(config=cfg, params=params, dtype=dtype, remat=a.remat,
+                  attention=a.attention)
     tx = per_prompt(make_optimizer(OptimConfig(), 30000))
     table = jax.random.uniform(jax.random.key(1), (a.prompts, a.prompt_length, cfg.d_model),
                                minval=-0.5, maxval=0.5)
     state = init_state(tx, {"prompt": table}, 0)
-    step = make_train_step(model, for_model(model), tx, dropout=a.dropout)
+    step = make_train_step(model, for_model(model), tx, dropout=a.dropout,
+                           attention_dropout=a.attention_dropout, prng=a.prng,
+                           dropout_broadcast=a.dropout_broadcast)
     batch = {k: jnp.asarray(v) for k, v in _batch_np(a.batch, a.input_length,
                                                    a.target_length, cfg.vocab_size).items()}
     t0 = time.perf_counter()
@@ -117,14 +119,14 @@ def run_ptjax(a) -> dict:
             "device": jax.devices()[0].device_kind, "versions": {"jax": jax.__version__}}
 
 
-def run_peft(a) -> dict:
+def run_peft(a, config=None) -> dict:
     import peft
     import torch
     import transformers
 
     from ptjax.models.presets import preset
 
-    cfg = preset(a.model)
+    cfg = config or preset(a.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     hf = transformers.T5Config(
@@ -175,7 +177,10 @@ def run_peft(a) -> dict:
 def _child(a):
     import resource
 
-    result = (run_ptjax if a.framework == "ptjax" else run_peft)(a)
+    if a.framework == "ptjax-previous":  # the step before train.attention_dropout existed
+        a.attention, a.attention_dropout = "einsum", a.dropout
+    result = (run_peft if a.framework == "peft" else run_ptjax)(a)
+    result["framework"] = a.framework
     if result["peak_bytes"] is None:  # CPU: the process's peak resident memory
         result["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(result), flush=True)
@@ -191,12 +196,21 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=1, help="K prompts (ptjax only)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--remat", default="none", choices=["none", "full", "dots"])
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.1, help="hidden dropout (both)")
+    p.add_argument("--attention-dropout", type=float, default=0.0,
+                   help="ptjax's attention-probability dropout (train.attention_dropout; "
+                   "PEFT always uses --dropout there too)")
+    p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "einsum"],
+                   help="ptjax's attention path (model.attention)")
+    p.add_argument("--prng", default="threefry", choices=["threefry", "rbg", "unsafe_rbg"])
+    p.add_argument("--dropout-broadcast", action="store_true")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU where the device is not in the table")
-    p.add_argument("--frameworks", default="ptjax,peft")
+    p.add_argument("--frameworks", default="ptjax,peft",
+                   help="any of ptjax, peft, ptjax-previous (einsum attention with "
+                   "attention dropout = --dropout: ptjax's step before the fused path)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--framework", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -209,6 +223,7 @@ def main(argv=None):
     flops = model_flops(cfg, a.batch * a.prompts, a.input_length, a.target_length,
                         a.prompt_length)
     rows = []
+    load_before = os.getloadavg()  # other processes on the machine skew CPU timings
     for fw in a.frameworks.split(","):
         if fw == "peft" and a.prompts != 1:
             continue
@@ -220,29 +235,37 @@ def main(argv=None):
         if out.returncode or not line:
             sys.exit(f"{fw} failed:\n{out.stderr[-3000:]}")
         r = json.loads(line[0][len("RESULT "):])
-        examples = a.batch * (a.prompts if fw == "ptjax" else 1)
+        ours = fw.startswith("ptjax")
+        examples = a.batch * (a.prompts if ours else 1)
         r["examples_per_s"] = examples / r["step_s"]
         r["tokens_per_s"] = r["examples_per_s"] * (a.prompt_length + a.input_length +
                                                   a.target_length)
-        r["model_flops_per_step"] = flops if fw == "ptjax" else flops / a.prompts
+        r["model_flops_per_step"] = flops if ours else flops / a.prompts
         peak = a.peak_tflops or PEAK_TFLOPS.get(r["device"], {}).get(a.dtype)
         r["mfu"] = (r["model_flops_per_step"] / r["step_s"] / (peak * 1e12)) if peak else None
         rows.append(r)
     by = {r["framework"]: r for r in rows}
     ratio = (by["ptjax"]["examples_per_s"] / by["peft"]["examples_per_s"]
              if {"ptjax", "peft"} <= set(by) else None)
+    previous = (by["ptjax-previous"]["examples_per_s"] / by["peft"]["examples_per_s"]
+                if {"ptjax-previous", "peft"} <= set(by) else None)
     result = {"date": datetime.date.today().isoformat(), "machine": platform.node(),
               "cpu_count": os.cpu_count(), "command": "python benchmarks/train_step.py " +
               " ".join(argv or sys.argv[1:]), "args": {k: v for k, v in vars(a).items()
                                                         if k not in ("framework", "out")},
+              "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
               "results": rows, "ptjax_over_peft_throughput": ratio}
+    if previous is not None:
+        result["ptjax_previous_over_peft_throughput"] = previous
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['framework']:6s} {r['device']:24s} {r['step_s'] * 1e3:9.1f} ms/step "
+        print(f"{r['framework']:14s} {r['device']:10s} {r['step_s'] * 1e3:9.1f} ms/step "
               f"{r['examples_per_s']:9.2f} ex/s {r['tokens_per_s']:10.0f} tok/s  MFU {mfu:>6s} "
               f" peak {r['peak_bytes'] / 2 ** 30:6.2f} GiB")
     if ratio:
         print(f"ptjax / PEFT throughput: {ratio:.2f}x")
+    if previous:
+        print(f"ptjax-previous / PEFT throughput: {previous:.2f}x")
     write_result(result, a.out, f"train_step-{result['date']}-{rows[0]['device']}-{a.model}-"
                  f"b{a.batch}-in{a.input_length}-p{a.prompt_length}-{a.dtype}.json")
 

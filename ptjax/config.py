@@ -30,7 +30,9 @@ SCHEDULES = ("constant", "linear", "cosine", "rsqrt")
 METHODS = ("prompt", "prefix", "ptuning", "model", "design")  # = ptjax.methods.NAMES
 EVAL_MODES = ("auto", "rank", "generate")
 DTYPES = ("float32", "bfloat16", "float16")
-REMATS = ("none", "full", "dots", "dots_no_batch")
+REMATS = ("none", "full", "dots", "dots_no_batch", "auto")
+ATTENTIONS = ("auto", "xla", "cudnn", "einsum")  # = ptjax.models.attention.IMPLEMENTATIONS
+PRNGS = ("threefry", "rbg", "unsafe_rbg")  # = ptjax.train.PRNGS
 ENSEMBLES = ("majority", "mean_logprob")
 
 
@@ -42,8 +44,10 @@ LabelWords = tuple[tuple[str, tuple[str, ...]], ...]
 class ModelConfig:
     path: str = "tiny-t5"  # checkpoint dir, hub id, or a built-in: tiny-t5 | tiny-gpt2
     dtype: str = "float32"  # weights and activations; softmax, norms and loss stay fp32
-    remat: str = "none"
+    remat: str = "none"  # auto: the cheapest policy whose compiled step fits the device
     tiny_dir: str = "runs/models"  # where built-in tiny models are written
+    # auto: cuDNN fused attention on GPUs, XLA's elsewhere (see ptjax.models.attention)
+    attention: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +135,12 @@ class TrainConfig:
     ensemble: str = ""  # "", majority or mean_logprob: also score the K prompts' ensemble
     data_shards: int = 0  # train data shards (one per process by default); see pipeline
     progress: bool = True
+    # Dropout on attention probabilities, apart from train.dropout (hidden). 0 (T5X's
+    # prompt-tuning default, per DESIGN.md) lets the fused attention run; > 0 forces the
+    # einsum path. Before this key existed attention dropout was the checkpoint's rate.
+    attention_dropout: float = 0.0
+    dropout_broadcast: bool = False  # T5X's masks: shared over length (hidden), queries
+    prng: str = "threefry"  # dropout masks: threefry | rbg | unsafe_rbg (cheaper on GPUs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +181,8 @@ def _yaml(text):
 
 
 CHOICES = {
-    "model.dtype": DTYPES, "model.remat": REMATS, "prompt.init": PROMPT_INITS,
+    "model.dtype": DTYPES, "model.remat": REMATS, "model.attention": ATTENTIONS,
+    "train.prng": PRNGS, "prompt.init": PROMPT_INITS,
     "prompt.fallback": ("sampled_vocab", "random_uniform"), "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES, "task.eval_mode": EVAL_MODES, "method.name": METHODS,
     "method.prefix.init": PREFIX_INITS, "method.ptuning.encoder": ENCODERS,
@@ -333,6 +344,9 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
                              "decoder, cross (T5), decoder (GPT-2)")
     if not 0.0 <= cfg.train.dropout < 1.0:
         raise PtjaxError(f"{where}: train.dropout={cfg.train.dropout} must be in [0, 1)")
+    if not 0.0 <= cfg.train.attention_dropout < 1.0:
+        raise PtjaxError(f"{where}: train.attention_dropout={cfg.train.attention_dropout} "
+                         "must be in [0, 1)")
     if cfg.task.name == "jsonl" and not (cfg.task.train_file and cfg.task.dev_file):
         raise PtjaxError(f"{where}: task.name=jsonl needs task.train_file and task.dev_file")
     if cfg.prompt.inits:

@@ -59,14 +59,95 @@ def device_memory_limit():
     return None, "unknown"
 
 
+# model.remat=auto tries these in order (least recomputation first) and keeps the first
+# whose compiled step fits HEADROOM of the device (XLA's own buffers, fragmentation and
+# the estimate's error need the rest).
+REMAT_ORDER = ("none", "dots", "full")
+HEADROOM = 0.9
+
+
+def choose_remat(peak_of, limit: float | None, order=REMAT_ORDER, headroom: float = HEADROOM):
+    """(policy, {policy: peak bytes tried}) for ``model.remat=auto``: the first policy of
+    ``order`` whose ``peak_of(policy)`` is within ``headroom`` x ``limit``; the last one
+    (full remat, the smallest) when none fits, or the first when the limit is unknown."""
+    peaks = {}
+    for policy in order:
+        peaks[policy] = peak_of(policy)
+        if limit is None or peaks[policy] <= headroom * limit:
+            return policy, peaks
+    return order[-1], peaks
+
+
+def abstract_batch(model, cfg, mesh) -> dict:
+    """ShapeDtypeStructs of one train batch of a run (sharded over data)."""
+    from ptjax.sharding import batch_sharding
+
+    B, Li, Lt = cfg.train.batch_size, cfg.task.max_input_length, cfg.task.max_target_length
+    ids = lambda L: jax.ShapeDtypeStruct((B, L), jnp.int32,  # noqa: E731
+                                         sharding=batch_sharding(mesh))
+    if model.is_encoder_decoder:
+        return dict(input_ids=ids(Li), input_mask=ids(Li), decoder_input_ids=ids(Lt),
+                    targets=ids(Lt), target_mask=ids(Lt))
+    return {k: ids(Li + Lt) for k in ("input_ids", "input_mask", "targets", "target_mask")}
+
+
+def as_abstract(tree):
+    """Arrays (or ShapeDtypeStructs) -> ShapeDtypeStructs with their shardings."""
+    if tree is None:
+        return None
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def compile_step(model, method, cfg, mesh, trainable, frozen):
+    """AOT-compile the run's train step on abstract inputs -> (compiled, state, batch,
+    peak bytes per device on an accelerator)."""
+    from ptjax.train import setup
+
+    _, state, step = setup(model, method, cfg, mesh, as_abstract(trainable),
+                           as_abstract(frozen), abstract=True)
+    batch = abstract_batch(model, cfg, mesh)
+    compiled = step.lower(state, frozen if frozen is None else as_abstract(frozen),
+                          batch).compile()
+    mem = compiled.memory_analysis()
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    return compiled, state, batch, peak - cpu_weight_upcast(model, trainable, frozen)
+
+
+def cpu_weight_upcast(model, trainable, frozen) -> int:
+    """XLA's CPU backend has no bf16/fp16 matmuls: it converts the (loop-invariant) weights
+    to fp32 once, a weight-sized temporary that GPUs and TPUs never allocate."""
+    if jax.default_backend() != "cpu" or model.dtype == jnp.float32:
+        return 0
+    weights = frozen if frozen is not None else trainable["params"]
+    return _per_device_bytes(weights) * 4 // jnp.dtype(model.dtype).itemsize
+
+
+def resolve_remat(model, method, cfg, mesh, trainable, frozen, device_memory=None):
+    """``model`` with ``remat="auto"`` replaced by ``choose_remat``'s pick (compiling the
+    step once per policy tried); returns (model, {policy: peak bytes tried})."""
+    import dataclasses
+
+    if model.remat != "auto":
+        return model, {}
+    limit = device_memory or device_memory_limit()[0]
+
+    def peak_of(policy):
+        return compile_step(dataclasses.replace(model, remat=policy), method, cfg, mesh,
+                            trainable, frozen)[3]
+
+    policy, peaks = choose_remat(peak_of, limit)
+    return dataclasses.replace(model, remat=policy), peaks
+
+
 def plan(cfg, device_memory: float | None = None) -> dict:
-    """Compile the run's train step on abstract inputs; memory per device in bytes."""
+    """Compile the run's train step on abstract inputs; memory per device in bytes.
+    With ``model.remat=auto`` the policy it would pick is planned (``remat_tried``)."""
     from ptjax import methods
     from ptjax.models.model import Model, abstract_params, architecture, param_shardings
     from ptjax.run import TINY, check_lengths
-    from ptjax.sharding import (batch_sharding, initialize_distributed, logical_rules,
-                                make_mesh)
-    from ptjax.train import setup
+    from ptjax.sharding import initialize_distributed, logical_rules, make_mesh
 
     initialize_distributed(cfg.mesh.distributed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
@@ -78,7 +159,8 @@ def plan(cfg, device_memory: float | None = None) -> dict:
     config = architecture(path)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
         cfg.model.dtype]
-    model = Model(config=config, params=None, dtype=dtype, path=path, remat=cfg.model.remat)
+    model = Model(config=config, params=None, dtype=dtype, path=path, remat=cfg.model.remat,
+                  attention=cfg.model.attention)
     method = methods.build(cfg, config, dtype)
     method.check(model)
     check_lengths(model, method, cfg)
@@ -95,17 +177,11 @@ def plan(cfg, device_memory: float | None = None) -> dict:
                            param_shardings(config, mesh, rules))
     shapes = method.shapes()
     trainable = _abstract(shapes, method.shardings(shapes, mesh, rules))
-    _, state, step = setup(model, method, cfg, mesh, trainable, frozen, abstract=True)
     B, Li, Lt = tc.batch_size, cfg.task.max_input_length, cfg.task.max_target_length
-    ids = lambda L: jax.ShapeDtypeStruct((B, L), jnp.int32,  # noqa: E731
-                                         sharding=batch_sharding(mesh))
-    if model.is_encoder_decoder:
-        batch = dict(input_ids=ids(Li), input_mask=ids(Li), decoder_input_ids=ids(Lt),
-                     targets=ids(Lt), target_mask=ids(Lt))
-    else:
-        batch = {k: ids(Li + Lt) for k in ("input_ids", "input_mask", "targets",
-                                            "target_mask")}
-    compiled = step.lower(state, frozen, batch).compile()
+    model, remat_tried = resolve_remat(model, method, cfg, mesh, trainable, frozen,
+                                       device_memory)
+    compiled, state, batch, estimate = compile_step(model, method, cfg, mesh, trainable,
+                                                    frozen)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):  # older jax returns one dict per computation
@@ -115,16 +191,12 @@ def plan(cfg, device_memory: float | None = None) -> dict:
     limit, source = (device_memory, "--device-memory") if device_memory else \
         device_memory_limit()
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
-    # XLA's CPU backend has no bf16/fp16 matmuls: it converts the (loop-invariant) weights
-    # to fp32 once, a weight-sized temporary that GPUs and TPUs never allocate.
-    upcast = 0
-    if jax.default_backend() == "cpu" and dtype != jnp.float32:
-        weights = frozen if frozen is not None else trainable["params"]
-        upcast = _per_device_bytes(weights) * 4 // jnp.dtype(dtype).itemsize
-    estimate = peak - upcast
+    upcast = peak - estimate
     return {
         "model": path, "model_type": config.model_type, "parameters": n_params,
-        "dtype": cfg.model.dtype, "remat": cfg.model.remat, "method": method.name,
+        "dtype": cfg.model.dtype, "remat": model.remat, "remat_setting": cfg.model.remat,
+        "remat_tried": remat_tried, "attention": attention_summary(model, cfg),
+        "method": method.name,
         "prompts": method.K, "prompt_length": method.prompt_tokens,
         "trainable_parameters_per_member": int(sum(
             math.prod(x.shape[1:]) for x in jax.tree.leaves(shapes))),
@@ -147,6 +219,29 @@ def plan(cfg, device_memory: float | None = None) -> dict:
     }
 
 
+def attention_summary(model, cfg) -> dict:
+    """What attention the planned step runs (on this backend) and why."""
+    from ptjax.models.attention import cudnn_serves
+    from ptjax.models.common import ModelOptions
+
+    config = model.config
+    head_dim = config.d_kv if model.is_encoder_decoder else config.n_embd // config.n_head
+    rate = cfg.train.attention_dropout
+    setting = cfg.model.attention
+    if rate > 0:
+        used, why = "einsum", (f"train.attention_dropout={rate} > 0: fused attention has no "
+                               "dropout (set it to 0 for the fused path)")
+    elif setting != "auto":
+        used, why = setting, "model.attention"
+    elif cudnn_serves(ModelOptions(right_padded=True), head_dim=head_dim, dtype=model.dtype,
+                      T=2, S=2, has_bias=False):
+        used, why = "cudnn", "auto: GPU, bf16/fp16, head size fits"
+    else:
+        used, why = "xla", ("auto: cuDNN needs a GPU, bf16/fp16 and a head size that is a "
+                            "multiple of 8 up to 256")
+    return {"setting": setting, "train_step": used, "why": why, "attention_dropout": rate}
+
+
 def format_plan(p: dict) -> str:
     d = p["per_device"]
 
@@ -155,10 +250,12 @@ def format_plan(p: dict) -> str:
 
     lines = [
         f"{p['model']} ({p['model_type']}, {p['parameters'] / 1e6:,.1f}M parameters, "
-        f"{p['dtype']}, remat {p['remat']}), {p['method']} tuning"
+        f"{p['dtype']}, remat {p['remat']}"
+        + (" (auto)" if p.get("remat_setting") == "auto" else "") + f"), {p['method']} tuning"
         + (f", {p['prompts']} x {p['prompt_length']} prompt tokens"
            if p["prompt_length"] else "")
         + f", {p['trainable_parameters_per_member']:,} trainable parameters each",
+        f"attention {p['attention']['train_step']} ({p['attention']['why']})",
         f"batch {p['batch_size']} x (inputs {p['input_length']} + targets "
         f"{p['target_length']}) on {p['devices']}, mesh data={p['mesh']['data']} "
         f"model={p['mesh']['model']}{' fsdp' if p['mesh']['fsdp'] else ''}",

@@ -57,7 +57,8 @@ def load_run_model(cfg, mesh=None, fsdp: bool = False):
             build_tiny_model(path, family=TINY[cfg.path])
         _sync("ptjax-tiny-model")
     model = load_model(path, dtype=cfg.dtype, mesh=mesh, fsdp=fsdp)
-    return dataclasses.replace(model, remat=cfg.remat)  # the train step's policy
+    return dataclasses.replace(model, remat=cfg.remat,  # the train step's policy
+                               attention=cfg.attention)
 
 
 def base_model_path(cfg) -> str:

@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import optax
 
 from ptjax.errors import PtjaxError
-from ptjax.models.common import as_prompt_inputs
+from ptjax.models.common import ModelOptions, as_prompt_inputs
+
+PRNGS = ("threefry", "rbg", "unsafe_rbg")  # the dropout masks' PRNG (train.prng)
 
 
 @flax.struct.dataclass
@@ -115,9 +117,17 @@ def setup(model, method, cfg, mesh, trainable, frozen, abstract: bool = False):
     """What ``ptjax train`` and ``ptjax plan`` both build: (optimizer, initial state,
     jitted step). trainable / frozen: placed arrays, or ``jax.ShapeDtypeStruct`` leaves
     with shardings when ``abstract`` (then the state is abstract too); frozen is None
-    when the method tunes the weights."""
+    when the method tunes the weights. ``model.remat="auto"`` is resolved here
+    (``ptjax.plan.resolve_remat``: one AOT compile per policy tried)."""
     from ptjax.sharding import batch_sharding
 
+    if model.remat == "auto":  # the cheapest policy whose compiled step fits the device
+        from ptjax.plan import GiB, resolve_remat
+
+        model, peaks = resolve_remat(model, method, cfg, mesh, trainable, frozen)
+        if jax.process_index() == 0:
+            print(f"model.remat=auto: {model.remat} (compiled peaks: " + ", ".join(
+                f"{k} {v / GiB:.2f} GiB" for k, v in peaks.items()) + ")", flush=True)
     tx = method.optimizer(cfg.optim, cfg.train.steps)
     seeds = jnp.asarray(method.seeds, jnp.int32)
     if abstract:
@@ -130,7 +140,8 @@ def setup(model, method, cfg, mesh, trainable, frozen, abstract: bool = False):
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
     step = make_train_step(model, method, tx, cfg.train.dropout,
-                           shardings=(state_sh, frozen_sh, batch_sharding(mesh)))
+                           shardings=(state_sh, frozen_sh, batch_sharding(mesh)),
+                           **dropout_settings(cfg.train))
     return tx, state, step
 
 
@@ -163,16 +174,47 @@ def state_shardings(tx, trainable, build, *args):
         trainable=t_sh, opt_state=opt)
 
 
+def dropout_settings(train_cfg) -> dict:
+    """make_train_step's dropout keywords from a ``TrainConfig``."""
+    return dict(attention_dropout=train_cfg.attention_dropout,
+                dropout_broadcast=train_cfg.dropout_broadcast, prng=train_cfg.prng)
+
+
+def model_options(model, dropout: float | None = None, attention_dropout: float | None = None,
+                  dropout_broadcast: bool = False) -> ModelOptions:
+    """The options ``sequence_nll`` runs the model with: ``model.attention``, the given
+    dropout rates (None = the checkpoint's), and right-padded keys, which is what
+    ``ptjax.data.pipeline`` makes (so cuDNN may take padding as sequence lengths)."""
+    return ModelOptions(attention=model.attention, dropout=dropout,
+                        attention_dropout=attention_dropout,
+                        broadcast_dropout=dropout_broadcast, right_padded=True)
+
+
+def dropout_key(rng, prng: str):
+    """A raw threefry key -> a key of the ``prng`` implementation for the dropout masks
+    (threefry: unchanged; rbg / unsafe_rbg: XLA's RngBitGenerator, much cheaper per bit on
+    GPUs), so the train state keeps one key format whatever the choice."""
+    if prng == "threefry":
+        return rng
+    if prng not in PRNGS:
+        raise PtjaxError(f"unknown PRNG {prng!r}; valid: {', '.join(PRNGS)}")
+    bits = jax.random.bits(jax.random.wrap_key_data(rng, impl="threefry2x32"), (4,),
+                           jnp.uint32)
+    return jax.random.wrap_key_data(bits, impl=prng)
+
+
 def sequence_nll(model, params, batch, prompt=None, rngs=None, deterministic=True,
-                 per_token: bool = False):
+                 options: ModelOptions | None = None, per_token: bool = False):
     """Summed target-token NLL and target-token count per row: ([B], [B]) fp32; with
     ``per_token`` each target position's NLL and mask instead: ([B, T], [B, T]).
 
-    batch: arrays of ``ptjax.data.pipeline.encode`` with B rows; prompt: ``PromptInputs``
-    (or [P, D] / [B, P, D]) or None; a batch's ``slots`` (a template's soft slots) say
-    where its embeddings go. Padding and (for GPT-2) input tokens carry no loss.
+    batch: arrays of ``ptjax.data.pipeline.encode`` with B rows (right-padded: every mask
+    row is ones then zeros); prompt: ``PromptInputs`` (or [P, D] / [B, P, D]) or None; a
+    batch's ``slots`` (a template's soft slots) say where its embeddings go. Padding and
+    (for GPT-2) input tokens carry no loss. options: default ``model_options(model)``.
     """
-    module = model.module(deterministic=deterministic)
+    module = model.module(deterministic=deterministic,
+                          options=options or model_options(model))
     variables = {"params": params}
     if "slots" in batch and prompt is not None:  # a template's soft slots
         prompt = as_prompt_inputs(prompt).replace(slots=batch["slots"])
@@ -190,19 +232,22 @@ def sequence_nll(model, params, batch, prompt=None, rngs=None, deterministic=Tru
     return jnp.sum(nll * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
-def member_nll(model, method, trainable, frozen, batch, rngs_K=None, per_token: bool = False):
+def member_nll(model, method, trainable, frozen, batch, rngs_K=None, options=None,
+               prng: str = "threefry", per_token: bool = False):
     """Each of K members over the same batch: summed NLL and token count, ([K, B], [K, B])
     (``per_token``: ([K, B, T], [K, B, T])).
 
     One forward pass over K x B rows (``vmap`` over K; the frozen params are shared, read
     once). With ``rngs_K`` ([K] dropout keys) member k's dropout masks come from its own
     key, so they are the ones a separate run of that member would draw.
+    options: ``ModelOptions`` (dropout rates; default ``model_options(model)``); prng: the
+    dropout masks' PRNG (``dropout_key``).
     """
     def one(member, rows, rng):
         params, prompt = method.inputs(member, frozen)
-        rngs = None if rng is None else {"dropout": rng}
+        rngs = None if rng is None else {"dropout": dropout_key(rng, prng)}
         return sequence_nll(model, params, rows, prompt, rngs, deterministic=rng is None,
-                            per_token=per_token)
+                            options=options, per_token=per_token)
 
     # several templates: arrays [B, K, ...], member k reads [:, k] (see data.pipeline)
     rows_axis = 1 if batch["input_ids"].ndim == 3 else None
@@ -218,19 +263,30 @@ def prompt_keys(rng, prompt_seeds_K):
 
 
 def loss_fn(model, method, trainable, frozen, batch, rng, dropout: float,
-            prompt_seeds_K=None):
+            prompt_seeds_K=None, attention_dropout: float | None = None,
+            dropout_broadcast: bool = False, prng: str = "threefry"):
     """Sum over members of each member's mean target-token NLL, and the [K] per-member
-    means. Summing keeps each member's gradient equal to that of its own mean loss."""
+    means. Summing keeps each member's gradient equal to that of its own mean loss.
+    dropout: the hidden dropout rate; attention_dropout: the attention-probability rate
+    (None = the checkpoint's own, as Hugging Face applies it; 0 lets the fused attention
+    run); dropout_broadcast: T5X's broadcast masks; prng: threefry | rbg | unsafe_rbg."""
     if prompt_seeds_K is None:  # member k's seed is k
         prompt_seeds_K = jnp.arange(jax.tree.leaves(trainable)[0].shape[0])
-    rngs = prompt_keys(rng, prompt_seeds_K) if dropout > 0.0 else None
-    nll, count = member_nll(model, method, trainable, frozen, batch, rngs)
+    active = dropout > 0.0 or bool(attention_dropout)
+    rngs = prompt_keys(rng, prompt_seeds_K) if active else None
+    options = model_options(model, dropout, attention_dropout, dropout_broadcast)
+    nll, count = member_nll(model, method, trainable, frozen, batch, rngs, options, prng)
     per_k = nll.sum(1) / jnp.maximum(count.sum(1), 1.0)
     return per_k.sum(), per_k
 
 
-def make_train_step(model, method, tx, dropout: float = 0.1, shardings=None):
+def make_train_step(model, method, tx, dropout: float = 0.1, shardings=None, *,
+                    attention_dropout: float | None = None, dropout_broadcast: bool = False,
+                    prng: str = "threefry"):
     """The jitted step ``(state, frozen_params, batch) -> (state, {"loss": [K]})``.
+
+    dropout / attention_dropout / dropout_broadcast / prng: see ``loss_fn`` (the config
+    keys train.dropout, train.attention_dropout, train.dropout_broadcast, train.prng).
 
     ``state`` is donated (its buffers are reused for the new state); ``frozen_params`` is
     only read. When the method tunes the weights pass ``frozen_params=None``: the weights
@@ -242,7 +298,8 @@ def make_train_step(model, method, tx, dropout: float = 0.1, shardings=None):
         rng, drop_rng = jax.random.split(state.rng)
         grads, per_k = jax.grad(
             functools.partial(loss_fn, model, method), has_aux=True)(
-                state.trainable, frozen, batch, drop_rng, dropout, state.prompt_seeds)
+                state.trainable, frozen, batch, drop_rng, dropout, state.prompt_seeds,
+                attention_dropout, dropout_broadcast, prng)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,

@@ -16,9 +16,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-# Added to the scores of masked keys. Finite (unlike -inf) so that a row with every key
-# masked (a padding query) softmaxes to uniform weights instead of NaN.
-MASK_VALUE = -1e10
+from ptjax.models.attention import (MASK_VALUE, KeyMask, ModelOptions,  # noqa: F401
+                                    einsum_attention, fused_attention, resolve)
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -35,11 +34,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-
-
-def mask_bias(mask_BxTxS: jax.Array) -> jax.Array:
-    """Boolean mask [B, T, S] (True = attend) -> additive fp32 bias [B, 1, T, S]."""
-    return jnp.where(mask_BxTxS, 0.0, MASK_VALUE).astype(jnp.float32)[:, None]
 
 
 @flax.struct.dataclass
@@ -113,7 +107,11 @@ def logical(init, *axes: str | None):
 
 
 def remat_layer(layer_cls, remat: str):
-    """Wrap a layer class in ``nn.remat`` with the named policy ('none' = no remat)."""
+    """Wrap a layer class in ``nn.remat`` with the named policy ('none' = no remat; 'auto'
+    is resolved by ``ptjax.train.setup`` from the compiled step's memory, see
+    ``ptjax.plan.choose_remat``)."""
+    if remat == "auto":  # resolved by ptjax.train.setup for the train step; a forward
+        return layer_cls  # pass alone (evaluation) has nothing to rematerialise
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; valid: {sorted(REMAT_POLICIES)}")
     if remat == "none":
@@ -181,12 +179,15 @@ class MultiHeadAttention(nn.Module):
 
     Cache semantics (``cache`` is ``{"k": [B, S, H, Dh], "v": [B, S, H, Dh]}`` or None):
       * self-attention: the new keys/values of ``x`` are written at ``cache_index`` and
-        the query attends over the whole cache (``bias`` masks unwritten slots);
+        the query attends over the whole cache (``mask`` masks unwritten slots);
       * cross-attention (``cross=True``): keys/values of ``kv`` are computed once when
         ``prefill`` is set and read from the cache afterwards.
 
     ``prefix`` ({"k", "v"} [B, P, H, Dh], prefix tuning) is prepended to the keys and values
-    after the cache, never written into it; ``bias`` then covers S = P + keys.
+    after the cache, never written into it; ``bias`` and ``mask`` then cover S = P + keys.
+    ``bias``: None, an additive array or a tuple of parts broadcastable to [B, H, T, S];
+    ``mask``: a ``KeyMask`` (or None). The core (einsum / xla / cudnn) is chosen by
+    ``ptjax.models.attention.resolve`` from ``options``.
     """
     num_heads: int
     head_dim: int
@@ -198,10 +199,11 @@ class MultiHeadAttention(nn.Module):
     scale: float = 1.0
     cross: bool = False
     prefill: bool = False
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, x_BxTxD, kv_BxSxD, bias_BxHxTxS, cache=None, cache_index=None,
-                 prefix=None):
+                 prefix=None, mask=None):
         def proj(name):
             return nn.DenseGeneral(
                 (self.num_heads, self.head_dim), use_bias=self.use_bias, dtype=self.dtype,
@@ -224,15 +226,23 @@ class MultiHeadAttention(nn.Module):
             k_BxSxHxDh = jnp.concatenate([prefix["k"].astype(k_BxSxHxDh.dtype), k_BxSxHxDh], 1)
             v_BxSxHxDh = jnp.concatenate([prefix["v"].astype(v_BxSxHxDh.dtype), v_BxSxHxDh], 1)
 
-        scores = jnp.einsum("bthk,bshk->bhts", q_BxTxHxDh, k_BxSxHxDh.astype(self.dtype),
-                            preferred_element_type=jnp.float32)
-        if self.scale != 1.0:
-            scores = scores * self.scale
-        for part in (bias_BxHxTxS if isinstance(bias_BxHxTxS, tuple) else (bias_BxHxTxS,)):
-            scores = scores + part  # parts broadcast to [B, H, T, S]; XLA fuses the adds
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=self.deterministic)
-        out_BxTxHxDh = jnp.einsum("bhts,bshk->bthk", weights, v_BxSxHxDh.astype(self.dtype))
+        dropout_active = not self.deterministic and self.dropout_rate > 0.0
+        impl = resolve(self.options, head_dim=self.head_dim, dtype=self.dtype,
+                       T=q_BxTxHxDh.shape[1], S=k_BxSxHxDh.shape[1],
+                       has_bias=bias_BxHxTxS is not None, dropout_active=dropout_active,
+                       cached=cache is not None)
+        if impl == "einsum":
+            # T5X's broadcast_dropout: one mask for every query ([B, H, 1, S])
+            drop = nn.Dropout(self.dropout_rate,
+                              broadcast_dims=(2,) if self.options.broadcast_dropout else ())
+            out_BxTxHxDh = einsum_attention(
+                q_BxTxHxDh, k_BxSxHxDh, v_BxSxHxDh, bias_BxHxTxS, mask, scale=self.scale,
+                dtype=self.dtype,
+                dropout=lambda w: drop(w, deterministic=not dropout_active))
+        else:
+            out_BxTxHxDh = fused_attention(
+                q_BxTxHxDh.astype(self.dtype), k_BxSxHxDh, v_BxSxHxDh, bias_BxHxTxS, mask,
+                scale=self.scale, implementation=impl)
         out = nn.DenseGeneral(
             self.out_dim, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
             kernel_init=logical(nn.initializers.lecun_normal(), "heads", "kv", "embed"),

@@ -17,9 +17,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, PromptInputs,
-                                 as_prompt_inputs, broadcast_prompt, logical, mask_bias,
-                                 place_embeds, prefix_length,
+from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions,
+                                 MultiHeadAttention, PromptInputs, as_prompt_inputs,
+                                 broadcast_prompt, logical, place_embeds, prefix_length,
                                  remat_layer, scan_layers, site_prefix, tied_logits)
 
 SITES = ("decoder",)  # where prefix keys/values can enter
@@ -76,21 +76,25 @@ class Block(nn.Module):
     config: GPT2Config
     dtype: Any
     deterministic: bool
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
-    def __call__(self, x_BxTxD, bias_BxHxTxS, cache_index, layer_xs):
-        """layer_xs: (this layer's cache or None, its prefix {"k", "v"} [B, P, H, Dh] or
-        None)."""
+    def __call__(self, x_BxTxD, attn_mask, cache_index, layer_xs):
+        """attn_mask: (an additive bias or None, ``KeyMask``); layer_xs: (this layer's
+        cache or None, its prefix {"k", "v"} [B, P, H, Dh] or None)."""
         cfg = self.config
         cache, prefix = layer_xs
-        drop = nn.Dropout(cfg.resid_pdrop)
+        bias, mask = attn_mask
+        drop = nn.Dropout(self.options.hidden_rate(cfg.resid_pdrop),
+                          broadcast_dims=self.options.hidden_broadcast_dims)
         head_dim = cfg.n_embd // cfg.n_head
         h = layer_norm(cfg, self.dtype, "ln_1")(x_BxTxD)
         h, new_cache = MultiHeadAttention(
             num_heads=cfg.n_head, head_dim=head_dim, out_dim=cfg.n_embd,
-            dropout_rate=cfg.attn_pdrop, dtype=self.dtype, deterministic=self.deterministic,
-            use_bias=True, scale=head_dim ** -0.5 if cfg.scale_attn_weights else 1.0,
-            name="attn")(h, h, bias_BxHxTxS, cache, cache_index, prefix=prefix)
+            dropout_rate=self.options.attention_rate(cfg.attn_pdrop), dtype=self.dtype,
+            deterministic=self.deterministic, use_bias=True,
+            scale=head_dim ** -0.5 if cfg.scale_attn_weights else 1.0, options=self.options,
+            name="attn")(h, h, bias, cache, cache_index, prefix=prefix, mask=mask)
         x_BxTxD = x_BxTxD + drop(h, deterministic=self.deterministic)
         h = layer_norm(cfg, self.dtype, "ln_2")(x_BxTxD)
         h = dense(cfg.d_ff, self.dtype, "c_fc", ("embed", "mlp"))(h)
@@ -105,6 +109,7 @@ class GPT2(nn.Module):
     dtype: Any = jnp.float32
     deterministic: bool = True
     remat: str = "none"
+    options: ModelOptions = ModelOptions()
 
     def setup(self):
         cfg = self.config
@@ -114,9 +119,10 @@ class GPT2(nn.Module):
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=self.dtype,
                             embedding_init=logical(init, "positions", "embed"))
         self.h = scan_layers(remat_layer(Block, self.remat), cfg.n_layer, 2)(
-            cfg, self.dtype, self.deterministic)
+            cfg, self.dtype, self.deterministic, self.options)
         self.ln_f = layer_norm(cfg, self.dtype)
-        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.drop = nn.Dropout(self.options.hidden_rate(cfg.embd_pdrop),
+                               broadcast_dims=self.options.hidden_broadcast_dims)
 
     def embed(self, input_ids_BxL, attention_mask_BxL=None, prompt=None, slots=None):
         """-> (embeddings [B, P+L, D] without positions, mask [B, P+L], P); with a
@@ -145,16 +151,20 @@ class GPT2(nn.Module):
         """
         B, T = embeds_BxTxD.shape[:2]
         P = prefix_length(prefix)
-        q_pos = jnp.arange(T) if cache is None else cache_index + jnp.arange(T)
-        k_pos = jnp.arange(key_mask_BxS.shape[1])
-        causal_TxS = k_pos[None, :] <= q_pos[:, None]
-        key_mask = causal_TxS[None] & key_mask_BxS[:, None, :]
+        key_mask = key_mask_BxS
         if P:
-            key_mask = jnp.concatenate([jnp.ones((B, T, P), bool), key_mask], 2)
-        bias = mask_bias(key_mask)
+            key_mask = jnp.concatenate([jnp.ones((B, P), bool), key_mask_BxS], 1)
+        if cache is None:  # causality as a static pattern: the fused paths need no mask
+            attn_mask = (None, KeyMask(key_mask, causal=True))
+        else:  # the cache's causality moves with cache_index: one [1, 1, T, S] bias
+            q_pos = cache_index + jnp.arange(T)
+            causal_TxS = jnp.arange(key_mask_BxS.shape[1])[None, :] <= q_pos[:, None]
+            if P:
+                causal_TxS = jnp.concatenate([jnp.ones((T, P), bool), causal_TxS], 1)
+            attn_mask = (jnp.where(causal_TxS, 0.0, MASK_VALUE)[None, None], KeyMask(key_mask))
         x = embeds_BxTxD + self.wpe(positions_BxT + P)
         x = self.drop(x, deterministic=self.deterministic)
-        x, cache = self.h(x, bias, cache_index, (cache, prefix))
+        x, cache = self.h(x, attn_mask, cache_index, (cache, prefix))
         x = self.ln_f(x)
         return tied_logits(x, self.wte.embedding, self.dtype), cache
 

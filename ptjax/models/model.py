@@ -24,7 +24,7 @@ from flax.linen import meta as nn_meta
 
 from ptjax.errors import PtjaxError
 from ptjax.models import checkpoint_files, gpt2, t5
-from ptjax.models.common import ACTIVATIONS, as_prompt_inputs, site_prefix
+from ptjax.models.common import ACTIVATIONS, ModelOptions, as_prompt_inputs, site_prefix
 from ptjax.models.convert import load_params, to_hf_state_dict
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -52,17 +52,23 @@ class Model:
     dtype: Any = jnp.float32
     path: str | None = None
     remat: str = "none"  # the default rematerialisation policy of ``module()`` (training)
+    attention: str = "auto"  # auto | xla | cudnn | einsum (ptjax.models.attention)
 
     @property
     def is_encoder_decoder(self) -> bool:
         return isinstance(self.config, t5.T5Config)
 
-    def module(self, *, deterministic: bool = True, remat: str | None = None, **kw):
+    def module(self, *, deterministic: bool = True, remat: str | None = None,
+               options: ModelOptions | None = None, **kw):
         """The Flax module; ``deterministic=False`` turns dropout on (needs a 'dropout' rng).
-        remat: none | full | dots | dots_no_batch (default: ``self.remat``)."""
+        remat: none | full | dots | dots_no_batch (default: ``self.remat``).
+        options: ``ModelOptions`` (attention implementation, dropout rates); default: this
+        model's ``attention`` with the checkpoint's dropout rates."""
         cls = t5.T5 if self.is_encoder_decoder else gpt2.GPT2
+        if options is None:
+            options = ModelOptions(attention=self.attention)
         return cls(self.config, dtype=self.dtype, deterministic=deterministic,
-                   remat=self.remat if remat is None else remat, **kw)
+                   remat=self.remat if remat is None else remat, options=options, **kw)
 
     @functools.cached_property
     def _jit_logits(self):
@@ -71,7 +77,8 @@ class Model:
     @functools.cached_property
     def _jit_generate(self):
         fn = _t5_generate if self.is_encoder_decoder else _gpt2_generate
-        return jax.jit(functools.partial(fn, self.config, self.dtype),
+        return jax.jit(functools.partial(fn, self.config, self.dtype,
+                                         ModelOptions(attention=self.attention)),
                        static_argnames=("max_new_tokens",))
 
     def logits(self, params, input_ids, *, attention_mask=None, decoder_input_ids=None,
@@ -179,8 +186,9 @@ def _greedy_loop(step, first_token_B, max_new_tokens, eos, pad, carry):
     return tokens
 
 
-def _t5_generate(cfg, dtype, params, input_ids, attention_mask, prompt, *, max_new_tokens):
-    model = t5.T5(cfg, dtype)
+def _t5_generate(cfg, dtype, options, params, input_ids, attention_mask, prompt, *,
+                 max_new_tokens):
+    model = t5.T5(cfg, dtype, options=options)
     variables = {"params": params}
     enc, enc_mask = model.apply(variables, input_ids, attention_mask, prompt,
                                 method=t5.T5.encode)
@@ -188,7 +196,7 @@ def _t5_generate(cfg, dtype, params, input_ids, attention_mask, prompt, *, max_n
     cache = t5.init_cache(cfg, B, max_new_tokens, enc.shape[1], dtype)
     start = jnp.full((B, 1), cfg.decoder_start_token_id, jnp.int32)
     # The first step also fills the cross-attention keys/values, reused afterwards.
-    logits, cache = t5.T5(cfg, dtype, prefill=True).apply(
+    logits, cache = t5.T5(cfg, dtype, prefill=True, options=options).apply(
         variables, start, None, enc, enc_mask, cache, 0, prompt, method=t5.T5.decode)
 
     def step(cache, token_B, i):
@@ -200,8 +208,9 @@ def _t5_generate(cfg, dtype, params, input_ids, attention_mask, prompt, *, max_n
     return _greedy_loop(step, first, max_new_tokens, cfg.eos_token_id, cfg.pad_token_id, cache)
 
 
-def _gpt2_generate(cfg, dtype, params, input_ids, attention_mask, prompt, *, max_new_tokens):
-    model = gpt2.GPT2(cfg, dtype)
+def _gpt2_generate(cfg, dtype, options, params, input_ids, attention_mask, prompt, *,
+                   max_new_tokens):
+    model = gpt2.GPT2(cfg, dtype, options=options)
     variables = {"params": params}
     prompt = as_prompt_inputs(prompt)
     x, mask, _ = model.apply(variables, input_ids, attention_mask, prompt.embeds,

@@ -22,10 +22,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ptjax.models.common import (ACTIVATIONS, MultiHeadAttention, RMSNorm, Unembed,
-                                 as_prompt_inputs, broadcast_prompt, logical, mask_bias,
-                                 place_embeds, prefix_length, remat_layer, scan_layers, site_prefix,
-                                 tied_logits)
+from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions,
+                                 MultiHeadAttention, RMSNorm, Unembed, as_prompt_inputs,
+                                 broadcast_prompt, logical, place_embeds, prefix_length,
+                                 remat_layer, scan_layers, site_prefix, tied_logits)
 
 SITES = ("encoder", "decoder", "cross")  # where prefix keys/values can enter
 
@@ -116,6 +116,7 @@ class FeedForward(nn.Module):
     config: T5Config
     dtype: Any
     deterministic: bool
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, x_BxTxD):
@@ -131,34 +132,43 @@ class FeedForward(nn.Module):
             h = act(dense(cfg.d_ff, "wi_0", up)(x_BxTxD)) * dense(cfg.d_ff, "wi_1", up)(x_BxTxD)
         else:
             h = act(dense(cfg.d_ff, "wi", up)(x_BxTxD))
-        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
+        h = _dropout(cfg, self.options)(h, deterministic=self.deterministic)
         return dense(cfg.d_model, "wo", ("mlp", "embed"))(h)
 
 
-def _attention(cfg: T5Config, dtype, deterministic, name, cross=False, prefill=False):
+def _dropout(cfg: T5Config, options: ModelOptions):
+    """Hidden dropout at the options' rate (default: the checkpoint's)."""
+    return nn.Dropout(options.hidden_rate(cfg.dropout_rate),
+                      broadcast_dims=options.hidden_broadcast_dims)
+
+
+def _attention(cfg: T5Config, dtype, deterministic, name, options, cross=False,
+               prefill=False):
     return MultiHeadAttention(num_heads=cfg.num_heads, head_dim=cfg.d_kv, out_dim=cfg.d_model,
-                              dropout_rate=cfg.dropout_rate, dtype=dtype,
-                              deterministic=deterministic, cross=cross, prefill=prefill,
-                              name=name)
+                              dropout_rate=options.attention_rate(cfg.dropout_rate),
+                              dtype=dtype, deterministic=deterministic, cross=cross,
+                              prefill=prefill, options=options, name=name)
 
 
 class EncoderLayer(nn.Module):
     config: T5Config
     dtype: Any
     deterministic: bool
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
-    def __call__(self, x_BxSxD, bias_BxHxSxS, prefix):
-        """bias_BxHxSxS: an additive bias, or a tuple of parts that broadcast to it (S
-        counts the prefix keys); prefix: this layer's {"k", "v"} [B, P, H, Dh] or None."""
+    def __call__(self, x_BxSxD, attn_bias, prefix):
+        """attn_bias: (relative bias [1, H, S', S], ``KeyMask``) where S counts the prefix
+        keys; prefix: this layer's {"k", "v"} [B, P, H, Dh] or None."""
         cfg = self.config
-        drop = nn.Dropout(cfg.dropout_rate)
+        drop = _dropout(cfg, self.options)
+        bias, mask = attn_bias
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="attn_norm")(x_BxSxD)
-        h, _ = _attention(cfg, self.dtype, self.deterministic, "attn")(
-            h, h, bias_BxHxSxS, prefix=prefix)
+        h, _ = _attention(cfg, self.dtype, self.deterministic, "attn", self.options)(
+            h, h, bias, prefix=prefix, mask=mask)
         x_BxSxD = x_BxSxD + drop(h, deterministic=self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="mlp_norm")(x_BxSxD)
-        h = FeedForward(cfg, self.dtype, self.deterministic, name="mlp")(h)
+        h = FeedForward(cfg, self.dtype, self.deterministic, self.options, name="mlp")(h)
         return x_BxSxD + drop(h, deterministic=self.deterministic), None
 
 
@@ -167,26 +177,31 @@ class DecoderLayer(nn.Module):
     dtype: Any
     deterministic: bool
     prefill: bool = False
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
-    def __call__(self, x_BxTxD, enc_BxSxD, self_bias, cross_bias, cache_index, layer_xs):
-        """layer_xs: (this layer's cache or None, self-attention prefix or None,
-        cross-attention prefix or None)."""
+    def __call__(self, x_BxTxD, enc_BxSxD, self_attn, cross_mask, cache_index, layer_xs):
+        """self_attn: (relative bias [1, H, T, S], causal ``KeyMask``); cross_mask: the
+        encoder keys' ``KeyMask``; layer_xs: (this layer's cache or None, self-attention
+        prefix or None, cross-attention prefix or None)."""
         cfg = self.config
-        drop = nn.Dropout(cfg.dropout_rate)
+        drop = _dropout(cfg, self.options)
         cache, self_prefix, cross_prefix = layer_xs
         cache = cache or {}
+        self_bias, self_mask = self_attn
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="self_attn_norm")(x_BxTxD)
-        h, self_cache = _attention(cfg, self.dtype, self.deterministic, "self_attn")(
-            h, h, self_bias, cache.get("self"), cache_index, prefix=self_prefix)
+        h, self_cache = _attention(cfg, self.dtype, self.deterministic, "self_attn",
+                                   self.options)(
+            h, h, self_bias, cache.get("self"), cache_index, prefix=self_prefix,
+            mask=self_mask)
         x_BxTxD = x_BxTxD + drop(h, deterministic=self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="cross_attn_norm")(x_BxTxD)
         h, cross_cache = _attention(cfg, self.dtype, self.deterministic, "cross_attn",
-                                    cross=True, prefill=self.prefill)(
-            h, enc_BxSxD, cross_bias, cache.get("cross"), prefix=cross_prefix)
+                                    self.options, cross=True, prefill=self.prefill)(
+            h, enc_BxSxD, None, cache.get("cross"), prefix=cross_prefix, mask=cross_mask)
         x_BxTxD = x_BxTxD + drop(h, deterministic=self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="mlp_norm")(x_BxTxD)
-        h = FeedForward(cfg, self.dtype, self.deterministic, name="mlp")(h)
+        h = FeedForward(cfg, self.dtype, self.deterministic, self.options, name="mlp")(h)
         new_cache = None if self_cache is None else {"self": self_cache, "cross": cross_cache}
         return x_BxTxD + drop(h, deterministic=self.deterministic), new_cache
 
@@ -196,6 +211,7 @@ class Encoder(nn.Module):
     dtype: Any
     deterministic: bool
     remat: str = "none"
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, embeds_BxSxD, mask_BxS, prefix=None):
@@ -207,15 +223,18 @@ class Encoder(nn.Module):
         key_mask = mask_BxS
         if P:
             key_mask = jnp.concatenate([jnp.ones((mask_BxS.shape[0], P), bool), mask_BxS], 1)
-        # Two broadcastable parts, summed inside each layer's softmax: their sum would be a
-        # [B, H, S, S] fp32 buffer held for the whole step (1.5 GiB for T5-XL at 612 tokens).
-        bias = (RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(q_pos, k_pos),
-                mask_bias(key_mask[:, None, :]))
-        x = nn.Dropout(cfg.dropout_rate)(embeds_BxSxD, deterministic=self.deterministic)
+        # The relative bias [1, H, S, S] and the key mask [B, S] stay apart, combined inside
+        # each layer's attention: their sum would be a [B, H, S, S] fp32 buffer held for the
+        # whole step (1.5 GiB for T5-XL at 612 tokens); cuDNN never builds it at all.
+        attn_bias = (RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(
+            q_pos, k_pos), KeyMask(key_mask))
+        drop = _dropout(cfg, self.options)
+        x = drop(embeds_BxSxD, deterministic=self.deterministic)
         layers = scan_layers(remat_layer(EncoderLayer, self.remat), cfg.num_layers, 1)
-        x, _ = layers(cfg, self.dtype, self.deterministic, name="layers")(x, bias, prefix)
+        x, _ = layers(cfg, self.dtype, self.deterministic, self.options, name="layers")(
+            x, attn_bias, prefix)
         x = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="final_norm")(x)
-        return nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
+        return _dropout(cfg, self.options)(x, deterministic=self.deterministic)
 
 
 class Decoder(nn.Module):
@@ -224,6 +243,7 @@ class Decoder(nn.Module):
     deterministic: bool
     remat: str = "none"
     prefill: bool = False
+    options: ModelOptions = ModelOptions()
 
     @nn.compact
     def __call__(self, embeds_BxTxD, mask_BxS, enc_BxSxD, enc_mask_BxS, cache=None,
@@ -242,26 +262,32 @@ class Decoder(nn.Module):
         else:
             q_pos = P + cache_index + jnp.arange(T)
             tok_pos = P + jnp.arange(cache["self"]["k"].shape[2])
-        causal = tok_pos[None, :] <= q_pos[:, None]
-        key_mask = causal[None] & mask_BxS[:, None, :]
+        key_mask = mask_BxS
         if P:
-            key_mask = jnp.concatenate([jnp.ones((B, T, P), bool), key_mask], 2)
+            key_mask = jnp.concatenate([jnp.ones((B, P), bool), mask_BxS], 1)
         k_pos = jnp.arange(P + tok_pos.shape[0])
-        self_bias = (RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")(
-            q_pos, k_pos) + mask_bias(key_mask))
+        relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")(q_pos, k_pos)
+        if cache is None:  # causality as a static pattern: the fused paths need no mask
+            self_attn = (relpos, KeyMask(key_mask, causal=True))
+        else:  # the cache's causality moves with cache_index: one [B, 1, T, S] mask
+            causal_TxS = tok_pos[None, :] <= q_pos[:, None]
+            if P:
+                causal_TxS = jnp.concatenate([jnp.ones((T, P), bool), causal_TxS], 1)
+            self_attn = ((relpos, jnp.where(causal_TxS, 0.0, MASK_VALUE)[None, None]),
+                         KeyMask(key_mask))
         Pc = prefix_length(cross_prefix)
         enc_key_mask = enc_mask_BxS
         if Pc:
             enc_key_mask = jnp.concatenate([jnp.ones((B, Pc), bool), enc_mask_BxS], 1)
-        cross_bias = mask_bias(enc_key_mask[:, None, :])
-        x = nn.Dropout(cfg.dropout_rate)(embeds_BxTxD, deterministic=self.deterministic)
+        drop = _dropout(cfg, self.options)
+        x = drop(embeds_BxTxD, deterministic=self.deterministic)
         layer = remat_layer(DecoderLayer, self.remat)
         layers = scan_layers(layer, cfg.num_decoder_layers, 4)
-        x, new_cache = layers(cfg, self.dtype, self.deterministic, self.prefill,
-                              name="layers")(x, enc_BxSxD, self_bias, cross_bias,
+        x, new_cache = layers(cfg, self.dtype, self.deterministic, self.prefill, self.options,
+                              name="layers")(x, enc_BxSxD, self_attn, KeyMask(enc_key_mask),
                                              cache_index, (cache, self_prefix, cross_prefix))
         x = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="final_norm")(x)
-        return nn.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic), new_cache
+        return _dropout(cfg, self.options)(x, deterministic=self.deterministic), new_cache
 
 
 class T5(nn.Module):
@@ -271,14 +297,16 @@ class T5(nn.Module):
     deterministic: bool = True
     remat: str = "none"
     prefill: bool = False
+    options: ModelOptions = ModelOptions()
 
     def setup(self):
         cfg = self.config
         self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=self.dtype,
                                embedding_init=logical(nn.initializers.normal(1.0),
                                                       "vocab", "embed"))
-        self.encoder = Encoder(cfg, self.dtype, self.deterministic, self.remat)
-        self.decoder = Decoder(cfg, self.dtype, self.deterministic, self.remat, self.prefill)
+        self.encoder = Encoder(cfg, self.dtype, self.deterministic, self.remat, self.options)
+        self.decoder = Decoder(cfg, self.dtype, self.deterministic, self.remat, self.prefill,
+                               self.options)
         if not cfg.tie_lm_head:
             self.lm_head = Unembed(cfg.vocab_size, self.dtype)
 

@@ -1,0 +1,32 @@
+"""benchmarks/gpu_suite.py runs end to end at tiny shapes on CPU: every case gives a
+result row, the JSON is written, and neither tensorflow-datasets nor tensorboardX is
+imported (the GPU machine has neither)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_suite_dry_run(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one CPU device, like a one-GPU machine
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_suite.py"),
+                          "--tiny", "--out", str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(tmp_path / "gpu_suite.json") as f:
+        result = json.load(f)
+    cases = result["cases"]
+    assert [c["framework"] for c in cases] == ["ptjax", "ptjax", "peft"]
+    for c in cases:
+        assert c["status"] == "ok", c
+        assert c["ms_per_step"] > 0 and c["examples_per_s"] > 0 and c["peak_bytes"] > 0
+        assert c["lazy_imports_leaked"] == []
+    ours = [c for c in cases if c["framework"] == "ptjax"]
+    for c in ours:
+        assert c["loss_finite"] and c["remat"] == "none" and c["plan_bytes"] > 0
+        assert c["compile_s"] > 0
+    assert [c["attention"] for c in ours] == ["xla", "einsum"]  # CPU; attention dropout
+    assert "tiny K=1 ptjax" in out.stdout

@@ -381,8 +381,8 @@ def test_a_run_of_each_method_evaluates_ensembles_and_loads(tmp_path, capsys, me
      "method.name=ptuning with method.ptuning.tune_model=true trains one model; prompt.seeds "
      "must hold one seed"),
     ({"method.name": "model"}, "method.name=model trains one model"),
-    ({"method.name": "prefix", "train.method": "model"},
-     "train.method='model' and method.name='prefix' disagree"),
+    ({"method.name": "prefix", "train.method": "model"},  # the old name, given last, wins
+     "method.name=model trains one model"),
     ({"method.prefx.hidden": 3}, "unknown config key 'method.prefx.hidden'; did you mean "
                                  "'method.prefix.hidden'?"),
 ])
@@ -413,3 +413,13 @@ def test_prefix_text_init_starts_from_the_models_own_keys_and_values(loaded):
         for site in ("encoder", "decoder", "cross"):
             for n in ("k", "v"):
                 np.testing.assert_allclose(got[site][n], want[site][n][:, 0], atol=1e-4)
+
+
+def test_a_config_file_naming_two_methods_is_an_error():
+    from ptjax.config import from_dict
+    from ptjax.errors import PtjaxError
+
+    with pytest.raises(PtjaxError, match="train.method='model' and method.name='prefix' "
+                                         "disagree; train.method is the old name"):
+        from_dict({"train": {"method": "model"}, "method": {"name": "prefix"}})
+    assert from_dict({"train": {"method": "model"}}).method.name == "model"

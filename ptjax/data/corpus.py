@@ -100,29 +100,36 @@ def _direction(block: list[str]) -> str:
 
 
 def parse_play(markdown: str) -> tuple[str, list[tuple[str, list[str]]]]:
-    """One play's Markdown -> (title, [(act and scene heading, paragraphs)])."""
-    title, act, scenes = "", "", []
+    """One play's Markdown -> (title, [(section heading, paragraphs)]). The first "# "
+    heading is the title; every later heading starts a section ("## ACT I" + "### SCENE
+    II. ..." -> "ACT I SCENE II. ..."; a prologue or epilogue heading of any level is a
+    section of its own)."""
+    title, act, scenes = "", "", [("", [])]
     blocks = [b.split("\n") for b in re.split(r"\n\s*\n", markdown) if b.strip()]
     for block in blocks:
         head = block[0].strip()
-        if head.startswith("# "):
-            title = head[2:].strip()
-        elif head.startswith("## "):
-            act = head[3:].strip()
-        elif head.startswith("### "):
-            scenes.append((f"{act} {head[4:].strip()}".strip(), []))
-        elif scenes:  # text before the first scene (a prologue heading) is skipped
-            paragraphs = scenes[-1][1]
-            m = _SPEAKER.match(head)
-            if m:
-                speech = " ".join(_clean(x) for x in block[1:] if x.strip())
-                speech = re.sub(r"\s+", " ", speech.replace("_", " ")).strip()
-                if speech:
-                    paragraphs.append(f"{_clean(m.group(1))}: {speech}")
-            elif head.startswith("_"):
-                paragraphs.append(_direction(block))
+        level = len(head) - len(head.lstrip("#"))
+        if level and head[level:level + 1] == " ":
+            text = re.sub(r"\s+", " ", head[level:]).strip()
+            if level == 1 and not title:
+                title = text
+            elif level <= 2:
+                act = text
+                scenes.append((act, []))
             else:
-                paragraphs.append(re.sub(r"\s+", " ", " ".join(_clean(x) for x in block)))
+                scenes.append((f"{act} {text}".strip(), []))
+            continue
+        paragraphs = scenes[-1][1]
+        m = _SPEAKER.match(head)
+        if m:
+            speech = " ".join(_clean(x) for x in block[1:] if x.strip())
+            speech = re.sub(r"\s+", " ", speech.replace("_", " ")).strip()
+            if speech:
+                paragraphs.append(f"{_clean(m.group(1))}: {speech}")
+        elif head.startswith("_"):
+            paragraphs.append(_direction(block))
+        else:
+            paragraphs.append(re.sub(r"\s+", " ", " ".join(_clean(x) for x in block)))
     return title, [(s, p) for s, p in scenes if p]
 
 

@@ -209,6 +209,7 @@ def rows(run_dir):
                 for line in f]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["span_corruption", "prefix_lm"])
 def test_pretrain_resumes_exactly_and_exports_a_loadable_t5(objective, tok_dir, tmp_path):
     import transformers
@@ -246,6 +247,7 @@ def test_pretrain_resumes_exactly_and_exports_a_loadable_t5(objective, tok_dir, 
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_continued_pretraining_from_a_checkpoint(tok_dir, tmp_path):
     """LM adaptation: prefix LM continued from a span-corruption run's checkpoint."""
     first, second = str(tmp_path / "span"), str(tmp_path / "lm")

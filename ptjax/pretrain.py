@@ -347,7 +347,7 @@ def pretrain(cfg) -> dict:
     host = jax.tree.map(to_host, state.trainable)
     results = {"run_dir": run_dir, "objective": pc.objective, "corpus": pc.corpus,
                "init": pc.init, "steps": tc.steps, "model": out_dir,
-               "parameters": int(sum(x.size for x in jax.tree.leaves(host)) ),
+               "parameters": int(sum(x.size for x in jax.tree.leaves(host))),
                "train_tokens": int(train_segments.size),
                "tokens_seen": int(tc.steps * tc.batch_size * raw),
                "validation_loss": val_loss,

@@ -45,7 +45,7 @@ def train_tokenizer(family: str, vocab_size: int = 512, texts=None, extra_ids: i
     take the last ids, <extra_id_0> the very last, as in T5's vocabulary. ``kind``: "bpe"
     or "unigram" (SentencePiece's model, as T5's vocabulary is); ``normalize``: NFKC and
     every run of whitespace as one space, as T5's SentencePiece normalizer does (text
-    with newlines, e.g. ``ptjax.data.corpus``). A unigram vocabulary has exactly
+    with newlines, e.g. ``ptjax.data.corpus``). A unigram vocabulary has (at most)
     ``vocab_size`` ids, sentinels included; BPE's sentinels come on top of ``vocab_size``.
     gpt2: byte-level BPE with <|endoftext|> as BOS/EOS.
     words: also train on the built-in tasks' words, so each is a whole token.

@@ -11,13 +11,8 @@ from conftest import torch
 
 from ptjax import cli, objectives
 from ptjax.errors import PtjaxError
-from ptjax.objectives import (
-    noise_counts,
-    prefix_lm,
-    random_spans_helper,
-    random_spans_noise_mask,
-    span_corruption,
-)
+from ptjax.objectives import (noise_counts, prefix_lm, random_spans_helper,
+                              random_spans_noise_mask, span_corruption)
 
 SENTINELS = np.arange(999, 899, -1)  # <extra_id_i> = 999 - i: the vocabulary's last ids
 EOS = 1
@@ -153,7 +148,7 @@ def test_corpus_is_real_text_split_stably():
     corpus = load_corpus("shakespeare")
     assert corpus.size("train") > 4_000_000 and corpus.size("validation") > 100_000
     assert "public domain" in corpus.license
-    keys = lambda docs: {(d.title, d.section) for d in docs}
+    keys = lambda docs: {(d.title, d.section) for d in docs}  # noqa: E731
     assert not keys(corpus.train) & keys(corpus.validation)
     assert len({d.title for d in corpus.train}) == 38
     hamlet = next(d for d in corpus.train if d.title == "Hamlet")

@@ -31,18 +31,21 @@ class Checkpointer:
     def save(self, step: int, state, best, meta: dict):
         """Asynchronous: device arrays are copied before this returns, so the caller may
         donate ``state`` to the next train step at once."""
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best),
-            meta=ocp.args.JsonSave(meta)))
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if best is not None:  # None: a run without early stopping (ptjax pretrain)
+            items["best"] = ocp.args.StandardSave(best)
+        self._manager.save(step, args=ocp.args.Composite(**items))
 
     def restore(self, step: int, state_like, best_like):
-        """-> (state, best, meta), with the structure and shapes of the ``*_like`` trees."""
+        """-> (state, best, meta), with the structure and shapes of the ``*_like`` trees
+        (best None when ``best_like`` is None)."""
         abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)  # noqa
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract(state_like)),
-            best=ocp.args.StandardRestore(abstract(best_like)),
-            meta=ocp.args.JsonRestore()))
-        return out["state"], out["best"], out["meta"]
+        items = {"state": ocp.args.StandardRestore(abstract(state_like)),
+                 "meta": ocp.args.JsonRestore()}
+        if best_like is not None:
+            items["best"] = ocp.args.StandardRestore(abstract(best_like))
+        out = self._manager.restore(step, args=ocp.args.Composite(**items))
+        return out["state"], out["best"] if best_like is not None else None, out["meta"]
 
     def restore_best(self, step: int, best_like) -> tuple:
         """(best, meta) alone: what inference needs (``ptjax.load_run``)."""

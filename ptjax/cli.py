@@ -6,6 +6,8 @@
     ptjax tiny DIR [--family t5]     write a built-in tiny model (no network needed)
     ptjax train [CONFIG.yaml] [key=value ...]   train (method.name: prompt | prefix | ptuning |
                                      model); resumes a killed run
+    ptjax pretrain CONFIG [key=value ...]   pre-train a T5 on a corpus (pretrain.objective:
+                                     span_corruption | prefix_lm); resumes a killed run
     ptjax eval RUN_DIR|CONFIG [key=value ...] [--prompt FILE]   evaluate a trained run
     ptjax plan CONFIG [key=value ...] [--device-memory 80GB]    memory per device, before a run
     ptjax sweep SWEEP.yaml [--shard i/N]   run a sweep (skips finished jobs), then report
@@ -119,6 +121,20 @@ def cmd_train(args):
         print(f"{results['method']} {p['prompt']} (seed {p['seed']}): best {metric} "
               f"{p['best_' + metric]:.2f} at step {p['best_step']}")
     print(f"exported to {results['export']}; metrics in {cfg.run_dir}/metrics.jsonl")
+
+
+def cmd_pretrain(args):
+    from ptjax.pretrain import pretrain
+
+    cfg = _config_and_overrides(args.items)
+    if not args.progress:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
+    results = pretrain(cfg)
+    print(f"{results['objective']} on {results['corpus']}: {results['steps']} steps, "
+          f"validation loss {results['validation_loss']:.4f}; Hugging Face checkpoint in "
+          f"{results['model']}; metrics in {cfg.run_dir}/metrics.jsonl")
 
 
 def cmd_eval(args):
@@ -248,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="no progress bar (logs only)")
     sp.set_defaults(fn=cmd_train)
 
+    sp = sub.add_parser("pretrain", help="pre-train every weight of a T5 on a corpus with "
+                                         "span corruption or prefix LM (LM adaptation)")
+    sp.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                    help="an optional YAML config, then dotted.key=value overrides")
+    sp.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bar (logs only)")
+    sp.set_defaults(fn=cmd_pretrain)
+
     sp = sub.add_parser("eval", help="evaluate a trained run (or a prompt file) on a split")
     sp.add_argument("items", nargs="*", metavar="RUN_DIR | CONFIG.yaml | key=value",
                     help="a run directory or YAML config, then dotted.key=value overrides")
@@ -312,7 +336,7 @@ def main(argv=None) -> int:
         if not hasattr(args, "items") or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.items += extra
-    if args.command in ("train", "eval", "plan", "sweep", "neighbors"):
+    if args.command in ("train", "pretrain", "eval", "plan", "sweep", "neighbors"):
         enable_compilation_cache()
     try:
         code = args.fn(args)

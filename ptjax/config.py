@@ -152,6 +152,31 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """``ptjax pretrain``: every weight of a T5 trained on a corpus with one of T5's
+    objectives (ptjax.objectives), from scratch or from a checkpoint; train.*, optim.*,
+    mesh.* and model.dtype apply as in ``ptjax train``."""
+    objective: str = "span_corruption"  # span_corruption | prefix_lm (LM adaptation)
+    corpus: str = "shakespeare"  # ptjax.data.corpus
+    documents: int = 0  # read only the first N train documents (smoke runs); 0 = all
+    init: str = "scratch"  # scratch (a T5 v1.1 of the size below) or a checkpoint dir
+    noise_density: float = 0.15  # span corruption: fraction of tokens dropped
+    mean_span_length: float = 3.0  # span corruption: mean noise span length
+    input_length: int = 128  # encoder tokens, EOS included (targets: what the objective needs)
+    eval_examples: int = 256  # held-out sequences scored for the validation loss
+    # scratch: the tokenizer trained on the corpus (unigram, T5's special ids, extra_ids
+    # sentinels last, cached in tokenizer_dir) and a T5 v1.1 (gated-GELU, untied head)
+    vocab_size: int = 8000
+    extra_ids: int = 100
+    tokenizer_dir: str = "runs/lab/tokenizers"
+    d_model: int = 64
+    d_kv: int = 16
+    d_ff: int = 128
+    num_layers: int = 2  # encoder and decoder each
+    num_heads: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     run_dir: str = "runs/default"
     model: ModelConfig = ModelConfig()
@@ -161,6 +186,7 @@ class RunConfig:
     task: TaskConfig = TaskConfig()
     train: TrainConfig = TrainConfig()
     mesh: MeshConfig = MeshConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
 
 class _Loader(yaml.SafeLoader):
@@ -188,12 +214,16 @@ CHOICES = {
     "method.prefix.init": PREFIX_INITS, "method.ptuning.encoder": ENCODERS,
     "task.verbalizer_tokens": ("first", "mean", "max"),
     "train.ensemble": ("", *ENSEMBLES), "mesh.distributed": ("auto", "on", "off"),
+    "pretrain.objective": ("span_corruption", "prefix_lm"), "pretrain.corpus": ("shakespeare",),
 }
 POSITIVE = ("prompt.length", "train.steps", "train.batch_size", "train.log_every",
             "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
             "train.eval_batch_size", "task.max_input_length", "task.max_target_length",
-            "prompt.vocab_limit", "method.prefix.hidden")
-NON_NEGATIVE = ("method.prefix.embed_dim", "method.ptuning.hidden", "task.shots")
+            "prompt.vocab_limit", "method.prefix.hidden", "pretrain.input_length",
+            "pretrain.eval_examples", "pretrain.vocab_size", "pretrain.d_model", "pretrain.d_kv",
+            "pretrain.d_ff", "pretrain.num_layers", "pretrain.num_heads")
+NON_NEGATIVE = ("method.prefix.embed_dim", "method.ptuning.hidden", "task.shots",
+                "pretrain.documents", "pretrain.extra_ids")
 
 
 def _fields(cls) -> dict[str, Any]:
@@ -400,6 +430,10 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
                          "keys and values initialise the prefix)")
     if "text" in (cfg.prompt.init, *cfg.prompt.inits) and not cfg.prompt.text:
         raise PtjaxError(f"{where}: prompt.init=text needs prompt.text")
+    pc = cfg.pretrain
+    if not 0.0 < pc.noise_density < 1.0 or pc.mean_span_length < 1.0:
+        raise PtjaxError(f"{where}: pretrain.noise_density={pc.noise_density} must be in (0, 1) "
+                         f"and pretrain.mean_span_length={pc.mean_span_length} >= 1")
     return cfg
 
 

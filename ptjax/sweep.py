@@ -106,6 +106,8 @@ def _canonical(cfg) -> dict:
         section, name = key.split(".")
         if d[section].get(name) == default:
             del d[section][name]
+    if d.get("pretrain") == config_lib.to_dict(config_lib.PretrainConfig()):
+        del d["pretrain"]  # a later section: ids of runs that do not pretrain stay as they were
     return d
 
 

@@ -36,25 +36,44 @@ def _corpus(n: int = 2000, seed: int = 0):
         yield " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))
 
 
-def train_tokenizer(family: str, vocab_size: int = 512, texts=None, extra_ids: int = 0):
-    """A small BPE tokenizer trained here, wrapped as a transformers fast tokenizer.
+def train_tokenizer(family: str, vocab_size: int = 512, texts=None, extra_ids: int = 0,
+                    kind: str = "bpe", words: bool = True, normalize: bool = False):
+    """A tokenizer trained here, wrapped as a transformers fast tokenizer.
 
     t5: SentencePiece-like (Metaspace) with <pad>=0, </s>=1, <unk>=2 and an EOS appended
     to every sequence, like T5's; ``extra_ids`` sentinels <extra_id_N-1> .. <extra_id_0>
-    take the last ids, <extra_id_0> the very last, as in T5's vocabulary.
+    take the last ids, <extra_id_0> the very last, as in T5's vocabulary. ``kind``: "bpe"
+    or "unigram" (SentencePiece's model, as T5's vocabulary is); ``normalize``: NFKC and
+    every run of whitespace as one space, as T5's SentencePiece normalizer does (text
+    with newlines, e.g. ``ptjax.data.corpus``). A unigram vocabulary has (at most)
+    ``vocab_size`` ids, sentinels included; BPE's sentinels come on top of ``vocab_size``.
     gpt2: byte-level BPE with <|endoftext|> as BOS/EOS.
+    words: also train on the built-in tasks' words, so each is a whole token.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
+                            processors, trainers)
     from transformers import PreTrainedTokenizerFast
 
     texts = list(texts) if texts is not None else list(_corpus())
-    texts += WORDS  # every word reachable as a whole token
+    if words:
+        texts += WORDS  # every word reachable as a whole token
     if family == "t5":
-        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        size = vocab_size - extra_ids if kind == "unigram" else vocab_size
+        if kind == "unigram":
+            tok = Tokenizer(models.Unigram())
+            trainer = trainers.UnigramTrainer(vocab_size=size, unk_token="<unk>",
+                                              special_tokens=list(T5_SPECIALS))
+        elif kind == "bpe":
+            tok = Tokenizer(models.BPE(unk_token="<unk>"))
+            trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=list(T5_SPECIALS))
+        else:
+            raise PtjaxError(f"unknown tokenizer kind {kind!r}; valid: bpe, unigram")
+        if normalize:
+            tok.normalizer = normalizers.Sequence([normalizers.NFKC(),
+                                                   normalizers.Replace(Regex(r"\s+"), " ")])
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.decoder = decoders.Metaspace()
-        tok.train_from_iterator(texts, trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=list(T5_SPECIALS)))
+        tok.train_from_iterator(texts, trainer)
         tok.post_processor = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
         sentinels = [f"<extra_id_{i}>" for i in reversed(range(extra_ids))]

@@ -127,7 +127,8 @@ class TrainConfig:
     metric: str = ""  # the metric that picks the best step; "" = the task's default
     ensemble: str = ""  # "", majority or mean_logprob: also score the K prompts' ensemble
     data_shards: int = 0  # train data shards (one per process by default); see pipeline
-    progress: bool = True
+    progress: bool = True  # a progress bar; false = one log line every log_every steps
+    wandb: str = ""  # a Weights & Biases project to log to ("" = off; WANDB_MODE=offline works)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,8 @@ class PromptMethod(Method):
     def init(self, model, cfg, task):
         from ptjax.prompts import initial_prompts
 
-        return {"prompt": initial_prompts(model, self.prompt, task, cfg.task.template if cfg else "")}
+        template = cfg.task.template if cfg else ""
+        return {"prompt": initial_prompts(model, self.prompt, task, template)}
 
     def shapes(self):
         D = self.model_config.hidden_size

@@ -3,9 +3,8 @@
 Built in (no network): ``synthetic_sentiment`` (classification, labels negative /
 positive), ``synthetic_sentiment_shifted`` (the same labels in another domain and form,
 for zero-shot transfer) and ``synthetic_qa`` (a colour question answered by a word of the
-input, scored
-by greedy exact match or by ranking the colours). ``jsonl`` reads one JSON object per
-line with "inputs" and "targets".
+input, scored by greedy exact match or by ranking the colours). ``jsonl`` reads one JSON
+object per line with "inputs" and "targets".
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ reaches the same prompts and metrics as an uninterrupted run.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -439,6 +440,15 @@ def place_trainable(method, tree, mesh, cfg):
     return jax.tree.map(put, tree, shardings)
 
 
+def majority_baseline(dev):
+    """Dev accuracy (%) of always answering the most frequent class: the floor a prompt
+    must beat (rank classification over a fixed label set scored by accuracy; else None)."""
+    if dev.mode != "rank" or not dev.labels or dev.select != "accuracy":
+        return None
+    counts = collections.Counter(ex["targets"] for ex in dev.examples)
+    return 100.0 * max(counts.values()) / len(dev.examples)
+
+
 def _finish(model, method, cfg, best, metric, dev, mesh, frozen) -> dict:
     """Export the best members, score their ensemble and their zero-shot transfer, and
     write results.json. Every process computes; process 0 writes."""
@@ -449,7 +459,7 @@ def _finish(model, method, cfg, best, metric, dev, mesh, frozen) -> dict:
         "run_dir": run_dir, "method": method.name, "metric": metric,
         "steps": tc.steps, "export": export_dir, "model": cfg.model.path,
         "parameters": int(sum(x.size for x in jax.tree.leaves(model.params))),
-        "task": cfg.task.name,
+        "task": cfg.task.name, "majority": majority_baseline(dev),
         "prompts": [{"prompt": k, "seed": int(seed), **method.describe(k),
                      "best_step": best.step[k], f"best_{metric}": best.metric[k]}
                     for k, seed in enumerate(method.seeds)],

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from ptjax import config as C  # noqa: E402
+from ptjax.report import describe_facts, run_facts  # noqa: E402
 
 # Where a key takes one of a fixed set of values: the tuple the validator itself uses.
 CHOICES = {
@@ -169,8 +170,17 @@ def demo_results(sweep_dir: str) -> str:
         sweep = json.load(f)
     runs = pd.read_csv(os.path.join(sweep_dir, "runs.csv"))
     metric = runs["metric"].iloc[0]
-    lines = [README_BEGIN, "",
-             f"Dev {metric} (%), mean +/- std over seeds, from `{sweep_dir}/summary.csv`:", "",
+    facts = run_facts(sweep_dir)
+    job_config = C.load_config(os.path.join(sweep_dir, "jobs", sweep["jobs"][0]["job"],
+                                            "config.yaml"))
+    majority = ", ".join(f"{v:.1f}" for _, v in sorted(facts["majority"].items()))
+    lines = [README_BEGIN, "", f"Made on {_machine()} (the numbers depend on the machine: "
+             "see [Getting started](docs/getting-started.md#how-far-the-numbers-carry)).", "",
+             f"{len(runs)} prompts: {describe_facts(facts)}. Dev {metric} (%) of each "
+             "setting's best step, mean +/- std over seeds "
+             f"(`{sweep_dir}/summary.csv`)"
+             + (f"; always answering the majority class scores {majority}" if majority else "")
+             + ":", "",
              "| prompt length | " + " | ".join(sorted(summary["prompt.init"].unique())) + " |",
              "| --- |" + " --- |" * summary["prompt.init"].nunique()]
     for length, group in summary.groupby("prompt.length"):
@@ -179,8 +189,8 @@ def demo_results(sweep_dir: str) -> str:
         lines.append(f"| {length} | " + " | ".join(cells.get(i, "") for i in
                                                    sorted(summary["prompt.init"].unique()))
                      + " |")
-    lines += ["", f"Each job's prompts scored as one `{sweep.get('ensemble', '')}` ensemble "
-              f"(`{sweep_dir}/ensemble.csv`):", "",
+    lines += ["", f"Each job's {len(sweep['jobs'][0]['runs'])} best prompts scored as one "
+              f"`{job_config.train.ensemble}` ensemble (`{sweep_dir}/ensemble.csv`):", "",
               "| prompt length | average prompt | best prompt | ensemble |",
               "| --- | --- | --- | --- |"]
     length_of = runs.groupby("job")["prompt.length"].first()
@@ -190,6 +200,23 @@ def demo_results(sweep_dir: str) -> str:
                      f"{r['ensemble']:.1f} |")
     lines += ["", README_END]
     return "\n".join(lines)
+
+
+def _machine() -> str:
+    """The CPU and JAX the demo ran on: XLA's CPU code differs between CPUs, and the demo's
+    tiny model amplifies rounding differences (docs/getting-started.md)."""
+    import platform
+
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__}"
 
 
 def _replace_block(text: str, block: str) -> str:

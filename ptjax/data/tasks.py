@@ -207,8 +207,12 @@ TFDS_TASKS = {
 
 def _tfds():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # the demo's install has neither
+        raise PtjaxError(f"TFDS tasks need tensorflow-datasets and TensorFlow ({e.name} is not "
+                         "installed): pip install -e '.[tfds]'") from None
 
     # TensorFlow only reads data here: keep it off the accelerators JAX uses.
     tf.config.set_visible_devices([], "GPU")

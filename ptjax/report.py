@@ -170,17 +170,18 @@ def figures(runs, out_dir: str, metric_name: str, facts: dict | None = None) -> 
 
     if varies.get("model.path") or varies.get("method.name"):
         draw("fig1_size.png", "Figure 1: score vs model size", "parameters",
-             ["method.name"] + ["family"] * bool(varies.get("family")), "model parameters",
+             ["method.name"] + ["family"] * bool(varies.get("family")),
+             "frozen model parameters (log scale)",
              logx=True)
     if varies.get("prompt.length"):
         draw("fig3a_length.png", "Figure 3a: prompt length", "prompt.length", ["parameters"],
-             "prompt length", logx=True)
+             "prompt length (tokens, log scale)", logx=True)
     if varies.get("prompt.init"):
         draw("fig3b_init.png", "Figure 3b: prompt initialisation", "prompt.init",
              ["parameters"], "prompt initialisation", categorical=True)
     if varies.get("family"):
         draw("fig3c_pretraining.png", "Figure 3c: pre-training objective", "parameters",
-             ["family"], "model parameters", logx=True)
+             ["family"], "frozen model parameters (log scale)", logx=True)
     return written
 
 

@@ -41,10 +41,10 @@ lab: $(VENV)/.ptjax-notebooks
 
 # The documentation site (mkdocs, Material theme): site/, or served at localhost:8000.
 docs: $(VENV)/.ptjax-docs
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 docs-serve: $(VENV)/.ptjax-docs
-	$(BIN)/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 lint: $(VENV)/.ptjax-lint
 	$(BIN)/ruff check .

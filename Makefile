@@ -1,5 +1,5 @@
 # Two commands for a fresh machine: `make demo` (the main job) and `make test`.
-# Each creates or reuses the virtualenv in $(VENV).
+# Each creates or reuses the virtualenv in $(VENV); other targets add an extra to it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 # It is installed before the test extra so the extra never replaces it.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test notebooks clean
+.PHONY: demo test notebooks lab docs docs-serve lint readme check-docs clean
 
+# The demo's install: no TensorFlow, no torch (docs/install.md quotes its size).
 $(VENV)/.ptjax-base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -18,6 +19,10 @@ $(VENV)/.ptjax-base: setup.cfg pyproject.toml
 $(VENV)/.ptjax-test: $(VENV)/.ptjax-base
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+$(VENV)/.ptjax-%: $(VENV)/.ptjax-base
+	$(BIN)/pip install -q -e ".[$*]"
 	touch $@
 
 demo: $(VENV)/.ptjax-base
@@ -30,5 +35,28 @@ test: $(VENV)/.ptjax-test
 notebooks: $(VENV)/.ptjax-test
 	$(BIN)/python notebooks/execute.py runs/demo
 
+# JupyterLab on the notebooks, reading the demo's sweep (PTJAX_SWEEP_DIR for another).
+lab: $(VENV)/.ptjax-notebooks
+	PTJAX_SWEEP_DIR=$${PTJAX_SWEEP_DIR:-$(CURDIR)/runs/demo} $(BIN)/jupyter lab notebooks/
+
+# The documentation site (mkdocs, Material theme): site/, or served at localhost:8000.
+docs: $(VENV)/.ptjax-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(VENV)/.ptjax-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
+lint: $(VENV)/.ptjax-lint
+	$(BIN)/ruff check .
+
+# README.md's demo results, regenerated from runs/demo (after `make demo`).
+readme: $(VENV)/.ptjax-base
+	$(BIN)/python tools/docgen.py readme runs/demo
+
+# Generated docs are current: the config reference and README's demo results.
+check-docs: $(VENV)/.ptjax-base
+	$(BIN)/python tools/docgen.py config --check
+	$(BIN)/python tools/docgen.py readme runs/demo --check
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site

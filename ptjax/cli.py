@@ -13,6 +13,10 @@
     ptjax sweep SWEEP.yaml [--shard i/N]   run a sweep (skips finished jobs), then report
     ptjax report SWEEP_DIR               tables and the paper's plots
     ptjax neighbors RUN_DIR [--k 5]      nearest vocabulary tokens of each prompt position
+    ptjax export RUN_DIR [--out DIR]     write a run's best members (any method) from its
+                                     newest checkpoint, mid-run too
+    ptjax config show [CONFIG|RUN_DIR] [key=value ...]   the resolved config, every key
+    ptjax --version
 
 A user's mistake (bad path, unsupported model, wrong shape) prints one line and exits 2.
 """
@@ -22,7 +26,14 @@ import argparse
 import os
 import sys
 
-from ptjax.errors import PtjaxError
+# Quiet by default: transformers logs "PyTorch was not found..." on import where torch is
+# absent (the demo's install) although ptjax only uses its tokenizers and hub files;
+# TensorFlow's C++ banner (TFDS tasks) likewise. Either can be turned back on.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from ptjax import __version__  # noqa: E402
+from ptjax.errors import PtjaxError  # noqa: E402
 
 
 def _load(args):
@@ -226,8 +237,48 @@ def cmd_plan(args):
     return 1 if result["fits"] is False else 0
 
 
+def cmd_export(args):
+    import jax
+
+    from ptjax.run import base_model_path
+    from ptjax.sharding import to_host
+    from ptjax.trained import load_run
+
+    run = load_run(args.run_dir)
+    out = args.out or os.path.join(args.run_dir, "export")
+    host = jax.tree.map(to_host, run.trainables)
+    run.method.export(out, host, run.model, base_model_path(run.config))
+    print(f"{run.method.name}: {run.K} member(s) from checkpoint step {run.step} exported to "
+          f"{out}")
+    for name in sorted(os.listdir(out)):
+        print(f"  {os.path.join(out, name)}")
+
+
+def cmd_config(args):
+    import yaml
+
+    from ptjax.config import to_dict
+
+    cfg = _config_and_overrides(args.items)
+    sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name in ("jax", "jaxlib", "flax", "optax", "transformers"):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return f"ptjax {__version__} ({', '.join(parts)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ptjax", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="ptjax", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp):
@@ -261,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
                     help="an optional YAML config, then dotted.key=value overrides")
     sp.add_argument("--no-progress", dest="progress", action="store_false",
-                    help="no progress bar (logs only)")
+                    help="no progress bar: one line per train.log_every steps and per eval")
     sp.set_defaults(fn=cmd_train)
 
     sp = sub.add_parser("pretrain", help="pre-train every weight of a T5 on a corpus with "
@@ -291,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "dir:, or runs/<name>)")
     sp.add_argument("--dry-run", action="store_true", help="list runs and jobs, run nothing")
     sp.add_argument("--no-report", dest="report", action="store_false")
-    sp.add_argument("--no-progress", dest="progress", action="store_false")
+    sp.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bar: one line per train.log_every steps and per eval")
     sp.set_defaults(fn=cmd_sweep)
 
     sp = sub.add_parser("report", help="tables and the paper's plots of a sweep directory")
@@ -312,6 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="memory of the target device (e.g. 80GB) instead of the local one")
     sp.add_argument("--out", default=None, help="also write the plan as JSON")
     sp.set_defaults(fn=cmd_plan)
+
+    sp = sub.add_parser("export", help="export a run's best members (any method), mid-run too")
+    sp.add_argument("run_dir", help="a run directory (ptjax train, or a sweep's jobs/<id>)")
+    sp.add_argument("--out", default=None, help="where to write (default: RUN_DIR/export)")
+    sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("config", help="show the resolved config: every key, defaults filled")
+    sp.add_argument("action", choices=["show"])
+    sp.add_argument("items", nargs="*", metavar="CONFIG.yaml | RUN_DIR | key=value",
+                    help="an optional YAML config or run directory, then key=value overrides")
+    sp.set_defaults(fn=cmd_config)
 
     return p
 
@@ -336,7 +399,7 @@ def main(argv=None) -> int:
         if not hasattr(args, "items") or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.items += extra
-    if args.command in ("train", "pretrain", "eval", "plan", "sweep", "neighbors"):
+    if args.command in ("train", "pretrain", "eval", "plan", "sweep", "neighbors", "export"):
         enable_compilation_cache()
     try:
         code = args.fn(args)

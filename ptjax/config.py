@@ -134,7 +134,8 @@ class TrainConfig:
     metric: str = ""  # the metric that picks the best step; "" = the task's default
     ensemble: str = ""  # "", majority or mean_logprob: also score the K prompts' ensemble
     data_shards: int = 0  # train data shards (one per process by default); see pipeline
-    progress: bool = True
+    progress: bool = True  # a progress bar; false = one log line every log_every steps
+    wandb: str = ""  # a Weights & Biases project to log to ("" = off; WANDB_MODE=offline works)
     # Dropout on attention probabilities, apart from train.dropout (hidden). 0 (T5X's
     # prompt-tuning default, per DESIGN.md) lets the fused attention run; > 0 forces the
     # einsum path. Before this key existed attention dropout was the checkpoint's rate.

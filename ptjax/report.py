@@ -89,6 +89,9 @@ def _plot(ax, table, x, hue, xlabel, logx=False, categorical=False):
         ax.xaxis.set_major_formatter(ScalarFormatter() if x != "parameters" else
                                      matplotlib_func(size_label))
         ax.xaxis.set_minor_formatter(NullFormatter())
+        close = any(b / a < 1.8 for a, b in zip(ticks, ticks[1:]) if a > 0)
+        if close or len(ticks) > 5:  # e.g. lengths 100 and 150 on a log axis
+            ax.tick_params(axis="x", labelrotation=45)
     ax.set_xlabel(xlabel)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -100,9 +103,38 @@ def matplotlib_func(fn):
     return FuncFormatter(lambda v, _: fn(v))
 
 
-def figures(runs, out_dir: str, metric_name: str) -> list[str]:
+def run_facts(directory: str) -> dict:
+    """What the runs of a sweep (or one run) directory were: {"models", "tasks", "steps",
+    "majority": {task: majority-class dev accuracy}} from their results.json files."""
+    import glob
+    import json
+
+    facts = {"models": set(), "tasks": set(), "steps": set(), "majority": {}}
+    paths = glob.glob(os.path.join(directory, "jobs", "*", "results.json"))
+    paths += glob.glob(os.path.join(directory, "results.json"))
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        facts["models"].add(os.path.basename(str(r.get("model", "?")).rstrip("/")))
+        facts["tasks"].add(r.get("task", "?"))
+        facts["steps"].add(r.get("steps"))
+        if r.get("majority") is not None:
+            facts["majority"][r.get("task", "?")] = r["majority"]
+    return facts
+
+
+def describe_facts(facts: dict) -> str:
+    """"tiny-t5 on synthetic_sentiment, 200 steps" for a figure's subtitle."""
+    steps = sorted(s for s in facts["steps"] if s is not None)
+    return (", ".join(sorted(facts["models"])) + " on " + ", ".join(sorted(facts["tasks"]))
+            + (f", {'/'.join(str(s) for s in steps)} steps" if steps else ""))
+
+
+def figures(runs, out_dir: str, metric_name: str, facts: dict | None = None) -> list[str]:
     """The paper's plots for whatever the sweep varies; returns the files written. Other
-    settings the sweep varies (besides the task and the seed) get their own lines."""
+    settings the sweep varies (besides the task and the seed) get their own lines. facts
+    (``run_facts``): models, task and steps in each subtitle, the majority-class baseline
+    as a dashed line when every task has one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,8 +154,14 @@ def figures(runs, out_dir: str, metric_name: str) -> list[str]:
         table = _task_mean(runs, ["task.name", x, *hue])
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         _plot(ax, table, x, hue, xlabel, **kw)
-        ax.set_ylabel(f"dev {metric_name} (mean over seeds)")
-        ax.set_title(title)
+        tasks = sorted(runs["task.name"].unique())
+        majority = (facts or {}).get("majority", {})
+        if tasks and all(t in majority for t in tasks):
+            ax.axhline(float(np.mean([majority[t] for t in tasks])), color="gray",
+                       linestyle="--", linewidth=1, label="majority class")
+            ax.legend(fontsize=7)
+        ax.set_ylabel(f"dev {metric_name} (%, mean over seeds)")
+        ax.set_title(title + (f"\n{describe_facts(facts)}" if facts else ""), fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, name)
         fig.savefig(path, dpi=120)
@@ -132,17 +170,18 @@ def figures(runs, out_dir: str, metric_name: str) -> list[str]:
 
     if varies.get("model.path") or varies.get("method.name"):
         draw("fig1_size.png", "Figure 1: score vs model size", "parameters",
-             ["method.name"] + ["family"] * bool(varies.get("family")), "model parameters",
+             ["method.name"] + ["family"] * bool(varies.get("family")),
+             "frozen model parameters (log scale)",
              logx=True)
     if varies.get("prompt.length"):
         draw("fig3a_length.png", "Figure 3a: prompt length", "prompt.length", ["parameters"],
-             "prompt length", logx=True)
+             "prompt length (tokens, log scale)", logx=True)
     if varies.get("prompt.init"):
         draw("fig3b_init.png", "Figure 3b: prompt initialisation", "prompt.init",
              ["parameters"], "prompt initialisation", categorical=True)
     if varies.get("family"):
         draw("fig3c_pretraining.png", "Figure 3c: pre-training objective", "parameters",
-             ["family"], "model parameters", logx=True)
+             ["family"], "frozen model parameters (log scale)", logx=True)
     return written
 
 
@@ -179,10 +218,15 @@ def write_report(directory: str) -> dict:
     fig_dir = os.path.join(directory, "figures")
     os.makedirs(fig_dir, exist_ok=True)
     metric = ", ".join(sorted(runs["metric"].dropna().unique())) or "score"
-    paths["figures"] = figures(runs, fig_dir, metric)
+    facts = run_facts(directory)
+    paths["figures"] = figures(runs, fig_dir, metric, facts)
     transfer = [c for c in runs.columns if c.startswith("transfer:")]
+    baseline = ("; majority-class baseline " + ", ".join(
+        f"{v:.2f} ({t})" for t, v in sorted(facts["majority"].items()))
+        if facts["majority"] else "")
     lines = [f"# Sweep report: {os.path.basename(os.path.normpath(directory))}", "",
-             f"{len(runs)} runs, dev metric: {metric}; best step by early stopping on dev.",
+             f"{len(runs)} runs of {describe_facts(facts)}; dev metric: {metric}"
+             f"{baseline}; best step by early stopping on dev.",
              "", "## Mean +/- std over seeds", "", _markdown(summary)]
     if transfer:
         cols = [c for c in analysis.setting_columns(runs) if runs[c].nunique() > 1]

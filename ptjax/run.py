@@ -15,6 +15,7 @@ reaches the same prompts and metrics as an uninterrupted run.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -41,8 +42,8 @@ from ptjax.train import learning_rate_schedule, setup
 TINY = {"tiny-t5": "t5", "tiny-gpt2": "gpt2"}
 # Keys a rerun may change and still resume the same run: its length, its display, and
 # the devices it runs on (orbax restores into the new mesh's shardings).
-RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.eval_batch_size", "mesh.data",
-                     "mesh.model", "mesh.fsdp", "mesh.distributed")
+RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.wandb", "train.eval_batch_size",
+                     "mesh.data", "mesh.model", "mesh.fsdp", "mesh.distributed")
 
 
 def load_run_model(cfg, mesh=None, fsdp: bool = False):
@@ -131,7 +132,11 @@ class MetricsLog:
     """metrics.jsonl + TensorBoard. On resume from step s, rows after s are dropped (and
     TensorBoard purges them) so a resumed run's log equals an uninterrupted one's."""
 
-    def __init__(self, run_dir: str, resume_step: int, enabled_tb: bool = True):
+    def __init__(self, run_dir: str, resume_step: int, enabled_tb: bool = True,
+                 names=None, wandb_project: str = "", config=None):
+        # TensorBoard / W&B tags name each member by its settings, e.g.
+        # train/loss/prompt-P20-class_label-seed0 (metrics.jsonl keeps the index k)
+        self.names = list(names) if names else None
         self.path = os.path.join(run_dir, "metrics.jsonl")
         rows = []
         if os.path.exists(self.path):
@@ -153,22 +158,59 @@ class MetricsLog:
 
             self._tb = SummaryWriter(os.path.join(run_dir, "tb"),
                                      purge_step=resume_step + 1 if resume_step else None)
+        self._wandb = _wandb_run(run_dir, wandb_project, config) if wandb_project else None
+
+    def _member(self, k) -> str:
+        return self.names[k] if self.names and k < len(self.names) else f"prompt-{k}"
 
     def write(self, rows):
         for row in rows:
             self._file.write(json.dumps(row) + "\n")
+            scalars = {}
+            for key, value in row.items():
+                if key in ("step", "split", "prompt") or not isinstance(value, (int, float)):
+                    continue
+                suffix = f"/{self._member(row['prompt'])}" if "prompt" in row else ""
+                scalars[f"{row['split']}/{key}{suffix}"] = value
             if self._tb is not None:
-                for key, value in row.items():
-                    if key in ("step", "split", "prompt") or not isinstance(value, (int, float)):
-                        continue
-                    suffix = f"/prompt-{row['prompt']}" if "prompt" in row else ""
-                    self._tb.add_scalar(f"{row['split']}/{key}{suffix}", value, row["step"])
+                for tag, value in scalars.items():
+                    self._tb.add_scalar(tag, value, row["step"])
+            if self._wandb is not None:
+                self._wandb.log(scalars, step=row["step"])
         self._file.flush()
 
     def close(self):
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def member_names(cfg, method) -> list[str]:
+    """One name per member from its run's settings: method, prompt length, init, seed."""
+    length = "" if method.name in ("model", "design") else f"-P{cfg.prompt.length}"
+    names = []
+    for k, seed in enumerate(method.seeds):
+        init = method.describe(k).get("init")
+        names.append(f"{method.name}{length}{'-' + init if init else ''}-seed{seed}")
+    return names
+
+
+def _wandb_run(run_dir: str, project: str, cfg):
+    """A W&B run for ``run_dir`` (train.wandb=PROJECT); a resumed run continues the same
+    one. WANDB_MODE=offline writes it under run_dir/wandb for a later `wandb sync`."""
+    try:
+        import wandb
+    except ImportError:
+        raise PtjaxError(f"train.wandb={project!r} needs Weights & Biases: pip install "
+                         "'ptjax[wandb]' (or set train.wandb='')") from None
+    import hashlib
+
+    run_id = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+    return wandb.init(project=project, name=os.path.basename(run_dir.rstrip("/")), id=run_id,
+                      dir=run_dir, resume="allow",
+                      config=config_lib.to_dict(cfg) if cfg is not None else None)
 
 
 def _check_resumable(run_dir: str, cfg):
@@ -306,7 +348,8 @@ def train(cfg) -> dict:
             print(f"resuming {run_dir} from step {start} (checkpoint {ckpt.directory}/{start})")
     if main:
         config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    log = MetricsLog(run_dir, start) if main else _NullLog()
+    log = (MetricsLog(run_dir, start, names=member_names(cfg, method),
+                      wandb_project=tc.wandb, config=cfg) if main else _NullLog())
 
     lr_at = learning_rate_schedule(cfg.optim, tc.steps)
     pending = []  # (step, device metrics): read in bulk, not every step
@@ -333,6 +376,9 @@ def train(cfg) -> dict:
                     "truncated": window["truncated"]} for k in range(K)])
         if bar is not None:
             bar.set_postfix(loss=f"{mean.mean():.4f}")
+        elif main:  # --no-progress: a line per log step, so a cluster's log fills as it runs
+            print(f"{os.path.basename(run_dir.rstrip('/'))} step {s}/{tc.steps}: loss "
+                  + " ".join(f"{x:.4f}" for x in mean) + f" ({rate:.2f} steps/s)", flush=True)
         pending.clear()
         window.update(t=time.perf_counter(), truncated=0)
 
@@ -365,6 +411,11 @@ def train(cfg) -> dict:
                 values = evaluate(model, method, state.trainable, frozen, dev,
                                   tc.eval_batch_size, cfg.task.max_target_length, mesh)
                 best.update(values[metric], s, state.trainable)
+                if bar is None and main:
+                    print(f"{os.path.basename(run_dir.rstrip('/'))} step {s}/{tc.steps}: "
+                          f"validation {metric} " + " ".join(f"{x:.2f}" for x in values[metric])
+                          + " (best " + " ".join(f"{x:.2f}" for x in best.metric) + ")",
+                          flush=True)
                 log.write([{"step": s, "split": "validation", "prompt": k,
                             **{m: v[k] for m, v in values.items()},
                             f"best_{metric}": best.metric[k], "best_step": best.step[k]}
@@ -395,6 +446,15 @@ def place_trainable(method, tree, mesh, cfg):
     return jax.tree.map(put, tree, shardings)
 
 
+def majority_baseline(dev):
+    """Dev accuracy (%) of always answering the most frequent class: the floor a prompt
+    must beat (rank classification over a fixed label set scored by accuracy; else None)."""
+    if dev.mode != "rank" or not dev.labels or dev.select != "accuracy":
+        return None
+    counts = collections.Counter(ex["targets"] for ex in dev.examples)
+    return 100.0 * max(counts.values()) / len(dev.examples)
+
+
 def _finish(model, method, cfg, best, metric, dev, mesh, frozen) -> dict:
     """Export the best members, score their ensemble and their zero-shot transfer, and
     write results.json. Every process computes; process 0 writes."""
@@ -405,7 +465,7 @@ def _finish(model, method, cfg, best, metric, dev, mesh, frozen) -> dict:
         "run_dir": run_dir, "method": method.name, "metric": metric,
         "steps": tc.steps, "export": export_dir, "model": cfg.model.path,
         "parameters": int(sum(x.size for x in jax.tree.leaves(model.params))),
-        "task": cfg.task.name,
+        "task": cfg.task.name, "majority": majority_baseline(dev),
         "prompts": [{"prompt": k, "seed": int(seed), **method.describe(k),
                      "best_step": best.step[k], f"best_{metric}": best.metric[k]}
                     for k, seed in enumerate(method.seeds)],

@@ -46,8 +46,8 @@ SWEEP_KEYS = ("name", "description", "dir", "base", "config", "grid", "zip", "se
               "ensemble")
 INIT_KEYS = ("prompt.init",)  # what may differ inside a packed job, besides the seed
 # Keys that never change what a run computes (left out of its id).
-NOT_IN_ID = ("run_dir", "train.progress", "train.eval_batch_size", "mesh.data", "mesh.model",
-             "mesh.fsdp", "mesh.distributed")
+NOT_IN_ID = ("run_dir", "train.progress", "train.wandb", "train.eval_batch_size", "mesh.data",
+             "mesh.model", "mesh.fsdp", "mesh.distributed")
 
 # Settings added after the first sweeps: left out of the id while at their default, so
 # sweep directories made before them keep their run and job ids.

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.torch
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import transformers  # noqa: E402

@@ -56,7 +56,8 @@ def test_rank_classification_matches_a_plain_loop(model):
     task = Task("t", {"validation": EXAMPLES}, labels=("negative", "positive"))
     dev = build_dev_set(model, task, "auto", 16, 4)
     prompts = _prompts(model)
-    got = evaluate(model, for_model(model), {"prompt": prompts}, model.params, dev, batch_size=4, max_new_tokens=4)
+    got = evaluate(model, for_model(model), {"prompt": prompts}, model.params, dev,
+                   batch_size=4, max_new_tokens=4)
     want = []
     for k in range(2):
         preds = [int(np.argmax([_label_logprob(model, prompts[k], ex["inputs"], lab)
@@ -79,7 +80,8 @@ def test_exact_match_matches_a_plain_loop(model):
     examples = [{**ex, "targets": outs[i] if i < 2 else "no such output"}
                 for i, ex in enumerate(EXAMPLES)]
     dev = build_dev_set(model, Task("t", {"validation": examples}), "auto", 16, 4)
-    got = evaluate(model, for_model(model), {"prompt": prompts}, model.params, dev, batch_size=2, max_new_tokens=4)
+    got = evaluate(model, for_model(model), {"prompt": prompts}, model.params, dev,
+                   batch_size=2, max_new_tokens=4)
     assert got["exact_match"][1] == pytest.approx(40.0)
     assert len(got["exact_match"]) == 2
 

@@ -5,9 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
-from conftest import padded_batch
+from conftest import padded_batch, torch
 
 import ptjax
 from ptjax import cli
@@ -92,6 +91,7 @@ def test_prompt_and_input_errors(loaded):
 
 
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
+@pytest.mark.torch
 def test_tiny_model_is_a_valid_hf_checkpoint(tmp_path, family):
     """ptjax writes the built-in tiny model in Hugging Face form: transformers reads it and
     computes the same logits, and its tokenizer round-trips text."""

@@ -7,8 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from conftest import GPT2_CONFIGS, T5_CONFIGS, padded_batch
+from conftest import GPT2_CONFIGS, T5_CONFIGS, padded_batch, torch
 
 import ptjax
 

@@ -75,7 +75,8 @@ def test_rank_classification_scores_sentinel_plus_label(model):
     task = Task("t", {"validation": EXAMPLES}, labels=("negative", "positive"))
     dev = build_dev_set(model, task, "auto", 16, 5, target_prefix=(sid,))
     prompts = jax.random.normal(jax.random.key(0), (1, 3, model.config.hidden_size))
-    preds = predict(model, for_model(model), {"prompt": prompts}, model.params, dev, batch_size=8, max_new_tokens=5)
+    preds = predict(model, for_model(model), {"prompt": prompts}, model.params, dev,
+                    batch_size=8, max_new_tokens=5)
     want = [_logprob(model, prompts[0], ex["inputs"], [sid] + model.tokenizer(lab)["input_ids"])
             for ex in EXAMPLES for lab in task.labels]
     np.testing.assert_allclose(preds.scores[0], want, rtol=1e-5, atol=1e-5)

@@ -173,6 +173,11 @@ def test_results_table_report_and_ensembles(finished):
                  "figures/fig3a_length.png", "figures/fig3b_init.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     assert not os.path.exists(os.path.join(out, "figures", "fig1_size.png"))  # one size
+    report = open(os.path.join(out, "report.md")).read()  # says what ran, and the floor
+    assert "8 runs of tiny-t5 on synthetic_sentiment, 4 steps" in report
+    majority = [json.load(open(p))["majority"] for p in glob.glob(f"{out}/jobs/*/results.json")]
+    assert len(set(majority)) == 1 and 50 <= majority[0] < 100
+    assert f"majority-class baseline {majority[0]:.2f} (synthetic_sentiment)" in report
 
 
 def test_rerun_skips_finished_jobs(finished, capsys):

@@ -2,9 +2,9 @@
 
 Built in (no network): ``synthetic_sentiment`` (classification, labels negative /
 positive), ``synthetic_sentiment_shifted`` (the same labels in another domain and form,
-for zero-shot transfer) and ``synthetic_qa`` (a colour question answered by a word of the input, scored
-by greedy exact match or by ranking the colours). ``jsonl`` reads one JSON object per
-line with "inputs" and "targets".
+for zero-shot transfer) and ``synthetic_qa`` (a colour question answered by a word of the
+input, scored by greedy exact match or by ranking the colours). ``jsonl`` reads one JSON
+object per line with "inputs" and "targets".
 """
 from __future__ import annotations
 
@@ -207,8 +207,12 @@ TFDS_TASKS = {
 
 def _tfds():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-    import tensorflow_datasets as tfds
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # the demo's install has neither
+        raise PtjaxError(f"TFDS tasks need tensorflow-datasets and TensorFlow ({e.name} is not "
+                         "installed): pip install -e '.[tfds]'") from None
 
     # TensorFlow only reads data here: keep it off the accelerators JAX uses.
     tf.config.set_visible_devices([], "GPU")

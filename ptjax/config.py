@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
@@ -165,6 +166,35 @@ POSITIVE = ("prompt.length", "train.steps", "train.batch_size", "train.log_every
             "train.eval_batch_size", "task.max_input_length", "task.max_target_length",
             "prompt.vocab_limit", "method.prefix.hidden")
 NON_NEGATIVE = ("method.prefix.embed_dim", "method.ptuning.hidden")
+# The domain of every other numeric setting: (low, high, what it means), the bounds
+# written as "[a" / "(a" (closed / open) so the one error line says exactly what is valid.
+# Every int / float key is in POSITIVE, NON_NEGATIVE, DOMAINS or FREE (tested), so a new
+# numeric setting cannot go unchecked.
+DOMAINS = {
+    "optim.learning_rate": ("(0", "inf)", "a positive learning rate"),
+    "optim.warmup_steps": ("[0", "inf)", "0 = no warm-up"),
+    "optim.weight_decay": ("[0", "inf)", "0 = off"),
+    "optim.decay_rate": ("(0", "1]", "Adafactor's decay exponent"),
+    "optim.clipping_threshold": ("[0", "inf)", "0 = off"),
+    "optim.b1": ("[0", "1)", "Adam's first-moment decay"),
+    "optim.b2": ("[0", "1)", "Adam's second-moment decay"),
+    "optim.eps": ("(0", "inf)", "Adam's epsilon"),
+    "optim.max_grad_norm": ("[0", "inf)", "0 = off"),
+    "train.dropout": ("[0", "1)", "a dropout rate"),
+    "train.data_shards": ("[0", "inf)", "0 = one per process"),
+    "task.dev_size": ("[0", "inf)", "0 = all dev examples"),
+    "method.ptuning.model_learning_rate": ("(0", "inf)", "a positive learning rate"),
+}
+# Numeric settings any value of which is valid (seeds; the uniform range, checked as a
+# pair; mesh sizes, checked against the devices by ptjax.sharding).
+FREE = ("train.seed", "prompt.seeds", "prompt.low", "prompt.high", "mesh.data", "mesh.model")
+
+
+def _in_domain(value, low: str, high: str) -> bool:
+    lo, hi = float(low[1:]), float(high[:-1])
+    above = value >= lo if low[0] == "[" else value > lo
+    below = value <= hi if high[-1] == "]" else value < hi
+    return math.isfinite(value) and above and below
 
 
 def _fields(cls) -> dict[str, Any]:
@@ -282,6 +312,15 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         if get(cfg, key) < 0:
             raise PtjaxError(f"{where}: {key}={get(cfg, key)} must be >= 0 (0 = the model's "
                              "width)")
+    for key, (low, high, meaning) in DOMAINS.items():
+        if not _in_domain(get(cfg, key), low, high):
+            raise PtjaxError(f"{where}: {key}={get(cfg, key)} is out of range; valid: "
+                             f"{low}, {high} ({meaning})")
+    if not cfg.prompt.low < cfg.prompt.high:
+        raise PtjaxError(f"{where}: prompt.low={cfg.prompt.low} must be below "
+                         f"prompt.high={cfg.prompt.high} (the random_uniform range)")
+    if not cfg.run_dir.strip():
+        raise PtjaxError(f"{where}: run_dir is empty; name the run's directory")
     if not cfg.prompt.seeds:
         raise PtjaxError(f"{where}: prompt.seeds is empty; give one seed per prompt, e.g. [0]")
     single = {"model": "trains one model",
@@ -295,8 +334,6 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         if site not in ("encoder", "decoder", "cross"):
             raise PtjaxError(f"{where}: method.prefix.sites has {site!r}; valid: encoder, "
                              "decoder, cross (T5), decoder (GPT-2)")
-    if not 0.0 <= cfg.train.dropout < 1.0:
-        raise PtjaxError(f"{where}: train.dropout={cfg.train.dropout} must be in [0, 1)")
     if cfg.task.name == "jsonl" and not (cfg.task.train_file and cfg.task.dev_file):
         raise PtjaxError(f"{where}: task.name=jsonl needs task.train_file and task.dev_file")
     if cfg.prompt.inits:
@@ -307,9 +344,6 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
             if init not in PROMPT_INITS:
                 raise PtjaxError(f"{where}: prompt.inits has {init!r}; valid: "
                                  f"{', '.join(PROMPT_INITS)}")
-    if cfg.train.data_shards < 0:
-        raise PtjaxError(f"{where}: train.data_shards={cfg.train.data_shards} must be >= 0 "
-                         "(0 = one per process)")
     if cfg.train.ensemble and len(cfg.prompt.seeds) < 2:
         raise PtjaxError(f"{where}: train.ensemble={cfg.train.ensemble} needs several prompts "
                          "(prompt.seeds with two or more seeds)")
@@ -338,10 +372,39 @@ def from_dict(data: dict, overrides=(), where: str = "config") -> RunConfig:
             raise PtjaxError(f"override {item!r} must look like dotted.key=value "
                              "(e.g. train.steps=100)")
         key, raw = item.split("=", 1)
-        value = _yaml(raw) if raw.strip() else ""
-        _set_dotted(data, key.strip(), value, "override")
+        key = key.strip()
+        _set_dotted(data, key, _override_value(key, raw), "override")
     _moved_method(data, where)
     return validate(_build(RunConfig, data, "", where), where)
+
+
+def _key_type(key: str):
+    """The field type of a dotted key, or None for an unknown key (reported later)."""
+    cls = RunConfig
+    for part in current_key(key).split("."):
+        fields = _fields(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return None
+        cls = fields[part]
+    return cls
+
+
+def _override_value(key: str, raw: str):
+    """An override's value as YAML reads it, except where YAML would misread a string:
+    text that is not valid YAML, or that YAML makes a mapping or list, is the literal
+    string for a str key (``task.template={inputs} {soft:3}`` as the shell passes it)."""
+    if not raw.strip():
+        return ""
+    try:
+        value = _yaml(raw)
+    except yaml.YAMLError as e:
+        if _key_type(key) is str:
+            return raw
+        raise PtjaxError(f"override {key}={raw!r}: not valid YAML "
+                         f"({str(e).splitlines()[0]})") from None
+    if _key_type(key) is str and isinstance(value, (dict, list)):
+        return raw
+    return value
 
 
 # Keys that were renamed: read under their new name (config files, overrides, sweep axes).
@@ -378,11 +441,21 @@ def load_config(path: str | None, overrides=()) -> RunConfig:
     if path is not None:
         if not os.path.exists(path):
             raise PtjaxError(f"{path}: config file not found")
+        if os.path.isdir(path):
+            raise PtjaxError(f"{path}: is a directory, not a config file (a run directory "
+                             "holds config.yaml)")
         try:
-            with open(path) as f:
-                data = _yaml(f) or {}
+            with open(path, encoding="utf-8") as f:
+                data = _yaml(f)
         except yaml.YAMLError as e:
             raise PtjaxError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise PtjaxError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise PtjaxError(f"{path}: cannot be read ({e.strerror})") from None
+        if data is None:  # a run on all defaults is 30,000 steps: never by accident
+            raise PtjaxError(f"{path}: the config file is empty; give at least one section "
+                             "(e.g. train: {steps: 100}), or no file for the defaults")
         if not isinstance(data, dict):
             raise PtjaxError(f"{path}: must hold a mapping of config sections")
     return from_dict(data, overrides, where=path or "config")

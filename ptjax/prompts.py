@@ -61,7 +61,8 @@ def class_label(key, length: int, embedding_VxD, label_ids: Sequence[Sequence[in
 
 def text(length: int, embedding_VxD, token_ids: Sequence[int]):
     """[P, D] from text token ids, PEFT's TEXT semantics: ids tiled cyclically, truncated
-    to P."""
+    to P. ``initial_prompts`` passes the tokenizer's full encoding (T5: with its EOS), as
+    PEFT does."""
     if len(token_ids) == 0:
         raise PtjaxError("text init needs a non-empty init text")
     ids = np.resize(np.asarray(token_ids), length)  # cyclic tiling, then truncation
@@ -164,7 +165,9 @@ def initial_prompts(model, p, task) -> np.ndarray:
         # T5's tokenizer appends EOS: the label's embedding is its word pieces alone
         label_ids = [_strip_special(tok, lab) for lab in task.labels]
     if "text" in inits:
-        text_ids = _strip_special(tok, p.text)
+        # PEFT's TEXT init: the ids as the tokenizer encodes the text, special tokens
+        # included (T5's EOS ends them), so a ptjax prompt equals PEFT's on every model
+        text_ids = tok(p.text)["input_ids"]
     if "file" in inits:  # one [P, D] for every file-initialised prompt, or one per seed
         from_file = np.asarray(init_prompts("file", p.seeds, p.length, emb, path=p.file))
     rows = [from_file[k] if init == "file" else

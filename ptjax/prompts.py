@@ -92,6 +92,10 @@ def load_table(path: str, dim: int, length: int | None = None):
         raise PtjaxError(f"{path}: cannot be read as a prompt ({str(e).splitlines()[0]})") \
             from None
     shape = tuple(table.shape)
+    if not np.issubdtype(np.asarray(table).dtype, np.floating) or \
+            not np.isfinite(table).all():  # a diverged run's prompt would poison this one
+        raise PtjaxError(f"{path}: the prompt holds non-finite or non-float values "
+                         f"({np.asarray(table).dtype}); give a finite float array")
     if table.ndim == 2:
         table = table[None]
     want = f"({length if length else 'P'}, {dim})"

@@ -82,7 +82,27 @@ ROWS = [{"inputs": f"review: {w} film", "targets": lab}
         for w, lab in [("great", "yes"), ("awful", "no")] * 4]
 
 
-def _case_files(tmp_path, case):
+def _save_npy(path, array):
+    np.save(path, array)
+    return str(path)
+
+
+def _bad_model(path):
+    """A checkpoint directory whose config.json is cut short."""
+    path.mkdir()
+    write(path / "config.json", '{"model_type": "t5", "d_model": ')
+    return str(path)
+
+
+def _unsaved_run(path, tiny_dir):
+    """A run directory killed before its first checkpoint (config.yaml, no checkpoints)."""
+    path.mkdir()
+    write(path / "config.yaml", f"run_dir: elsewhere\nmodel: {{tiny_dir: {tiny_dir}}}\n")
+    write(path / "metrics.jsonl", "")
+    return str(path)
+
+
+def _case_files(tmp_path, tiny_dir):
     """Inputs of the catalogue cases, written in ``tmp_path/in``."""
     d = tmp_path / "in"
     d.mkdir()
@@ -100,7 +120,11 @@ def _case_files(tmp_path, case):
             {"inputs": "review: dull film", "targets": "maybe"}])),
         "txt_prompt": write(d / "p.txt", "0 0 0"),
         "bad_npy": write(d / "p.npy", b"\x93NUMPY garbage"),
+        "nan_npy": _save_npy(d / "nan.npy", np.full((4, 64), np.nan, np.float32)),
+        "wide_npy": _save_npy(d / "wide.npy", np.zeros((2, 4, 32), np.float32)),
+        "bad_model": _bad_model(d / "model"),
         "good": good,
+        "unsaved_run": _unsaved_run(d / "unsaved", tiny_dir),
         "a_file": write(d / "a_file", "x"),
         "no_config_dir": str(d),
     }
@@ -150,6 +174,10 @@ CASES = [
     # model files
     ("model missing", ["train", "run_dir={run}", "model.path=/nonexistent/model"],
      "/nonexistent/model: no such directory"),
+    ("model config cut short", ["train", "run_dir={run}", "model.path={bad_model}"],
+     "config.json: not valid JSON"),
+    ("eval a run without checkpoints", ["eval", "{unsaved_run}"],
+     "{unsaved_run}/checkpoints: no checkpoint; the run has not saved its trained members yet"),
     # data
     ("jsonl not UTF-8", ["train", "run_dir={run}", "task.name=jsonl",
                          "task.train_file={latin1}", "task.dev_file={good}"],
@@ -174,12 +202,17 @@ CASES = [
      "prompt files must be .npy or .safetensors"),
     ("prompt file corrupt", ["train", "run_dir={run}", "prompt.init=file",
                              "prompt.file={bad_npy}"], "cannot be read as a prompt"),
+    ("prompt file not finite", ["train", "run_dir={run}", "prompt.init=file",
+                                "prompt.file={nan_npy}"], "nan.npy: the prompt holds non-finite"),
+    ("eval prompt of another width", ["eval", "model.path=tiny-t5", "model.tiny_dir={tiny}",
+                                      "--prompt", "{wide_npy}"],
+     "wide.npy: prompt has shape (2, 4, 32), expected (P, 64)"),
 ]
 
 
 @pytest.mark.parametrize("name, argv, message", CASES, ids=[c[0] for c in CASES])
 def test_catalogue(name, argv, message, tmp_path, tiny_dir, capsys):
-    files = _case_files(tmp_path, name)
+    files = _case_files(tmp_path, tiny_dir)
     fill = {**files, "run": str(tmp_path / "run"), "tiny": tiny_dir}
     argv = [a.format(**fill) for a in argv]
     message = message.format(**fill)
@@ -227,6 +260,19 @@ def test_missing_transfer_data_stops_before_the_first_step(tmp_path, tiny_dir, c
 
 
 # ------------------------------------------------------------------ run directories
+
+
+def test_what_is_scored_after_training_may_change_on_resume(trained, tmp_path, capsys):
+    """A rerun that adds (or drops) a transfer task resumes the run rather than refusing
+    it: transfer and ensembles are scored after training and change nothing before."""
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(trained, run_dir)
+    code, out = ptjax("train", run_dir, "task.transfer=[synthetic_sentiment_shifted]",
+                      "train.ensemble=majority", capsys=capsys)
+    assert code == 0, out.err
+    results = json.load(open(os.path.join(run_dir, "results.json")))
+    assert set(results["transfer"]) == {"synthetic_sentiment_shifted"} and results["ensemble"]
+    assert _files(os.path.join(run_dir, "export")) == _files(os.path.join(trained, "export"))
 
 
 def test_a_copied_run_continues_in_its_copy(trained, tiny_dir, tmp_path, capsys):

@@ -145,9 +145,7 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from ptjax.run import evaluate_prompts
-
-    from ptjax.run import check_output_file
+    from ptjax.run import check_output_file, evaluate_prompts
 
     if args.out:  # before the evaluation, not after it
         check_output_file(args.out, "--out")

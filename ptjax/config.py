@@ -319,8 +319,6 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     if not cfg.prompt.low < cfg.prompt.high:
         raise PtjaxError(f"{where}: prompt.low={cfg.prompt.low} must be below "
                          f"prompt.high={cfg.prompt.high} (the random_uniform range)")
-    if not cfg.run_dir.strip():
-        raise PtjaxError(f"{where}: run_dir is empty; name the run's directory")
     if not cfg.prompt.seeds:
         raise PtjaxError(f"{where}: prompt.seeds is empty; give one seed per prompt, e.g. [0]")
     single = {"model": "trains one model",

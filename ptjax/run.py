@@ -9,6 +9,10 @@
                          prompts.npy [K, P, D], prompt-k/ with npy, safetensors and a PEFT
                          adapter; prefix: prefix-k/; model tuning: model/ in HF form)
       results.json       best step and metric per member, for notebooks
+      damaged-checkpoints/  checkpoints found damaged on resume, moved out of orbax's way
+
+The run directory is the one named when the run starts (a copied or moved run continues
+where it is); one process trains it at a time (``RunLock``).
 
 Rerunning the same command after a crash or a kill resumes from the last checkpoint and
 reaches the same prompts and metrics as an uninterrupted run.
@@ -159,6 +163,8 @@ def _get(d, key):
 def check_output_dir(path: str, key: str):
     """One line, before any work, if ``path`` cannot be a directory we write in: a file
     there or above it, or a directory (or the run's own subdirectory) not writable."""
+    if not path.strip():  # (sweeps resolve configs with run_dir "" before naming jobs)
+        raise PtjaxError(f"{key} is empty; name the directory")
     target = probe = os.path.abspath(path)
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)

@@ -160,7 +160,7 @@ CASES = [
                                                         "valid YAML"),
     ("override a mapping", ["train", "train.steps={{a: 1}}"], "train.steps={{'a': 1}} is not "
                                                               "an integer"),
-    ("empty run_dir", ["train", "run_dir= "], "run_dir is empty"),
+    ("empty run_dir", ["train", "run_dir= "], "run_dir is empty; name the directory"),
     # output paths (checked before the model is loaded)
     ("run_dir is a file", ["train", "run_dir={a_file}"], "a_file is a file, not a directory"),
     ("run_dir under a file", ["train", "run_dir={a_file}/run"], "is a file, not a directory"),

@@ -183,7 +183,7 @@ DOMAINS = {
     "train.dropout": ("[0", "1)", "a dropout rate"),
     "train.data_shards": ("[0", "inf)", "0 = one per process"),
     "task.dev_size": ("[0", "inf)", "0 = all dev examples"),
-    "method.ptuning.model_learning_rate": ("(0", "inf)", "a positive learning rate"),
+    "method.ptuning.model_learning_rate": ("[0", "inf)", "0 = the weights stay as they are"),
 }
 # Numeric settings any value of which is valid (seeds; the uniform range, checked as a
 # pair; mesh sizes, checked against the devices by ptjax.sharding).

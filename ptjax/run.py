@@ -295,8 +295,9 @@ def train(cfg) -> dict:
     task's data, transfer tasks included, output paths) is checked before the run
     directory is created or changed; process 0 holds the run directory's lock throughout.
     """
-    main = is_main_process()
     check_output_dir(cfg.run_dir, "run_dir")
+    initialize_distributed(cfg.mesh.distributed)  # before anything asks which process it is
+    main = is_main_process()
     locks = [RunLock(cfg.run_dir)] if main and os.path.isdir(cfg.run_dir) else []
     try:
         return _train(cfg, main, locks)

@@ -8,25 +8,86 @@ Each checkpoint step holds three items:
          best metric and step per prompt
 
 Orbax writes each step to a temporary directory and renames it when complete, so a run
-killed mid-save leaves the previous checkpoint as the latest.
+killed mid-save leaves the previous checkpoint as the latest. A checkpoint damaged later
+(a truncated file, a missing item, corrupted array data, a non-finite array) is named in
+one line and skipped for the newest intact one (``newest_intact``); training moves it to
+``damaged-checkpoints/`` beside ``checkpoints/`` so the run can write that step again.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from ptjax.errors import PtjaxError
 
 
 class Checkpointer:
-    def __init__(self, directory: str, keep: int):
+    def __init__(self, directory: str, keep: int, create: bool = True):
         self.directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        # create=False: a reader (eval, load_run) that writes nothing in the run
+        options = (ocp.CheckpointManagerOptions(max_to_keep=keep, create=True) if create else
+                   ocp.CheckpointManagerOptions(max_to_keep=None, create=False,
+                                                read_only=True, save_interval_steps=0))
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def newest_intact(self, restore, report: bool = True):
+        """(step, restore(step), damaged) for the newest checkpoint that ``restore`` reads
+        whole and finite, or (None, None, []) when there is none; damaged: [(step, why)]
+        of the newer ones, which ``report`` names on stderr. A checkpoint that exists but
+        none intact is a one-line error naming the newest one."""
+        damaged = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                out = restore(step)
+                if not all(np.isfinite(np.asarray(jax.device_get(x))).all()
+                           for x in jax.tree.leaves(out) if hasattr(x, "dtype")
+                           and np.issubdtype(x.dtype, np.floating)):
+                    raise ValueError("it holds non-finite values")
+            except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many kinds)
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                damaged.append((step, why))
+                continue
+            if report:
+                self.report_damaged(damaged, step)
+            return step, out, damaged
+        if damaged:
+            step, why = damaged[0]
+            raise PtjaxError(f"checkpoint {self.path(step)} (step {step}) is damaged ({why}) and "
+                             f"no older checkpoint in {self.directory} is intact; move the "
+                             "directory away to start the run over")
+        return None, None, []
+
+    def report_damaged(self, damaged, used: int, quarantine: bool = False):
+        """Name each damaged checkpoint on stderr and, with ``quarantine``, move it out of
+        the way (training: the run will write that step again)."""
+        for step, why in damaged:
+            moved = self.quarantine(step) if quarantine else None
+            print(f"warning: checkpoint {self.path(step)} (step {step}) is damaged ({why}); "
+                  f"using step {used} instead"
+                  + (f"; the damaged one was moved to {moved}" if moved else ""),
+                  file=sys.stderr)
+
+    def quarantine(self, step: int) -> str:
+        """Move checkpoint ``step`` to ../damaged-checkpoints/ (atomic: a kill leaves it in
+        one place or the other) so orbax no longer sees it."""
+        target_dir = os.path.join(os.path.dirname(self.directory), "damaged-checkpoints")
+        os.makedirs(target_dir, exist_ok=True)
+        target, n = os.path.join(target_dir, str(step)), 1
+        while os.path.exists(target):
+            target, n = os.path.join(target_dir, f"{step}-{n}"), n + 1
+        os.replace(self.path(step), target)
+        self._manager.reload()
+        return target
 
     def save(self, step: int, state, best, meta: dict):
         """Asynchronous: device arrays are copied before this returns, so the caller may
@@ -58,6 +119,10 @@ class Checkpointer:
         """The JSON item alone (data position, data shards, best metrics)."""
         out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return out["meta"]
+
+    def reload(self):
+        """Read the step list from disk again (after another process moved a step)."""
+        self._manager.reload()
 
     def wait(self):
         self._manager.wait_until_finished()

@@ -97,20 +97,43 @@ def cmd_generate(args):
 
 def cmd_tiny(args):
     from ptjax.models.tiny import build_tiny_model
+    from ptjax.run import check_output_dir
 
+    check_output_dir(args.directory, "directory")
+    existed = os.path.exists(os.path.join(args.directory, "config.json"))
     path = build_tiny_model(args.directory, family=args.family, seed=args.seed)
-    print(f"tiny {args.family} model written to {path}")
+    print(f"tiny {args.family} model {'already in' if existed else 'written to'} {path}")
+
+
+def _run_dir_of(path: str) -> str | None:
+    """The run directory a CONFIG argument names: the directory itself, or the directory
+    of a run's config.yaml (a file beside the run's checkpoints or metrics)."""
+    if os.path.isdir(path):
+        return path
+    parent = os.path.dirname(path) or "."
+    if os.path.basename(path) == "config.yaml" and any(
+            os.path.exists(os.path.join(parent, n))
+            for n in ("checkpoints", "metrics.jsonl", "results.json")):
+        return parent
+    return None
 
 
 def _config_and_overrides(items):
-    """``[CONFIG.yaml] [dotted.key=value ...]`` -> RunConfig."""
+    """``[CONFIG.yaml | RUN_DIR] [dotted.key=value ...]`` -> RunConfig. A run directory
+    (or its config.yaml) is the run_dir, whatever its config.yaml says: a copied or moved
+    run continues where it is now, never in the directory it was copied from."""
     from ptjax.config import load_config
 
     path, overrides = None, list(items)
     if overrides and "=" not in overrides[0]:
         path = overrides.pop(0)
-        if os.path.isdir(path):  # a run directory: its resolved config
-            path = os.path.join(path, "config.yaml")
+        run_dir = _run_dir_of(path)
+        if run_dir is not None:
+            path = os.path.join(run_dir, "config.yaml")
+            if not os.path.exists(path):
+                raise PtjaxError(f"{run_dir}: a directory with no config.yaml; give a run "
+                                 "directory or a YAML config file")
+            overrides.insert(0, f"run_dir={run_dir}")  # an explicit run_dir= still wins
     for item in overrides:
         if "=" not in item:
             raise PtjaxError(f"argument {item!r} is not a dotted.key=value override (only the "
@@ -149,11 +172,13 @@ def cmd_pretrain(args):
 
 
 def cmd_eval(args):
-    from ptjax.run import evaluate_prompts
+    from ptjax.run import check_output_file, evaluate_prompts
 
+    if args.out:  # before the evaluation, not after it
+        check_output_file(args.out, "--out")
     cfg = _config_and_overrides(args.items)
     items = list(args.items)
-    run_dir = items[0] if items and os.path.isdir(items[0]) else None
+    run_dir = _run_dir_of(items[0]) if items and "=" not in items[0] else None
     metrics = evaluate_prompts(cfg, args.prompt, args.split, args.ensemble, run_dir)
     if args.ensemble:
         for name, values in metrics["prompts"].items():
@@ -217,6 +242,10 @@ def cmd_report(args):
 def cmd_neighbors(args):
     from ptjax.analysis import run_neighbors
 
+    if args.out:
+        from ptjax.run import check_output_file
+
+        check_output_file(args.out, "--out")
     df = run_neighbors(args.run_dir, args.k, args.prompt)
     for (k, pos), group in df.groupby(["prompt", "position"]):
         tokens = "  ".join(f"{t} ({c:.2f})" for t, c in zip(group["token"], group["cosine"]))
@@ -228,6 +257,10 @@ def cmd_neighbors(args):
 def cmd_plan(args):
     from ptjax.plan import format_plan, parse_bytes, plan, write_plan
 
+    if args.out:
+        from ptjax.run import check_output_file
+
+        check_output_file(args.out, "--out")
     cfg = _config_and_overrides(args.items)
     limit = parse_bytes(args.device_memory) if args.device_memory else None
     result = plan(cfg, limit)
@@ -279,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptjax", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=_version())
+    p.add_argument("--debug", action="store_true",
+                   help="show the Python traceback behind an error message")
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_args(sp):
@@ -393,6 +428,9 @@ def enable_compilation_cache():
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line, not only before the command
+    argv = [a for a in argv if a != "--debug"]
     # overrides may come after options too: `ptjax train c.yaml --no-progress a.b=1`
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -403,10 +441,25 @@ def main(argv=None) -> int:
         enable_compilation_cache()
     try:
         code = args.fn(args)
-    except PtjaxError as e:
-        print(f"ptjax: error: {e}", file=sys.stderr)
+    except (PtjaxError, OSError, UnicodeDecodeError) as e:
+        if debug:
+            raise
+        print(f"ptjax: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return code or 0
+
+
+def _one_line(e: Exception) -> str:
+    """A user's mistake or a file system error as one line naming the path. (An OSError
+    or a decoding error that reached here came from a file the user named or a directory
+    the run writes; anything else is a bug and keeps its traceback.)"""
+    if isinstance(e, PtjaxError):
+        return " ".join(str(e).split("\n"))
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({e.reason} at byte {e.start}); rerun with --debug"
+    where = e.filename or "a file"
+    other = f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
+    return f"{where}{other}: {e.strerror or e}"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
@@ -225,6 +226,36 @@ POSITIVE = ("prompt.length", "train.steps", "train.batch_size", "train.log_every
             "pretrain.d_ff", "pretrain.num_layers", "pretrain.num_heads")
 NON_NEGATIVE = ("method.prefix.embed_dim", "method.ptuning.hidden", "task.shots",
                 "pretrain.documents", "pretrain.extra_ids")
+# The domain of every other numeric setting: (low, high, what it means), the bounds
+# written as "[a" / "(a" (closed / open) so the one error line says exactly what is valid.
+# Every int / float key is in POSITIVE, NON_NEGATIVE, DOMAINS or FREE (tested), so a new
+# numeric setting cannot go unchecked.
+DOMAINS = {
+    "optim.learning_rate": ("(0", "inf)", "a positive learning rate"),
+    "optim.warmup_steps": ("[0", "inf)", "0 = no warm-up"),
+    "optim.weight_decay": ("[0", "inf)", "0 = off"),
+    "optim.decay_rate": ("(0", "1]", "Adafactor's decay exponent"),
+    "optim.clipping_threshold": ("[0", "inf)", "0 = off"),
+    "optim.b1": ("[0", "1)", "Adam's first-moment decay"),
+    "optim.b2": ("[0", "1)", "Adam's second-moment decay"),
+    "optim.eps": ("(0", "inf)", "Adam's epsilon"),
+    "optim.max_grad_norm": ("[0", "inf)", "0 = off"),
+    "train.dropout": ("[0", "1)", "a dropout rate"),
+    "train.attention_dropout": ("[0", "1)", "a dropout rate"),
+    "train.data_shards": ("[0", "inf)", "0 = one per process"),
+    "task.dev_size": ("[0", "inf)", "0 = all dev examples"),
+    "method.ptuning.model_learning_rate": ("[0", "inf)", "0 = the weights stay as they are"),
+}
+# Numeric settings any value of which is valid (seeds; the uniform range, checked as a
+# pair; mesh sizes, checked against the devices by ptjax.sharding).
+FREE = ("train.seed", "prompt.seeds", "prompt.low", "prompt.high", "mesh.data", "mesh.model")
+
+
+def _in_domain(value, low: str, high: str) -> bool:
+    lo, hi = float(low[1:]), float(high[:-1])
+    above = value >= lo if low[0] == "[" else value > lo
+    below = value <= hi if high[-1] == "]" else value < hi
+    return math.isfinite(value) and above and below
 
 
 def _fields(cls) -> dict[str, Any]:
@@ -359,6 +390,13 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     for key in NON_NEGATIVE:
         if get(cfg, key) < 0:
             raise PtjaxError(f"{where}: {key}={get(cfg, key)} must be >= 0")
+    for key, (low, high, meaning) in DOMAINS.items():
+        if not _in_domain(get(cfg, key), low, high):
+            raise PtjaxError(f"{where}: {key}={get(cfg, key)} is out of range; valid: "
+                             f"{low}, {high} ({meaning})")
+    if not cfg.prompt.low < cfg.prompt.high:
+        raise PtjaxError(f"{where}: prompt.low={cfg.prompt.low} must be below "
+                         f"prompt.high={cfg.prompt.high} (the random_uniform range)")
     if not cfg.prompt.seeds:
         raise PtjaxError(f"{where}: prompt.seeds is empty; give one seed per prompt, e.g. [0]")
     single = {"model": "trains one model",
@@ -373,11 +411,6 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
         if site not in ("encoder", "decoder", "cross"):
             raise PtjaxError(f"{where}: method.prefix.sites has {site!r}; valid: encoder, "
                              "decoder, cross (T5), decoder (GPT-2)")
-    if not 0.0 <= cfg.train.dropout < 1.0:
-        raise PtjaxError(f"{where}: train.dropout={cfg.train.dropout} must be in [0, 1)")
-    if not 0.0 <= cfg.train.attention_dropout < 1.0:
-        raise PtjaxError(f"{where}: train.attention_dropout={cfg.train.attention_dropout} "
-                         "must be in [0, 1)")
     if cfg.task.name == "jsonl" and not (cfg.task.train_file and cfg.task.dev_file):
         raise PtjaxError(f"{where}: task.name=jsonl needs task.train_file and task.dev_file")
     if cfg.prompt.inits:
@@ -388,9 +421,6 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
             if init not in PROMPT_INITS:
                 raise PtjaxError(f"{where}: prompt.inits has {init!r}; valid: "
                                  f"{', '.join(PROMPT_INITS)}")
-    if cfg.train.data_shards < 0:
-        raise PtjaxError(f"{where}: train.data_shards={cfg.train.data_shards} must be >= 0 "
-                         "(0 = one per process)")
     if cfg.train.ensemble and len(cfg.prompt.seeds) < 2:
         raise PtjaxError(f"{where}: train.ensemble={cfg.train.ensemble} needs several prompts "
                          "(prompt.seeds with two or more seeds)")
@@ -512,11 +542,21 @@ def load_config(path: str | None, overrides=()) -> RunConfig:
     if path is not None:
         if not os.path.exists(path):
             raise PtjaxError(f"{path}: config file not found")
+        if os.path.isdir(path):
+            raise PtjaxError(f"{path}: is a directory, not a config file (a run directory "
+                             "holds config.yaml)")
         try:
-            with open(path) as f:
-                data = _yaml(f) or {}
+            with open(path, encoding="utf-8") as f:
+                data = _yaml(f)
         except yaml.YAMLError as e:
             raise PtjaxError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        except UnicodeDecodeError as e:
+            raise PtjaxError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        except OSError as e:
+            raise PtjaxError(f"{path}: cannot be read ({e.strerror})") from None
+        if data is None:  # a run on all defaults is 30,000 steps: never by accident
+            raise PtjaxError(f"{path}: the config file is empty; give at least one section "
+                             "(e.g. train: {steps: 100}), or no file for the defaults")
         if not isinstance(data, dict):
             raise PtjaxError(f"{path}: must hold a mapping of config sections")
     return from_dict(data, overrides, where=path or "config")

@@ -61,7 +61,8 @@ def class_label(key, length: int, embedding_VxD, label_ids: Sequence[Sequence[in
 
 def text(length: int, embedding_VxD, token_ids: Sequence[int]):
     """[P, D] from text token ids, PEFT's TEXT semantics: ids tiled cyclically, truncated
-    to P."""
+    to P. ``initial_prompts`` passes the tokenizer's full encoding (T5: with its EOS), as
+    PEFT does."""
     if len(token_ids) == 0:
         raise PtjaxError("text init needs a non-empty init text")
     ids = np.resize(np.asarray(token_ids), length)  # cyclic tiling, then truncation
@@ -91,6 +92,10 @@ def load_table(path: str, dim: int, length: int | None = None):
         raise PtjaxError(f"{path}: cannot be read as a prompt ({str(e).splitlines()[0]})") \
             from None
     shape = tuple(table.shape)
+    if not np.issubdtype(np.asarray(table).dtype, np.floating) or \
+            not np.isfinite(table).all():  # a diverged run's prompt would poison this one
+        raise PtjaxError(f"{path}: the prompt holds non-finite or non-float values "
+                         f"({np.asarray(table).dtype}); give a finite float array")
     if table.ndim == 2:
         table = table[None]
     want = f"({length if length else 'P'}, {dim})"
@@ -166,7 +171,9 @@ def initial_prompts(model, p, task, templates=()) -> np.ndarray:
         # T5's tokenizer appends EOS: the label's embedding is its word pieces alone
         label_ids = [_strip_special(tok, lab) for lab in task.labels]
     if "text" in inits:
-        text_ids = _strip_special(tok, p.text)
+        # PEFT's TEXT init: the ids as the tokenizer encodes the text, special tokens
+        # included (T5's EOS ends them), so a ptjax prompt equals PEFT's on every model
+        text_ids = tok(p.text)["input_ids"]
     if "file" in inits:  # one [P, D] for every file-initialised prompt, or one per seed
         from_file = np.asarray(init_prompts("file", p.seeds, p.length, emb, path=p.file))
     rows = [from_file[k] if init == "file" else

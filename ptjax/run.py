@@ -9,6 +9,10 @@
                          prompts.npy [K, P, D], prompt-k/ with npy, safetensors and a PEFT
                          adapter; prefix: prefix-k/; model tuning: model/ in HF form)
       results.json       best step and metric per member, for notebooks
+      damaged-checkpoints/  checkpoints found damaged on resume, moved out of orbax's way
+
+The run directory is the one named when the run starts (a copied or moved run continues
+where it is); one process trains it at a time (``RunLock``).
 
 Rerunning the same command after a crash or a kill resumes from the last checkpoint and
 reaches the same prompts and metrics as an uninterrupted run.
@@ -42,8 +46,11 @@ from ptjax.train import learning_rate_schedule, setup
 TINY = {"tiny-t5": "t5", "tiny-gpt2": "gpt2"}
 # Keys a rerun may change and still resume the same run: its length, its display, and
 # the devices it runs on (orbax restores into the new mesh's shardings).
+# The run directory is the one named now (a run may be moved or copied), and what is only
+# scored after training (zero-shot transfer, the ensemble) may change too.
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.wandb", "train.eval_batch_size",
-                     "mesh.data", "mesh.model", "mesh.fsdp", "mesh.distributed")
+                     "mesh.data", "mesh.model", "mesh.fsdp", "mesh.distributed", "run_dir",
+                     "task.transfer", "train.ensemble")
 
 
 def load_run_model(cfg, mesh=None, fsdp: bool = False):
@@ -140,13 +147,14 @@ class MetricsLog:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         rows = []
         if os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
+            with open(self.path, "rb") as f:
+                for raw in f:
                     try:
-                        row = json.loads(line)
-                    except ValueError:  # a line cut by a kill
-                        continue
-                    if row["step"] <= resume_step:
+                        line = raw.decode("utf-8")
+                        keep = json.loads(line)["step"] <= resume_step
+                    except (ValueError, KeyError, TypeError):  # a line cut by a kill, or
+                        continue  # damaged: the rows after resume_step are written again
+                    if keep:
                         rows.append(line if line.endswith("\n") else line + "\n")
         with open(self.path + ".tmp", "w") as f:  # atomic: a kill here loses nothing
             f.writelines(rows)
@@ -234,6 +242,79 @@ def _get(d, key):
     return d
 
 
+def check_output_dir(path: str, key: str):
+    """One line, before any work, if ``path`` cannot be a directory we write in: a file
+    there or above it, or a directory (or the run's own subdirectory) not writable."""
+    if not path.strip():  # (sweeps resolve configs with run_dir "" before naming jobs)
+        raise PtjaxError(f"{key} is empty; name the directory")
+    target = probe = os.path.abspath(path)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    subs = [os.path.join(target, n) for n in ("checkpoints", "export", "tb")] \
+        if probe == target else []
+    for p in (probe, *subs):
+        if os.path.exists(p) and not os.path.isdir(p):
+            raise PtjaxError(f"{key}={path}: {p} is a file, not a directory")
+        if os.path.isdir(p) and not os.access(p, os.W_OK | os.X_OK):
+            raise PtjaxError(f"{key}={path}: {p} is not writable; give a writable directory")
+
+
+def check_output_file(path: str, what: str):
+    """One line, before any work, if ``path`` cannot be written as a file."""
+    if os.path.isdir(path):
+        raise PtjaxError(f"{what} {path}: is a directory; name a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise PtjaxError(f"{what} {path}: its directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (
+            os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise PtjaxError(f"{what} {path}: not writable")
+
+
+def _makedirs(path: str, key: str):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise PtjaxError(f"{key}={path}: cannot be created ({e.strerror})") from None
+
+
+class RunLock:
+    """An exclusive lock on a run directory (flock on the directory itself: nothing is
+    written, and the kernel drops it when its process dies, even by SIGKILL)."""
+
+    def __init__(self, run_dir: str):
+        import fcntl
+
+        self._fd = os.open(run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise PtjaxError(f"run_dir={run_dir}: another ptjax process is training this run "
+                             "now; wait for it to finish, or use another run_dir") from None
+        except OSError:  # a file system without locks: run unguarded rather than not at all
+            pass
+
+    def release(self):
+        os.close(self._fd)
+
+
+def check_train_targets(task, tcfg):
+    """Train targets must be among the task's labels, as dev targets are (build_dev_set):
+    a label the model is never scored on would train silently."""
+    if not task.labels or tcfg.eval_mode == "generate":
+        return
+    labels = set(task.labels)
+    for i, ex in enumerate(task.splits.get("train", [])):
+        if "candidates" in ex or ex["targets"] == "<unk>":
+            continue
+        if ex["targets"] not in labels:
+            where = f"task.train_file={tcfg.train_file}" if tcfg.name == "jsonl" \
+                else f"task {task.name!r} train"
+            raise PtjaxError(f"{where}: example {i + 1} has target {ex['targets']!r}, which is "
+                             f"not one of the task's labels ({', '.join(task.labels)})")
+
+
 class _Best:
     """Per member, the best dev metric and step so far and the trainable at that step (the
     paper's early stopping). The best tree stays on the devices, with the state's
@@ -292,16 +373,34 @@ def train(cfg) -> dict:
     """Run (or resume) the training a ``RunConfig`` describes; returns results.json's dict.
 
     Every process of a multi-host job runs this; only process 0 writes files other than
-    checkpoints (which orbax writes together).
+    checkpoints (which orbax writes together). Everything the run needs (model, every
+    task's data, transfer tasks included, output paths) is checked before the run
+    directory is created or changed; process 0 holds the run directory's lock throughout.
     """
+    check_output_dir(cfg.run_dir, "run_dir")
+    initialize_distributed(cfg.mesh.distributed)  # before anything asks which process it is
+    main = is_main_process()
+    locks = [RunLock(cfg.run_dir)] if main and os.path.isdir(cfg.run_dir) else []
+    try:
+        return _train(cfg, main, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _train(cfg, main, locks) -> dict:
     run_dir, tc = cfg.run_dir, cfg.train
+    if main and os.path.isdir(run_dir):
+        _check_resumable(run_dir, cfg)
+    if cfg.model.path in TINY and not os.path.exists(
+            os.path.join(cfg.model.tiny_dir, cfg.model.path, "config.json")):
+        check_output_dir(os.path.join(cfg.model.tiny_dir, cfg.model.path), "model.tiny_dir")
     mesh, model = prepare(cfg)
     method = methods.build(cfg, model.config, model.dtype)
     if not method.trains:  # prompt design: evaluate the bare model, nothing to train
         from ptjax.design import run_design
 
         return run_design(cfg, mesh, model, method)
-    main = is_main_process()
     method.check(model)
     check_lengths(model, method, cfg)
     enc = encoding(model, cfg.task)
@@ -313,16 +412,17 @@ def train(cfg) -> dict:
         if name not in task_names():
             raise PtjaxError(f"task.transfer names unknown task {name!r}; valid: "
                              f"{', '.join(task_names())}")
-    if main:
-        os.makedirs(run_dir, exist_ok=True)
-        _check_resumable(run_dir, cfg)
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), tc.keep_checkpoints)
-    start = ckpt.latest_step() or 0
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    reader = Checkpointer(ckpt_dir, tc.keep_checkpoints, create=False) \
+        if os.path.isdir(ckpt_dir) else None
     n_shards = tc.data_shards or jax.process_count()
-    if start:  # the data order a run started with is kept (see TrainStream)
-        n_shards = ckpt.restore_meta(start).get("data_shards", n_shards)
+    if reader is not None:  # the data order a run started with is kept (see TrainStream)
+        _, meta, _ = reader.newest_intact(reader.restore_meta, report=False)
+        if meta is not None:
+            n_shards = meta.get("data_shards", n_shards)
     owned = pipeline.owned_shards(n_shards, jax.process_index(), jax.process_count())
     task = load_task(cfg.task, shards=(owned, n_shards))
+    check_train_targets(task, cfg.task)
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
                         cfg.task.max_target_length, **enc, **verbalizing(cfg.task))
     task = verbalized_train(task, cfg.task.verbalizer)
@@ -331,6 +431,8 @@ def train(cfg) -> dict:
     if metric not in valid:
         raise PtjaxError(f"train.metric={metric!r} is not computed for task "
                          f"{cfg.task.name!r}; valid: {', '.join(valid)}")
+    # transfer tasks are read now: data that is missing must stop the run before step 1
+    transfer = {name: _transfer_dev_set(model, cfg, name) for name in cfg.task.transfer}
     stream = pipeline.TrainStream(model, task.shards, n_shards, tc.batch_size,
                                   cfg.task.max_input_length, cfg.task.max_target_length,
                                   tc.seed, **enc)
@@ -340,12 +442,37 @@ def train(cfg) -> dict:
     frozen = None if method.tunes_weights else model.params
     _, state, step_fn = setup(model, method, cfg, mesh, trainable, frozen)
     best = _Best(state.trainable, K)
-    if start:
-        state, best_tree, meta = ckpt.restore(start, state, best.tree)
+    start, damaged = 0, []
+    if reader is not None and reader.latest_step():  # the newest intact checkpoint
+        start, (state, best_tree, meta), damaged = reader.newest_intact(
+            lambda step: reader.restore(step, state, best.tree), report=False)
         best = _Best(state.trainable, K, meta["best_metric"], meta["best_step"], best_tree)
         assert meta["data_position"] == start * tc.batch_size
-        if main:
-            print(f"resuming {run_dir} from step {start} (checkpoint {ckpt.directory}/{start})")
+    if reader is not None:
+        reader.close()
+    # Every check has passed: from here the run directory is created and written.
+    if main and not locks:
+        _makedirs(run_dir, "run_dir")
+        locks.append(RunLock(run_dir))
+    _sync("ptjax-run-dir")
+    ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints)
+    # damaged checkpoints are moved aside (by process 0) so the run can write those steps
+    if main:
+        ckpt.report_damaged(damaged, start, quarantine=True)
+    _sync("ptjax-damaged-moved")
+    ckpt.reload()
+    try:
+        return _loop(cfg, main, ckpt, model, method, mesh, dev, metric, transfer, stream,
+                     state, step_fn, best, frozen, n_shards, start)
+    finally:
+        ckpt.close()
+
+
+def _loop(cfg, main, ckpt, model, method, mesh, dev, metric, transfer, stream, state,
+          step_fn, best, frozen, n_shards, start):
+    run_dir, tc, K = cfg.run_dir, cfg.train, method.K
+    if start and main:
+        print(f"resuming {run_dir} from step {start} (checkpoint {ckpt.directory}/{start})")
     if main:
         config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
     log = (MetricsLog(run_dir, start, names=member_names(cfg, method),
@@ -360,15 +487,20 @@ def train(cfg) -> dict:
             return
         steps = [p[0] for p in pending]
         losses = np.stack([to_host(p[1]["loss"]) for p in pending])  # [n, K]
-        bad = ~np.isfinite(losses)
-        if bad.any():
-            i, k = np.argwhere(bad)[0]
+        finite = np.stack([to_host(p[1]["finite"]) for p in pending])  # [n]
+        if not finite.all():
+            # The step kept its old state (see make_train_step) and every checkpoint was
+            # saved after a flush, so the newest checkpoint holds a finite state.
+            i = int(np.argmin(finite))
             ckpt.wait()  # a save still in flight is a good one: let it land
             last = ckpt.latest_step()
             where = (f"the last good checkpoint is step {last} in {ckpt.directory}"
                      if last else "no checkpoint was written")
-            raise PtjaxError(f"loss is {losses[i, k]} at step {steps[i]} (member {k}); "
-                             f"training stopped and {where}")
+            bad = np.flatnonzero(~np.isfinite(losses[i]))
+            what = (f"loss is {losses[i, bad[0]]} at step {steps[i]} (member {bad[0]})"
+                    if bad.size else f"the update at step {steps[i]} is not finite (the "
+                    "learning rate may be too high)")
+            raise PtjaxError(f"{what}; training stopped and {where}")
         rate = len(steps) / max(time.perf_counter() - window["t"], 1e-9)
         mean = losses.mean(0)
         log.write([{"step": s, "split": "train", "prompt": k, "loss": float(mean[k]),
@@ -430,9 +562,7 @@ def train(cfg) -> dict:
         if bar is not None:
             bar.close()
         log.close()
-    results = _finish(model, method, cfg, best, metric, dev, mesh, frozen)
-    ckpt.close()
-    return results
+    return _finish(model, method, cfg, best, metric, dev, mesh, frozen, transfer)
 
 
 def place_trainable(method, tree, mesh, cfg):
@@ -455,8 +585,9 @@ def majority_baseline(dev):
     return 100.0 * max(counts.values()) / len(dev.examples)
 
 
-def _finish(model, method, cfg, best, metric, dev, mesh, frozen) -> dict:
-    """Export the best members, score their ensemble and their zero-shot transfer, and
+def _finish(model, method, cfg, best, metric, dev, mesh, frozen, transfer=None) -> dict:
+    """Export the best members, score their ensemble and their zero-shot transfer (on
+    ``transfer``: {task name: dev set}, read before training; None = read them now), and
     write results.json. Every process computes; process 0 writes."""
     run_dir, main = cfg.run_dir, is_main_process()
     export_dir = os.path.join(run_dir, "export")
@@ -478,8 +609,10 @@ def _finish(model, method, cfg, best, metric, dev, mesh, frozen) -> dict:
                         cfg.task.max_target_length, mesh)
         results["ensemble"] = ensemble_table(dev, preds, tc.ensemble)
     if cfg.task.transfer:
+        if transfer is None:
+            transfer = {name: _transfer_dev_set(model, cfg, name) for name in cfg.task.transfer}
         results["transfer"] = {
-            name: evaluate(model, method, best.tree, frozen, _transfer_dev_set(model, cfg, name),
+            name: evaluate(model, method, best.tree, frozen, transfer[name],
                            tc.eval_batch_size, cfg.task.max_target_length, mesh)
             for name in cfg.task.transfer}
     if main:

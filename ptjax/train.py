@@ -283,7 +283,9 @@ def loss_fn(model, method, trainable, frozen, batch, rng, dropout: float,
 def make_train_step(model, method, tx, dropout: float = 0.1, shardings=None, *,
                     attention_dropout: float | None = None, dropout_broadcast: bool = False,
                     prng: str = "threefry"):
-    """The jitted step ``(state, frozen_params, batch) -> (state, {"loss": [K]})``.
+    """The jitted step ``(state, frozen_params, batch) -> (state, {"loss": [K], "finite":
+    []})``; a step that would make the state non-finite returns the old state and
+    finite=False.
 
     dropout / attention_dropout / dropout_broadcast / prng: see ``loss_fn`` (the config
     keys train.dropout, train.attention_dropout, train.dropout_broadcast, train.prng).
@@ -304,11 +306,24 @@ def make_train_step(model, method, tx, dropout: float = 0.1, shardings=None, *,
         trainable = optax.apply_updates(state.trainable, updates)
         new = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                          rng=rng, prompt_seeds=state.prompt_seeds)
-        return new, {"loss": per_k}
+        # A step whose loss or new state is not finite keeps the old state, so no
+        # checkpoint ever holds one; the flag is read with the losses (no extra host sync)
+        # and stops the run.
+        finite = jnp.isfinite(per_k).all() & all_finite((trainable, opt_state))
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        return new, {"loss": per_k, "finite": finite}
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(0,))
     state_sh, frozen_sh, batch_sh = shardings
     metrics_sh = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
     return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
-                   out_shardings=(state_sh, {"loss": metrics_sh}), donate_argnums=(0,))
+                   out_shardings=(state_sh, {"loss": metrics_sh, "finite": metrics_sh}),
+                   donate_argnums=(0,))
+
+
+def all_finite(tree) -> jax.Array:
+    """bool []: every floating leaf of ``tree`` is finite."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)

@@ -84,16 +84,16 @@ def restore_run(cfg, run_dir: str) -> TrainedRun:
     mesh, model = prepare(cfg)
     method = methods.build(cfg, model.config, model.dtype)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints) if os.path.isdir(ckpt_dir) \
-        else None
-    step = ckpt.latest_step() if ckpt else None
-    if not step:
+    # read only: evaluating a run never changes it (a damaged checkpoint is skipped, not moved)
+    ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints, create=False) \
+        if os.path.isdir(ckpt_dir) else None
+    if not (ckpt and ckpt.latest_step()):
         raise PtjaxError(f"{ckpt_dir}: no checkpoint; the run has not saved its trained "
                          "members yet")
     shapes = method.shapes()
     shardings = method.shardings(shapes, mesh, logical_rules(cfg.mesh.fsdp))
     like = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
-    best, _ = ckpt.restore_best(step, like)
+    step, (best, _), _ = ckpt.newest_intact(lambda s: ckpt.restore_best(s, like))
     ckpt.close()
     return TrainedRun(run_dir, cfg, model, method, best, step, mesh)

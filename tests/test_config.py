@@ -80,3 +80,65 @@ def test_shipped_experiment_configs_are_valid():
     assert any(p.endswith("lester2021/base.yaml") for p in paths)
     for path in paths:
         C.load_config(path)
+
+
+def test_every_numeric_setting_has_a_checked_domain():
+    """A new int / float setting must get a domain (POSITIVE, NON_NEGATIVE or DOMAINS) or
+    be declared free: no numeric value goes unchecked."""
+    import typing
+
+    def numeric(cls, prefix=""):
+        for name, typ in C._fields(cls).items():
+            if dataclasses.is_dataclass(typ):
+                yield from numeric(typ, f"{prefix}{name}.")
+            elif typ in (int, float) or (typing.get_origin(typ) is tuple
+                                         and typing.get_args(typ)[0] in (int, float)):
+                yield f"{prefix}{name}"
+
+    keys = set(numeric(C.RunConfig))
+    checked = set(C.POSITIVE) | set(C.NON_NEGATIVE) | set(C.DOMAINS) | set(C.FREE)
+    assert keys - checked == set()
+    assert checked - keys == set()  # no stale entry
+    for key, (low, high, _) in C.DOMAINS.items():  # each domain holds its default
+        assert C._in_domain(C.get(C.RunConfig(), key), low, high), key
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.learning_rate=-0.3", "optim.learning_rate=-0.3 is out of range; valid: (0, inf) "
+                                 "(a positive learning rate)"),
+    ("optim.learning_rate=0", "optim.learning_rate=0.0 is out of range"),
+    ("optim.learning_rate=.nan", "optim.learning_rate=nan is out of range"),
+    ("task.dev_size=-2", "task.dev_size=-2 is out of range; valid: [0, inf) (0 = all dev "
+                         "examples)"),
+    ("optim.b1=1", "optim.b1=1.0 is out of range; valid: [0, 1)"),
+    ("optim.eps=0", "optim.eps=0.0 is out of range"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm=-1.0"),
+    ("optim.clipping_threshold=-1", "optim.clipping_threshold=-1.0"),
+    ("method.ptuning.model_learning_rate=-1", "method.ptuning.model_learning_rate=-1.0"),
+    ("train.data_shards=-1", "train.data_shards=-1 is out of range; valid: [0, inf)"),
+    ("prompt.low=1", "prompt.low=1.0 must be below prompt.high=0.5"),
+])
+def test_numeric_domains_are_one_line_errors(override, message):
+    with pytest.raises(PtjaxError) as e:
+        C.load_config(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_empty_config_file_is_an_error(tmp_path):
+    for text in ("", "\n# only a comment\n", "---\n"):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(PtjaxError, match="c.yaml: the config file is empty"):
+            C.load_config(str(tmp_path / "c.yaml"))
+
+
+def test_override_values_that_are_not_yaml():
+    """A str key takes text YAML cannot read, or would read as a mapping / list, as the
+    literal string (what the shell passed); other keys give a one-line error."""
+    cfg = C.load_config(None, ["prompt.text={inputs} {soft:3}", "prompt.file=[a].npy",
+                               "task.dev_file={x: 1}", "run_dir=runs/a: b"])
+    assert cfg.prompt.text == "{inputs} {soft:3}" and cfg.prompt.file == "[a].npy"
+    assert cfg.task.dev_file == "{x: 1}" and cfg.run_dir == "runs/a: b"
+    with pytest.raises(PtjaxError, match=r"override train.steps='\{3': not valid YAML"):
+        C.load_config(None, ["train.steps={3"])
+    # tuples of strings keep YAML's list form
+    assert C.load_config(None, ["task.labels=[no, yes]"]).task.labels == ("no", "yes")

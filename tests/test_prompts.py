@@ -50,28 +50,35 @@ def test_class_label_averages_multi_token_labels_then_fills():
     np.testing.assert_allclose(one, EMB[[5]])
 
 
-def test_text_init_matches_peft(tmp_path):
-    """PEFT's TEXT init on the same tokenizer and embedding gives the same table."""
+@pytest.mark.parametrize("family", ["gpt2", "t5"])
+def test_text_init_matches_peft(family, tmp_path):
+    """PEFT's TEXT init on the same tokenizer and embedding gives the same table, through
+    the ids ptjax's config path chooses (T5: its EOS included, as PEFT encodes the text)."""
     peft = pytest.importorskip("peft")
     import transformers
 
     import ptjax
+    from ptjax.config import PromptConfig
+    from ptjax.prompts import initial_prompts
 
-    path = build_tiny_model(str(tmp_path / "gpt2"), family="gpt2")
+    path = build_tiny_model(str(tmp_path / family), family=family)
     model = ptjax.load_model(path)
     init_text = "the movie was great"
+    hf_class = (transformers.T5ForConditionalGeneration if family == "t5"
+                else transformers.GPT2LMHeadModel)
     for P in (3, 11):
         cfg = peft.PromptTuningConfig(
-            task_type="CAUSAL_LM", prompt_tuning_init=peft.PromptTuningInit.TEXT,
-            num_virtual_tokens=P, prompt_tuning_init_text=init_text,
-            tokenizer_name_or_path=path)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(path)
-        peft_model = peft.get_peft_model(hf, cfg)
+            task_type="SEQ_2_SEQ_LM" if family == "t5" else "CAUSAL_LM",
+            prompt_tuning_init=peft.PromptTuningInit.TEXT, num_virtual_tokens=P,
+            prompt_tuning_init_text=init_text, tokenizer_name_or_path=path,
+            num_transformer_submodules=1)  # the encoder only, as ptjax's export
+        peft_model = peft.get_peft_model(hf_class.from_pretrained(path), cfg)
         want = peft_model.prompt_encoder["default"].embedding.weight.detach().numpy()
-        ids = model.tokenizer(init_text)["input_ids"]
-        got = np.asarray(init_prompts("text", [0], P, model.params["wte"]["embedding"],
-                                      text_ids=ids))[0]
+        got = initial_prompts(model, PromptConfig(length=P, init="text", text=init_text),
+                              task=None)[0]
         np.testing.assert_allclose(got, want, atol=1e-6)
+    if family == "t5":  # the difference this test guards: the EOS is part of the text
+        assert model.tokenizer(init_text)["input_ids"][-1] == model.tokenizer.eos_token_id
 
 
 def test_file_init_npy_and_safetensors(tmp_path):

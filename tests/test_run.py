@@ -3,6 +3,7 @@ metrics, early stopping, orbax checkpoints of the trainable state only, exact re
 SIGKILL, exports that PEFT loads, and one-line errors that leave the run resumable."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -227,25 +228,101 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path, tiny_dir, method):
     jax.tree.map(np.testing.assert_array_equal, *state)
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
-        tmp_path, tiny_dir, capsys):
+def test_overflow_stops_the_run_and_every_checkpoint_is_finite(tmp_path, tiny_dir, capsys):
+    """A learning rate that overflows fp32 within a few steps (Adam moves every prompt
+    entry by ~lr per step): the run stops naming the step, every checkpoint is finite,
+    and rerunning resumes from the named one and stops at the same step the same way."""
     run_dir = str(tmp_path / "nan")
-    # Adam moves every prompt entry by ~lr per step: 1e38 overflows fp32 within a few steps.
-    code, out = ptjax("train", *base_args(run_dir, tiny_dir, **{
+    args = base_args(run_dir, tiny_dir, **{
         "optim.name": "adam", "optim.learning_rate": 1e38, "train.steps": 30,
-        "train.checkpoint_every": 2, "train.log_every": 1, "train.eval_every": 100}),
-        capsys=capsys)
+        "train.checkpoint_every": 2, "train.log_every": 1, "train.eval_every": 100})
+    code, out = ptjax("train", *args, capsys=capsys)
     assert code == 2
     msg = out.err.strip()
-    assert "\n" not in msg and msg.startswith("ptjax: error: loss is nan at step ")
-    bad_step = int(msg.split("at step ")[1].split()[0])
-    steps = _finished_steps(os.path.join(run_dir, "checkpoints"))
-    assert steps and steps[-1] < bad_step
-    assert f"the last good checkpoint is step {steps[-1]}" in msg
-    state = ocp.StandardCheckpointer().restore(
-        os.path.join(run_dir, "checkpoints", str(steps[-1]), "state"))
-    assert np.isfinite(state["trainable"]["prompt"]).all()
+    match = re.fullmatch(r"ptjax: error: (?:loss is (?:nan|inf|-inf) at step (\d+) \(member "
+                         r"\d\)|the update at step (\d+) is not finite \(the learning rate "
+                         r"may be too high\)); training stopped and the last good checkpoint "
+                         r"is step (\d+) in (\S+)", msg)
+    assert match, msg
+    bad_step, named = int(match[1] or match[2]), int(match[3])
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    assert match[4] == ckpt_dir and _finished_steps(ckpt_dir)[-1] == named < bad_step
+    _assert_checkpoints_finite(ckpt_dir)
     assert all(np.isfinite(r["loss"]) for r in read_rows(run_dir))
+    code, again = ptjax("train", *args, capsys=capsys)
+    assert code == 2 and f"resuming {run_dir} from step {named}" in again.out
+    assert again.err.strip() == msg  # resumed exactly: the same step fails the same way
+
+
+def _assert_checkpoints_finite(ckpt_dir):
+    for step in _finished_steps(ckpt_dir):
+        for item in ("state", "best"):
+            tree = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, str(step), item))
+            assert all(np.isfinite(x).all() for x in jax.tree.leaves(tree)
+                       if np.issubdtype(np.asarray(x).dtype, np.floating)), (step, item)
+
+
+def _force_nan_at(monkeypatch, bad_step, where):
+    """From step ``bad_step`` (1-based) on, make the train loss NaN (``where="loss"``), or
+    only its gradient, so the logged loss stays finite while the update is not
+    (``where="update"``: the fault a check of the loss alone misses). Any method: the step
+    function gets a "poison" row vector (0, or NaN from that step on) that the loss uses."""
+    from ptjax import train as train_lib
+
+    real_loss, real_make = train_lib.loss_fn, train_lib.make_train_step
+
+    def loss_fn(model, method, trainable, frozen, batch, *args, **kwargs):
+        poison = batch["poison"].sum()
+        batch = {k: v for k, v in batch.items() if k != "poison"}
+        total, per_k = real_loss(model, method, trainable, frozen, batch, *args, **kwargs)
+        if where == "loss":
+            return total + poison, per_k + poison
+        leaf = jax.tree.leaves(trainable)[0]
+        return total + poison * leaf.sum(), per_k
+
+    def make_train_step(*args, **kwargs):
+        step = real_make(*args, **kwargs)
+
+        def forced(state, frozen, batch):
+            rows = batch["input_ids"]
+            value = np.nan if int(state.step) + 1 >= bad_step else 0.0
+            poison = jax.device_put(np.full(rows.shape[:1], value, np.float32), rows.sharding)
+            return step(state, frozen, {**batch, "poison": poison})
+        return forced
+
+    monkeypatch.setattr(train_lib, "loss_fn", loss_fn)
+    monkeypatch.setattr(train_lib, "make_train_step", make_train_step)
+
+
+@pytest.mark.parametrize("method, where", [("prompt", "loss"), ("prompt", "update"),
+                                           ("model", "update")])
+def test_forced_non_finite_step_keeps_checkpoints_finite_and_resume_is_exact(
+        method, where, tmp_path, tiny_dir, capsys, monkeypatch):
+    """A loss (or only its update) forced NaN at step 4, a checkpoint step: the run stops
+    there naming checkpoint 2, which (like every checkpoint) is finite (step 4's is never
+    written); rerunning without the fault resumes from it and ends exactly where an
+    uninterrupted run ends."""
+    extra = {**METHOD_ARGS[method], "train.steps": 8, "train.checkpoint_every": 2,
+             "train.log_every": 1, "train.eval_every": 4}
+    ref, run_dir = str(tmp_path / "ref"), str(tmp_path / "nan")
+    assert ptjax("train", *base_args(ref, tiny_dir, **extra))[0] == 0
+    with monkeypatch.context() as m:
+        _force_nan_at(m, 4, where)
+        code, out = ptjax("train", *base_args(run_dir, tiny_dir, **extra), capsys=capsys)
+    assert code == 2
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    what = ("loss is nan at step 4 (member 0)" if where == "loss" else
+            "the update at step 4 is not finite (the learning rate may be too high)")
+    assert out.err.strip() == (f"ptjax: error: {what}; training stopped and the last good "
+                               f"checkpoint is step 2 in {ckpt_dir}")
+    assert _finished_steps(ckpt_dir) == [2]
+    _assert_checkpoints_finite(ckpt_dir)
+    code, out = ptjax("train", *base_args(run_dir, tiny_dir, **extra), capsys=capsys)
+    assert code == 0 and f"resuming {run_dir} from step 2" in out.out
+    assert _files(os.path.join(run_dir, "export")) == _files(os.path.join(ref, "export"))
+    state = [ocp.StandardCheckpointer().restore(os.path.join(d, "checkpoints", "8", "state"))
+             for d in (ref, run_dir)]
+    jax.tree.map(np.testing.assert_array_equal, *state)
 
 
 @pytest.mark.parametrize("overrides, message", [

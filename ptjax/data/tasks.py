@@ -89,9 +89,20 @@ def synthetic(name: str, n_train: int = 2048, n_dev: int = 128, seed: int = 0) -
 def read_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
         raise PtjaxError(f"{path}: task file not found")
+    if os.path.isdir(path):
+        raise PtjaxError(f"{path}: is a directory, not a JSONL task file")
     examples = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise PtjaxError(f"{path}: cannot be read ({e.strerror})") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PtjaxError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line); "
+                                 "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -115,12 +115,27 @@ def build_tiny_model(directory: str, family: str = "t5", seed: int = 0, extra_id
     """Train a tokenizer, draw random weights and save both in Hugging Face form.
 
     extra_ids: T5 sentinels in the vocabulary (see ``train_tokenizer``). Returns
-    ``directory``; an existing tiny model there is reused as it is.
+    ``directory``; an existing model of the same family there is reused as it is; another
+    model, or other files, are an error (never overwritten).
     """
     from ptjax.models.model import Model, init_params
 
-    if os.path.exists(os.path.join(directory, "config.json")):
+    existing = os.path.join(directory, "config.json")
+    if os.path.exists(existing):  # reuse it, but never in place of another model
+        import json
+
+        try:
+            with open(existing, encoding="utf-8") as f:
+                found = json.load(f).get("model_type")
+        except (OSError, ValueError):
+            found = None
+        if found != family:
+            raise PtjaxError(f"{directory}: already holds a model of type {found!r}, not a "
+                             f"tiny {family}; give an empty or new directory")
         return directory
+    if os.path.isdir(directory) and os.listdir(directory):
+        raise PtjaxError(f"{directory}: is not empty and holds no model; give an empty or new "
+                         "directory for the tiny model")
     tokenizer = train_tokenizer(family, extra_ids=extra_ids)
     config = tiny_config(family, len(tokenizer), **overrides)
     model = Model(config=config, params=None, tokenizer=tokenizer)

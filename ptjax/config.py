@@ -242,6 +242,8 @@ DOMAINS = {
     "optim.max_grad_norm": ("[0", "inf)", "0 = off"),
     "train.dropout": ("[0", "1)", "a dropout rate"),
     "train.attention_dropout": ("[0", "1)", "a dropout rate"),
+    "pretrain.noise_density": ("(0", "1)", "span corruption's fraction of noise tokens"),
+    "pretrain.mean_span_length": ("[1", "inf)", "span corruption's mean noise span"),
     "train.data_shards": ("[0", "inf)", "0 = one per process"),
     "task.dev_size": ("[0", "inf)", "0 = all dev examples"),
     "method.ptuning.model_learning_rate": ("[0", "inf)", "0 = the weights stay as they are"),
@@ -461,10 +463,6 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
                          "keys and values initialise the prefix)")
     if "text" in (cfg.prompt.init, *cfg.prompt.inits) and not cfg.prompt.text:
         raise PtjaxError(f"{where}: prompt.init=text needs prompt.text")
-    pc = cfg.pretrain
-    if not 0.0 < pc.noise_density < 1.0 or pc.mean_span_length < 1.0:
-        raise PtjaxError(f"{where}: pretrain.noise_density={pc.noise_density} must be in (0, 1) "
-                         f"and pretrain.mean_span_length={pc.mean_span_length} >= 1")
     return cfg
 
 

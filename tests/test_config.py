@@ -138,7 +138,8 @@ def test_override_values_that_are_not_yaml():
                                "task.dev_file={x: 1}", "run_dir=runs/a: b"])
     assert cfg.prompt.text == "{inputs} {soft:3}" and cfg.prompt.file == "[a].npy"
     assert cfg.task.dev_file == "{x: 1}" and cfg.run_dir == "runs/a: b"
-    with pytest.raises(PtjaxError, match=r"override 'train.steps=\{3': the value is not valid YAML"):
+    with pytest.raises(PtjaxError,
+                       match=r"override 'train.steps=\{3': the value is not valid YAML"):
         C.load_config(None, ["train.steps={3"])
     # tuples of strings keep YAML's list form
     assert C.load_config(None, ["task.labels=[no, yes]"]).task.labels == ("no", "yes")

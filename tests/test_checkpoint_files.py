@@ -465,3 +465,34 @@ def test_legacy_untied_t5_without_lm_head_is_an_error(tmp_path):
     with pytest.raises(PtjaxError, match="missing weight 'lm_head.weight'") as excinfo:
         ptjax.load_model(path)
     _error(excinfo)
+
+
+def test_unreachable_hub_fails_at_once_or_reads_the_cache(monkeypatch, tmp_path, saved_models):
+    """No network and no HF_HUB_OFFLINE: a hub id is one line within seconds (not after
+    huggingface_hub's ~25 s of retries), and a checkpoint already in the Hugging Face
+    cache still loads."""
+    import socket
+    import time
+
+    import huggingface_hub.constants
+
+    def no_network(*args, **kwargs):
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    t0 = time.perf_counter()
+    with pytest.raises(PtjaxError, match="google/t5-small-lm-adapt: not a local directory, "
+                                         "not in the Hugging Face cache, and huggingface.co "
+                                         "is not reachable"):
+        ptjax.load_model("google/t5-small-lm-adapt")
+    assert time.perf_counter() - t0 < 5
+    # the same repository, already downloaded: read from the cache
+    snapshot = cache / "models--acme--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(saved_models["gpt2"][1], snapshot)
+    (cache / "models--acme--tiny" / "refs").mkdir()
+    (cache / "models--acme--tiny" / "refs" / "main").write_text("a" * 40)
+    assert ptjax.load_model("acme/tiny").config.n_layer == 2

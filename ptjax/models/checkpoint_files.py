@@ -41,9 +41,34 @@ def resolve(path_or_hub_id: str) -> str:
     return _download(path)
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached, found in seconds (None: it can, or the
+    hub is offline by choice): without it, huggingface_hub retries for ~25 s first."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return None  # huggingface_hub reads only its local cache, at once
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        return f"{host} is not reachable ({e.strerror or type(e).__name__})"
+    return None
+
+
 def _download(repo_id: str) -> str:
     import huggingface_hub as hub
 
+    why = hub_unreachable()
+    if why:
+        try:  # a checkpoint downloaded before is still usable
+            return hub.snapshot_download(repo_id, local_files_only=True)
+        except Exception:
+            raise PtjaxError(f"{repo_id}: not a local directory, not in the Hugging Face "
+                             f"cache, and {why}; give a checkpoint directory, or download "
+                             "it where there is network (HF_HUB_OFFLINE=1 then reads the "
+                             "cache only)") from None
     try:
         files = set(hub.list_repo_files(repo_id))
         wanted = [f for f in ("config.json",) + TOKENIZER_FILES if f in files]

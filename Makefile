@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # It is installed before the test extra so the extra never replaces it.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test notebooks lab docs docs-serve lint readme check-docs clean
+.PHONY: demo test test-slow notebooks lab docs docs-serve lint readme check-docs clean
 
 # The demo's install: no TensorFlow, no torch (docs/install.md quotes its size).
 $(VENV)/.ptjax-base: setup.cfg pyproject.toml
@@ -28,8 +28,14 @@ $(VENV)/.ptjax-%: $(VENV)/.ptjax-base
 demo: $(VENV)/.ptjax-base
 	$(BIN)/ptjax sweep experiments/demo.yaml
 
+# The suite, under 10 minutes on 2 cores; the slow tests (SIGKILL resume for every method,
+# multi-process and mesh runs, pre-training, the GPU suite's dry run) are `make test-slow`,
+# which CI runs too.
 test: $(VENV)/.ptjax-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.ptjax-test
+	$(BIN)/python -m pytest -q -m slow
 
 # The analysis notebooks, executed against the demo sweep's output (after `make demo`).
 notebooks: $(VENV)/.ptjax-test

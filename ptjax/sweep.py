@@ -47,12 +47,14 @@ SWEEP_KEYS = ("name", "description", "dir", "base", "config", "grid", "zip", "se
 INIT_KEYS = ("prompt.init",)  # what may differ inside a packed job, besides the seed
 # Keys that never change what a run computes (left out of its id).
 NOT_IN_ID = ("run_dir", "train.progress", "train.wandb", "train.eval_batch_size", "mesh.data",
-             "mesh.model", "mesh.fsdp", "mesh.distributed")
+             "mesh.model", "mesh.fsdp", "mesh.distributed", "model.attention")
 
 # Settings added after the first sweeps: left out of the id while at their default, so
 # sweep directories made before them keep their run and job ids.
 LATER_DEFAULTS = {"task.target_sentinel": False, "task.template": "", "task.verbalizer": [],
-                  "task.verbalizer_tokens": "mean", "task.shots": 0, "task.templates": []}
+                  "task.verbalizer_tokens": "mean", "task.shots": 0, "task.templates": [],
+                  "train.attention_dropout": 0.0, "train.dropout_broadcast": False,
+                  "train.prng": "threefry"}
 
 
 @dataclasses.dataclass(frozen=True)

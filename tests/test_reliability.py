@@ -156,8 +156,8 @@ CASES = [
     ("zero steps", ["train", "train.steps=0"], "train.steps=0 must be >= 1"),
     ("uniform range", ["train", "prompt.low=0.5", "prompt.high=0.5"],
      "prompt.low=0.5 must be below prompt.high=0.5"),
-    ("override not YAML", ["train", "train.steps={{3"], "override train.steps='{{3': not "
-                                                        "valid YAML"),
+    ("override not YAML", ["train", "train.steps={{3"], "override 'train.steps={{3': the "
+                                                        "value is not valid YAML"),
     ("override a mapping", ["train", "train.steps={{a: 1}}"], "train.steps={{'a': 1}} is not "
                                                               "an integer"),
     ("empty run_dir", ["train", "run_dir= "], "run_dir is empty; name the directory"),

@@ -294,6 +294,7 @@ def _force_nan_at(monkeypatch, bad_step, where):
     monkeypatch.setattr(train_lib, "make_train_step", make_train_step)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, where", [("prompt", "loss"), ("prompt", "update"),
                                            ("model", "update")])
 def test_forced_non_finite_step_keeps_checkpoints_finite_and_resume_is_exact(

@@ -122,6 +122,7 @@ def _losses(rows):
     return np.array([r["loss"] for r in rows if r["split"] == "train"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, meshes", [("t5", [(8, 1), (4, 2), (2, 4)]),
                                             ("gpt2", [(2, 4)])])
 def test_meshes_train_as_one_device(tiny, tmp_path, family, meshes):

@@ -121,16 +121,17 @@ def test_settings_added_later_keep_existing_run_ids():
 
 def test_packed_prompts_equal_separate_runs(tmp_path, tiny_dir):
     """K prompts packed in one job end where K one-prompt jobs end (dropout 0.1, 4 SGD steps
-    of lr 1, 8-way data parallel): within 1e-4 (measured 3.6e-5; 1.1e-5 without dropout on
-    one device). The K=4 and K=1 programs round differently (per-step gradients agree to
-    ~1e-6 relative); a wrong dropout stream or data order moves prompts by >1e-3."""
+    of lr 0.1, 8-way data parallel): within 1e-4 (measured <= 5.5e-6 in the final states,
+    2026-11-29). The K=4 and K=1 programs round differently (~1e-6 per step); at lr 1 this
+    tiny model amplifies that to ~5e-4 within 4 steps (measured, one device too), so the rate
+    is kept small; a wrong dropout stream or data order moves prompts far more."""
     outs = {}
     for pack in (4, 1):
         path = write_sweep(tmp_path / f"p{pack}.yaml", tiny_dir, transfer=False, pack=pack,
                            grid={"prompt.init": ["random_uniform", "sampled_vocab"]},
                            ensemble=None)
         sweep_file = yaml.safe_load(open(path))
-        sweep_file["config"].update({"optim": {"name": "sgd", "learning_rate": 1.0},
+        sweep_file["config"].update({"optim": {"name": "sgd", "learning_rate": 0.1},
                                      "prompt": {"length": 8}})
         yaml.safe_dump(sweep_file, open(path, "w"), sort_keys=False)
         sweep = load_sweep(path, str(tmp_path / f"out{pack}"))
@@ -281,6 +282,7 @@ def test_neighbors_and_ensemble_commands(finished, capsys):
     assert f"ensemble (majority) {results['ensemble']['ensemble']['accuracy']:.2f}" in text
 
 
+@pytest.mark.slow
 def test_the_method_is_a_sweep_axis(tmp_path, tiny_dir):
     """method.name as a zip axis (with each method's learning rate): every method trains
     in the sweep, members of one method pack into a job, and the results table has a row

@@ -118,6 +118,7 @@ def _train(tmp_path, name, **kw):
     return code, args["run_dir"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["prompt", "ptuning"])
 def test_slots_in_the_middle_train_pack_and_resume(tmp_path, method):
     """A template with soft slots between fields (a word-initialised one among them) trains
@@ -296,6 +297,7 @@ def test_generation_with_soft_slots_equals_a_loop_over_logits(tiny, family):
         assert list(out[b][:n]) == want[:n]
 
 
+@pytest.mark.slow
 def test_several_templates_train_side_by_side_and_ensemble(tmp_path):
     """task.templates: member k trains behind template k in one batch (arrays [B, K, ...]),
     ending where a run of that template alone ends; the members' scores ensemble."""

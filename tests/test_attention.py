@@ -144,6 +144,7 @@ def _step_loss(model, **kw):
     return float(step(state, model.params, batch)[1]["loss"][0])
 
 
+@pytest.mark.slow
 def test_dropout_settings(loaded):
     """Hidden and attention dropout apart; rbg masks and broadcast masks train too."""
     _, model = loaded["t5_v1_0"]
@@ -169,6 +170,7 @@ def test_choose_remat_takes_the_first_policy_that_fits():
     assert choose_remat(peaks.get, None)[0] == "none"  # unknown memory: no remat
 
 
+@pytest.mark.slow
 def test_remat_auto_plans_against_a_small_device(tmp_path):
     """With a fake device between the policies' compiled peaks, auto picks the first
     policy under 90% of it; a large device keeps remat off."""

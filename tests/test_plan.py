@@ -86,6 +86,7 @@ def test_parse_bytes():
     assert parse_bytes("1e9") == 1e9
 
 
+@pytest.mark.slow
 def test_plan_covers_every_method(tmp_path):
     """Prefix tuning and P-tuning: frozen weights plus each member's own parameters and
     their optimizer state; a prefix's MLP (h=512 by default) outweighs a soft prompt."""

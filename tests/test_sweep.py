@@ -119,6 +119,7 @@ def test_settings_added_later_keep_existing_run_ids():
     assert run_id(on) != run.id == run_id(run.config)
 
 
+@pytest.mark.slow
 def test_packed_prompts_equal_separate_runs(tmp_path, tiny_dir):
     """K prompts packed in one job end where K one-prompt jobs end (dropout 0.1, 4 SGD steps
     of lr 0.1, 8-way data parallel): within 1e-4 (measured <= 5.5e-6 in the final states,

@@ -342,21 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_tiny)
 
-    sp = sub.add_parser("train", help="train a method (prompt, prefix, ptuning, model) from a "
-                                      "YAML config")
-    sp.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
-                    help="an optional YAML config, then dotted.key=value overrides")
-    sp.add_argument("--no-progress", dest="progress", action="store_false",
-                    help="no progress bar: one line per train.log_every steps and per eval")
-    sp.set_defaults(fn=cmd_train)
-
-    sp = sub.add_parser("pretrain", help="pre-train every weight of a T5 on a corpus with "
-                                         "span corruption or prefix LM (LM adaptation)")
-    sp.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
-                    help="an optional YAML config, then dotted.key=value overrides")
-    sp.add_argument("--no-progress", dest="progress", action="store_false",
-                    help="no progress bar (logs only)")
-    sp.set_defaults(fn=cmd_pretrain)
+    for name, fn, what in (
+            ("train", cmd_train, "train a method (prompt, prefix, ptuning, model) from a YAML "
+                                 "config"),
+            ("pretrain", cmd_pretrain, "pre-train every weight of a T5 on a corpus with span "
+                                       "corruption or prefix LM (LM adaptation)")):
+        sp = sub.add_parser(name, help=what)
+        sp.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                        help="an optional YAML config, then dotted.key=value overrides")
+        sp.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bar: one line per train.log_every steps and per eval")
+        sp.set_defaults(fn=fn)
 
     sp = sub.add_parser("eval", help="evaluate a trained run (or a prompt file) on a split")
     sp.add_argument("items", nargs="*", metavar="RUN_DIR | CONFIG.yaml | key=value",

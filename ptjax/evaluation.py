@@ -300,8 +300,13 @@ def member_inputs(method, trainable, frozen):
         params = method.inputs(jax.tree.map(lambda x: x[0], trainable), frozen)[0]
     else:
         params = frozen
-    prompts = jax.jit(jax.vmap(lambda m: method.inputs(m, None)[1]))(trainable)
-    return params, prompts
+    return params, _member_prompts(method, trainable)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _member_prompts(method, trainable):
+    """K members' PromptInputs with a leading K axis (jitted once per method and shapes)."""
+    return jax.vmap(lambda m: method.inputs(m, None)[1])(trainable)
 
 
 def rows_of(prompts_K: PromptInputs | None, B: int) -> PromptInputs | None:

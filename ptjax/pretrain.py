@@ -237,7 +237,7 @@ def pretrain(cfg) -> dict:
     from ptjax.checkpoint import Checkpointer
     from ptjax.data.pipeline import prefetch
     from ptjax.models.model import load_model
-    from ptjax.run import MetricsLog, _check_resumable, _NullLog, place_trainable
+    from ptjax.run import MetricsLog, _check_resumable, _NullLog, place_trainable, step_events
     from ptjax.sharding import (global_batch, initialize_distributed, is_main_process,
                                 make_mesh, to_host)
     from ptjax.train import learning_rate_schedule, setup
@@ -324,8 +324,7 @@ def pretrain(cfg) -> dict:
             pending.append((s, metrics))
             if bar is not None:
                 bar.update(1)
-            do_eval = s % tc.eval_every == 0 or s == tc.steps
-            do_ckpt = s % tc.checkpoint_every == 0 or s == tc.steps
+            do_eval, do_ckpt = step_events(s, tc)
             if s % tc.log_every == 0 or do_eval or do_ckpt:
                 flush(s)
             if do_eval:

@@ -468,6 +468,13 @@ def _train(cfg, main, locks) -> dict:
         ckpt.close()
 
 
+def step_events(s: int, tc) -> tuple[bool, bool]:
+    """(evaluate, checkpoint) after step ``s`` of a run: every ``eval_every`` /
+    ``checkpoint_every`` steps and at the last step (ptjax train and ptjax pretrain)."""
+    last = s == tc.steps
+    return s % tc.eval_every == 0 or last, s % tc.checkpoint_every == 0 or last
+
+
 def _loop(cfg, main, ckpt, model, method, mesh, dev, metric, transfer, stream, state,
           step_fn, best, frozen, n_shards, start):
     run_dir, tc, K = cfg.run_dir, cfg.train, method.K
@@ -535,8 +542,7 @@ def _loop(cfg, main, ckpt, model, method, mesh, dev, metric, transfer, stream, s
                       "metrics.jsonl as 'truncated')")
             if bar is not None:
                 bar.update(1)
-            do_eval = s % tc.eval_every == 0 or s == tc.steps
-            do_ckpt = s % tc.checkpoint_every == 0 or s == tc.steps
+            do_eval, do_ckpt = step_events(s, tc)
             if s % tc.log_every == 0 or do_eval or do_ckpt:
                 flush(s)
             if do_eval:

@@ -12,6 +12,7 @@ sees exactly what training evaluated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -43,7 +44,7 @@ class TrainedRun:
     def inputs(self, k: int = 0):
         """(params, PromptInputs or None) of member k."""
         frozen = None if self.method.tunes_weights else self.model.params
-        return jax.jit(self.method.inputs)(self.member(k), frozen)
+        return _inputs(self.method, self.member(k), frozen)
 
     def logits(self, input_ids, *, k: int = 0, attention_mask=None, decoder_input_ids=None,
                decoder_attention_mask=None):
@@ -60,6 +61,12 @@ class TrainedRun:
         params, prompt = self.inputs(k)
         return self.model.generate(params, input_ids, attention_mask=attention_mask,
                                    prompt=prompt, max_new_tokens=max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _inputs(method, member, frozen):
+    """A member's (params, PromptInputs), compiled once per method (not once per call)."""
+    return method.inputs(member, frozen)
 
 
 def load_run(run_dir: str, overrides=()) -> TrainedRun:

@@ -106,7 +106,7 @@ class Method:
         """Whether the prompt is prepended, as PEFT's adapters put it."""
         from ptjax.data.templates import parse
 
-        return all(parse(t).soft_tokens == 0 or parse(t).prepends for t in self.templates)
+        return all(t.soft_tokens == 0 or t.prepends for t in map(parse, self.templates))
 
     def member(self, tree, k: int):
         """Member k of a [K, ...] tree."""

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # It is installed before the test extra so the extra never replaces it.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-slow notebooks lab docs docs-serve lint readme check-docs clean
+.PHONY: demo test test-slow notebooks lab lab-smoke docs docs-serve lint readme check-docs clean
 
 # The demo's install: no TensorFlow, no torch (docs/install.md quotes its size).
 $(VENV)/.ptjax-base: setup.cfg pyproject.toml
@@ -44,6 +44,12 @@ notebooks: $(VENV)/.ptjax-test
 # JupyterLab on the notebooks, reading the demo's sweep (PTJAX_SWEEP_DIR for another).
 lab: $(VENV)/.ptjax-notebooks
 	PTJAX_SWEEP_DIR=$${PTJAX_SWEEP_DIR:-$(CURDIR)/runs/demo} $(BIN)/jupyter lab notebooks/
+
+# The pre-training lab in miniature (experiments/lab/README.md): the smallest size, a few
+# steps, both objectives, two sweeps; the whole lab is `python experiments/lab/lab.py all`.
+lab-smoke: $(VENV)/.ptjax-lab
+	rm -rf runs/lab-smoke
+	$(BIN)/python experiments/lab/lab.py all --smoke
 
 # The documentation site (mkdocs, Material theme): site/, or served at localhost:8000.
 docs: $(VENV)/.ptjax-docs

@@ -3,7 +3,7 @@
     import ptjax.analysis as pa
     df = pa.load_results("runs/demo")     # one row per run x eval step
     runs = pa.load_runs("runs/demo")      # one row per run: best step and best dev score
-    pa.summarize(runs)                    # mean +/- std over seeds per setting
+    pa.summarize(runs)                    # mean, std, 95% CI over seeds per setting
 
 Works on a sweep directory (``ptjax sweep``) and on a single run directory
 (``ptjax train``). Columns: ``run``, ``job``, ``prompt`` (its slot in the job), ``seed``,
@@ -150,15 +150,28 @@ def setting_columns(runs) -> list[str]:
     return [c for c in runs.columns if c in keys]
 
 
+def ci95(std, n):
+    """The half-width of the 95% confidence interval of a mean of ``n`` seeds with sample
+    standard deviation ``std`` (Student's t, n - 1 degrees of freedom); NaN for n < 2."""
+    import numpy as np
+    from scipy import stats
+
+    n = np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = stats.t.ppf(0.975, np.where(n > 1, n - 1, np.nan))
+        return t * np.asarray(std, dtype=float) / np.sqrt(n)
+
+
 def summarize(runs, by=None, value: str = "best"):
-    """Mean, std and count over seeds of ``value`` per setting (``by`` defaults to every
-    setting column that varies)."""
+    """Mean, std, count and 95% interval half-width (``ci95``) over seeds of ``value`` per
+    setting (``by`` defaults to every setting column that varies)."""
     if by is None:
         by = [c for c in setting_columns(runs) if runs[c].nunique(dropna=False) > 1] or \
             [c for c in ("model.path", "task.name") if c in runs.columns][:1]
     extra = [c for c in ("parameters",) if c in runs.columns and c not in by]
     g = runs.groupby(list(by), dropna=False)
     out = g[value].agg(["mean", "std", "count"]).rename(columns={"count": "seeds"})
+    out["ci95"] = ci95(out["std"], out["seeds"])
     for c in extra:
         out[c] = g[c].first()
     out["best_step_mean"] = g["best_step"].mean()

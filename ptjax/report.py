@@ -3,7 +3,7 @@
 Writes into the sweep directory:
   results.csv     one row per run x eval step (``ptjax.analysis.load_results``)
   runs.csv        one row per run: best step and best dev score (early stopping)
-  summary.csv     mean +/- std over seeds of each setting's best dev score
+  summary.csv     mean, std and 95% interval over seeds of each setting's best dev score
   ensemble.csv    each packed job's prompts, their average, the best, the ensemble
   figures/        fig1_size.png (score vs model size per method), fig3a_length.png (score
                   vs prompt length per size), fig3b_init.png (score vs init per size),
@@ -34,9 +34,27 @@ def size_label(parameters) -> str:
     return f"{int(parameters)}"
 
 
+def _pretrained_here(path: str) -> dict:
+    """results.json of the ``ptjax pretrain`` run whose ``model/`` is ``path``, or {}."""
+    import json
+
+    p = os.path.join(os.path.dirname(os.path.normpath(path)), "results.json")
+    if os.path.basename(os.path.normpath(path)) != "model" or not os.path.exists(p):
+        return {}
+    with open(p) as f:
+        return json.load(f)
+
+
 def checkpoint_family(path: str, sentinel: bool = False) -> str:
     """google/t5-xl-lm-adapt -> "LM adapted"; google/t5-v1_1-xl -> "span corruption (T5
-    1.1)", or with task.target_sentinel "span corruption + sentinel" (Figure 3c)."""
+    1.1)", or with task.target_sentinel "span corruption + sentinel" (Figure 3c). A
+    ``ptjax pretrain`` output (RUN/model) is named by its objective: "span corruption",
+    "LM adapted (500 steps)" (the run's own steps: Figure 3d)."""
+    done = _pretrained_here(path)
+    if done.get("objective") == "span_corruption" and done.get("init") == "scratch":
+        return "span corruption" + (" + sentinel" if sentinel else "")
+    if done.get("objective") == "prefix_lm":
+        return f"LM adapted ({done['steps']} steps)" + (" + sentinel" if sentinel else "")
     if "lm-adapt" in path:
         family = "LM adapted"
     elif "v1_1" in path:
@@ -53,8 +71,10 @@ def _task_mean(runs, by):
     """Mean over tasks for each (setting, seed), so a setting's spread is over seeds."""
     cols = [c for c in by if c != "task.name"]
     per_seed = runs.groupby(cols + ["seed"], dropna=False)["best"].mean().reset_index()
-    return per_seed.groupby(cols, dropna=False)["best"].agg(
+    table = per_seed.groupby(cols, dropna=False)["best"].agg(
         ["mean", "std", "count"]).reset_index()
+    table["ci95"] = analysis.ci95(table["std"], table["count"])
+    return table
 
 
 def _label(hue, values) -> str:
@@ -70,14 +90,14 @@ def _label(hue, values) -> str:
 
 
 def _plot(ax, table, x, hue, xlabel, logx=False, categorical=False):
-    """One line (mean, std error bar over seeds) per value of the ``hue`` columns."""
+    """One line (mean, 95% interval over seeds) per value of the ``hue`` columns."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     categories = sorted(table[x].unique(), key=str)
     for values, group in table.groupby(hue, dropna=False, sort=True):
         group = group.sort_values(x)
         xs = [categories.index(v) for v in group[x]] if categorical else group[x]
-        ax.errorbar(xs, group["mean"], yerr=group["std"].fillna(0.0), marker="o", capsize=3,
+        ax.errorbar(xs, group["mean"], yerr=group["ci95"].fillna(0.0), marker="o", capsize=3,
                     label=_label(hue, values))
     if categorical:
         ax.set_xticks(range(len(categories)))
@@ -160,7 +180,7 @@ def figures(runs, out_dir: str, metric_name: str, facts: dict | None = None) -> 
             ax.axhline(float(np.mean([majority[t] for t in tasks])), color="gray",
                        linestyle="--", linewidth=1, label="majority class")
             ax.legend(fontsize=7)
-        ax.set_ylabel(f"dev {metric_name} (%, mean over seeds)")
+        ax.set_ylabel(f"dev {metric_name} (%, mean, 95% CI)")
         ax.set_title(title + (f"\n{describe_facts(facts)}" if facts else ""), fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, name)
@@ -227,7 +247,8 @@ def write_report(directory: str) -> dict:
     lines = [f"# Sweep report: {os.path.basename(os.path.normpath(directory))}", "",
              f"{len(runs)} runs of {describe_facts(facts)}; dev metric: {metric}"
              f"{baseline}; best step by early stopping on dev.",
-             "", "## Mean +/- std over seeds", "", _markdown(summary)]
+             "", "## Mean, std and 95% interval (ci95: half-width) over seeds", "",
+             _markdown(summary)]
     if transfer:
         cols = [c for c in analysis.setting_columns(runs) if runs[c].nunique() > 1]
         t = runs.groupby(cols or ["task.name"], dropna=False)[["best", *transfer]].mean()

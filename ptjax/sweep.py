@@ -351,6 +351,8 @@ def job_done(job: Job) -> bool:
         return False
     with open(path) as f:
         results = json.load(f)
+    if results.get("method") == "design":  # prompt design trains nothing: 0 steps is done
+        return results.get("steps") == 0
     return results.get("steps") == job.config.train.steps
 
 

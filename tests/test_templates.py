@@ -254,6 +254,9 @@ def test_the_prompt_design_sweep_runs(tmp_path):
     assert run_sweep(sweep, progress=False)["failed"] == []
     runs = pa.load_runs(str(tmp_path / "design"))
     assert len(runs) == 9 and sorted(set(runs["task.shots"])) == [0, 2, 4]
+    # finished design jobs count as done: a rerun skips them (and the sweep's report runs)
+    again = run_sweep(sweep, progress=False)
+    assert again["done"] == [] and len(again["skipped"]) == len(sweep.jobs)
 
 
 @pytest.mark.parametrize("family", ["t5", "gpt2"])

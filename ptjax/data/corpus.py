@@ -151,3 +151,76 @@ def load_corpus(name: str = "shakespeare", validation_every: int = 20) -> Corpus
             (validation if held_out else train).append(doc)
     return Corpus(name=name, source=SHAKESPEARE_SOURCE, license=SHAKESPEARE_LICENSE,
                   train=tuple(train), validation=tuple(validation))
+
+
+# ---------------------------------------------------------------- downstream tasks
+
+GENRES = {"comedies": "comedy", "histories": "history", "tragedies": "tragedy"}
+
+
+def _speeches(doc: Document) -> list[list[str]]:
+    """A scene's speeches as word lists, speaker names and stage directions removed;
+    speeches of fewer than 8 words are dropped."""
+    out = []
+    for p in doc.paragraphs:
+        if p.startswith("[") or ": " not in p:
+            continue
+        text = p.split(": ", 1)[1].split()
+        if len(text) >= 8:
+            out.append(text)
+    return out
+
+
+def genre_task(corpus: Corpus, per_class: int = 300, dev_per_class: int = 100,
+               words: int = 40, seed: int = 0) -> dict:
+    """``shakespeare_genre``: is a speech from a comedy, a history or a tragedy? Inputs
+    "passage: <speech>" (speaker names removed, so the play's cast does not give it
+    away), targets the genre; classes balanced by sampling ``per_class`` speeches of each
+    genre from the train scenes (dev: ``dev_per_class`` from the held-out scenes). The
+    answer is in the words (kings and battles, jests and wooing) that pre-training on the
+    same plays has seen; the problem plays, Roman plays and romances are left out."""
+    import random
+
+    rng = random.Random(f"shakespeare_genre-{seed}")
+    splits = {}
+    for split, n in (("train", per_class), ("validation", dev_per_class)):
+        rows = []
+        for genre, label in GENRES.items():
+            pool = [" ".join(s[:words]) for d in getattr(corpus, split) if d.genre == genre
+                    for s in _speeches(d)]
+            rows += [{"inputs": f"passage: {s}", "targets": label, "fields": {"text": s}}
+                     for s in rng.sample(pool, min(n, len(pool)))]
+        rng.shuffle(rows)
+        splits[split] = rows
+    return splits
+
+
+def word_order_task(corpus: Corpus, n_train: int = 1000, n_dev: int = 300, words: int = 20,
+                    window: int = 6, seed: int = 0) -> dict:
+    """``shakespeare_order``: are a speech's words in Shakespeare's order? Inputs
+    "line: <the first ``words`` words of a speech>", targets ``true``, or ``false`` when
+    ``window`` consecutive words (at a random place) were shuffled (half each, drawn with
+    ``seed``). Both classes have the same words, so counting words cannot tell them apart
+    (a naive Bayes classifier on words scores chance); knowing how English runs can, which
+    is what pre-training teaches. Train lines from the train scenes, dev from held-out."""
+    import random
+
+    rng = random.Random(f"shakespeare_order-{seed}")
+    splits = {}
+    for split, n in (("train", n_train), ("validation", n_dev)):
+        pool = [s[:words] for d in getattr(corpus, split) for s in _speeches(d)
+                if len(s) >= words]
+        rows = []
+        for i, line in enumerate(rng.sample(pool, n)):
+            label = "true"
+            if i % 2:
+                start = rng.randrange(len(line) - window + 1)
+                part = line[start:start + window]
+                shuffled = part[:]
+                while shuffled == part:  # a permutation that changes the words' order
+                    rng.shuffle(shuffled)
+                line, label = line[:start] + shuffled + line[start + window:], "false"
+            text = " ".join(line)
+            rows.append({"inputs": f"line: {text}", "targets": label, "fields": {"text": text}})
+        splits[split] = rows
+    return splits

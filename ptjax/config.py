@@ -104,9 +104,16 @@ class TaskConfig:
     # batch and ensembled like K prompts (train.ensemble); excludes task.template
     templates: tuple[str, ...] = ()
     # label words per class, {class: [word, ...]}: classes ranked by their words'
-    # log-probabilities; training targets are each class's first word
+    # log-probabilities; training targets are each class's first word (task.verbalizer_loss)
     verbalizer: LabelWords = ()
     verbalizer_tokens: str = "mean"  # a multi-token word's score: first | mean | max
+    # the training loss with a verbalizer: first_word (cross-entropy of each class's first
+    # label word as the target) | class (cross-entropy over classes of the class scores
+    # evaluation ranks by, OpenPrompt's ManualVerbalizer + CE; ptjax.verbalizers)
+    verbalizer_loss: str = "first_word"
+    # manual (label words scored by the LM head) | soft (WARP: learned class vectors, from
+    # the label words' output embeddings, trained with the method; loss over classes)
+    verbalizer_kind: str = "manual"
     # prompt design (method.name=design): in-context examples drawn from the train split
     # (per dev example, seeded by prompt.seeds[0]) before every evaluated input
     shots: int = 0
@@ -215,6 +222,7 @@ CHOICES = {
     "optim.schedule": SCHEDULES, "task.eval_mode": EVAL_MODES, "method.name": METHODS,
     "method.prefix.init": PREFIX_INITS, "method.ptuning.encoder": ENCODERS,
     "task.verbalizer_tokens": ("first", "mean", "max"),
+    "task.verbalizer_loss": ("first_word", "class"), "task.verbalizer_kind": ("manual", "soft"),
     "train.ensemble": ("", *ENSEMBLES), "mesh.distributed": ("auto", "on", "off"),
     "pretrain.objective": ("span_corruption", "prefix_lm"), "pretrain.corpus": ("shakespeare",),
 }
@@ -455,6 +463,14 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
                              "ptuning, or a template without {soft:N}")
         # the templates' soft tokens are the prompt: P = their count (the most of any)
         cfg = dataclasses.replace(cfg, prompt=dataclasses.replace(cfg.prompt, length=soft))
+    if not cfg.task.verbalizer:
+        for key, default in (("verbalizer_loss", "first_word"), ("verbalizer_kind", "manual")):
+            if getattr(cfg.task, key) != default:
+                raise PtjaxError(f"{where}: task.{key}={getattr(cfg.task, key)} needs "
+                                 "task.verbalizer (label words per class)")
+    if cfg.task.verbalizer_kind == "soft" and cfg.method.name == "design":
+        raise PtjaxError(f"{where}: task.verbalizer_kind=soft learns class vectors, which "
+                         "method.name=design does not train; use a manual verbalizer")
     if cfg.task.shots and cfg.method.name != "design":
         raise PtjaxError(f"{where}: task.shots={cfg.task.shots} (in-context examples) is for "
                          "method.name=design, prompt design without training")

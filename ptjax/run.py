@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptjax import config as config_lib
-from ptjax import methods
+from ptjax import methods, verbalizers
 from ptjax.checkpoint import Checkpointer
 from ptjax.data import pipeline
 from ptjax.data.tasks import load_task, task_names
@@ -94,12 +94,15 @@ def check_lengths(model, method, cfg):
 
 def verbalizing(tcfg) -> dict:
     """build_dev_set's verbalizer arguments from a TaskConfig."""
-    return {"verbalizer": tcfg.verbalizer, "word_tokens": tcfg.verbalizer_tokens}
+    return {"verbalizer": tcfg.verbalizer, "word_tokens": tcfg.verbalizer_tokens,
+            "soft": tcfg.verbalizer_kind == "soft"}
 
 
-def verbalized_train(task, verbalizer):
-    """The task with every train target (a class) replaced by its first label word; a
-    train label without label words is a one-line error, as on dev."""
+def verbalized_train(task, verbalizer, keep_classes: bool = False):
+    """The task with every train target (a class) replaced by its first label word (with
+    ``keep_classes`` left as the class: the class-level loss and the soft verbalizer pair
+    it with label words themselves, ``ptjax.verbalizers``); a train label without label
+    words is a one-line error, as on dev."""
     if not verbalizer:
         return task
     first = {c: words[0] for c, words in verbalizer}
@@ -109,7 +112,7 @@ def verbalized_train(task, verbalizer):
             raise PtjaxError(f"task {task.name!r} train example {i} (shard {q}): target "
                              f"{ex['targets']!r} has no label words in task.verbalizer "
                              f"(classes: {', '.join(first)})")
-        return {**ex, "targets": first[ex["targets"]]}
+        return ex if keep_classes else {**ex, "targets": first[ex["targets"]]}
     shards = {q: [word(ex, q, i) for i, ex in enumerate(exs)] for q, exs in task.shards.items()}
     return dataclasses.replace(task, shards=shards)
 
@@ -425,7 +428,8 @@ def _train(cfg, main, locks) -> dict:
     check_train_targets(task, cfg.task)
     dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
                         cfg.task.max_target_length, **enc, **verbalizing(cfg.task))
-    task = verbalized_train(task, cfg.task.verbalizer)
+    scoring = verbalizers.scoring(cfg.task)
+    task = verbalized_train(task, cfg.task.verbalizer, keep_classes=scoring is not None)
     metric = tc.metric or dev.select
     valid = metric_names(dev.metric_set)
     if metric not in valid:
@@ -435,7 +439,7 @@ def _train(cfg, main, locks) -> dict:
     transfer = {name: _transfer_dev_set(model, cfg, name) for name in cfg.task.transfer}
     stream = pipeline.TrainStream(model, task.shards, n_shards, tc.batch_size,
                                   cfg.task.max_input_length, cfg.task.max_target_length,
-                                  tc.seed, **enc)
+                                  tc.seed, **enc, scoring=scoring)
 
     K = method.K
     trainable = place_trainable(method, method.init(model, cfg, task), mesh, cfg)

@@ -55,7 +55,8 @@ LATER_DEFAULTS = {"task.target_sentinel": False, "task.template": "", "task.verb
                   "task.verbalizer_tokens": "mean", "task.shots": 0, "task.templates": [],
                   "train.attention_dropout": 0.0, "train.dropout_broadcast": False,
                   "train.prng": "threefry", "task.verbalizer_loss": "first_word",
-                  "task.verbalizer_kind": "manual"}
+                  "task.verbalizer_kind": "manual", "task.mixture": [],
+                  "task.mixture_rates": "proportional"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -407,6 +407,54 @@ class TrainStream:
         return arrays, sum(cut for _, _, cut in (ex[0][0] for ex in tokenized))
 
 
+class MixtureStream:
+    """This process's rows of every global train batch of a task mixture (task.mixture),
+    as a pure function of the step (resume reads what an uninterrupted run reads).
+
+    Each row's task is drawn with probability proportional to ``weights`` and its example
+    uniformly from that task's part of the row's shard (with replacement), from a
+    generator seeded by (seed, shard, step): every shard contributes ``batch_size /
+    n_shards`` rows, as in ``TrainStream``. Each task keeps its own encoding (template,
+    target prefix); tokenized examples are cached per task.
+
+    parts: one ``TrainStream`` per task (its shards and encoding); weights: one >= 0 per
+    part, not all 0.
+    """
+
+    def __init__(self, parts: list, weights, seed: int):
+        w = np.asarray(weights, np.float64)
+        self.parts, self.seed = parts, seed
+        self.active = np.flatnonzero(w > 0)
+        self.p = w[self.active] / w[self.active].sum()
+        first = parts[self.active[0]]
+        self.model, self.lengths = first.model, first.lengths
+        self.rows_per_shard, self.shard_ids = first.rows_per_shard, list(first.shards)
+        self._cache = {}  # (task, shard, index) -> tokenize()'s triple
+
+    def indices(self, step: int) -> list[tuple[int, int, int]]:
+        """(task, shard, index in that task's shard) of this process's rows of ``step``."""
+        out = []
+        for q in self.shard_ids:
+            rng = np.random.default_rng([self.seed, q, step])
+            tasks = self.active[rng.choice(len(self.active), self.rows_per_shard, p=self.p)]
+            for t in tasks:
+                out.append((int(t), q, int(rng.integers(len(self.parts[t].shards[q])))))
+        return out
+
+    def batch(self, step: int) -> tuple[dict, int]:
+        """(local arrays [rows, ...], number of truncated examples) for global ``step``."""
+        keys = self.indices(step)
+        for t in sorted({t for t, _, _ in keys}):
+            part = self.parts[t]
+            missing = sorted({k for k in keys if k[0] == t} - set(self._cache))
+            rows = tokenize(part.model, [part.shards[q][i] for _, q, i in missing],
+                            *part.lengths, part.target_prefix, part.template)
+            self._cache.update(zip(missing, rows))
+        tokenized = [self._cache[k] for k in keys]
+        arrays = assemble(self.model, tokenized, *self.lengths)
+        return arrays, sum(cut for _, _, cut in tokenized)
+
+
 def prefetch(fn, steps, depth: int = 2):
     """Yield ``fn(step)`` for each step, computed ``depth`` steps ahead in a thread, so
     tokenization overlaps the device's work (the Rust tokenizer releases the GIL)."""

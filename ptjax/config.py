@@ -82,6 +82,22 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MixtureTask:
+    """One task of ``task.mixture`` (multi-task prompted training, strategy 3): what makes
+    it a task of its own; everything else (lengths, dev_size, data_dir) is the ``task``
+    section's."""
+    name: str = ""  # a built-in, jsonl or TFDS task
+    template: str = ""  # its own template ("" = its own format, {inputs})
+    verbalizer: LabelWords = ()  # its own label words; training targets are first words
+    verbalizer_tokens: str = "mean"
+    labels: tuple[str, ...] = ()
+    eval_mode: str = "auto"
+    train_file: str = ""  # jsonl
+    dev_file: str = ""
+    rate: float = 0.0  # its mixing weight; 0 = from task.mixture_rates
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskConfig:
     name: str = "synthetic_sentiment"  # built-in, "jsonl", or a TFDS task (e.g. rte, boolq)
     data_dir: str = ""  # TFDS data_dir ("" = TFDS's default, ~/tensorflow_datasets)
@@ -104,12 +120,27 @@ class TaskConfig:
     # batch and ensembled like K prompts (train.ensemble); excludes task.template
     templates: tuple[str, ...] = ()
     # label words per class, {class: [word, ...]}: classes ranked by their words'
-    # log-probabilities; training targets are each class's first word
+    # log-probabilities; training targets are each class's first word (task.verbalizer_loss)
     verbalizer: LabelWords = ()
     verbalizer_tokens: str = "mean"  # a multi-token word's score: first | mean | max
+    # the training loss with a verbalizer: first_word (cross-entropy of each class's first
+    # label word as the target) | class (cross-entropy over classes of the class scores
+    # evaluation ranks by, OpenPrompt's ManualVerbalizer + CE; ptjax.verbalizers)
+    verbalizer_loss: str = "first_word"
+    # manual (label words scored by the LM head) | soft (WARP: learned class vectors, from
+    # the label words' output embeddings, trained with the method; loss over classes)
+    verbalizer_kind: str = "manual"
     # prompt design (method.name=design): in-context examples drawn from the train split
     # (per dev example, seeded by prompt.seeds[0]) before every evaluated input
     shots: int = 0
+    # multi-task prompted training (strategy 3): the tasks trained together, each with its
+    # own template / verbalizer / labels (MixtureTask); entries named in task.transfer are
+    # held out (never trained) and evaluated zero-shot through their own template. The
+    # first trained entry's dev set picks the best step. task.name is then unused.
+    mixture: tuple[MixtureTask, ...] = ()
+    # each row's task is drawn with these weights: proportional (to train examples) |
+    # equal | one number per task.mixture entry (0 for held-out entries), e.g. "2,1,0"
+    mixture_rates: str = "proportional"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +246,7 @@ CHOICES = {
     "optim.schedule": SCHEDULES, "task.eval_mode": EVAL_MODES, "method.name": METHODS,
     "method.prefix.init": PREFIX_INITS, "method.ptuning.encoder": ENCODERS,
     "task.verbalizer_tokens": ("first", "mean", "max"),
+    "task.verbalizer_loss": ("first_word", "class"), "task.verbalizer_kind": ("manual", "soft"),
     "train.ensemble": ("", *ENSEMBLES), "mesh.distributed": ("auto", "on", "off"),
     "pretrain.objective": ("span_corruption", "prefix_lm"), "pretrain.corpus": ("shakespeare",),
 }
@@ -315,6 +347,8 @@ def _coerce(key: str, typ, value, where: str):
     if typ is str:
         if value is None:
             return ""
+        if key == "task.mixture_rates" and isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)  # [2, 1, 0] in YAML
         if isinstance(value, (dict, list)):
             raise bad("a string")
         return str(value)
@@ -336,6 +370,12 @@ def _coerce(key: str, typ, value, where: str):
                           "non-empty list of words")
             out.append((c, tuple(words)))
         return tuple(out)
+    if dataclasses.is_dataclass(typ):  # an entry of a list of sections (task.mixture)
+        if isinstance(value, typ):
+            return value
+        if not isinstance(value, dict):
+            raise bad(f"a list of mappings ({', '.join(_fields(typ))})")
+        return _build(typ, value, f"{key}.", where)
     if typing.get_origin(typ) is tuple:
         (inner, _) = typing.get_args(typ)
         if value is None or value == "":
@@ -455,6 +495,19 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
                              "ptuning, or a template without {soft:N}")
         # the templates' soft tokens are the prompt: P = their count (the most of any)
         cfg = dataclasses.replace(cfg, prompt=dataclasses.replace(cfg.prompt, length=soft))
+    if not cfg.task.verbalizer:
+        for key, default in (("verbalizer_loss", "first_word"), ("verbalizer_kind", "manual")):
+            if getattr(cfg.task, key) != default:
+                raise PtjaxError(f"{where}: task.{key}={getattr(cfg.task, key)} needs "
+                                 "task.verbalizer (label words per class)")
+    if cfg.task.verbalizer_kind == "soft" and cfg.method.name == "design":
+        raise PtjaxError(f"{where}: task.verbalizer_kind=soft learns class vectors, which "
+                         "method.name=design does not train; use a manual verbalizer")
+    if cfg.task.mixture:
+        _check_mixture(cfg, where)
+    elif cfg.task.mixture_rates != "proportional":
+        raise PtjaxError(f"{where}: task.mixture_rates={cfg.task.mixture_rates!r} needs "
+                         "task.mixture (the tasks it weights)")
     if cfg.task.shots and cfg.method.name != "design":
         raise PtjaxError(f"{where}: task.shots={cfg.task.shots} (in-context examples) is for "
                          "method.name=design, prompt design without training")
@@ -464,6 +517,84 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     if "text" in (cfg.prompt.init, *cfg.prompt.inits) and not cfg.prompt.text:
         raise PtjaxError(f"{where}: prompt.init=text needs prompt.text")
     return cfg
+
+
+def mixture_weights(cfg, where: str = "config", sizes=None) -> list[float]:
+    """One weight per task.mixture entry (0 for held-out ones), unnormalised: an entry's own
+    ``rate``, else task.mixture_rates (proportional: ``sizes``, the train examples; None =
+    only checked)."""
+    tcfg = cfg.task
+    held = set(tcfg.transfer)
+    trained = [e for e in tcfg.mixture if e.name not in held]
+    own = [e.rate > 0 for e in trained]
+    if any(own):
+        if not all(own) or tcfg.mixture_rates != "proportional":
+            raise PtjaxError(f"{where}: task.mixture gives some entries a rate; give every "
+                             "trained entry one (and leave task.mixture_rates), or none")
+        return [0.0 if e.name in held else e.rate for e in tcfg.mixture]
+    rates = tcfg.mixture_rates.strip()
+    if rates == "equal":
+        return [0.0 if e.name in held else 1.0 for e in tcfg.mixture]
+    if rates == "proportional":
+        sizes = sizes or [1] * len(tcfg.mixture)
+        return [0.0 if e.name in held else float(n) for e, n in zip(tcfg.mixture, sizes)]
+    try:
+        numbers = [float(x) for x in rates.strip("[]").split(",")]
+    except ValueError:
+        numbers = None
+    if numbers is None or len(numbers) != len(tcfg.mixture) or \
+            not all(math.isfinite(x) and x >= 0 for x in numbers):
+        raise PtjaxError(f"{where}: task.mixture_rates={tcfg.mixture_rates!r} is not valid; "
+                         f"valid: proportional, equal, or {len(tcfg.mixture)} numbers >= 0 "
+                         "(one per task.mixture entry)")
+    for e, x in zip(tcfg.mixture, numbers):
+        if e.name in held and x:
+            raise PtjaxError(f"{where}: task.mixture_rates gives {e.name!r} {x:g}, but "
+                             "task.transfer holds it out; give it 0")
+    if not any(x for e, x in zip(tcfg.mixture, numbers) if e.name not in held):
+        raise PtjaxError(f"{where}: task.mixture_rates={tcfg.mixture_rates!r} gives every "
+                         "trained task 0")
+    return numbers
+
+
+def _check_mixture(cfg, where: str):
+    from ptjax.data.tasks import task_names
+    from ptjax.data.templates import parse
+
+    tcfg = cfg.task
+    names = [e.name for e in tcfg.mixture]
+    for i, e in enumerate(tcfg.mixture):
+        at = f"{where}: task.mixture[{i}]"
+        if e.name not in task_names():
+            raise PtjaxError(f"{at}.name={e.name!r} is not a task; valid: "
+                             f"{', '.join(task_names())}")
+        if names.count(e.name) > 1:
+            raise PtjaxError(f"{at}: task {e.name!r} is in task.mixture twice")
+        if e.verbalizer_tokens not in ("first", "mean", "max"):
+            raise PtjaxError(f"{at}.verbalizer_tokens={e.verbalizer_tokens!r} is not valid; "
+                             "valid: first, mean, max")
+        if e.eval_mode not in EVAL_MODES:
+            raise PtjaxError(f"{at}.eval_mode={e.eval_mode!r} is not valid; valid: "
+                             f"{', '.join(EVAL_MODES)}")
+        if not (math.isfinite(e.rate) and e.rate >= 0):
+            raise PtjaxError(f"{at}.rate={e.rate} must be >= 0 (0 = from task.mixture_rates)")
+        if e.name == "jsonl" and not (e.train_file and e.dev_file):
+            raise PtjaxError(f"{at}: name=jsonl needs train_file and dev_file")
+        if e.template and parse(e.template, f"{at}.template").soft_tokens:
+            raise PtjaxError(f"{at}.template has soft slots; a mixture's templates are text "
+                             "and fields (a prompt method prepends its prompt to every task)")
+    for key in ("template", "templates", "verbalizer"):
+        if getattr(tcfg, key):
+            raise PtjaxError(f"{where}: task.{key} is set with task.mixture; give each task "
+                             "its own in its task.mixture entry")
+    if tcfg.verbalizer_loss != "first_word" or tcfg.verbalizer_kind != "manual":
+        raise PtjaxError(f"{where}: task.mixture trains each task's first label words "
+                         "(text to text); task.verbalizer_loss=class and "
+                         "task.verbalizer_kind=soft are for one task")
+    if not [n for n in names if n not in tcfg.transfer]:
+        raise PtjaxError(f"{where}: task.transfer holds out every task.mixture entry; "
+                         "leave at least one to train on")
+    mixture_weights(cfg, where)
 
 
 def get(cfg, key: str):

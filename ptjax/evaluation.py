@@ -20,11 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptjax import sharding
+from ptjax import sharding, verbalizers
 from ptjax.data import metrics, pipeline
 from ptjax.errors import PtjaxError
 from ptjax.models.common import PromptInputs
-from ptjax.train import member_nll, sequence_nll
+from ptjax.train import member_class_logits, member_nll, sequence_nll
 
 
 @dataclasses.dataclass
@@ -43,23 +43,27 @@ class DevSet:
     row_class: np.ndarray | None = None
     word_mask: np.ndarray | None = None
     word_tokens: str = "mean"
+    # a soft verbalizer: one row per example, classes ranked by its class logits
+    soft: bool = False
 
 
 def build_dev_set(model, task, mode: str, max_input_length: int, max_target_length: int,
                   split: str = "validation", target_prefix: tuple = (),
-                  template=None, verbalizer: tuple = (), word_tokens: str = "mean") -> DevSet:
+                  template=None, verbalizer: tuple = (), word_tokens: str = "mean",
+                  soft: bool = False) -> DevSet:
     """Rank candidates are the task's labels, or an example's own "candidates" (COPA's
     choices, ReCoRD's entities). target_prefix: ids put before every target and candidate
     (task.target_sentinel); greedy outputs are decoded without special tokens, so without
     T5's sentinels. verbalizer: ((class, (word, ...)), ...): classes are ranked by their
-    label words' log-probabilities (``verbalize``)."""
+    label words' log-probabilities (``verbalize``), or with ``soft`` by a soft
+    verbalizer's class logits (``ptjax.verbalizers``)."""
     examples = task.split(split)
     if not examples:
         raise PtjaxError(f"task {task.name!r} has no {split} examples")
     if verbalizer:
         return _verbalized_dev_set(model, task, split, examples, max_input_length,
                                    max_target_length, target_prefix, template, verbalizer,
-                                   word_tokens)
+                                   word_tokens, soft)
     per_example = any("candidates" in ex for ex in examples)
     if mode == "auto":
         mode = "rank" if task.labels or per_example else "generate"
@@ -93,7 +97,8 @@ def build_dev_set(model, task, mode: str, max_input_length: int, max_target_leng
 
 
 def _verbalized_dev_set(model, task, split, examples, max_input_length, max_target_length,
-                        target_prefix, template, verbalizer, word_tokens) -> DevSet:
+                        target_prefix, template, verbalizer, word_tokens,
+                        soft: bool = False) -> DevSet:
     classes = tuple(c for c, _ in verbalizer)
     for i, ex in enumerate(examples):
         if ex["targets"] not in classes:
@@ -101,28 +106,21 @@ def _verbalized_dev_set(model, task, split, examples, max_input_length, max_targ
                              f"{ex['targets']!r} has no label words in task.verbalizer "
                              f"(classes: {', '.join(classes)})")
     rows = [(c, w) for c, (_, words) in enumerate(verbalizer) for w in words]
-    pairs = [{"inputs": ex["inputs"], "fields": ex.get("fields", {}), "targets": w}
-             for ex in examples for _, w in rows]
     _check_labels_fit(model, sorted({w for _, w in rows}),
                       max_target_length - len(target_prefix))
+    if soft:  # one row per example: its answer position is all a soft verbalizer reads
+        rows = rows[:1]
+    pairs = [{"inputs": ex["inputs"], "fields": ex.get("fields", {}), "targets": w}
+             for ex in examples for _, w in rows]
     arrays, _ = pipeline.encode(model, pairs, max_input_length, max_target_length,
                                 target_prefix, template)
     # the word's own tokens: the target tokens after the prefix, without the final EOS
-    mask = arrays["target_mask"].astype(bool)
-    if mask.ndim == 3:  # several templates: targets are the same for every member
-        mask = mask[:, 0]
-    word_mask = mask.copy()
-    first = mask.argmax(1)
-    last = mask.shape[1] - 1 - mask[:, ::-1].argmax(1)
-    rows_idx = np.arange(len(mask))
-    word_mask[rows_idx, last] = False
-    for j in range(len(target_prefix)):
-        word_mask[rows_idx, first + j] = False
+    word_mask = verbalizers.word_mask(arrays["target_mask"], len(target_prefix))
     return DevSet("rank", task.metric_set or task.metric, examples, arrays,
                   [list(classes)] * len(examples), classes, task.metric,
                   verbalizer=tuple(verbalizer),
                   row_class=np.tile([c for c, _ in rows], len(examples)),
-                  word_mask=word_mask, word_tokens=word_tokens)
+                  word_mask=word_mask, word_tokens=word_tokens, soft=soft)
 
 
 WORD_TOKENS = ("first", "mean", "max")
@@ -169,6 +167,14 @@ def _scores(model, method, trainable, frozen, batch, per_token=False):
     return -nll
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _soft_scores(model, method, trainable, frozen, batch, word_mask):
+    """A soft verbalizer's class log-probabilities (log-softmax over its class logits) of
+    each row for each member -> [K, R, C]."""
+    return jax.nn.log_softmax(member_class_logits(model, method, trainable, frozen, batch,
+                                                  word_mask), axis=-1)
+
+
 @dataclasses.dataclass
 class Predictions:
     """K prompts' outputs on a dev set. texts[k][i]: prompt k's answer to example i.
@@ -193,6 +199,20 @@ def predict(model, method, trainable, frozen, dev: DevSet, batch_size: int,
     """
     batch_size = _rows_per_batch(batch_size, mesh)
     put = (lambda b: b) if mesh is None else (lambda b: sharding.replicated_batch(b, mesh))
+    if dev.mode == "rank" and dev.soft:
+        columns = {**dev.arrays, "word_mask": dev.word_mask.astype(np.int32)}
+        scores = []
+        for b, n in pipeline.eval_batches(columns, batch_size):
+            b = put(b)
+            wm = b.pop("word_mask")
+            scores.append(sharding.to_host(_soft_scores(model, method, trainable, frozen, b,
+                                                        wm))[:, :n])
+        scores = np.concatenate(scores, axis=1)  # [K, examples, classes]
+        scores = scores.reshape(len(scores), -1)
+        C = len(dev.verbalizer)
+        texts = [[dev.labels[int(np.argmax(row[i * C:(i + 1) * C]))]
+                  for i in range(len(dev.examples))] for row in scores]
+        return Predictions(texts, scores)
     if dev.mode == "rank":
         per_token = dev.verbalizer != ()
         scores = [sharding.to_host(_scores(model, method, trainable, frozen, put(b),

@@ -82,13 +82,22 @@ def abstract_batch(model, cfg, mesh) -> dict:
     """ShapeDtypeStructs of one train batch of a run (sharded over data)."""
     from ptjax.sharding import batch_sharding
 
+    from ptjax.verbalizers import scoring
+
     B, Li, Lt = cfg.train.batch_size, cfg.task.max_input_length, cfg.task.max_target_length
-    ids = lambda L: jax.ShapeDtypeStruct((B, L), jnp.int32,  # noqa: E731
-                                         sharding=batch_sharding(mesh))
+    s = scoring(cfg.task)
+    R = B * (1 if s is None else s.W)  # the class-level loss pairs each example with W words
+    ids = lambda L, rows=R: jax.ShapeDtypeStruct((rows, L), jnp.int32,  # noqa: E731
+                                                 sharding=batch_sharding(mesh))
     if model.is_encoder_decoder:
-        return dict(input_ids=ids(Li), input_mask=ids(Li), decoder_input_ids=ids(Lt),
-                    targets=ids(Lt), target_mask=ids(Lt))
-    return {k: ids(Li + Lt) for k in ("input_ids", "input_mask", "targets", "target_mask")}
+        out = dict(input_ids=ids(Li), input_mask=ids(Li), decoder_input_ids=ids(Lt),
+                   targets=ids(Lt), target_mask=ids(Lt))
+    else:
+        out = {k: ids(Li + Lt) for k in ("input_ids", "input_mask", "targets", "target_mask")}
+    if s is not None:
+        out["word_mask"] = ids(Lt if model.is_encoder_decoder else Li + Lt)
+        out["label"] = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=batch_sharding(mesh))
+    return out
 
 
 def as_abstract(tree):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptjax import config as config_lib
-from ptjax import methods
+from ptjax import methods, verbalizers
 from ptjax.checkpoint import Checkpointer
 from ptjax.data import pipeline
 from ptjax.data.tasks import load_task, task_names
@@ -94,12 +94,15 @@ def check_lengths(model, method, cfg):
 
 def verbalizing(tcfg) -> dict:
     """build_dev_set's verbalizer arguments from a TaskConfig."""
-    return {"verbalizer": tcfg.verbalizer, "word_tokens": tcfg.verbalizer_tokens}
+    return {"verbalizer": tcfg.verbalizer, "word_tokens": tcfg.verbalizer_tokens,
+            "soft": tcfg.verbalizer_kind == "soft"}
 
 
-def verbalized_train(task, verbalizer):
-    """The task with every train target (a class) replaced by its first label word; a
-    train label without label words is a one-line error, as on dev."""
+def verbalized_train(task, verbalizer, keep_classes: bool = False):
+    """The task with every train target (a class) replaced by its first label word (with
+    ``keep_classes`` left as the class: the class-level loss and the soft verbalizer pair
+    it with label words themselves, ``ptjax.verbalizers``); a train label without label
+    words is a one-line error, as on dev."""
     if not verbalizer:
         return task
     first = {c: words[0] for c, words in verbalizer}
@@ -109,7 +112,7 @@ def verbalized_train(task, verbalizer):
             raise PtjaxError(f"task {task.name!r} train example {i} (shard {q}): target "
                              f"{ex['targets']!r} has no label words in task.verbalizer "
                              f"(classes: {', '.join(first)})")
-        return {**ex, "targets": first[ex["targets"]]}
+        return ex if keep_classes else {**ex, "targets": first[ex["targets"]]}
     shards = {q: [word(ex, q, i) for i, ex in enumerate(exs)] for q, exs in task.shards.items()}
     return dataclasses.replace(task, shards=shards)
 
@@ -403,7 +406,6 @@ def _train(cfg, main, locks) -> dict:
         return run_design(cfg, mesh, model, method)
     method.check(model)
     check_lengths(model, method, cfg)
-    enc = encoding(model, cfg.task)
     data_size = mesh.shape["data"]
     if tc.batch_size % data_size:
         raise PtjaxError(f"train.batch_size={tc.batch_size} is not a multiple of the mesh's "
@@ -421,11 +423,14 @@ def _train(cfg, main, locks) -> dict:
         if meta is not None:
             n_shards = meta.get("data_shards", n_shards)
     owned = pipeline.owned_shards(n_shards, jax.process_index(), jax.process_count())
-    task = load_task(cfg.task, shards=(owned, n_shards))
-    check_train_targets(task, cfg.task)
-    dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
-                        cfg.task.max_target_length, **enc, **verbalizing(cfg.task))
-    task = verbalized_train(task, cfg.task.verbalizer)
+    dev_cfg = dev_task_config(cfg)  # a mixture's first trained task picks the best step
+    enc = encoding(model, dev_cfg)
+    task = load_task(dev_cfg, shards=(owned, n_shards))
+    check_train_targets(task, dev_cfg)
+    dev = build_dev_set(model, task, dev_cfg.eval_mode, cfg.task.max_input_length,
+                        cfg.task.max_target_length, **enc, **verbalizing(dev_cfg))
+    scoring = verbalizers.scoring(cfg.task)
+    task = verbalized_train(task, dev_cfg.verbalizer, keep_classes=scoring is not None)
     metric = tc.metric or dev.select
     valid = metric_names(dev.metric_set)
     if metric not in valid:
@@ -433,9 +438,12 @@ def _train(cfg, main, locks) -> dict:
                          f"{cfg.task.name!r}; valid: {', '.join(valid)}")
     # transfer tasks are read now: data that is missing must stop the run before step 1
     transfer = {name: _transfer_dev_set(model, cfg, name) for name in cfg.task.transfer}
-    stream = pipeline.TrainStream(model, task.shards, n_shards, tc.batch_size,
-                                  cfg.task.max_input_length, cfg.task.max_target_length,
-                                  tc.seed, **enc)
+    if cfg.task.mixture:
+        stream = _mixture_stream(model, cfg, task, owned, n_shards)
+    else:
+        stream = pipeline.TrainStream(model, task.shards, n_shards, tc.batch_size,
+                                      cfg.task.max_input_length, cfg.task.max_target_length,
+                                      tc.seed, **enc, scoring=scoring)
 
     K = method.K
     trainable = place_trainable(method, method.init(model, cfg, task), mesh, cfg)
@@ -602,11 +610,14 @@ def _finish(model, method, cfg, best, metric, dev, mesh, frozen, transfer=None) 
         "run_dir": run_dir, "method": method.name, "metric": metric,
         "steps": tc.steps, "export": export_dir, "model": cfg.model.path,
         "parameters": int(sum(x.size for x in jax.tree.leaves(model.params))),
-        "task": cfg.task.name, "majority": majority_baseline(dev),
+        "task": dev_task_config(cfg).name, "majority": majority_baseline(dev),
         "prompts": [{"prompt": k, "seed": int(seed), **method.describe(k),
                      "best_step": best.step[k], f"best_{metric}": best.metric[k]}
                     for k, seed in enumerate(method.seeds)],
     }
+    if cfg.task.mixture:
+        results["mixture"] = [e.name for e in cfg.task.mixture
+                              if e.name not in cfg.task.transfer]  # the trained tasks
     host = jax.tree.map(to_host, best.tree)
     if main:
         method.export(export_dir, host, model, base_model_path(cfg))
@@ -630,9 +641,57 @@ def _finish(model, method, cfg, best, metric, dev, mesh, frozen, transfer=None) 
     return results
 
 
+def mixture_task_config(tcfg, entry):
+    """The TaskConfig of one task.mixture entry: its own name, template, verbalizer and
+    labels; lengths and the rest from the task section."""
+    return dataclasses.replace(
+        tcfg, name=entry.name, template=entry.template, verbalizer=entry.verbalizer,
+        verbalizer_tokens=entry.verbalizer_tokens, labels=entry.labels,
+        eval_mode=entry.eval_mode, train_file=entry.train_file, dev_file=entry.dev_file,
+        mixture=(), mixture_rates="proportional", transfer=(), templates=())
+
+
+def dev_task_config(cfg):
+    """The task whose dev set picks the best step: the task section, or with task.mixture
+    its first entry that task.transfer does not hold out."""
+    for entry in cfg.task.mixture:
+        if entry.name not in cfg.task.transfer:
+            return mixture_task_config(cfg.task, entry)
+    return cfg.task
+
+
+def _mixture_stream(model, cfg, first, owned, n_shards):
+    """The train stream of task.mixture (``pipeline.MixtureStream``): every trained entry
+    read, checked and encoded by its own settings (``first``: the dev task, already read)."""
+    tc, parts, sizes = cfg.train, [], []
+    for entry in cfg.task.mixture:
+        tcfg = mixture_task_config(cfg.task, entry)
+        if entry.name in cfg.task.transfer:  # held out: never read for training
+            parts.append(None)
+            sizes.append(0)
+            continue
+        if entry.name == first.name:
+            task = first
+        else:
+            task = load_task(tcfg, shards=(owned, n_shards))
+            check_train_targets(task, tcfg)
+            task = verbalized_train(task, tcfg.verbalizer)
+        sizes.append(len(task.splits.get("train", [])))
+        parts.append(pipeline.TrainStream(model, task.shards, n_shards, tc.batch_size,
+                                          cfg.task.max_input_length,
+                                          cfg.task.max_target_length, tc.seed,
+                                          **encoding(model, tcfg)))
+    weights = config_lib.mixture_weights(cfg, "task.mixture", sizes)
+    filler = next(p for p in parts if p is not None)
+    return pipeline.MixtureStream([p or filler for p in parts], weights, tc.seed)
+
+
 def _transfer_dev_set(model, cfg, name: str):
-    """The validation set of a task the prompts never trained on (domain transfer)."""
-    tcfg = dataclasses.replace(cfg.task, name=name, labels=(), transfer=())
+    """The validation set of a task the prompts never trained on (domain transfer), read
+    through its own task.mixture entry (template, verbalizer) when it has one."""
+    entry = next((e for e in cfg.task.mixture if e.name == name), None)
+    tcfg = (mixture_task_config(cfg.task, entry) if entry is not None else
+            dataclasses.replace(cfg.task, name=name, labels=(), transfer=()))
     task = load_task(tcfg, splits=("validation",))
     return build_dev_set(model, task, tcfg.eval_mode, tcfg.max_input_length,
                          tcfg.max_target_length, **encoding(model, tcfg),
@@ -650,17 +709,22 @@ def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validati
         run = restore_run(cfg, run_dir or cfg.run_dir)
         mesh, model, method, trainable = run.mesh, run.model, run.method, run.trainables
     else:
+        if cfg.task.verbalizer_kind == "soft":
+            raise PtjaxError(f"task.verbalizer_kind=soft: a prompt file ({prompt_path}) has "
+                             "no class vectors; evaluate the run itself, or with "
+                             "task.verbalizer_kind=manual")
         mesh, model = prepare(cfg)
         method = methods.REGISTRY["prompt"](model.config, cfg.prompt, None, model.dtype)
         table = np.asarray(load_table(prompt_path, model.config.hidden_size))
         method = dataclasses.replace(method, prompt=dataclasses.replace(
             cfg.prompt, length=table.shape[1], seeds=tuple(range(table.shape[0])), inits=()))
         trainable = {"prompt": place(table, replicated(mesh))}
-    task = load_task(cfg.task, splits=(split,))
+    tcfg = dev_task_config(cfg)
+    task = load_task(tcfg, splits=(split,))
     check_lengths(model, method, cfg)
-    dev = build_dev_set(model, task, cfg.task.eval_mode, cfg.task.max_input_length,
-                        cfg.task.max_target_length, split=split, **encoding(model, cfg.task),
-                        **verbalizing(cfg.task))
+    dev = build_dev_set(model, task, tcfg.eval_mode, cfg.task.max_input_length,
+                        cfg.task.max_target_length, split=split, **encoding(model, tcfg),
+                        **verbalizing(tcfg))
     size, lengths = cfg.train.eval_batch_size, cfg.task.max_target_length
     frozen = None if method.tunes_weights else model.params
     if ensemble_method:

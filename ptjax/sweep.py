@@ -54,7 +54,9 @@ NOT_IN_ID = ("run_dir", "train.progress", "train.wandb", "train.eval_batch_size"
 LATER_DEFAULTS = {"task.target_sentinel": False, "task.template": "", "task.verbalizer": [],
                   "task.verbalizer_tokens": "mean", "task.shots": 0, "task.templates": [],
                   "train.attention_dropout": 0.0, "train.dropout_broadcast": False,
-                  "train.prng": "threefry"}
+                  "train.prng": "threefry", "task.verbalizer_loss": "first_word",
+                  "task.verbalizer_kind": "manual", "task.mixture": [],
+                  "task.mixture_rates": "proportional"}
 
 
 @dataclasses.dataclass(frozen=True)

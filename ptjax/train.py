@@ -141,7 +141,7 @@ def setup(model, method, cfg, mesh, trainable, frozen, abstract: bool = False):
     frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
     step = make_train_step(model, method, tx, cfg.train.dropout,
                            shardings=(state_sh, frozen_sh, batch_sharding(mesh)),
-                           **dropout_settings(cfg.train))
+                           **step_settings(cfg))
     return tx, state, step
 
 
@@ -180,6 +180,14 @@ def dropout_settings(train_cfg) -> dict:
                 dropout_broadcast=train_cfg.dropout_broadcast, prng=train_cfg.prng)
 
 
+def step_settings(cfg) -> dict:
+    """make_train_step's keywords from a ``RunConfig``: dropout settings and the
+    verbalizer's class-level scoring (``verbalizers.scoring``)."""
+    from ptjax.verbalizers import scoring
+
+    return dict(dropout_settings(cfg.train), scoring=scoring(cfg.task))
+
+
 def model_options(model, dropout: float | None = None, attention_dropout: float | None = None,
                   dropout_broadcast: bool = False) -> ModelOptions:
     """The options ``sequence_nll`` runs the model with: ``model.attention``, the given
@@ -203,6 +211,23 @@ def dropout_key(rng, prng: str):
     return jax.random.wrap_key_data(bits, impl=prng)
 
 
+def forward(model, params, batch, prompt=None, rngs=None, deterministic=True,
+            options: ModelOptions | None = None, hidden: bool = False):
+    """The model over a batch's rows: fp32 logits [B, T, vocab] at the target positions
+    (T5: decoder positions; GPT-2: input positions), or with ``hidden`` the hidden state
+    the LM head reads there, [B, T, D]. A batch's ``slots`` (a template's soft slots) say
+    where the prompt's embeddings go."""
+    module = model.module(deterministic=deterministic,
+                          options=options or model_options(model), hidden=hidden)
+    variables = {"params": params}
+    if "slots" in batch and prompt is not None:  # a template's soft slots
+        prompt = as_prompt_inputs(prompt).replace(slots=batch["slots"])
+    if model.is_encoder_decoder:
+        return module.apply(variables, batch["input_ids"], batch["input_mask"],
+                            batch["decoder_input_ids"], None, prompt, rngs=rngs)
+    return module.apply(variables, batch["input_ids"], batch["input_mask"], prompt, rngs=rngs)
+
+
 def sequence_nll(model, params, batch, prompt=None, rngs=None, deterministic=True,
                  options: ModelOptions | None = None, per_token: bool = False):
     """Summed target-token NLL and target-token count per row: ([B], [B]) fp32; with
@@ -213,23 +238,28 @@ def sequence_nll(model, params, batch, prompt=None, rngs=None, deterministic=Tru
     batch's ``slots`` (a template's soft slots) say where its embeddings go. Padding and
     (for GPT-2) input tokens carry no loss. options: default ``model_options(model)``.
     """
-    module = model.module(deterministic=deterministic,
-                          options=options or model_options(model))
-    variables = {"params": params}
-    if "slots" in batch and prompt is not None:  # a template's soft slots
-        prompt = as_prompt_inputs(prompt).replace(slots=batch["slots"])
-    if model.is_encoder_decoder:
-        logits = module.apply(variables, batch["input_ids"], batch["input_mask"],
-                              batch["decoder_input_ids"], None, prompt, rngs=rngs)
-    else:
-        logits = module.apply(variables, batch["input_ids"], batch["input_mask"], prompt,
-                              rngs=rngs)
+    logits = forward(model, params, batch, prompt, rngs, deterministic, options)
     nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                           batch["targets"])
     mask = batch["target_mask"].astype(jnp.float32)
     if per_token:
         return nll * mask, mask
     return jnp.sum(nll * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+def _per_member(method, trainable, frozen, batch, rngs_K, prng, fn):
+    """``fn(member, params, prompt, rows, rngs)`` for each of K members over the same
+    batch, in one forward pass of K x B rows (vmap over K)."""
+    def one(member, rows, rng):
+        params, prompt = method.inputs(member, frozen)
+        rngs = None if rng is None else {"dropout": dropout_key(rng, prng)}
+        return fn(member, params, prompt, rows, rngs)
+
+    # several templates: arrays [B, K, ...], member k reads [:, k] (see data.pipeline)
+    rows_axis = 1 if batch["input_ids"].ndim == 3 else None
+    if rngs_K is None:
+        return jax.vmap(lambda m, b: one(m, b, None), in_axes=(0, rows_axis))(trainable, batch)
+    return jax.vmap(one, in_axes=(0, rows_axis, 0))(trainable, batch, rngs_K)
 
 
 def member_nll(model, method, trainable, frozen, batch, rngs_K=None, options=None,
@@ -243,17 +273,48 @@ def member_nll(model, method, trainable, frozen, batch, rngs_K=None, options=Non
     options: ``ModelOptions`` (dropout rates; default ``model_options(model)``); prng: the
     dropout masks' PRNG (``dropout_key``).
     """
-    def one(member, rows, rng):
-        params, prompt = method.inputs(member, frozen)
-        rngs = None if rng is None else {"dropout": dropout_key(rng, prng)}
-        return sequence_nll(model, params, rows, prompt, rngs, deterministic=rng is None,
+    def fn(member, params, prompt, rows, rngs):
+        return sequence_nll(model, params, rows, prompt, rngs, deterministic=rngs is None,
                             options=options, per_token=per_token)
+    return _per_member(method, trainable, frozen, batch, rngs_K, prng, fn)
 
-    # several templates: arrays [B, K, ...], member k reads [:, k] (see data.pipeline)
-    rows_axis = 1 if batch["input_ids"].ndim == 3 else None
-    if rngs_K is None:
-        return jax.vmap(lambda m, b: one(m, b, None), in_axes=(0, rows_axis))(trainable, batch)
-    return jax.vmap(one, in_axes=(0, rows_axis, 0))(trainable, batch, rngs_K)
+
+def member_class_logits(model, method, trainable, frozen, batch, word_mask_BxT, rngs_K=None,
+                        options=None, prng: str = "threefry"):
+    """A soft verbalizer's class logits of K members, [K, B, C] fp32: the hidden state at
+    each row's answer position (``verbalizers.answer_position``) dot member k's class
+    vectors ``trainable["verbalizer"]`` [K, C, D]."""
+    from ptjax.verbalizers import answer_position
+
+    at = answer_position(word_mask_BxT)
+
+    def fn(member, params, prompt, rows, rngs):
+        h = forward(model, params, rows, prompt, rngs, deterministic=rngs is None,
+                    options=options, hidden=True)  # [B, T, D]
+        h_BxD = jnp.take_along_axis(h, at[:, None, None], axis=1)[:, 0]
+        return jnp.einsum("bd,cd->bc", h_BxD, member["verbalizer"],
+                          preferred_element_type=jnp.float32)
+    return _per_member(method, trainable, frozen, batch, rngs_K, prng, fn)
+
+
+def class_losses(model, method, trainable, frozen, batch, scoring, rngs_K=None,
+                 options=None, prng: str = "threefry"):
+    """[K, N]: each example's class-level loss, -log softmax over classes of the gold
+    class's score (manual: ``verbalizers.class_scores`` of the rows' token
+    log-probabilities; soft: the class logits). batch: rows plus "label" [N] and
+    "word_mask" [N x W, T] (``verbalizers``)."""
+    from ptjax.verbalizers import class_nll, class_scores
+
+    batch = dict(batch)
+    labels, wm = batch.pop("label"), batch.pop("word_mask")
+    if scoring.kind == "soft":
+        scores = member_class_logits(model, method, trainable, frozen, batch, wm, rngs_K,
+                                     options, prng)
+    else:
+        nll, _ = member_nll(model, method, trainable, frozen, batch, rngs_K, options, prng,
+                            per_token=True)
+        scores = class_scores(-nll, wm, scoring)
+    return class_nll(scores, labels)
 
 
 def prompt_keys(rng, prompt_seeds_K):
@@ -264,9 +325,11 @@ def prompt_keys(rng, prompt_seeds_K):
 
 def loss_fn(model, method, trainable, frozen, batch, rng, dropout: float,
             prompt_seeds_K=None, attention_dropout: float | None = None,
-            dropout_broadcast: bool = False, prng: str = "threefry"):
+            dropout_broadcast: bool = False, prng: str = "threefry", scoring=None):
     """Sum over members of each member's mean target-token NLL, and the [K] per-member
     means. Summing keeps each member's gradient equal to that of its own mean loss.
+    scoring: a ``verbalizers.Scoring`` (task.verbalizer_loss=class or a soft verbalizer):
+    each member's loss is then its mean class-level loss over the batch's examples.
     dropout: the hidden dropout rate; attention_dropout: the attention-probability rate
     (None = the checkpoint's own, as Hugging Face applies it; 0 lets the fused attention
     run); dropout_broadcast: T5X's broadcast masks; prng: threefry | rbg | unsafe_rbg."""
@@ -275,6 +338,10 @@ def loss_fn(model, method, trainable, frozen, batch, rng, dropout: float,
     active = dropout > 0.0 or bool(attention_dropout)
     rngs = prompt_keys(rng, prompt_seeds_K) if active else None
     options = model_options(model, dropout, attention_dropout, dropout_broadcast)
+    if scoring is not None:
+        per_k = class_losses(model, method, trainable, frozen, batch, scoring, rngs, options,
+                             prng).mean(1)
+        return per_k.sum(), per_k
     nll, count = member_nll(model, method, trainable, frozen, batch, rngs, options, prng)
     per_k = nll.sum(1) / jnp.maximum(count.sum(1), 1.0)
     return per_k.sum(), per_k
@@ -282,13 +349,14 @@ def loss_fn(model, method, trainable, frozen, batch, rng, dropout: float,
 
 def make_train_step(model, method, tx, dropout: float = 0.1, shardings=None, *,
                     attention_dropout: float | None = None, dropout_broadcast: bool = False,
-                    prng: str = "threefry"):
+                    prng: str = "threefry", scoring=None):
     """The jitted step ``(state, frozen_params, batch) -> (state, {"loss": [K], "finite":
     []})``; a step that would make the state non-finite returns the old state and
     finite=False.
 
     dropout / attention_dropout / dropout_broadcast / prng: see ``loss_fn`` (the config
-    keys train.dropout, train.attention_dropout, train.dropout_broadcast, train.prng).
+    keys train.dropout, train.attention_dropout, train.dropout_broadcast, train.prng);
+    scoring: a ``verbalizers.Scoring`` for the class-level loss (see ``loss_fn``).
 
     ``state`` is donated (its buffers are reused for the new state); ``frozen_params`` is
     only read. When the method tunes the weights pass ``frozen_params=None``: the weights
@@ -301,7 +369,7 @@ def make_train_step(model, method, tx, dropout: float = 0.1, shardings=None, *,
         grads, per_k = jax.grad(
             functools.partial(loss_fn, model, method), has_aux=True)(
                 state.trainable, frozen, batch, drop_rng, dropout, state.prompt_seeds,
-                attention_dropout, dropout_broadcast, prng)
+                attention_dropout, dropout_broadcast, prng, scoring)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,

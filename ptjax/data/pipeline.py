@@ -337,12 +337,15 @@ class TrainStream:
     with ``cache``, kept tokenized: after the first epoch a batch is only gathered and padded.
 
     shards: {shard index: examples} for the shards this process owns. target_prefix:
-    ids that start every target (``target_prefix``).
+    ids that start every target (``target_prefix``). scoring: a ``verbalizers.Scoring``
+    (class-level loss, soft verbalizer): every example becomes W rows, one per
+    ``scoring.words``, and the batch also holds "label" [B] (gold class) and "word_mask"
+    [B x W, T] (``verbalizers``).
     """
 
     def __init__(self, model, shards: dict, n_shards: int, batch_size: int,
                  max_input_length: int, max_target_length: int, seed: int,
-                 cache: bool = True, target_prefix: tuple = (), template=None):
+                 cache: bool = True, target_prefix: tuple = (), template=None, scoring=None):
         if batch_size % n_shards:
             raise PtjaxError(f"train.batch_size={batch_size} is not a multiple of the "
                              f"{n_shards} data shards (train.data_shards)")
@@ -355,7 +358,8 @@ class TrainStream:
         self.lengths = (max_input_length, max_target_length)
         self.target_prefix = tuple(target_prefix)
         self.template = template
-        self._cache = {} if cache else None  # (shard, index) -> tokenize()'s triple
+        self.scoring = scoring
+        self._cache = {} if cache else None  # (shard, index) -> its rows' tokenize() triples
 
     def indices(self, step: int) -> list[tuple[int, int]]:
         """(shard, index in shard) of this process's rows of batch ``step``."""
@@ -371,21 +375,84 @@ class TrainStream:
         keys = self.indices(step)
         several = isinstance(self.template, tuple)
         templates = self.template if several else (self.template,)
+        W = 1 if self.scoring is None else self.scoring.W
 
-        def tok(examples):  # per example: one tokenize() triple per template
-            return list(zip(*(tokenize(self.model, examples, *self.lengths,
-                                       self.target_prefix, t) for t in templates)))
+        def tok(examples):  # per example: its W rows, each one tokenize() triple per template
+            rows = examples
+            if self.scoring is not None:
+                from ptjax.verbalizers import expand
+
+                rows, _ = expand(examples, self.scoring, "train", "train")
+            per_row = list(zip(*(tokenize(self.model, rows, *self.lengths,
+                                          self.target_prefix, t) for t in templates)))
+            return [per_row[i * W:(i + 1) * W] for i in range(len(examples))]
         if self._cache is None:
             tokenized = tok([self.shards[q][i] for q, i in keys])
         else:
             missing = sorted({k for k in keys if k not in self._cache})
             self._cache.update(zip(missing, tok([self.shards[q][i] for q, i in missing])))
             tokenized = [self._cache[k] for k in keys]
+        rows = [row for ex in tokenized for row in ex]
         width = soft_width(self.template)
-        per_member = [assemble(self.model, [row[m] for row in tokenized], *self.lengths, width)
+        per_member = [assemble(self.model, [row[m] for row in rows], *self.lengths, width)
                       for m in range(len(templates))]
         arrays = stack_members(per_member) if several else per_member[0]
-        return arrays, sum(cut for _, _, cut in (row[0] for row in tokenized))
+        if self.scoring is not None:
+            from ptjax.verbalizers import expand, word_mask
+
+            _, arrays["label"] = expand([self.shards[q][i] for q, i in keys], self.scoring,
+                                        "train", "train")
+            arrays["word_mask"] = word_mask(arrays["target_mask"],
+                                            len(self.target_prefix)).astype(np.int32)
+        return arrays, sum(cut for _, _, cut in (ex[0][0] for ex in tokenized))
+
+
+class MixtureStream:
+    """This process's rows of every global train batch of a task mixture (task.mixture),
+    as a pure function of the step (resume reads what an uninterrupted run reads).
+
+    Each row's task is drawn with probability proportional to ``weights`` and its example
+    uniformly from that task's part of the row's shard (with replacement), from a
+    generator seeded by (seed, shard, step): every shard contributes ``batch_size /
+    n_shards`` rows, as in ``TrainStream``. Each task keeps its own encoding (template,
+    target prefix); tokenized examples are cached per task.
+
+    parts: one ``TrainStream`` per task (its shards and encoding); weights: one >= 0 per
+    part, not all 0.
+    """
+
+    def __init__(self, parts: list, weights, seed: int):
+        w = np.asarray(weights, np.float64)
+        self.parts, self.seed = parts, seed
+        self.active = np.flatnonzero(w > 0)
+        self.p = w[self.active] / w[self.active].sum()
+        first = parts[self.active[0]]
+        self.model, self.lengths = first.model, first.lengths
+        self.rows_per_shard, self.shard_ids = first.rows_per_shard, list(first.shards)
+        self._cache = {}  # (task, shard, index) -> tokenize()'s triple
+
+    def indices(self, step: int) -> list[tuple[int, int, int]]:
+        """(task, shard, index in that task's shard) of this process's rows of ``step``."""
+        out = []
+        for q in self.shard_ids:
+            rng = np.random.default_rng([self.seed, q, step])
+            tasks = self.active[rng.choice(len(self.active), self.rows_per_shard, p=self.p)]
+            for t in tasks:
+                out.append((int(t), q, int(rng.integers(len(self.parts[t].shards[q])))))
+        return out
+
+    def batch(self, step: int) -> tuple[dict, int]:
+        """(local arrays [rows, ...], number of truncated examples) for global ``step``."""
+        keys = self.indices(step)
+        for t in sorted({t for t, _, _ in keys}):
+            part = self.parts[t]
+            missing = sorted({k for k in keys if k[0] == t} - set(self._cache))
+            rows = tokenize(part.model, [part.shards[q][i] for _, q, i in missing],
+                            *part.lengths, part.target_prefix, part.template)
+            self._cache.update(zip(missing, rows))
+        tokenized = [self._cache[k] for k in keys]
+        arrays = assemble(self.model, tokenized, *self.lengths)
+        return arrays, sum(cut for _, _, cut in tokenized)
 
 
 def prefetch(fn, steps, depth: int = 2):

@@ -35,8 +35,13 @@ def build(cfg, model_config, dtype=None) -> Method:
     settings = getattr(cfg.method, name, None)
     templates = cfg.task.templates or (cfg.task.template,) * len(cfg.prompt.seeds) * bool(
         cfg.task.template)
-    return REGISTRY[name](model_config, cfg.prompt, settings,
-                          jnp.float32 if dtype is None else dtype, tuple(templates))
+    method = REGISTRY[name](model_config, cfg.prompt, settings,
+                            jnp.float32 if dtype is None else dtype, tuple(templates))
+    if cfg.task.verbalizer_kind == "soft" and method.trains:  # class vectors train with it
+        from ptjax.methods.verbalizer import SoftVerbalized
+
+        return SoftVerbalized(method, tuple(cfg.task.verbalizer))
+    return method
 
 
 def for_model(model, name: str = "prompt", overrides=()) -> Method:

@@ -162,9 +162,11 @@ class PTuningMethod(Method):
             return tx
         model_tx = per_prompt(make_optimizer(dataclasses.replace(
             optim_cfg, learning_rate=self.settings.model_learning_rate), total_steps))
-        return optax.multi_transform({"encoder": tx, "params": model_tx},
-                                     lambda tree: {k: jax.tree.map(lambda _: k, v)
-                                                   for k, v in tree.items()})
+        # the weights at their own rate; the encoder (and a soft verbalizer) at the prompt's
+        return optax.multi_transform(
+            {"encoder": tx, "params": model_tx},
+            lambda tree: {k: jax.tree.map(lambda _: "params" if k == "params" else "encoder", v)
+                          for k, v in tree.items()})
 
     def positions(self) -> int:
         return self.prompt.length

@@ -110,6 +110,8 @@ class GPT2(nn.Module):
     deterministic: bool = True
     remat: str = "none"
     options: ModelOptions = ModelOptions()
+    # the final hidden state (fp32 [B, T, D]) in place of the logits (ptjax.verbalizers)
+    hidden: bool = False
 
     def setup(self):
         cfg = self.config
@@ -166,6 +168,8 @@ class GPT2(nn.Module):
         x = self.drop(x, deterministic=self.deterministic)
         x, cache = self.h(x, attn_mask, cache_index, (cache, prefix))
         x = self.ln_f(x)
+        if self.hidden:
+            return x.astype(jnp.float32), cache
         return tied_logits(x, self.wte.embedding, self.dtype), cache
 
     def __call__(self, input_ids, attention_mask=None, prompt=None):

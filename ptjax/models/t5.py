@@ -298,6 +298,9 @@ class T5(nn.Module):
     remat: str = "none"
     prefill: bool = False
     options: ModelOptions = ModelOptions()
+    # the hidden state the LM head reads (fp32 [B, T, D], after v1.0's rescale) in place of
+    # the logits: what a soft verbalizer's class vectors multiply (ptjax.verbalizers)
+    hidden: bool = False
 
     def setup(self):
         cfg = self.config
@@ -343,6 +346,8 @@ class T5(nn.Module):
                                 site_prefix(prompt, "cross", B, self.dtype))
         if self.config.scale_decoder_outputs:
             x = x * (self.config.d_model ** -0.5)
+        if self.hidden:
+            return x.astype(jnp.float32), cache
         if self.config.tie_lm_head:
             logits = tied_logits(x, self.shared.embedding, self.dtype)
         else:

@@ -169,6 +169,24 @@ def test_cached_stream_equals_uncached(model):
     assert len(cached._cache) == 40
 
 
+@pytest.mark.parametrize("several", [False, True])
+def test_template_stream_serves_later_epochs_from_the_cache(model, several):
+    """Once every example is cached a batch tokenizes nothing (an empty list once crashed
+    the template path in the second epoch)."""
+    from ptjax.data import templates
+
+    examples = synthetic("synthetic_sentiment").split("train")[:16]
+    t = templates.parse("review: {inputs} {soft:2}")
+    template = (t, templates.parse("{soft:1} {inputs} ok")) if several else t
+    cached = pipeline.TrainStream(model, {0: examples}, 1, 8, 24, 4, 0, template=template)
+    fresh = pipeline.TrainStream(model, {0: examples}, 1, 8, 24, 4, 0, cache=False,
+                                 template=template)
+    for step in range(6):  # steps 2-5: later epochs, all from the cache
+        a, b = cached.batch(step), fresh.batch(step)
+        for k in a[0]:
+            np.testing.assert_array_equal(a[0][k], b[0][k])
+
+
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
 def test_long_texts_tokenized_from_a_prefix_are_exact(family, tmp_path, monkeypatch):
     """Texts far over the limit are tokenized from a prefix; the kept ids equal those of

@@ -259,6 +259,31 @@ def test_the_prompt_design_sweep_runs(tmp_path):
     assert again["done"] == [] and len(again["skipped"]) == len(sweep.jobs)
 
 
+def test_the_template_ensemble_experiment_runs(tmp_path):
+    """experiments/template_ensemble.yaml as CI runs it (fewer steps): three templates in
+    one batch, each scored alone and fused by mean log-probability."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = tmp_path / "te"
+    assert cli.main(["train", os.path.join(root, "experiments", "template_ensemble.yaml"),
+                     f"run_dir={run}", f"model.tiny_dir={tmp_path / 'models'}",
+                     "train.steps=20", "train.eval_every=10", "train.checkpoint_every=20",
+                     "--no-progress"]) == 0
+    with open(run / "results.json") as f:
+        ens = json.load(f)["ensemble"]
+    assert ens["method"] == "mean_logprob" and len(ens["prompts"]["accuracy"]) == 3
+    assert 0 <= ens["ensemble"]["accuracy"] <= 100
+
+
+def test_mask_on_a_t5_without_sentinels_is_one_line_naming_the_template(tmp_path, capsys):
+    code = cli.main(["train", "model.path=tiny-t5", f"model.tiny_dir={tmp_path / 'models'}",
+                     f"run_dir={tmp_path / 'run'}", "task.template=review {inputs} {mask}",
+                     "train.steps=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "task.template='review {inputs} {mask}'" in err[0] and "<extra_id_0>" in err[0]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
 def test_generation_with_soft_slots_equals_a_loop_over_logits(tiny, family):
     """Greedy KV-cache decoding behind a template's soft slots (inside the input, GPT-2

@@ -151,6 +151,8 @@ def tokenize(model, examples, max_input_length: int, max_target_length: int,
     ``target_prefix`` ids (T5) start every target and count towards its length.
     template: lay the input out by a ``Template`` (soft tokens as ids -(1 + index))."""
     tok, cfg = _tokenizer(model), model.config
+    if not examples:  # e.g. a batch whose examples were all tokenized before (the cache)
+        return []
     if template is not None:
         inputs = _tokenize_template(model, template, examples, max_input_length)
     else:

@@ -200,7 +200,7 @@ def cmd_eval(args):
 def cmd_sweep(args):
     from ptjax.report import write_report
     from ptjax.sharding import is_main_process
-    from ptjax.sweep import all_done, load_sweep, parse_shard, run_sweep
+    from ptjax.sweep import all_done, load_sweep, parse_shard, run_sweep, seedless_runs
 
     shard = parse_shard(args.shard)
     sweep = load_sweep(args.sweep, args.dir)
@@ -214,6 +214,10 @@ def cmd_sweep(args):
         return 0
     print(f"sweep {sweep.name}: {len(sweep.runs)} runs in {len(sweep.jobs)} jobs -> "
           f"{sweep.dir}" + (f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""))
+    if seedless := seedless_runs(sweep):
+        print(f"note: {len(seedless)} model-tuning runs differ only in their seed, which "
+              "with train.dropout=0 changes nothing (same weights, same data order): "
+              "set train.dropout (the paper's 0.1) for runs that differ", file=sys.stderr)
     out = run_sweep(sweep, shard, progress=args.progress)
     if out["failed"]:
         print(f"{len(out['failed'])} job(s) failed (their error.txt says why); run the same "

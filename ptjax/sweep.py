@@ -347,6 +347,18 @@ def write_manifest(sweep: Sweep):
     os.replace(tmp, path)
 
 
+def seedless_runs(sweep: Sweep) -> list:
+    """Runs whose seed changes nothing: model tuning (no prompt to initialise) without
+    dropout trains the same weights on the same data order for every seed, so its seeds
+    repeat one run and its interval over seeds is 0."""
+    out = []
+    for run in sweep.runs:
+        c = run.config
+        if c.method.name == "model" and not c.train.dropout and not c.train.attention_dropout:
+            out.append(run)
+    return out if len({r.settings.get("seed") for r in out}) > 1 else []
+
+
 def job_done(job: Job) -> bool:
     path = os.path.join(job.run_dir, "results.json")
     if not os.path.exists(path):

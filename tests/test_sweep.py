@@ -300,3 +300,17 @@ def test_the_method_is_a_sweep_axis(tmp_path, tiny_dir):
     runs = pa.load_runs(str(tmp_path / "out"))
     assert sorted(runs["method.name"]) == ["prefix", "prefix", "prompt", "prompt", "ptuning",
                                            "ptuning"]
+
+
+def test_seeds_that_change_nothing_are_named(tmp_path, tiny_dir):
+    """Model tuning without dropout repeats one run per seed (no prompt to initialise, the
+    data order fixed): the sweep says so; with dropout, or for prompts, it does not."""
+    from ptjax.sweep import seedless_runs
+
+    base = yaml.safe_load(open(write_sweep(tmp_path / "b.yaml", tiny_dir, transfer=False)))
+    for dropout, methods, n in ((0.0, ["prompt", "model"], 2), (0.1, ["prompt", "model"], 0),
+                                (0.0, ["prompt"], 0)):
+        path = write_sweep(tmp_path / "m.yaml", tiny_dir, grid={},
+                           zip={"method.name": methods},
+                           config={**base["config"], "train.dropout": dropout})
+        assert len(seedless_runs(load_sweep(path, str(tmp_path / "out")))) == n

@@ -169,7 +169,7 @@ def plan(cfg, device_memory: float | None = None) -> dict:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
         cfg.model.dtype]
     model = Model(config=config, params=None, dtype=dtype, path=path, remat=cfg.model.remat,
-                  attention=cfg.model.attention)
+                  attention=cfg.model.attention, mesh=mesh, fsdp=cfg.mesh.fsdp)
     method = methods.build(cfg, config, dtype)
     method.check(model)
     check_lengths(model, method, cfg)

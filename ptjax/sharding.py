@@ -8,6 +8,12 @@ One table (``logical_rules``) maps the logical axes every parameter carries (see
     embed -> data with fsdp  (FSDP-style: also split the weights over ``data``)
     everything else          replicated (layers, kv, embed without fsdp, ...)
 
+Activations carry the same names (``batch``, ``length``, ``embed``, ``heads``, ``kv``,
+``mlp``, ``vocab``) and are pinned with ``constrain`` where the models make them: hidden
+states [batch, length, embed] split on ``data``, attention heads, the MLP's intermediate
+and the logits also on ``model``. Without it XLA picks activation shardings itself and may
+replicate them or gather them back whole.
+
 The prompt and its optimizer state are small and replicated. A dimension that the mesh
 axis does not divide (T5-small's 6 heads on 4 devices) stays replicated.
 
@@ -41,6 +47,7 @@ def logical_rules(fsdp: bool = False) -> tuple[tuple[str, str | None], ...]:
         ("layers", None),
         ("relpos", None),
         ("positions", None),
+        ("length", None),  # activations' sequence axis
     )
 
 
@@ -90,6 +97,17 @@ def spec_for(axes, shape, mesh: Mesh, rules) -> PartitionSpec:
     while out and out[-1] is None:
         out.pop()
     return PartitionSpec(*out)
+
+
+def constrain(x, axes, mesh: Mesh | None, rules):
+    """``x`` pinned to the sharding its logical ``axes`` name (``spec_for``), for an
+    activation inside a jitted function; ``x`` itself, with nothing added to the trace,
+    without a mesh or on a one-device mesh. Under ``vmap`` (the K members) ``axes`` name
+    the per-member dims and jax leaves the member axis to XLA."""
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(
+        x, NamedSharding(mesh, spec_for(axes, x.shape, mesh, rules)))
 
 
 def tree_shardings(logical_axes, shapes, mesh: Mesh, rules):

@@ -190,12 +190,12 @@ def step_settings(cfg) -> dict:
 
 def model_options(model, dropout: float | None = None, attention_dropout: float | None = None,
                   dropout_broadcast: bool = False) -> ModelOptions:
-    """The options ``sequence_nll`` runs the model with: ``model.attention``, the given
-    dropout rates (None = the checkpoint's), and right-padded keys, which is what
-    ``ptjax.data.pipeline`` makes (so cuDNN may take padding as sequence lengths)."""
-    return ModelOptions(attention=model.attention, dropout=dropout,
-                        attention_dropout=attention_dropout,
-                        broadcast_dropout=dropout_broadcast, right_padded=True)
+    """The options ``sequence_nll`` runs the model with: ``model.options()`` (attention;
+    on a mesh, activation sharding constraints), the given dropout rates (None = the
+    checkpoint's), and right-padded keys, which is what ``ptjax.data.pipeline`` makes (so
+    cuDNN may take padding as sequence lengths)."""
+    return model.options(dropout=dropout, attention_dropout=attention_dropout,
+                         broadcast_dropout=dropout_broadcast, right_padded=True)
 
 
 def dropout_key(rng, prng: str):

@@ -223,3 +223,147 @@ def test_two_processes_reproduce_one(tiny, tmp_path):
                                np.load(os.path.join(single, "prompts.npy")), atol=1e-5)
     meta = json.load(open(os.path.join(multi, "checkpoints", "4", "meta", "metadata")))
     assert meta["data_shards"] == 2 and meta["data_position"] == 32
+
+
+# ------------------------------------------------ activation sharding constraints
+
+def _activation_case(tiny, family, method_name, mesh=None, fsdp=False, remat="none"):
+    """(model on ``mesh``, method with K=2 members, members, batch of 8 rows)."""
+    import dataclasses
+
+    from ptjax.methods import for_model
+
+    model = dataclasses.replace(load_model(tiny[family], mesh=mesh, fsdp=fsdp), remat=remat)
+    method = for_model(model, method_name, ["prompt.length=3", "prompt.seeds=[0,1]"])
+    rng = np.random.default_rng(0)
+    members = jax.tree.map(lambda s: (0.5 * rng.standard_normal(s.shape)).astype(np.float32),
+                           method.shapes())
+    ids = rng.integers(3, 60, (8, 10)).astype(np.int32)
+    mask = (np.arange(10)[None] < rng.integers(4, 11, (8, 1))).astype(np.int32)
+    batch = dict(input_ids=ids, input_mask=mask, targets=ids, target_mask=mask)
+    if family == "t5":
+        batch.update(decoder_input_ids=ids[:, :4], targets=ids[:, 1:5],
+                     target_mask=mask[:, :4])
+    return model, method, members, batch
+
+
+def _logits_and_grads(model, method, members, batch, mesh=None):
+    """Each member's logits [K, B, T, V] and d(loss)/d(members), one jitted call (the K
+    members vmapped, as in training); on ``mesh`` the batch is split over ``data``."""
+    from ptjax.sharding import batch_sharding, replicated
+    from ptjax.train import forward, loss_fn
+
+    def run(members, frozen, batch):
+        def logits(member):
+            params, prompt = method.inputs(member, frozen)
+            return forward(model, params, batch, prompt)
+        grads = jax.grad(lambda m: loss_fn(model, method, m, frozen, batch, None, 0.0)[0])(
+            members)
+        return jax.vmap(logits)(members), grads
+
+    if mesh is not None:
+        members = jax.device_put(members, replicated(mesh))
+        batch = jax.device_put(batch, batch_sharding(mesh))
+    return jax.device_get(jax.jit(run)(members, model.params, batch))
+
+
+@pytest.mark.parametrize("family, method_name, remat", [
+    ("t5", "prompt", "none"), ("t5", "prefix", "full"),
+    ("gpt2", "prompt", "dots"), ("gpt2", "prefix", "none")])
+def test_constrained_activations_give_one_devices_logits_and_gradients(
+        tiny, family, method_name, remat):
+    """Meshes data=2 x model=2 and data=4 (activations pinned to them, scanned and
+    rematerialised layers, K=2 members vmapped): the logits and the prompt's / prefix's
+    gradients of one device, within fp32 reduction-order noise (measured: logits 6e-6 of
+    their scale, gradients 6e-5 of theirs at worst, T5 prefix with remat)."""
+    model, method, members, batch = _activation_case(tiny, family, method_name, remat=remat)
+    ref_logits, ref_grads = _logits_and_grads(model, method, members, batch)
+    assert np.abs(ref_logits).max() > 0.1
+    for data, tp in ((2, 2), (4, 1)):
+        mesh = make_mesh(data, tp, devices=jax.devices()[:4])
+        model, *_ = _activation_case(tiny, family, method_name, mesh, remat=remat)
+        logits, grads = _logits_and_grads(model, method, members, batch, mesh)
+        # fp32 reduction-order noise (the same with the constraints removed: CPU matmuls
+        # of 8 and of 2-4 rows round differently), bounded relative to each array's scale
+        np.testing.assert_allclose(logits, ref_logits, atol=1e-5 * np.abs(ref_logits).max())
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(
+            a, b, atol=2e-4 * np.abs(b).max()), grads, ref_grads)
+
+
+def _batch_gathers(model, method, members, batch, mesh):
+    """(result shape, op name) of every all-gather in the compiled train step whose result
+    holds all B rows of a batch-split array."""
+    import re
+
+    from ptjax.config import OptimConfig
+    from ptjax.sharding import batch_sharding, global_batch, replicated
+    from ptjax.train import init_state, make_train_step
+
+    tx = method.optimizer(OptimConfig(name="sgd", learning_rate=0.1), 10)
+    state = init_state(tx, jax.device_put(members, replicated(mesh)), 0)
+    step = make_train_step(model, method, tx, dropout=0.0, shardings=(
+        jax.tree.map(lambda x: x.sharding, state),
+        jax.tree.map(lambda x: x.sharding, model.params), batch_sharding(mesh)))
+    hlo = step.lower(state, model.params, global_batch(batch, mesh)).compile().as_text()
+    B = batch["input_ids"].shape[0]
+    out = []
+    for shape, name in re.findall(
+            r"= \w+\[([\d,]*)\]\S* all-gather\(.*?op_name=\"([^\"]*)\"", hlo):
+        if B in [int(d) for d in shape.split(",") if d]:
+            out.append((shape, name))
+    return out
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_train_step_never_gathers_activations_over_the_batch(tiny, family):
+    """The compiled train step on data=2 x model=2 with fsdp (weights split over ``data``
+    too, where XLA on its own follows the weights and gathers the layers' activations back
+    to all rows: checked by removing the constraints): no all-gather yields all rows of an
+    activation; only the embedding lookups gather their token / position ids. Rows = 10,
+    a size no other dimension of the tiny models has."""
+    mesh = make_mesh(2, 2, devices=jax.devices()[:4])
+    model, method, members, batch = _activation_case(tiny, family, "prompt", mesh, fsdp=True)
+    batch = {k: np.concatenate([v, v[:2]]) for k, v in batch.items()}  # 10 rows
+    gathers = _batch_gathers(model, method, members, batch, mesh)
+    lookups = ("/shared/", "/wte/", "/wpe/")
+    assert all(any(t in name for t in lookups) and "_take" in name for _, name in gathers), \
+        gathers
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_one_device_traces_no_constraints(tiny, family):
+    """Without a mesh or on a one-device mesh the constraints add nothing to the trace (the
+    train step's jaxpr is the one of a model that never heard of meshes); on data=2 x
+    model=2 they are there."""
+    import dataclasses
+
+    from ptjax.train import loss_fn
+
+    model, method, members, batch = _activation_case(tiny, family, "prefix")
+
+    def jaxpr(m):
+        grad = jax.grad(lambda tr, fr, b: loss_fn(m, method, tr, fr, b, jax.random.key(0),
+                                                  0.1)[0])
+        return str(jax.make_jaxpr(grad)(members, model.params, batch))
+
+    plain = jaxpr(model)
+    assert "sharding_constraint" not in plain
+    one = make_mesh(1, 1, devices=jax.devices()[:1])
+    assert jaxpr(dataclasses.replace(model, mesh=one)) == plain
+    assert jaxpr(dataclasses.replace(model, mesh=one, fsdp=True)) == plain
+    many = jaxpr(dataclasses.replace(model, mesh=make_mesh(2, 2, devices=jax.devices()[:4])))
+    assert "sharding_constraint" in many
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_kv_cache_decoding_on_a_mesh_matches_one_device(tiny, family):
+    """Greedy decoding with the KV cache (cache and keys pinned: rows on data, heads on
+    model) on data=2 x model=2 emits one device's tokens, with a prompt."""
+    mesh = make_mesh(2, 2, devices=jax.devices()[:4])
+    plain, sharded = load_model(tiny[family]), load_model(tiny[family], mesh=mesh)
+    rng = np.random.default_rng(1)
+    prompt = (0.5 * rng.standard_normal((3, plain.config.hidden_size))).astype(np.float32)
+    ids = rng.integers(3, 60, (4, 6)).astype(np.int32)
+    a = plain.generate(plain.params, ids, prompt=prompt, max_new_tokens=5)
+    b = sharded.generate(sharded.params, ids, prompt=prompt, max_new_tokens=5)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

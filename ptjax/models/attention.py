@@ -25,11 +25,14 @@ T5 numerics are kept on every path: scores and softmax in fp32, masked keys get 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from ptjax.sharding import constrain
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum")
 
@@ -54,12 +57,16 @@ class ModelOptions:
     right_padded: every key-mask row is ones then zeros (ptjax's pipeline pads on the
       right); only then may ``cudnn`` take padding as sequence lengths. The public
       ``Model.logits`` accepts any mask and leaves this False.
+    mesh, rules: where activations are pinned by ``constrain`` (the model's mesh and the
+      logical axis rules its weights were placed with); None = nowhere (no mesh).
     """
     attention: str = "auto"
     dropout: float | None = None
     attention_dropout: float | None = None
     broadcast_dropout: bool = False
     right_padded: bool = False
+    mesh: Any = None
+    rules: tuple = ()
 
     def __post_init__(self):
         if self.attention not in IMPLEMENTATIONS:
@@ -75,6 +82,11 @@ class ModelOptions:
     @property
     def hidden_broadcast_dims(self) -> tuple:
         return (-2,) if self.broadcast_dropout else ()
+
+    def constrain(self, x, *axes: str | None):
+        """Activation ``x`` pinned to the sharding its logical ``axes`` name on ``mesh``
+        (``ptjax.sharding.constrain``); ``x`` untouched without a multi-device mesh."""
+        return constrain(x, axes, self.mesh, self.rules)
 
 
 @flax.struct.dataclass

@@ -101,6 +101,12 @@ def broadcast_prompt(prompt: jax.Array, batch: int, dtype) -> jax.Array:
     return prompt.astype(dtype)
 
 
+def constrain_hidden(options: ModelOptions, x_BxTxD):
+    """A hidden state [batch, length, embed] pinned to its sharding on the options' mesh
+    (rows on ``data``; ``ModelOptions.constrain``)."""
+    return options.constrain(x_BxTxD, "batch", "length", "embed")
+
+
 def logical(init, *axes: str | None):
     """``init`` whose parameter is annotated with logical axis names, one per dimension."""
     return nn.with_logical_partitioning(init, axes)
@@ -210,7 +216,11 @@ class MultiHeadAttention(nn.Module):
                 kernel_init=logical(nn.initializers.lecun_normal(), "embed", "heads", "kv"),
                 bias_init=logical(nn.initializers.zeros, "heads", "kv"), name=name)
 
-        q_BxTxHxDh = proj("q")(x_BxTxD)
+        # heads split on the model axis, as the q/k/v/o kernels are (Megatron layout)
+        def by_heads(a_BxTxHxDh):
+            return self.options.constrain(a_BxTxHxDh, "batch", "length", "heads", "kv")
+
+        q_BxTxHxDh = by_heads(proj("q")(x_BxTxD))
         if self.cross and cache is not None and not self.prefill:
             k_BxSxHxDh, v_BxSxHxDh = cache["k"], cache["v"]
         else:
@@ -221,10 +231,13 @@ class MultiHeadAttention(nn.Module):
                 cache["k"], k_BxSxHxDh.astype(cache["k"].dtype), start)
             v_BxSxHxDh = jax.lax.dynamic_update_slice(
                 cache["v"], v_BxSxHxDh.astype(cache["v"].dtype), start)
+        k_BxSxHxDh, v_BxSxHxDh = by_heads(k_BxSxHxDh), by_heads(v_BxSxHxDh)
         new_cache = None if cache is None else {"k": k_BxSxHxDh, "v": v_BxSxHxDh}
         if prefix is not None:
-            k_BxSxHxDh = jnp.concatenate([prefix["k"].astype(k_BxSxHxDh.dtype), k_BxSxHxDh], 1)
-            v_BxSxHxDh = jnp.concatenate([prefix["v"].astype(v_BxSxHxDh.dtype), v_BxSxHxDh], 1)
+            k_BxSxHxDh = by_heads(jnp.concatenate(
+                [prefix["k"].astype(k_BxSxHxDh.dtype), k_BxSxHxDh], 1))
+            v_BxSxHxDh = by_heads(jnp.concatenate(
+                [prefix["v"].astype(v_BxSxHxDh.dtype), v_BxSxHxDh], 1))
 
         dropout_active = not self.deterministic and self.dropout_rate > 0.0
         impl = resolve(self.options, head_dim=self.head_dim, dtype=self.dtype,
@@ -243,8 +256,9 @@ class MultiHeadAttention(nn.Module):
             out_BxTxHxDh = fused_attention(
                 q_BxTxHxDh.astype(self.dtype), k_BxSxHxDh, v_BxSxHxDh, bias_BxHxTxS, mask,
                 scale=self.scale, implementation=impl)
-        out = nn.DenseGeneral(
+        out_BxTxHxDh = by_heads(out_BxTxHxDh)
+        out_BxTxD = nn.DenseGeneral(
             self.out_dim, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
             kernel_init=logical(nn.initializers.lecun_normal(), "heads", "kv", "embed"),
             bias_init=logical(nn.initializers.zeros, "embed"), name="o")(out_BxTxHxDh)
-        return out, new_cache
+        return self.options.constrain(out_BxTxD, "batch", "length", "embed"), new_cache

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 
 from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions,
                                  MultiHeadAttention, PromptInputs, as_prompt_inputs,
-                                 broadcast_prompt, logical, place_embeds, prefix_length,
-                                 remat_layer, scan_layers, site_prefix, tied_logits)
+                                 broadcast_prompt, constrain_hidden, logical, place_embeds,
+                                 prefix_length, remat_layer, scan_layers, site_prefix,
+                                 tied_logits)
 
 SITES = ("decoder",)  # where prefix keys/values can enter
 
@@ -98,9 +99,12 @@ class Block(nn.Module):
         x_BxTxD = x_BxTxD + drop(h, deterministic=self.deterministic)
         h = layer_norm(cfg, self.dtype, "ln_2")(x_BxTxD)
         h = dense(cfg.d_ff, self.dtype, "c_fc", ("embed", "mlp"))(h)
-        h = ACTIVATIONS[cfg.activation_function](h)
-        h = dense(cfg.n_embd, self.dtype, "c_proj", ("mlp", "embed"))(h)
-        return x_BxTxD + drop(h, deterministic=self.deterministic), new_cache
+        h_BxTxF = self.options.constrain(ACTIVATIONS[cfg.activation_function](h),
+                                         "batch", "length", "mlp")
+        h = dense(cfg.n_embd, self.dtype, "c_proj", ("mlp", "embed"))(h_BxTxF)
+        x_BxTxD = x_BxTxD + drop(constrain_hidden(self.options, h),
+                                 deterministic=self.deterministic)
+        return constrain_hidden(self.options, x_BxTxD), new_cache
 
 
 class GPT2(nn.Module):
@@ -165,12 +169,13 @@ class GPT2(nn.Module):
                 causal_TxS = jnp.concatenate([jnp.ones((T, P), bool), causal_TxS], 1)
             attn_mask = (jnp.where(causal_TxS, 0.0, MASK_VALUE)[None, None], KeyMask(key_mask))
         x = embeds_BxTxD + self.wpe(positions_BxT + P)
-        x = self.drop(x, deterministic=self.deterministic)
+        x = constrain_hidden(self.options, self.drop(x, deterministic=self.deterministic))
         x, cache = self.h(x, attn_mask, cache_index, (cache, prefix))
-        x = self.ln_f(x)
+        x = constrain_hidden(self.options, self.ln_f(x))
         if self.hidden:
             return x.astype(jnp.float32), cache
-        return tied_logits(x, self.wte.embedding, self.dtype), cache
+        logits = tied_logits(x, self.wte.embedding, self.dtype)
+        return self.options.constrain(logits, "batch", "length", "vocab"), cache
 
     def __call__(self, input_ids, attention_mask=None, prompt=None):
         """Logits [B, L, vocab] for the real input positions (prompt positions dropped).

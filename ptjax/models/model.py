@@ -53,6 +53,10 @@ class Model:
     path: str | None = None
     remat: str = "none"  # the default rematerialisation policy of ``module()`` (training)
     attention: str = "auto"  # auto | xla | cudnn | einsum (ptjax.models.attention)
+    # the mesh the weights were placed on (and whether with fsdp): activations are pinned
+    # to it by the same logical axis rules (``ModelOptions.constrain``); None = one device
+    mesh: Any = None
+    fsdp: bool = False
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -62,13 +66,22 @@ class Model:
                options: ModelOptions | None = None, **kw):
         """The Flax module; ``deterministic=False`` turns dropout on (needs a 'dropout' rng).
         remat: none | full | dots | dots_no_batch (default: ``self.remat``).
-        options: ``ModelOptions`` (attention implementation, dropout rates); default: this
-        model's ``attention`` with the checkpoint's dropout rates."""
+        options: ``ModelOptions`` (attention implementation, dropout rates); default:
+        ``self.options()``."""
         cls = t5.T5 if self.is_encoder_decoder else gpt2.GPT2
         if options is None:
-            options = ModelOptions(attention=self.attention)
+            options = self.options()
         return cls(self.config, dtype=self.dtype, deterministic=deterministic,
                    remat=self.remat if remat is None else remat, options=options, **kw)
+
+    def options(self, **kw) -> ModelOptions:
+        """``ModelOptions(**kw)`` with this model's attention implementation and, on a mesh,
+        its mesh and logical axis rules (activation sharding constraints)."""
+        if self.mesh is not None:
+            from ptjax.sharding import logical_rules
+
+            kw = dict(mesh=self.mesh, rules=logical_rules(self.fsdp), **kw)
+        return ModelOptions(attention=self.attention, **kw)
 
     @functools.cached_property
     def _jit_logits(self):
@@ -77,8 +90,7 @@ class Model:
     @functools.cached_property
     def _jit_generate(self):
         fn = _t5_generate if self.is_encoder_decoder else _gpt2_generate
-        return jax.jit(functools.partial(fn, self.config, self.dtype,
-                                         ModelOptions(attention=self.attention)),
+        return jax.jit(functools.partial(fn, self.config, self.dtype, self.options()),
                        static_argnames=("max_new_tokens",))
 
     def logits(self, params, input_ids, *, attention_mask=None, decoder_input_ids=None,
@@ -186,6 +198,13 @@ def _greedy_loop(step, first_token_B, max_new_tokens, eos, pad, carry):
     return tokens
 
 
+def _cache_sharded(options: ModelOptions, cache):
+    """A fresh KV cache ({"k", "v"} [L, B, S, H, Dh] leaves) split as the attention's keys
+    and values are: rows on ``data``, heads on ``model``."""
+    return jax.tree.map(
+        lambda kv: options.constrain(kv, "layers", "batch", "length", "heads", "kv"), cache)
+
+
 def _t5_generate(cfg, dtype, options, params, input_ids, attention_mask, prompt, *,
                  max_new_tokens):
     model = t5.T5(cfg, dtype, options=options)
@@ -193,7 +212,7 @@ def _t5_generate(cfg, dtype, options, params, input_ids, attention_mask, prompt,
     enc, enc_mask = model.apply(variables, input_ids, attention_mask, prompt,
                                 method=t5.T5.encode)
     B = input_ids.shape[0]
-    cache = t5.init_cache(cfg, B, max_new_tokens, enc.shape[1], dtype)
+    cache = _cache_sharded(options, t5.init_cache(cfg, B, max_new_tokens, enc.shape[1], dtype))
     start = jnp.full((B, 1), cfg.decoder_start_token_id, jnp.int32)
     # The first step also fills the cross-attention keys/values, reused afterwards.
     logits, cache = t5.T5(cfg, dtype, prefill=True, options=options).apply(
@@ -219,7 +238,7 @@ def _gpt2_generate(cfg, dtype, options, params, input_ids, attention_mask, promp
     prefix = site_prefix(prompt, "decoder", B, dtype)
     # Slots after the context hold generated tokens, all attended.
     key_mask = jnp.concatenate([mask, jnp.ones((B, max_new_tokens), bool)], axis=1)
-    cache = gpt2.init_cache(cfg, B, T0 + max_new_tokens, dtype)
+    cache = _cache_sharded(options, gpt2.init_cache(cfg, B, T0 + max_new_tokens, dtype))
     logits, cache = model.apply(variables, x, gpt2.positions_from_mask(mask), key_mask, cache, 0,
                                 prefix, method=gpt2.GPT2.forward)
     n_real = jnp.sum(mask, axis=1, dtype=jnp.int32)
@@ -410,7 +429,7 @@ def load_model(path_or_hub_id: str, dtype="float32", *, mesh=None, fsdp: bool = 
     params = load_params(family.hf_rules(config), param_shapes(config), weights.get,
                          weights.has, jdtype, where, place)
     return Model(config=config, params=params, tokenizer=load_tokenizer(directory),
-                 dtype=jdtype, path=directory)
+                 dtype=jdtype, path=directory, mesh=mesh, fsdp=fsdp)
 
 
 class _NoWeights:

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 
 from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions,
                                  MultiHeadAttention, RMSNorm, Unembed, as_prompt_inputs,
-                                 broadcast_prompt, logical, place_embeds, prefix_length,
-                                 remat_layer, scan_layers, site_prefix, tied_logits)
+                                 broadcast_prompt, constrain_hidden, logical, place_embeds,
+                                 prefix_length, remat_layer, scan_layers, site_prefix,
+                                 tied_logits)
 
 SITES = ("encoder", "decoder", "cross")  # where prefix keys/values can enter
 
@@ -132,8 +133,14 @@ class FeedForward(nn.Module):
             h = act(dense(cfg.d_ff, "wi_0", up)(x_BxTxD)) * dense(cfg.d_ff, "wi_1", up)(x_BxTxD)
         else:
             h = act(dense(cfg.d_ff, "wi", up)(x_BxTxD))
-        h = _dropout(cfg, self.options)(h, deterministic=self.deterministic)
-        return dense(cfg.d_model, "wo", ("mlp", "embed"))(h)
+        h_BxTxF = self.options.constrain(h, "batch", "length", "mlp")
+        h_BxTxF = _dropout(cfg, self.options)(h_BxTxF, deterministic=self.deterministic)
+        return constrain_hidden(self.options, dense(cfg.d_model, "wo", ("mlp", "embed"))(h_BxTxF))
+
+
+def _by_heads(options: ModelOptions, bias_1xHxTxS):
+    """The relative position bias split over heads as the attention scores are."""
+    return options.constrain(bias_1xHxTxS, None, "heads", "length", "length")
 
 
 def _dropout(cfg: T5Config, options: ModelOptions):
@@ -169,7 +176,8 @@ class EncoderLayer(nn.Module):
         x_BxSxD = x_BxSxD + drop(h, deterministic=self.deterministic)
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="mlp_norm")(x_BxSxD)
         h = FeedForward(cfg, self.dtype, self.deterministic, self.options, name="mlp")(h)
-        return x_BxSxD + drop(h, deterministic=self.deterministic), None
+        x_BxSxD = x_BxSxD + drop(h, deterministic=self.deterministic)
+        return constrain_hidden(self.options, x_BxSxD), None
 
 
 class DecoderLayer(nn.Module):
@@ -203,7 +211,8 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="mlp_norm")(x_BxTxD)
         h = FeedForward(cfg, self.dtype, self.deterministic, self.options, name="mlp")(h)
         new_cache = None if self_cache is None else {"self": self_cache, "cross": cross_cache}
-        return x_BxTxD + drop(h, deterministic=self.deterministic), new_cache
+        x_BxTxD = x_BxTxD + drop(h, deterministic=self.deterministic)
+        return constrain_hidden(self.options, x_BxTxD), new_cache
 
 
 class Encoder(nn.Module):
@@ -226,15 +235,16 @@ class Encoder(nn.Module):
         # The relative bias [1, H, S, S] and the key mask [B, S] stay apart, combined inside
         # each layer's attention: their sum would be a [B, H, S, S] fp32 buffer held for the
         # whole step (1.5 GiB for T5-XL at 612 tokens); cuDNN never builds it at all.
-        attn_bias = (RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(
-            q_pos, k_pos), KeyMask(key_mask))
+        relpos = RelativePositionBias(cfg, bidirectional=True, name="relpos_bias")(q_pos, k_pos)
+        attn_bias = (_by_heads(self.options, relpos), KeyMask(key_mask))
         drop = _dropout(cfg, self.options)
-        x = drop(embeds_BxSxD, deterministic=self.deterministic)
+        x = constrain_hidden(self.options, drop(embeds_BxSxD, deterministic=self.deterministic))
         layers = scan_layers(remat_layer(EncoderLayer, self.remat), cfg.num_layers, 1)
         x, _ = layers(cfg, self.dtype, self.deterministic, self.options, name="layers")(
             x, attn_bias, prefix)
         x = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="final_norm")(x)
-        return _dropout(cfg, self.options)(x, deterministic=self.deterministic)
+        return constrain_hidden(self.options, _dropout(cfg, self.options)(
+            x, deterministic=self.deterministic))
 
 
 class Decoder(nn.Module):
@@ -266,7 +276,8 @@ class Decoder(nn.Module):
         if P:
             key_mask = jnp.concatenate([jnp.ones((B, P), bool), mask_BxS], 1)
         k_pos = jnp.arange(P + tok_pos.shape[0])
-        relpos = RelativePositionBias(cfg, bidirectional=False, name="relpos_bias")(q_pos, k_pos)
+        relpos = _by_heads(self.options, RelativePositionBias(
+            cfg, bidirectional=False, name="relpos_bias")(q_pos, k_pos))
         if cache is None:  # causality as a static pattern: the fused paths need no mask
             self_attn = (relpos, KeyMask(key_mask, causal=True))
         else:  # the cache's causality moves with cache_index: one [B, 1, T, S] mask
@@ -280,14 +291,15 @@ class Decoder(nn.Module):
         if Pc:
             enc_key_mask = jnp.concatenate([jnp.ones((B, Pc), bool), enc_mask_BxS], 1)
         drop = _dropout(cfg, self.options)
-        x = drop(embeds_BxTxD, deterministic=self.deterministic)
+        x = constrain_hidden(self.options, drop(embeds_BxTxD, deterministic=self.deterministic))
         layer = remat_layer(DecoderLayer, self.remat)
         layers = scan_layers(layer, cfg.num_decoder_layers, 4)
         x, new_cache = layers(cfg, self.dtype, self.deterministic, self.prefill, self.options,
                               name="layers")(x, enc_BxSxD, self_attn, KeyMask(enc_key_mask),
                                              cache_index, (cache, self_prefix, cross_prefix))
         x = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="final_norm")(x)
-        return _dropout(cfg, self.options)(x, deterministic=self.deterministic), new_cache
+        return constrain_hidden(self.options, _dropout(cfg, self.options)(
+            x, deterministic=self.deterministic)), new_cache
 
 
 class T5(nn.Module):
@@ -329,6 +341,7 @@ class T5(nn.Module):
             prompt_BxPxD = broadcast_prompt(prompt.embeds, B, self.dtype)
             x = jnp.concatenate([prompt_BxPxD, x], axis=1)
             mask = jnp.concatenate([jnp.ones(prompt_BxPxD.shape[:2], bool), mask], axis=1)
+        x = constrain_hidden(self.options, x)
         return self.encoder(x, mask, site_prefix(prompt, "encoder", B, self.dtype)), mask
 
     def decode(self, decoder_input_ids_BxT, decoder_mask, enc_BxSxD, enc_mask_BxS, cache=None,
@@ -352,7 +365,7 @@ class T5(nn.Module):
             logits = tied_logits(x, self.shared.embedding, self.dtype)
         else:
             logits = self.lm_head(x)
-        return logits, cache
+        return self.options.constrain(logits, "batch", "length", "vocab"), cache
 
     def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
                  decoder_attention_mask=None, prompt=None):

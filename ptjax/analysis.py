@@ -199,7 +199,8 @@ def load_ensembles(directory: str):
         cfg = config_lib.load_config(os.path.join(entry["run_dir"], "config.yaml"))
         for metric, values in table["prompts"].items():
             rows.append({"job": entry["job"], "task.name": cfg.task.name,
-                         "model.path": cfg.model.path, "prompt.length": cfg.prompt.length,
+                         "model.path": cfg.model.path, "method.name": cfg.method.name,
+                         "prompt.length": cfg.prompt.length,
                          "method": table["method"], "metric": metric, "prompts": len(values),
                          **{f"prompt_{k}": v for k, v in enumerate(values)},
                          "average": table["average"][metric], "best": table["best"][metric],

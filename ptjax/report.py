@@ -135,7 +135,10 @@ def run_facts(directory: str) -> dict:
     for path in paths:
         with open(path) as f:
             r = json.load(f)
-        facts["models"].add(os.path.basename(str(r.get("model", "?")).rstrip("/")))
+        model = str(r.get("model", "?")).rstrip("/")
+        if os.path.basename(model) == "model":  # a ptjax pretrain output: RUN/model
+            model = os.path.dirname(model)
+        facts["models"].add(os.path.basename(model))
         facts["tasks"].add(r.get("task", "?"))
         facts["steps"].add(r.get("steps"))
         if r.get("majority") is not None:
@@ -146,7 +149,8 @@ def run_facts(directory: str) -> dict:
 def describe_facts(facts: dict) -> str:
     """"tiny-t5 on synthetic_sentiment, 200 steps" for a figure's subtitle."""
     steps = sorted(s for s in facts["steps"] if s is not None)
-    return (", ".join(sorted(facts["models"])) + " on " + ", ".join(sorted(facts["tasks"]))
+    models = sorted(facts["models"])
+    return ((", ".join(models) if len(models) <= 3 else f"{len(models)} models") + " on " + ", ".join(sorted(facts["tasks"]))
             + (f", {'/'.join(str(s) for s in steps)} steps" if steps else ""))
 
 
@@ -167,6 +171,10 @@ def figures(runs, out_dir: str, metric_name: str, facts: dict | None = None) -> 
     varies = {c: runs[c].nunique(dropna=False) > 1 for c in runs.columns}
     settings = [c for c in analysis.setting_columns(runs) if varies.get(c)
                 and c not in ("task.name", "model.path", "task.target_sentinel")]
+    if "method.name" in settings:  # settings zipped with the method (its own optimizer...)
+        by_method = runs.groupby("method.name", dropna=False)
+        settings = [c for c in settings if c == "method.name"
+                    or by_method[c].nunique(dropna=False).max() > 1]
     written = []
 
     def draw(name, title, x, hue, xlabel, **kw):
@@ -193,7 +201,11 @@ def figures(runs, out_dir: str, metric_name: str, facts: dict | None = None) -> 
              ["method.name"] + ["family"] * bool(varies.get("family")),
              "frozen model parameters (log scale)",
              logx=True)
-    if varies.get("prompt.length"):
+    # a length that only follows the method (e.g. prefix tuning's own length in a Figure 1
+    # sweep) is no length ablation
+    per_method = (runs.groupby("method.name")["prompt.length"].nunique().max()
+                  if "method.name" in runs and "prompt.length" in runs else 2)
+    if varies.get("prompt.length") and per_method > 1:
         draw("fig3a_length.png", "Figure 3a: prompt length", "prompt.length", ["parameters"],
              "prompt length (tokens, log scale)", logx=True)
     if varies.get("prompt.init"):
@@ -205,14 +217,20 @@ def figures(runs, out_dir: str, metric_name: str, facts: dict | None = None) -> 
     return written
 
 
+FIGURES = ("fig1_size.png", "fig3a_length.png", "fig3b_init.png", "fig3c_pretraining.png")
+SCORES = ("mean", "std", "ci95", "best", "average", "ensemble", "best_step_mean")
+
+
 def _markdown(df, floatfmt="{:.2f}") -> str:
+    """Scores with ``floatfmt``; settings (learning rates...) as Python writes them."""
     if df.empty:
         return "(none)\n"
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, row in df.iterrows():
-        cells = [floatfmt.format(v) if isinstance(v, (float, np.floating)) else str(v)
-                 for v in row]
+        cells = [(floatfmt if c in SCORES or str(c).startswith(("prompt_", "transfer:"))
+                  else "{:g}").format(v) if isinstance(v, (float, np.floating)) else str(v)
+                 for c, v in zip(cols, row)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -237,6 +255,9 @@ def write_report(directory: str) -> dict:
         paths["ensemble"] = p
     fig_dir = os.path.join(directory, "figures")
     os.makedirs(fig_dir, exist_ok=True)
+    for name in FIGURES:  # a figure the sweep no longer calls for is not left behind
+        if os.path.exists(p := os.path.join(fig_dir, name)):
+            os.remove(p)
     metric = ", ".join(sorted(runs["metric"].dropna().unique())) or "score"
     facts = run_facts(directory)
     paths["figures"] = figures(runs, fig_dir, metric, facts)
@@ -255,8 +276,10 @@ def write_report(directory: str) -> dict:
         lines += ["## Zero-shot transfer (best prompt of each run)", "",
                   _markdown(t.reset_index())]
     if not ensembles.empty:
-        show = ensembles[["task.name", "prompt.length", "metric", "prompts", "average",
-                          "best", "ensemble"]]
+        show = ensembles[[c for c in ("model.path", "task.name", "method.name",
+                                      "prompt.length")
+                          if ensembles[c].nunique() > 1 or c == "task.name"]
+                         + ["metric", "prompts", "average", "best", "ensemble"]]
         lines += ["## Prompt ensembles", "", _markdown(show)]
     lines += ["## Figures", ""] + [f"![{os.path.basename(f)}](figures/{os.path.basename(f)})"
                                    for f in paths["figures"]]

@@ -158,6 +158,19 @@ def _table(df, cols, fmt="{:.1f}") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _size_key(label: str) -> float:
+    units = {"K": 1e3, "M": 1e6, "B": 1e9}
+    return float(label[:-1]) * units[label[-1]] if label[-1:] in units else float(label)
+
+
+def _params(model_path: str) -> int:
+    import json
+
+    with open(os.path.join(os.path.dirname(os.path.normpath(model_path)),
+                           "results.json")) as f:
+        return json.load(f)["parameters"]
+
+
 def report(root: str, out: str) -> str:
     """OUT/REPORT.md: the pre-training table, the probe and every finished sweep's
     per-setting mean and 95% interval over seeds (figures copied into OUT/figures)."""
@@ -206,19 +219,28 @@ def report(root: str, out: str) -> str:
             sentinel = df.get("task.target_sentinel", pd.Series([False] * len(df)))
             df["checkpoint"] = [checkpoint_family(p, str(s) == "True")
                                 for p, s in zip(df["model.path"], sentinel)]
-        cols = [c for c in ("parameters", "checkpoint", "task.name", "method.name",
-                            "prompt.length", "prompt.init") if c in df]
+        axis = next(c for c in ("method.name", "checkpoint", "prompt.init", "prompt.length",
+                                "parameters") if c in df and df[c].nunique() > 1)
+        df["cell"] = [f"{m:.1f} ± {c:.1f}" if c == c else f"{m:.1f}"
+                      for m, c in zip(df["mean"], df["ci95"])]
         lines += [f"## {name[:-5]}", "", f"`{d}/summary.csv`: dev accuracy (%) of each "
-                  "setting's best step, mean over seeds with the 95% interval's half-width "
-                  "(Student's t).", "", _table(df, cols + ["mean", "ci95", "seeds"])]
+                  "setting's best step, mean over seeds ± the 95% interval's half-width "
+                  f"(Student's t; {int(df['seeds'].min())}-{int(df['seeds'].max())} seeds)."]
+        for task, part in df.groupby("task.name") if "task.name" in df else [("", df)]:
+            table = part.pivot_table(index="parameters", columns=axis, values="cell",
+                                     aggfunc="first", sort=False)
+            table = table.reindex(sorted(table.index, key=_size_key))
+            table = table.reset_index().fillna("(not run)")
+            lines += ["", f"**{task}**" if task else "", "",
+                      _table(table, [str(c) for c in table.columns])]
         ens = os.path.join(d, "ensemble.csv")
         if os.path.exists(ens):
             e = pd.read_csv(ens)
-            e["model"] = [checkpoint_family(p) + " " + p.split("/")[-2].split("-")[-1]
-                          for p in e["model.path"]]
             e = e[e["metric"] == "accuracy"]
-            lines += ["Each job's 5 prompts as one majority-vote ensemble:", "",
-                      _table(e, ["model", "task.name", "average", "best", "ensemble"])]
+            e["parameters"] = [size_label(_params(p)) for p in e["model.path"]]
+            lines += ["Each job's 5 prompts as one majority-vote ensemble (accuracy):", "",
+                      _table(e, ["parameters", "task.name", "method.name", "average", "best",
+                                 "ensemble"])]
         for fig in sorted(glob.glob(os.path.join(d, "figures", "*.png"))):
             dest = f"{name[:-5]}-{os.path.basename(fig)}"
             shutil.copyfile(fig, os.path.join(out, "figures", dest))

@@ -133,3 +133,39 @@ def test_lab_smoke_sweeps_keep_the_smallest_size_and_the_smoke_root(tmp_path):
         PretrainConfig(**arch), lab.COMMON["pretrain.vocab_size"], 0.0))))
         for arch in lab.SIZES.values()]
     assert counts == sorted(counts) and counts[-1] / counts[0] >= 30
+
+
+def test_probe_scores_lines_as_transformers_does(tmp_path):
+    """probe.line_nll (the decoder reading a line after an empty input) equals the summed
+    token NLL transformers' T5 computes for the same labels; the probe's pairs are a
+    held-out line and the same words with one window of 6 reordered."""
+    from conftest import torch
+
+    if torch is None:
+        pytest.skip("needs torch")
+    import transformers
+
+    from ptjax.models.model import load_model
+    from ptjax.models.tiny import build_tiny_model
+
+    sys.path.insert(0, LAB)
+    try:
+        import probe
+    finally:
+        sys.path.remove(LAB)
+    path = build_tiny_model(str(tmp_path / "t5"), family="t5")
+    model = load_model(path)
+    texts = ["the movie was good", "a b", "this story was really quite bad and dull"]
+    nll, n = probe.line_nll(model, texts)
+    ref = transformers.T5ForConditionalGeneration.from_pretrained(path).eval()
+    for text, got, count in zip(texts, nll, n):
+        labels = torch.tensor([model.tokenizer(text).input_ids])
+        with torch.no_grad():
+            out = ref(input_ids=torch.tensor([[model.tokenizer.eos_token_id]]), labels=labels)
+        assert count == labels.shape[1]
+        np.testing.assert_allclose(got, out.loss.item() * count, rtol=1e-5)
+    pairs = probe.pairs(n=20)
+    assert len(pairs) == 20 and all(a != b and sorted(a.split()) == sorted(b.split())
+                                    for a, b in pairs)
+    lo, hi = probe.wilson(128, 150)
+    assert lo < 128 / 150 < hi and abs(lo - 0.7876) < 1e-3 and abs(hi - 0.9010) < 1e-3

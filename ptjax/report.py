@@ -150,7 +150,8 @@ def describe_facts(facts: dict) -> str:
     """"tiny-t5 on synthetic_sentiment, 200 steps" for a figure's subtitle."""
     steps = sorted(s for s in facts["steps"] if s is not None)
     models = sorted(facts["models"])
-    return ((", ".join(models) if len(models) <= 3 else f"{len(models)} models") + " on " + ", ".join(sorted(facts["tasks"]))
+    named = ", ".join(models) if len(models) <= 3 else f"{len(models)} models"
+    return (named + " on " + ", ".join(sorted(facts["tasks"]))
             + (f", {'/'.join(str(s) for s in steps)} steps" if steps else ""))
 
 

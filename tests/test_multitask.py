@@ -64,6 +64,7 @@ def test_held_out_task_is_scored_through_its_own_template(gpt2, tmp_path):
         "so this animal is awful" in gpt2.tokenizer.decode(row)
 
 
+@pytest.mark.slow
 def test_the_multitask_sweep_runs(tmp_path):
     """experiments/multitask.yaml as CI runs it (fewer steps): model tuning and a prompt
     trained on the mixture, the held-out task scored zero-shot."""
@@ -87,6 +88,7 @@ def test_the_multitask_sweep_runs(tmp_path):
         assert len(acc) == 1 and 0 <= acc[0] <= 100
 
 
+@pytest.mark.slow
 def test_mixture_resumes_exactly(tmp_path):
     args = {"model.path": "tiny-gpt2", "model.tiny_dir": str(tmp_path / "models"),
             "task.mixture": MIXTURE, "task.mixture_rates": "2,1,0",

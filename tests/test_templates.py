@@ -259,6 +259,7 @@ def test_the_prompt_design_sweep_runs(tmp_path):
     assert again["done"] == [] and len(again["skipped"]) == len(sweep.jobs)
 
 
+@pytest.mark.slow
 def test_the_template_ensemble_experiment_runs(tmp_path):
     """experiments/template_ensemble.yaml as CI runs it (fewer steps): three templates in
     one batch, each scored alone and fused by mean log-probability."""

@@ -68,7 +68,8 @@ def _answer_logprobs(model, prompt, input_ids, word, prefix):
 
 
 @pytest.mark.parametrize("family", ["t5", "gpt2"])
-@pytest.mark.parametrize("word_tokens", ["first", "mean", "max"])
+@pytest.mark.parametrize("word_tokens", [pytest.param("first", marks=pytest.mark.slow), "mean",
+                                         pytest.param("max", marks=pytest.mark.slow)])
 def test_class_loss_equals_a_plain_loop_over_classes_and_words(tiny, family, word_tokens):
     """task.verbalizer_loss=class: each member's loss is the mean over examples of
     -log softmax_c(class score)[gold], a class scoring the mean over its label words of
@@ -98,7 +99,7 @@ def test_class_loss_equals_a_plain_loop_over_classes_and_words(tiny, family, wor
         np.testing.assert_allclose(float(per_k[k]), np.mean(losses), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["t5", "t5v10", "gpt2"])
+@pytest.mark.parametrize("family", ["t5", pytest.param("t5v10", marks=pytest.mark.slow), "gpt2"])
 def test_soft_verbalizer_starts_as_the_first_token_logits(tiny, family):
     """At init each class vector is its label word's output embedding, so with single-token
     words the class logits are the LM head's logits of those words at the answer position

@@ -99,7 +99,8 @@ def test_class_loss_equals_a_plain_loop_over_classes_and_words(tiny, family, wor
         np.testing.assert_allclose(float(per_k[k]), np.mean(losses), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["t5", pytest.param("t5v10", marks=pytest.mark.slow), "gpt2"])
+@pytest.mark.parametrize("family", [pytest.param("t5", marks=pytest.mark.slow),
+                                    pytest.param("t5v10", marks=pytest.mark.slow), "gpt2"])
 def test_soft_verbalizer_starts_as_the_first_token_logits(tiny, family):
     """At init each class vector is its label word's output embedding, so with single-token
     words the class logits are the LM head's logits of those words at the answer position
@@ -160,6 +161,7 @@ def _losses(run_dir):
     return [r["loss"] for r in rows if r["split"] == "train"]
 
 
+@pytest.mark.slow
 def test_class_loss_trains_the_tiny_model(tmp_path):
     """A short run with the class-level loss lowers it: the first logged mean loss (steps
     1-4) is above the last one (steps 17-20), for both members."""

@@ -45,9 +45,12 @@ SMOKE = {"sizes": ("xs",), "span_steps": 8, "lm_adapt_steps": (2, 4),
 
 
 def sh(cmd: list[str]) -> None:
-    """Run one command (printed first), failing the lab if it fails."""
+    """Run one command (printed first), failing the lab if it fails. ``ptjax`` is this
+    Python's own (the venv's, activated or not)."""
     print("+ " + " ".join(_quote(c) for c in cmd), flush=True)
     t0 = time.time()
+    if cmd[0] == "ptjax":
+        cmd = [sys.executable, "-m", "ptjax.cli", *cmd[1:]]
     subprocess.run(cmd, check=True)
     print(f"  ({time.time() - t0:.0f} s)", flush=True)
 

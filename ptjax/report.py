@@ -34,7 +34,7 @@ def size_label(parameters) -> str:
     return f"{int(parameters)}"
 
 
-def _pretrained_here(path: str) -> dict:
+def pretrain_results(path: str) -> dict:
     """results.json of the ``ptjax pretrain`` run whose ``model/`` is ``path``, or {}."""
     import json
 
@@ -50,7 +50,7 @@ def checkpoint_family(path: str, sentinel: bool = False) -> str:
     1.1)", or with task.target_sentinel "span corruption + sentinel" (Figure 3c). A
     ``ptjax pretrain`` output (RUN/model) is named by its objective: "span corruption",
     "LM adapted (500 steps)" (the run's own steps: Figure 3d)."""
-    done = _pretrained_here(path)
+    done = pretrain_results(path)
     if done.get("objective") == "span_corruption" and done.get("init") == "scratch":
         return "span corruption" + (" + sentinel" if sentinel else "")
     if done.get("objective") == "prefix_lm":

@@ -134,18 +134,13 @@ def encoding(model, tcfg) -> dict:
                          "(it decides whether targets start with <extra_id_0>)")
     sentinel = tcfg.target_sentinel or (True in masks and model.is_encoder_decoder)
     template = tuple(parsed) if tcfg.templates else (parsed[0] if parsed else None)
-    try:
-        prefix = pipeline.target_prefix(model, sentinel, tcfg.max_target_length)
-    except PtjaxError:
-        if tcfg.target_sentinel or not sentinel:
-            raise
-        key = "task.templates" if tcfg.templates else "task.template"
+    why = "task.target_sentinel=true"
+    if sentinel and not tcfg.target_sentinel:  # a template's {mask} asked for it
         which = next(t.source for t in parsed if t.has_mask)
-        raise PtjaxError(f"{key}={which!r}: {{mask}} puts T5's <extra_id_0> in the input and "
-                         f"before the answer, but the tokenizer of {model.path} has none; "
-                         "use a T5 checkpoint with sentinels or leave {mask} out (the answer "
-                         "then follows the input)") from None
-    return {"template": template, "target_prefix": prefix}
+        why = f"{'task.templates' if tcfg.templates else 'task.template'}={which!r} ({{mask}})"
+    return {"template": template,
+            "target_prefix": pipeline.target_prefix(model, sentinel, tcfg.max_target_length,
+                                                    why)}
 
 
 class MetricsLog:

@@ -161,19 +161,6 @@ def _table(df, cols, fmt="{:.1f}") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _size_key(label: str) -> float:
-    units = {"K": 1e3, "M": 1e6, "B": 1e9}
-    return float(label[:-1]) * units[label[-1]] if label[-1:] in units else float(label)
-
-
-def _params(model_path: str) -> int:
-    import json
-
-    with open(os.path.join(os.path.dirname(os.path.normpath(model_path)),
-                           "results.json")) as f:
-        return json.load(f)["parameters"]
-
-
 def report(root: str, out: str) -> str:
     """OUT/REPORT.md: the pre-training table, the probe and every finished sweep's
     per-setting mean and 95% interval over seeds (figures copied into OUT/figures)."""
@@ -181,7 +168,7 @@ def report(root: str, out: str) -> str:
 
     import pandas as pd
 
-    from ptjax.report import checkpoint_family, size_label
+    from ptjax.report import checkpoint_family, pretrain_results, size_label
 
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
     lines = ["# The lab's results", "",
@@ -216,8 +203,6 @@ def report(root: str, out: str) -> str:
         if not os.path.exists(summary):
             continue
         df = pd.read_csv(summary)
-        if "parameters" in df:
-            df["parameters"] = [size_label(p) for p in df["parameters"]]
         if "model.path" in df:
             sentinel = df.get("task.target_sentinel", pd.Series([False] * len(df)))
             df["checkpoint"] = [checkpoint_family(p, str(s) == "True")
@@ -231,16 +216,16 @@ def report(root: str, out: str) -> str:
                   f"(Student's t; {int(df['seeds'].min())}-{int(df['seeds'].max())} seeds)."]
         for task, part in df.groupby("task.name") if "task.name" in df else [("", df)]:
             table = part.pivot_table(index="parameters", columns=axis, values="cell",
-                                     aggfunc="first", sort=False)
-            table = table.reindex(sorted(table.index, key=_size_key))
-            table = table.reset_index().fillna("(not run)")
+                                     aggfunc="first").reset_index().fillna("(not run)")
+            table["parameters"] = [size_label(p) for p in table["parameters"]]
             lines += ["", f"**{task}**" if task else "", "",
                       _table(table, [str(c) for c in table.columns])]
         ens = os.path.join(d, "ensemble.csv")
         if os.path.exists(ens):
             e = pd.read_csv(ens)
             e = e[e["metric"] == "accuracy"]
-            e["parameters"] = [size_label(_params(p)) for p in e["model.path"]]
+            e["parameters"] = [size_label(pretrain_results(p)["parameters"])
+                               for p in e["model.path"]]
             lines += ["Each job's 5 prompts as one majority-vote ensemble (accuracy):", "",
                       _table(e, ["parameters", "task.name", "method.name", "average", "best",
                                  "ensemble"])]

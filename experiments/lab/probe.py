@@ -12,7 +12,6 @@ more likely (Wilson 95% interval) and the mean NLL per token of the real lines.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -43,21 +42,17 @@ def pairs(n: int = 150, words: int = 20, window: int = 6) -> list[tuple[str, str
 
 def line_nll(model, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL and token count (EOS included) of each text as the decoder's target
-    after an empty input: ([N], [N])."""
-    tok = model.tokenizer
-    ids = [tok(t).input_ids for t in texts]  # EOS appended
-    T = max(len(x) for x in ids)
-    targets = np.zeros((len(ids), T), np.int32)
-    mask = np.zeros((len(ids), T), np.float32)
-    for i, x in enumerate(ids):
-        targets[i, :len(x)], mask[i, :len(x)] = x, 1
-    start = model.config.decoder_start_token_id
-    dec = np.concatenate([np.full((len(ids), 1), start, np.int32), targets[:, :-1]], 1)
-    enc = np.full((len(ids), 1), tok.eos_token_id, np.int32)
-    logits = np.asarray(model.logits(model.params, enc, decoder_input_ids=dec))
-    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask
-    return nll.sum(1), mask.sum(1)
+    after an empty input (the encoder reads EOS alone): ([N], [N])."""
+    import jax
+
+    from ptjax.data.pipeline import encode
+    from ptjax.train import sequence_nll
+
+    arrays, cut = encode(model, [{"inputs": "", "targets": t} for t in texts], 1,
+                         max(len(model.tokenizer(t).input_ids) for t in texts))
+    assert cut == 0
+    nll, n = jax.jit(lambda p, b: sequence_nll(model, p, b))(model.params, arrays)
+    return np.asarray(nll), np.asarray(n)
 
 
 def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -71,6 +66,7 @@ def probe(paths: list[str]) -> list[dict]:
     import jax
 
     from ptjax.models.model import load_model
+    from ptjax.report import pretrain_results
 
     data = pairs()
     rows = []
@@ -80,8 +76,7 @@ def probe(paths: list[str]) -> list[dict]:
         fake, _ = line_nll(model, [b for _, b in data])
         k = int((real < fake).sum())
         lo, hi = wilson(k, len(data))
-        results = os.path.join(os.path.dirname(os.path.normpath(path)), "results.json")
-        done = json.load(open(results)) if os.path.exists(results) else {}
+        done = pretrain_results(path)
         rows.append({"checkpoint": path, "objective": done.get("objective", ""),
                      "steps": done.get("steps", ""),
                      "parameters": sum(x.size for x in jax.tree.leaves(model.params)),

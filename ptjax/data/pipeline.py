@@ -126,21 +126,23 @@ def _tokenizer(model):
     return model.tokenizer
 
 
-def target_prefix(model, sentinel: bool, max_target_length: int) -> tuple:
+def target_prefix(model, sentinel: bool, max_target_length: int,
+                  why: str = "task.target_sentinel=true") -> tuple:
     """Token ids put before every target: () or, with ``sentinel`` (task.target_sentinel),
-    T5's ``<extra_id_0>``, so downstream targets look like span-corruption targets."""
+    T5's ``<extra_id_0>``, so downstream targets look like span-corruption targets.
+    why: the setting that asked for the sentinel, named by the errors."""
     if not sentinel:
         return ()
     if max_target_length < 2:
-        raise PtjaxError(f"task.target_sentinel=true puts {SENTINEL} before every target; "
+        raise PtjaxError(f"{why} puts {SENTINEL} before every target; "
                          f"task.max_target_length={max_target_length} leaves no room for it")
     if not model.is_encoder_decoder:
-        raise PtjaxError(f"task.target_sentinel=true needs a T5 checkpoint with span-"
+        raise PtjaxError(f"{why} needs a T5 checkpoint with span-"
                          f"corruption sentinels; {model.path} is a decoder-only model")
     tok = _tokenizer(model)
     i = tok.convert_tokens_to_ids(SENTINEL)
     if i is None or i == tok.unk_token_id or i >= model.config.vocab_size:
-        raise PtjaxError(f"task.target_sentinel=true: the tokenizer of {model.path} has no "
+        raise PtjaxError(f"{why}: the tokenizer of {model.path} has no "
                          f"{SENTINEL} token; only T5 checkpoints with extra_ids have one")
     return (int(i),)
 

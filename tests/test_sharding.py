@@ -146,6 +146,7 @@ def test_meshes_train_as_one_device(tiny, tmp_path, family, meshes):
         assert dev == [r for r in ref_rows if r["split"] == "validation"]
 
 
+@pytest.mark.slow
 def test_model_tuning_on_a_mesh_shards_the_optimizer_state(tiny):
     """Model tuning on a (2, 4) mesh: Adam's moments take the weights' shardings; with SGD
     (no normalisation to amplify reduction-order noise) the losses follow one device's."""

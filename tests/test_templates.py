@@ -238,6 +238,7 @@ def test_prompt_design_evaluates_the_frozen_model_with_k_shots(tmp_path, capsys)
         capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_prompt_design_sweep_runs(tmp_path):
     """experiments/prompt_design.yaml as CI runs it: 3 shot counts x 3 draws, no training,
     one results row per run."""

@@ -67,7 +67,7 @@ def _answer_logprobs(model, prompt, input_ids, word, prefix):
     return [float(logp[n - 1 + i, t]) for i, t in enumerate(tgt)]
 
 
-@pytest.mark.parametrize("family", ["t5", "gpt2"])
+@pytest.mark.parametrize("family", [pytest.param("t5", marks=pytest.mark.slow), "gpt2"])
 @pytest.mark.parametrize("word_tokens", [pytest.param("first", marks=pytest.mark.slow), "mean",
                                          pytest.param("max", marks=pytest.mark.slow)])
 def test_class_loss_equals_a_plain_loop_over_classes_and_words(tiny, family, word_tokens):

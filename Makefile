@@ -30,12 +30,15 @@ demo: $(VENV)/.ptjax-base
 
 # The suite, under 10 minutes on 2 cores; the slow tests (SIGKILL resume for every method,
 # multi-process and mesh runs, pre-training, the GPU suite's dry run) are `make test-slow`,
-# which CI runs too.
+# which CI runs too. Tests run in parallel, one worker per core up to PYTEST_WORKERS: XLA
+# compiles a tiny model's step on one thread, so one process leaves a core idle.
+PYTEST_WORKERS ?= 4
+PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses $(PYTEST_WORKERS)
 test: $(VENV)/.ptjax-test
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 test-slow: $(VENV)/.ptjax-test
-	$(BIN)/python -m pytest -q -m slow
+	$(PYTEST) -m slow
 
 # The analysis notebooks, executed against the demo sweep's output (after `make demo`).
 notebooks: $(VENV)/.ptjax-test

@@ -174,11 +174,23 @@ def run_peft(a, config=None) -> dict:
                          "transformers": transformers.__version__}}
 
 
+# ptjax variants measured beside ptjax in one run (--frameworks): what each dropout choice
+# costs against the defaults. ptjax-previous is the step before train.attention_dropout
+# existed: einsum attention with the probabilities dropped at --dropout (None below).
+VARIANTS = {
+    "ptjax-previous": dict(attention="einsum", attention_dropout=None),
+    "ptjax-rbg": dict(prng="rbg"),
+    "ptjax-unsafe_rbg": dict(prng="unsafe_rbg"),
+    "ptjax-broadcast": dict(dropout_broadcast=True),
+    "ptjax-nodropout": dict(dropout=0.0),  # the floor: what hidden dropout costs in all
+}
+
+
 def _child(a):
     import resource
 
-    if a.framework == "ptjax-previous":  # the step before train.attention_dropout existed
-        a.attention, a.attention_dropout = "einsum", a.dropout
+    for key, value in VARIANTS.get(a.framework, {}).items():
+        setattr(a, key, a.dropout if value is None else value)
     result = (run_peft if a.framework == "peft" else run_ptjax)(a)
     result["framework"] = a.framework
     if result["peak_bytes"] is None:  # CPU: the process's peak resident memory
@@ -209,8 +221,10 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak for MFU where the device is not in the table")
     p.add_argument("--frameworks", default="ptjax,peft",
-                   help="any of ptjax, peft, ptjax-previous (einsum attention with "
-                   "attention dropout = --dropout: ptjax's step before the fused path)")
+                   help="any of ptjax, peft and the ptjax variants: ptjax-previous "
+                   "(einsum attention with attention dropout = --dropout: ptjax's step "
+                   "before the fused path), ptjax-rbg, ptjax-unsafe_rbg (train.prng), "
+                   "ptjax-broadcast (train.dropout_broadcast), ptjax-nodropout")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     p.add_argument("--framework", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -225,6 +239,8 @@ def main(argv=None):
     rows = []
     load_before = os.getloadavg()  # other processes on the machine skew CPU timings
     for fw in a.frameworks.split(","):
+        if fw not in ("ptjax", "peft", *VARIANTS):
+            sys.exit(f"--frameworks: unknown {fw!r}; valid: ptjax, peft, {', '.join(VARIANTS)}")
         if fw == "peft" and a.prompts != 1:
             continue
         cmd = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]),
@@ -257,6 +273,9 @@ def main(argv=None):
               "results": rows, "ptjax_over_peft_throughput": ratio}
     if previous is not None:
         result["ptjax_previous_over_peft_throughput"] = previous
+    if "ptjax" in by:  # each variant's step time against the defaults', side by side
+        result["step_s_over_ptjax"] = {r["framework"]: r["step_s"] / by["ptjax"]["step_s"]
+                                       for r in rows if r["framework"] in VARIANTS}
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['framework']:14s} {r['device']:10s} {r['step_s'] * 1e3:9.1f} ms/step "
@@ -266,6 +285,8 @@ def main(argv=None):
         print(f"ptjax / PEFT throughput: {ratio:.2f}x")
     if previous:
         print(f"ptjax-previous / PEFT throughput: {previous:.2f}x")
+    for fw, x in result.get("step_s_over_ptjax", {}).items():
+        print(f"{fw} step time / ptjax: {x:.3f}")
     write_result(result, a.out, f"train_step-{result['date']}-{rows[0]['device']}-{a.model}-"
                  f"b{a.batch}-in{a.input_length}-p{a.prompt_length}-{a.dtype}.json")
 

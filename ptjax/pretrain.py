@@ -12,9 +12,11 @@ checkpoint (the paper's LM adaptation: prefix LM on a span-corruption checkpoint
       results.json     steps, parameters, final validation loss
 
 It is ``ptjax train``'s machinery with the model-tuning method: the same jitted step
-(``ptjax.train.setup``), shardings, Orbax checkpoints, exact resume, metrics log and
-progress bar; only the data (a corpus through an objective instead of a task) and the
-evaluation (validation loss instead of a task metric) differ. Rerunning a killed command
+(``ptjax.train.setup``), the same loop (``ptjax.run.step_loop``: metrics log, progress,
+a non-finite loss stops the run naming the last good checkpoint), shardings, Orbax
+checkpoints (damaged ones moved aside on resume), exact resume and run-directory lock;
+only the data (a corpus through an objective instead of a task) and the evaluation
+(validation loss instead of a task metric) differ. Rerunning a killed command
 resumes it; rerunning with a larger train.steps continues a finished one.
 
 The data: the corpus's train documents are tokenized once (no EOS), concatenated in order
@@ -32,12 +34,10 @@ import json
 import math
 import os
 import shutil
-import time
 
 import jax
 import numpy as np
 
-from ptjax import config as config_lib
 from ptjax import objectives
 from ptjax.errors import PtjaxError
 
@@ -199,14 +199,11 @@ def scratch_config(pc, vocab_size: int, dropout: float):
 
 
 def initial_model_dir(cfg) -> str:
-    """The checkpoint training starts from: pretrain.init, or (scratch) ``init/`` in the run
-    directory, written once by process 0 with the corpus tokenizer and weights drawn from
-    train.seed."""
+    """The checkpoint training starts from: pretrain.init (checked to be a directory before
+    the run directory is claimed), or (scratch) ``init/`` in the run directory, written
+    once by process 0 with the corpus tokenizer and weights drawn from train.seed."""
     pc = cfg.pretrain
     if pc.init != "scratch":
-        if not os.path.isdir(pc.init):
-            raise PtjaxError(f"pretrain.init={pc.init!r} is neither 'scratch' nor a checkpoint "
-                             "directory")
         return pc.init
     path = os.path.join(cfg.run_dir, "init")
     from ptjax.sharding import is_main_process
@@ -232,29 +229,35 @@ def initial_model_dir(cfg) -> str:
 
 def pretrain(cfg) -> dict:
     """Run (or resume) the pre-training a ``RunConfig``'s pretrain section describes;
-    returns results.json's dict. Every process of a multi-host job runs this."""
-    from ptjax import methods
-    from ptjax.checkpoint import Checkpointer
-    from ptjax.data.pipeline import prefetch
-    from ptjax.models.model import load_model
-    from ptjax.run import MetricsLog, _check_resumable, _NullLog, place_trainable, step_events
-    from ptjax.sharding import (global_batch, initialize_distributed, is_main_process,
-                                make_mesh, to_host)
-    from ptjax.train import learning_rate_schedule, setup
+    returns results.json's dict. Every process of a multi-host job runs this; process 0
+    holds the run directory's lock throughout (``ptjax.run.locked_run``)."""
+    from ptjax.run import locked_run
 
     cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="model"),
                               prompt=dataclasses.replace(cfg.prompt, seeds=(0,), inits=()))
+    return locked_run(cfg, _pretrain)
+
+
+def _pretrain(cfg, main: bool, locks: list) -> dict:
+    from ptjax import methods
+    from ptjax.models.model import load_model
+    from ptjax.run import (MetricsLog, _check_resumable, _NullLog, claim_run_dir,
+                           newest_checkpoint, open_checkpoints, place_trainable, step_loop)
+    from ptjax.sharding import make_mesh, to_host
+    from ptjax.train import setup
+
     run_dir, tc, pc = cfg.run_dir, cfg.train, cfg.pretrain
-    main = is_main_process()
-    initialize_distributed(cfg.mesh.distributed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
     if tc.batch_size % mesh.shape["data"] or tc.batch_size % jax.process_count():
         raise PtjaxError(f"train.batch_size={tc.batch_size} is not a multiple of the mesh's "
                          f"{mesh.shape['data']} data-parallel devices (mesh.data) and of the "
                          f"{jax.process_count()} processes")
     if main:
-        os.makedirs(run_dir, exist_ok=True)
         _check_resumable(run_dir, cfg)
+    if pc.init != "scratch" and not os.path.isdir(pc.init):
+        raise PtjaxError(f"pretrain.init={pc.init!r} is neither 'scratch' nor a checkpoint "
+                         "directory")
+    claim_run_dir(run_dir, main, locks)  # a scratch run writes its initial weights there
     model = load_model(initial_model_dir(cfg), dtype=cfg.model.dtype, mesh=mesh,
                        fsdp=cfg.mesh.fsdp)
     model = dataclasses.replace(model, remat=cfg.model.remat)
@@ -279,65 +282,28 @@ def pretrain(cfg) -> dict:
     trainable = place_trainable(method, method.init(model, cfg, None), mesh, cfg)
     model = dataclasses.replace(model, params=None)  # the state holds the weights now
     _, state, step_fn = setup(model, method, cfg, mesh, trainable, None)
-    ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), tc.keep_checkpoints)
-    start = ckpt.latest_step() or 0
-    if start:
-        state, _, meta = ckpt.restore(start, state, None)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    start, restored, damaged = newest_checkpoint(
+        ckpt_dir, tc.keep_checkpoints, lambda r, step: r.restore(step, state, None))
+    if restored is not None:
+        state, _, meta = restored
         assert meta["data_position"] == start * tc.batch_size
-        if main:
-            print(f"resuming {run_dir} from step {start} (checkpoint {ckpt.directory}/{start})")
-    if main:
-        config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    ckpt = open_checkpoints(ckpt_dir, tc.keep_checkpoints, main, damaged, start)
     log = MetricsLog(run_dir, start) if main else _NullLog()
-    lr_at = learning_rate_schedule(cfg.optim, tc.steps)
-    pending, t0 = [], time.perf_counter()
     val_loss = None
 
-    def flush(s):
-        nonlocal t0
-        if not pending:
-            return
-        losses = np.stack([to_host(m["loss"])[0] for _, m in pending])
-        if not np.isfinite(losses).all():
-            ckpt.wait()
-            raise PtjaxError(f"loss is {losses[~np.isfinite(losses)][0]} by step {s}; "
-                             f"training stopped (last checkpoint: {ckpt.latest_step()})")
-        rate = len(pending) / max(time.perf_counter() - t0, 1e-9)
-        log.write([{"step": s, "split": "train", "loss": float(losses.mean()),
-                    "learning_rate": float(lr_at(s - 1)), "steps_per_s": round(rate, 3)}])
-        if bar is not None:
-            bar.set_postfix(loss=f"{losses.mean():.4f}")
-        pending.clear()
-        t0 = time.perf_counter()
+    def evaluate_at(s, trainable):
+        nonlocal val_loss
+        val_loss = validation_loss(model, method, trainable, val, tc.eval_batch_size, mesh)
+        if not tc.progress and main:
+            print(f"{os.path.basename(run_dir.rstrip('/'))} step {s}/{tc.steps}: validation "
+                  f"loss {val_loss:.4f}", flush=True)
+        log.write([{"step": s, "split": "validation", "loss": val_loss}])
 
-    bar = None
-    if tc.progress and main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=tc.steps, initial=start, desc=os.path.basename(run_dir.rstrip("/")),
-                   unit="step", dynamic_ncols=True)
-    batches = prefetch(stream.batch, range(start, tc.steps))
     try:
-        for step, (local, _) in zip(range(start, tc.steps), batches):
-            state, metrics = step_fn(state, None, global_batch(local, mesh))
-            s = step + 1
-            pending.append((s, metrics))
-            if bar is not None:
-                bar.update(1)
-            do_eval, do_ckpt = step_events(s, tc)
-            if s % tc.log_every == 0 or do_eval or do_ckpt:
-                flush(s)
-            if do_eval:
-                val_loss = validation_loss(model, method, state.trainable, val,
-                                           tc.eval_batch_size, mesh)
-                log.write([{"step": s, "split": "validation", "loss": val_loss}])
-            if do_ckpt:
-                ckpt.save(s, state, None, {"data_position": s * tc.batch_size})
-        ckpt.wait()
+        state = step_loop(cfg, main, ckpt, stream, state, step_fn, None, mesh, start, log,
+                          evaluate_at, lambda: (None, {}), members=False)
     finally:
-        batches.close()
-        if bar is not None:
-            bar.close()
         log.close()
     if val_loss is None:  # nothing left to train: score what the checkpoint holds
         val_loss = validation_loss(model, method, state.trainable, val, tc.eval_batch_size,

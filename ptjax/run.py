@@ -377,6 +377,21 @@ def prepare(cfg):
     return mesh, load_run_model(cfg.model, mesh, cfg.mesh.fsdp)
 
 
+def locked_run(cfg, body):
+    """``body(cfg, main, locks)``: a run's output directory checked, the processes of a
+    multi-host job joined, and process 0 holding the run directory's lock (from the start
+    where it exists, else from ``claim_run_dir``) until ``body`` returns or fails."""
+    check_output_dir(cfg.run_dir, "run_dir")
+    initialize_distributed(cfg.mesh.distributed)  # before anything asks which process it is
+    main = is_main_process()
+    locks = [RunLock(cfg.run_dir)] if main and os.path.isdir(cfg.run_dir) else []
+    try:
+        return body(cfg, main, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
 def train(cfg) -> dict:
     """Run (or resume) the training a ``RunConfig`` describes; returns results.json's dict.
 
@@ -385,15 +400,40 @@ def train(cfg) -> dict:
     task's data, transfer tasks included, output paths) is checked before the run
     directory is created or changed; process 0 holds the run directory's lock throughout.
     """
-    check_output_dir(cfg.run_dir, "run_dir")
-    initialize_distributed(cfg.mesh.distributed)  # before anything asks which process it is
-    main = is_main_process()
-    locks = [RunLock(cfg.run_dir)] if main and os.path.isdir(cfg.run_dir) else []
+    return locked_run(cfg, _train)
+
+
+def claim_run_dir(run_dir: str, main: bool, locks: list):
+    """Every check has passed: process 0 creates the run directory and takes its lock."""
+    if main and not locks:
+        _makedirs(run_dir, "run_dir")
+        locks.append(RunLock(run_dir))
+    _sync("ptjax-run-dir")
+
+
+def newest_checkpoint(ckpt_dir: str, keep: int, restore) -> tuple[int, object, list]:
+    """(step, ``restore(reader, step)``, damaged) for the newest intact checkpoint in
+    ``ckpt_dir``, read without writing anything; (0, None, []) when there is none."""
+    if not os.path.isdir(ckpt_dir):
+        return 0, None, []
+    reader = Checkpointer(ckpt_dir, keep, create=False)
     try:
-        return _train(cfg, main, locks)
+        step, out, damaged = reader.newest_intact(lambda s: restore(reader, s), report=False)
+        return step or 0, out, damaged
     finally:
-        for lock in locks:
-            lock.release()
+        reader.close()
+
+
+def open_checkpoints(ckpt_dir: str, keep: int, main: bool, damaged, start: int) -> Checkpointer:
+    """The run's checkpoints opened for writing, once ``claim_run_dir`` has run; damaged
+    ones (``newest_checkpoint``) are named and moved aside by process 0 first, so the run
+    can write those steps again."""
+    ckpt = Checkpointer(ckpt_dir, keep)
+    if main:
+        ckpt.report_damaged(damaged, start, quarantine=True)
+    _sync("ptjax-damaged-moved")
+    ckpt.reload()
+    return ckpt
 
 
 def _train(cfg, main, locks) -> dict:
@@ -420,13 +460,9 @@ def _train(cfg, main, locks) -> dict:
             raise PtjaxError(f"task.transfer names unknown task {name!r}; valid: "
                              f"{', '.join(task_names())}")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    reader = Checkpointer(ckpt_dir, tc.keep_checkpoints, create=False) \
-        if os.path.isdir(ckpt_dir) else None
-    n_shards = tc.data_shards or jax.process_count()
-    if reader is not None:  # the data order a run started with is kept (see TrainStream)
-        _, meta, _ = reader.newest_intact(reader.restore_meta, report=False)
-        if meta is not None:
-            n_shards = meta.get("data_shards", n_shards)
+    # the data order a run started with is kept (see TrainStream)
+    _, meta, _ = newest_checkpoint(ckpt_dir, tc.keep_checkpoints, lambda r, s: r.restore_meta(s))
+    n_shards = (meta or {}).get("data_shards", tc.data_shards or jax.process_count())
     owned = pipeline.owned_shards(n_shards, jax.process_index(), jax.process_count())
     dev_cfg = dev_task_config(cfg)  # a mixture's first trained task picks the best step
     enc = encoding(model, dev_cfg)
@@ -455,25 +491,15 @@ def _train(cfg, main, locks) -> dict:
     frozen = None if method.tunes_weights else model.params
     _, state, step_fn = setup(model, method, cfg, mesh, trainable, frozen)
     best = _Best(state.trainable, K)
-    start, damaged = 0, []
-    if reader is not None and reader.latest_step():  # the newest intact checkpoint
-        start, (state, best_tree, meta), damaged = reader.newest_intact(
-            lambda step: reader.restore(step, state, best.tree), report=False)
+    start, restored, damaged = newest_checkpoint(
+        ckpt_dir, tc.keep_checkpoints, lambda r, step: r.restore(step, state, best.tree))
+    if restored is not None:
+        state, best_tree, meta = restored
         best = _Best(state.trainable, K, meta["best_metric"], meta["best_step"], best_tree)
         assert meta["data_position"] == start * tc.batch_size
-    if reader is not None:
-        reader.close()
     # Every check has passed: from here the run directory is created and written.
-    if main and not locks:
-        _makedirs(run_dir, "run_dir")
-        locks.append(RunLock(run_dir))
-    _sync("ptjax-run-dir")
-    ckpt = Checkpointer(ckpt_dir, tc.keep_checkpoints)
-    # damaged checkpoints are moved aside (by process 0) so the run can write those steps
-    if main:
-        ckpt.report_damaged(damaged, start, quarantine=True)
-    _sync("ptjax-damaged-moved")
-    ckpt.reload()
+    claim_run_dir(run_dir, main, locks)
+    ckpt = open_checkpoints(ckpt_dir, tc.keep_checkpoints, main, damaged, start)
     try:
         return _loop(cfg, main, ckpt, model, method, mesh, dev, metric, transfer, stream,
                      state, step_fn, best, frozen, n_shards, start)
@@ -490,14 +516,51 @@ def step_events(s: int, tc) -> tuple[bool, bool]:
 
 def _loop(cfg, main, ckpt, model, method, mesh, dev, metric, transfer, stream, state,
           step_fn, best, frozen, n_shards, start):
+    """``step_loop`` with the dev set: each evaluation updates every member's best step
+    (the paper's early stopping), which checkpoints carry; then ``_finish``."""
     run_dir, tc, K = cfg.run_dir, cfg.train, method.K
+    log = (MetricsLog(run_dir, start, names=member_names(cfg, method),
+                      wandb_project=tc.wandb, config=cfg) if main else _NullLog())
+
+    def evaluate_at(s, trainable):
+        values = evaluate(model, method, trainable, frozen, dev, tc.eval_batch_size,
+                          cfg.task.max_target_length, mesh)
+        best.update(values[metric], s, trainable)
+        if not tc.progress and main:
+            print(f"{os.path.basename(run_dir.rstrip('/'))} step {s}/{tc.steps}: "
+                  f"validation {metric} " + " ".join(f"{x:.2f}" for x in values[metric])
+                  + " (best " + " ".join(f"{x:.2f}" for x in best.metric) + ")", flush=True)
+        log.write([{"step": s, "split": "validation", "prompt": k,
+                    **{m: v[k] for m, v in values.items()},
+                    f"best_{metric}": best.metric[k], "best_step": best.step[k]}
+                   for k in range(K)])
+
+    try:
+        step_loop(cfg, main, ckpt, stream, state, step_fn, frozen, mesh, start, log,
+                  evaluate_at, lambda: (best.tree, {"data_shards": n_shards, **best.meta()}))
+    finally:
+        log.close()
+    return _finish(model, method, cfg, best, metric, dev, mesh, frozen, transfer)
+
+
+def step_loop(cfg, main, ckpt, stream, state, step_fn, frozen, mesh, start, log, evaluate_at,
+              saved, members: bool = True):
+    """The loop ``ptjax train`` and ``ptjax pretrain`` share: steps ``start`` + 1 ..
+    ``train.steps``, one jitted ``step_fn`` per batch of ``stream`` (``batch(step) -> (this
+    process's rows, examples cut)``, prefetched on a thread). The device metrics are read
+    back in bulk and written to ``log`` every ``log_every`` steps and before every
+    evaluation and checkpoint; a non-finite loss or update stops the run there, naming
+    the newest checkpoint (which holds a finite state). ``evaluate_at(step, trainable)``
+    runs every ``eval_every`` steps and at the last; a checkpoint every
+    ``checkpoint_every`` steps and at the last holds the state, ``saved() -> (tree or None,
+    meta)`` and the data position. ``members``: train rows name the member k (K prompts);
+    False: one model (pretrain). Returns the last state."""
+    run_dir, tc = cfg.run_dir, cfg.train
+    name = os.path.basename(run_dir.rstrip("/"))
     if start and main:
         print(f"resuming {run_dir} from step {start} (checkpoint {ckpt.directory}/{start})")
     if main:
         config_lib.save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    log = (MetricsLog(run_dir, start, names=member_names(cfg, method),
-                      wandb_project=tc.wandb, config=cfg) if main else _NullLog())
-
     lr_at = learning_rate_schedule(cfg.optim, tc.steps)
     pending = []  # (step, device metrics): read in bulk, not every step
     window = {"t": time.perf_counter(), "truncated": 0, "noted": False}
@@ -517,20 +580,22 @@ def _loop(cfg, main, ckpt, model, method, mesh, dev, metric, transfer, stream, s
             where = (f"the last good checkpoint is step {last} in {ckpt.directory}"
                      if last else "no checkpoint was written")
             bad = np.flatnonzero(~np.isfinite(losses[i]))
-            what = (f"loss is {losses[i, bad[0]]} at step {steps[i]} (member {bad[0]})"
-                    if bad.size else f"the update at step {steps[i]} is not finite (the "
-                    "learning rate may be too high)")
+            what = (f"loss is {losses[i, bad[0]]} at step {steps[i]}"
+                    + (f" (member {bad[0]})" if members else "") if bad.size else
+                    f"the update at step {steps[i]} is not finite (the learning rate may "
+                    "be too high)")
             raise PtjaxError(f"{what}; training stopped and {where}")
         rate = len(steps) / max(time.perf_counter() - window["t"], 1e-9)
         mean = losses.mean(0)
-        log.write([{"step": s, "split": "train", "prompt": k, "loss": float(mean[k]),
-                    "learning_rate": float(lr_at(s - 1)), "steps_per_s": round(rate, 3),
-                    "truncated": window["truncated"]} for k in range(K)])
+        log.write([{"step": s, "split": "train", **({"prompt": k} if members else {}),
+                    "loss": float(mean[k]), "learning_rate": float(lr_at(s - 1)),
+                    "steps_per_s": round(rate, 3), "truncated": window["truncated"]}
+                   for k in range(len(mean) if members else 1)])
         if bar is not None:
             bar.set_postfix(loss=f"{mean.mean():.4f}")
         elif main:  # --no-progress: a line per log step, so a cluster's log fills as it runs
-            print(f"{os.path.basename(run_dir.rstrip('/'))} step {s}/{tc.steps}: loss "
-                  + " ".join(f"{x:.4f}" for x in mean) + f" ({rate:.2f} steps/s)", flush=True)
+            print(f"{name} step {s}/{tc.steps}: loss " + " ".join(f"{x:.4f}" for x in mean)
+                  + f" ({rate:.2f} steps/s)", flush=True)
         pending.clear()
         window.update(t=time.perf_counter(), truncated=0)
 
@@ -538,8 +603,7 @@ def _loop(cfg, main, ckpt, model, method, mesh, dev, metric, transfer, stream, s
     if tc.progress and main:
         from tqdm import tqdm
 
-        bar = tqdm(total=tc.steps, initial=start, desc=os.path.basename(run_dir.rstrip("/")),
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(total=tc.steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
     batches = pipeline.prefetch(stream.batch, range(start, tc.steps))
     try:
         for step, (local, cut) in zip(range(start, tc.steps), batches):
@@ -559,29 +623,16 @@ def _loop(cfg, main, ckpt, model, method, mesh, dev, metric, transfer, stream, s
             if s % tc.log_every == 0 or do_eval or do_ckpt:
                 flush(s)
             if do_eval:
-                values = evaluate(model, method, state.trainable, frozen, dev,
-                                  tc.eval_batch_size, cfg.task.max_target_length, mesh)
-                best.update(values[metric], s, state.trainable)
-                if bar is None and main:
-                    print(f"{os.path.basename(run_dir.rstrip('/'))} step {s}/{tc.steps}: "
-                          f"validation {metric} " + " ".join(f"{x:.2f}" for x in values[metric])
-                          + " (best " + " ".join(f"{x:.2f}" for x in best.metric) + ")",
-                          flush=True)
-                log.write([{"step": s, "split": "validation", "prompt": k,
-                            **{m: v[k] for m, v in values.items()},
-                            f"best_{metric}": best.metric[k], "best_step": best.step[k]}
-                           for k in range(K)])
+                evaluate_at(s, state.trainable)
             if do_ckpt:
-                ckpt.save(s, state, best.tree,
-                          {"data_position": s * tc.batch_size, "data_shards": n_shards,
-                           **best.meta()})
+                tree, meta = saved()
+                ckpt.save(s, state, tree, {"data_position": s * tc.batch_size, **meta})
         ckpt.wait()
     finally:
         batches.close()
         if bar is not None:
             bar.close()
-        log.close()
-    return _finish(model, method, cfg, best, metric, dev, mesh, frozen, transfer)
+    return state
 
 
 def place_trainable(method, tree, mesh, cfg):

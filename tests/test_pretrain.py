@@ -4,6 +4,7 @@ checkpoint that ptjax and transformers load with equal logits)."""
 import collections
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -245,6 +246,37 @@ def test_pretrain_resumes_exactly_and_exports_a_loadable_t5(objective, tok_dir, 
                  attention_mask=torch.tensor(enc["attention_mask"]),
                  decoder_input_ids=torch.tensor(dec, dtype=torch.long)).logits.numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_pretrain_shares_train_loop_safeguards(tok_dir, tmp_path, capsys):
+    """ptjax train's loop and resume (run.step_loop, newest_checkpoint): a damaged newest
+    checkpoint is named, moved aside and the run resumes from the one before to the same
+    weights; a second process on the run is refused with one line."""
+    from test_reliability import _damage
+
+    from ptjax.run import RunLock
+
+    straight, run = str(tmp_path / "straight"), str(tmp_path / "run")
+    assert cli.main(args(straight, tok_dir, "span_corruption", 4)) == 0
+    shutil.copytree(straight, run)
+    _damage(os.path.join(run, "checkpoints", "4"), "corrupted array data")
+    capsys.readouterr()
+    assert cli.main(args(run, tok_dir, "span_corruption", 4)) == 0
+    out = capsys.readouterr()
+    assert f"{run}/checkpoints/4 (step 4) is damaged" in out.err
+    assert f"moved to {run}/damaged-checkpoints/4" in out.err
+    assert f"resuming {run} from step 2" in out.out
+    files = [open(os.path.join(d, "model", "model.safetensors"), "rb").read()
+             for d in (straight, run)]
+    assert files[0] == files[1]
+    assert rows(straight) == rows(run)
+    lock = RunLock(run)
+    try:
+        assert cli.main(args(run, tok_dir, "span_corruption", 6)) == 2
+    finally:
+        lock.release()
+    assert "another ptjax process is training this run now" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -147,6 +147,24 @@ def test_meshes_train_as_one_device(tiny, tmp_path, family, meshes):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dropout", [{"train.prng": "rbg"}, {"train.prng": "unsafe_rbg"},
+                                     {"train.dropout_broadcast": "true"}])
+def test_dropout_variants_train_as_one_device(tiny, tmp_path, dropout):
+    """The non-default dropout masks (docs/benchmarks.md) keep the mesh invariance: the
+    same loss curve and prompts on an (8, 1) mesh as on one device, and not the default
+    masks' run (the option is really on)."""
+    tiny_dir = os.path.dirname(tiny["t5"])
+    runs = {name: _train(str(tmp_path / name), tiny_dir, "t5", **{"mesh.data": data, **kw})
+            for name, data, kw in (("one", 1, dropout), ("eight", 8, dropout),
+                                   ("default", 1, {}))}
+    ref_rows, rows = runs["one"][0], runs["eight"][0]
+    np.testing.assert_allclose(_losses(rows), _losses(ref_rows), rtol=1e-5, atol=1e-5)
+    prompts = {k: np.load(os.path.join(v[1], "prompts.npy")) for k, v in runs.items()}
+    np.testing.assert_allclose(prompts["eight"], prompts["one"], rtol=1e-5, atol=1e-5)
+    assert np.abs(prompts["default"] - prompts["one"]).max() > 1e-3
+
+
+@pytest.mark.slow
 def test_model_tuning_on_a_mesh_shards_the_optimizer_state(tiny):
     """Model tuning on a (2, 4) mesh: Adam's moments take the weights' shardings; with SGD
     (no normalisation to amplify reduction-order noise) the losses follow one device's."""

@@ -218,8 +218,8 @@ def report(root: str, out: str) -> str:
             table = part.pivot_table(index="parameters", columns=axis, values="cell",
                                      aggfunc="first").reset_index().fillna("(not run)")
             table["parameters"] = [size_label(p) for p in table["parameters"]]
-            lines += ["", f"**{task}**" if task else "", "",
-                      _table(table, [str(c) for c in table.columns])]
+            table.columns = [str(c) for c in table.columns]  # prompt lengths are numbers
+            lines += ["", f"**{task}**" if task else "", "", _table(table, list(table.columns))]
         ens = os.path.join(d, "ensemble.csv")
         if os.path.exists(ens):
             e = pd.read_csv(ens)

@@ -169,3 +169,24 @@ def test_probe_scores_lines_as_transformers_does(tmp_path):
                                     for a, b in pairs)
     lo, hi = probe.wilson(128, 150)
     assert lo < 128 / 150 < hi and abs(lo - 0.7876) < 1e-3 and abs(hi - 0.9010) < 1e-3
+
+
+def test_lab_report_tables_every_sweep_axis(tmp_path):
+    """lab.py report pivots each sweep on its axis, numeric ones (prompt lengths) too."""
+    sys.path.insert(0, LAB)
+    try:
+        import lab
+    finally:
+        sys.path.remove(LAB)
+    root, out = tmp_path / "lab", tmp_path / "out"
+    (root / "fig3a").mkdir(parents=True)
+    rows = ["model.path,prompt.length,mean,std,seeds,ci95,parameters,best_step_mean"]
+    for size, params in (("xs", 134384), ("s", 709632)):
+        for length, mean in ((1, 33.3), (20, 40.0)):
+            rows.append(f"runs/lab/pretrain/lm500-{size}/model,{length},{mean},1.0,5,1.2,"
+                        f"{params},50.0")
+    (root / "fig3a" / "summary.csv").write_text("\n".join(rows) + "\n")
+    text = open(lab.report(str(root), str(out))).read()
+    assert "## fig3a_length" in text
+    assert "| parameters | 1 | 20 |" in text
+    assert "| 134K | 33.3 ± 1.2 | 40.0 ± 1.2 |" in text

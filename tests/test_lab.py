@@ -103,25 +103,46 @@ def test_checkpoint_family_reads_ptjax_pretrain_results(tmp_path):
     assert report.checkpoint_family("google/t5-xl-lm-adapt") == "LM adapted"
 
 
-def test_lab_smoke_sweeps_keep_the_smallest_size_and_the_smoke_root(tmp_path):
-    import yaml
-
+def _lab():
     sys.path.insert(0, LAB)
     try:
         import lab
     finally:
         sys.path.remove(LAB)
+    return lab
+
+
+def _model_paths(data):
+    groups = [data.get("grid", {})] + (
+        data["zip"] if isinstance(data.get("zip"), list) else [data.get("zip", {})])
+    return [p for g in groups for p in g.get("model.path", [])]
+
+
+def test_lab_cut_sweeps_keep_their_sizes_and_root(tmp_path):
+    import yaml
+
+    lab = _lab()
     root = str(tmp_path / "smoke")
     for name in lab.SWEEPS:
-        with open(lab.smoke_sweep(name, root)) as f:
+        with open(lab.cut_sweep(name, root, lab.SMOKE["sizes"], smoke=True)) as f:
             data = yaml.safe_load(f)
-        paths = [p for g in [data.get("grid", {})] + (
-            data["zip"] if isinstance(data.get("zip"), list) else [data.get("zip", {})])
-            for p in g.get("model.path", [])]
+        paths = _model_paths(data)
         assert paths and all(p.startswith(root + "/pretrain/") and "-xs/" in p for p in paths)
         assert {p.split("/")[-2].split("-")[0] for p in paths} <= {"span", "lm2", "lm4"}
         assert data["dir"].startswith(root) and data["config"]["train.steps"] == 4
         assert len(data["seeds"]) == 2
+        # a subset of sizes (the ~2 CPU-hour lab): those sizes, the full settings, every seed
+        with open(os.path.join(LAB, name)) as f:
+            full = yaml.safe_load(f)
+        sub = str(tmp_path / "lab-xs-s-m")
+        with open(lab.cut_sweep(name, sub, ("xs", "s", "m"))) as f:
+            data = yaml.safe_load(f)
+        want = [p.replace("runs/lab/", sub + "/") for p in _model_paths(full) if "-l/" not in p]
+        assert _model_paths(data) == want and len(want) < len(_model_paths(full))
+        assert data["seeds"] == full["seeds"] and data["dir"].startswith(sub)
+        assert data.get("config", {}) == full.get("config", {})
+    with pytest.raises(SystemExit):
+        lab.main(["sweeps", "--sizes", "xs,xl"])  # one line naming the valid sizes
     # the full lab: 4 sizes spanning >= 30x (parameters of the T5 v1.1 each size builds)
     import jax
 

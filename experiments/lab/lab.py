@@ -5,12 +5,13 @@ paper's experiments in miniature on it, then write the report.
     python experiments/lab/lab.py sweeps       # the sweeps (each ends with ptjax report)
     python experiments/lab/lab.py report       # the probe + experiments/lab/results/
     python experiments/lab/lab.py all          # pretrain, the sweeps, the report
+    python experiments/lab/lab.py all --sizes xs,s,m   # a subset (the ~2 CPU-hour lab)
     python experiments/lab/lab.py all --smoke  # the CI smoke: smallest size, a few steps
 
 Every stage is a ``ptjax pretrain`` / ``ptjax sweep`` command (printed before it runs);
 kill this script at any point and rerun it: finished runs are skipped, a killed one
-resumes from its last checkpoint. Outputs go under ``--root`` (default runs/lab; the
-smoke: runs/lab-smoke).
+resumes from its last checkpoint. Outputs go under ``--root`` (default runs/lab; a subset
+of sizes: runs/lab-SIZES; the smoke: runs/lab-smoke).
 """
 from __future__ import annotations
 
@@ -99,18 +100,23 @@ def pretrain(root: str, sizes, span_steps: int, lm_steps, extra: dict) -> None:
 
 
 SWEEPS = ("fig1.yaml", "fig3cd_pretraining.yaml", "fig3b_init.yaml", "fig3a_length.yaml")
+# Beyond the paper's figures, run on their own (``ptjax sweep experiments/lab/NAME``) and
+# reported when they have run.
+DIAGNOSTICS = ("long_tuning.yaml",)
 SMOKE_SWEEP = {"train.steps": 4, "train.eval_every": 2, "train.checkpoint_every": 4,
                "train.log_every": 2, "task.dev_size": 16, "prompt.vocab_limit": 500}
 
 
-def smoke_sweep(name: str, root: str) -> str:
-    """The sweep file ``name`` cut to the smallest size, 2 seeds and a few steps, its paths
-    moved under ``root``; written to ROOT/sweeps/NAME and returned."""
+def cut_sweep(name: str, root: str, sizes, smoke: bool = False) -> str:
+    """The sweep file ``name`` cut to ``sizes``, its paths moved under ``root``; with
+    ``smoke`` also cut to 2 seeds, one task and a few steps. Written to ROOT/sweeps/NAME
+    and returned (a cut sweep has its own root: a sweep directory holds one sweep)."""
     import yaml
 
     with open(os.path.join(HERE, name)) as f:
         data = yaml.safe_load(f)
-    lm = {f"lm{a}-": f"lm{b}-" for a, b in zip(LM_ADAPT_STEPS, SMOKE["lm_adapt_steps"])}
+    lm = ({f"lm{a}-": f"lm{b}-" for a, b in zip(LM_ADAPT_STEPS, SMOKE["lm_adapt_steps"])}
+          if smoke else {})
 
     def path(p):
         for a, b in lm.items():
@@ -118,7 +124,7 @@ def smoke_sweep(name: str, root: str) -> str:
         return p.replace("runs/lab/", root.rstrip("/") + "/")
 
     def keep(p):
-        return "-xs/" in p
+        return any(f"-{s}/" in p for s in sizes)
 
     for group in ([data["grid"]] if "grid" in data else []):
         if "model.path" in group:
@@ -132,10 +138,11 @@ def smoke_sweep(name: str, root: str) -> str:
             group["model.path"] = [path(p) for p in group["model.path"]]
     data["base"] = os.path.join(HERE, data["base"])
     data["dir"] = path(data["dir"])
-    data["config"] = {**data.get("config", {}), **SMOKE_SWEEP}
-    data["seeds"] = data["seeds"][:2]
-    if "task.name" in data.get("grid", {}):
-        data["grid"]["task.name"] = data["grid"]["task.name"][:1]
+    if smoke:
+        data["config"] = {**data.get("config", {}), **SMOKE_SWEEP}
+        data["seeds"] = data["seeds"][:2]
+        if "task.name" in data.get("grid", {}):
+            data["grid"]["task.name"] = data["grid"]["task.name"][:1]
     out = os.path.join(root, "sweeps", name)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
@@ -143,13 +150,15 @@ def smoke_sweep(name: str, root: str) -> str:
     return out
 
 
-def sweeps(root: str, smoke: bool) -> None:
+def sweeps(root: str, sizes, smoke: bool) -> None:
     """Every lab sweep (finished jobs skipped, killed ones resumed), each ending with its
-    ``ptjax report``."""
+    ``ptjax report``. The full lab runs the files as they are; a smoke, a subset of sizes
+    or another root runs them cut (``cut_sweep``)."""
+    whole = root == "runs/lab" and tuple(sizes) == tuple(SIZES) and not smoke
     for name in SWEEPS:
         if smoke and name not in SMOKE["sweeps"]:
             continue
-        path = smoke_sweep(name, root) if smoke else os.path.join(HERE, name)
+        path = os.path.join(HERE, name) if whole else cut_sweep(name, root, sizes, smoke)
         sh(["ptjax", "sweep", path, "--no-progress"])
 
 
@@ -197,7 +206,7 @@ def report(root: str, out: str) -> str:
                   "real line is the more likely decoder target after an empty input.", "",
                   _table(df, ["parameters", "checkpoint", "real_more_likely", "95% CI",
                               "nll_per_token"])]
-    for name in SWEEPS:
+    for name in SWEEPS + DIAGNOSTICS:
         d = os.path.join(root, name.split("_")[0].replace(".yaml", ""))
         summary = os.path.join(d, "summary.csv")
         if not os.path.exists(summary):
@@ -243,28 +252,44 @@ def report(root: str, out: str) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("stage", choices=("pretrain", "sweeps", "report", "all"))
+    p.add_argument("--sizes", default=",".join(SIZES),
+                   help=f"comma-separated sizes to run, of {','.join(SIZES)} (default all; "
+                        "a subset runs under its own root, runs/lab-SIZES)")
     p.add_argument("--out", default=None,
-                   help="report directory (default experiments/lab/results; smoke: ROOT)")
-    p.add_argument("--root", default=None, help="output root (default runs/lab)")
+                   help="report directory (default experiments/lab/results for the full "
+                        "lab, else ROOT)")
+    p.add_argument("--root", default=None,
+                   help="output root (default runs/lab; runs/lab-SIZES for a subset)")
     p.add_argument("--smoke", action="store_true", help="CI-sized: smallest size, few steps")
     a = p.parse_args(argv)
-    root = a.root or ("runs/lab-smoke" if a.smoke else "runs/lab")
-    if not a.smoke and root != "runs/lab":
-        p.error("the sweep files name runs/lab; --root is for --smoke")
+    sizes = tuple(s for s in a.sizes.split(",") if s)
+    bad = [s for s in sizes if s not in SIZES]
+    if bad or not sizes:
+        p.error(f"--sizes {a.sizes!r}: unknown size {bad[0] if bad else ''!r}; "
+                f"valid: {', '.join(SIZES)}")
+    sizes = tuple(s for s in SIZES if s in sizes)  # the ladder's order
+    if a.smoke:
+        if sizes != tuple(SIZES):
+            p.error("--smoke runs the smallest size; drop --sizes")
+        sizes = SMOKE["sizes"]
+    whole = sizes == tuple(SIZES) and not a.smoke
+    root = a.root or ("runs/lab-smoke" if a.smoke else
+                      "runs/lab" if whole else "runs/lab-" + "-".join(sizes))
     if a.stage in ("pretrain", "all"):
         if a.smoke:
-            pretrain(root, SMOKE["sizes"], SMOKE["span_steps"], SMOKE["lm_adapt_steps"],
+            pretrain(root, sizes, SMOKE["span_steps"], SMOKE["lm_adapt_steps"],
                      SMOKE["extra"])
         else:
-            pretrain(root, tuple(SIZES), SPAN_STEPS, LM_ADAPT_STEPS, {})
+            pretrain(root, sizes, SPAN_STEPS, LM_ADAPT_STEPS, {})
     if a.stage in ("sweeps", "all"):
-        sweeps(root, a.smoke)
+        sweeps(root, sizes, a.smoke)
     if a.stage in ("report", "all"):
         if not a.smoke:
             sh([sys.executable, os.path.join(HERE, "probe.py"),
                 *sorted(glob.glob(os.path.join(root, "pretrain", "*", "model"))),
                 "--out", os.path.join(root, "probe.csv")])
-        report(root, a.out or (root if a.smoke else os.path.join(HERE, "results")))
+        canonical = whole and root == "runs/lab"
+        report(root, a.out or (os.path.join(HERE, "results") if canonical else root))
 
 
 if __name__ == "__main__":

@@ -193,13 +193,18 @@ def test_probe_scores_lines_as_transformers_does(tmp_path):
 
 
 def test_lab_report_tables_every_sweep_axis(tmp_path):
-    """lab.py report pivots each sweep on its axis, numeric ones (prompt lengths) too."""
-    sys.path.insert(0, LAB)
-    try:
-        import lab
-    finally:
-        sys.path.remove(LAB)
+    """lab.py report pivots each sweep on its axis, numeric ones (prompt lengths) too, and
+    names both settings where one method ran at two learning rates (the diagnostic)."""
+    lab = _lab()
     root, out = tmp_path / "lab", tmp_path / "out"
+    (root / "long").mkdir(parents=True)
+    rows = ["model.path,task.name,method.name,optim.learning_rate,mean,std,seeds,ci95,"
+            "parameters,best_step_mean"]
+    for method, lr, mean in (("prompt", 0.3, 33.3), ("prompt", 0.03, 35.0),
+                             ("model", 0.001, 41.0)):
+        rows.append(f"runs/lab/pretrain/lm500-m/model,shakespeare_genre,{method},{lr},"
+                    f"{mean},1.0,5,1.2,1812224,300.0")
+    (root / "long" / "summary.csv").write_text("\n".join(rows) + "\n")
     (root / "fig3a").mkdir(parents=True)
     rows = ["model.path,prompt.length,mean,std,seeds,ci95,parameters,best_step_mean"]
     for size, params in (("xs", 134384), ("s", 709632)):
@@ -211,3 +216,7 @@ def test_lab_report_tables_every_sweep_axis(tmp_path):
     assert "## fig3a_length" in text
     assert "| parameters | 1 | 20 |" in text
     assert "| 134K | 33.3 ± 1.2 | 40.0 ± 1.2 |" in text
+    assert "## long_tuning" in text
+    assert ("| parameters | model, learning_rate 0.001 | prompt, learning_rate 0.03 | "
+            "prompt, learning_rate 0.3 |") in text
+    assert "| 1.81M | 41.0 ± 1.2 | 35.0 ± 1.2 | 33.3 ± 1.2 |" in text

@@ -218,6 +218,14 @@ def report(root: str, out: str) -> str:
                                 for p, s in zip(df["model.path"], sentinel)]
         axis = next(c for c in ("method.name", "checkpoint", "prompt.init", "prompt.length",
                                 "parameters") if c in df and df[c].nunique() > 1)
+        rows = [c for c in ("task.name", "parameters") if c in df]
+        if df.duplicated(rows + [axis]).any():  # e.g. one method at two learning rates
+            extra = [c for c in ("optim.learning_rate", "train.steps", "prompt.length")
+                     if c in df and c != axis and df[c].nunique() > 1]
+            df["setting"] = [", ".join([str(r[axis])] + [f"{c.split('.')[-1]} {r[c]:g}"
+                                                          for c in extra])
+                             for _, r in df.iterrows()]
+            axis = "setting"
         df["cell"] = [f"{m:.1f} ± {c:.1f}" if c == c else f"{m:.1f}"
                       for m, c in zip(df["mean"], df["ci95"])]
         lines += [f"## {name[:-5]}", "", f"`{d}/summary.csv`: dev accuracy (%) of each "

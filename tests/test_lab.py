@@ -205,6 +205,21 @@ def test_lab_report_tables_every_sweep_axis(tmp_path):
         rows.append(f"runs/lab/pretrain/lm500-m/model,shakespeare_genre,{method},{lr},"
                     f"{mean},1.0,5,1.2,1812224,300.0")
     (root / "long" / "summary.csv").write_text("\n".join(rows) + "\n")
+    # runs.csv + each job's metrics.jsonl: the last train loss of each member, mean over seeds
+    runs = ["run,job,prompt,seed,model.path,task.name,method.name,optim.learning_rate,"
+            "parameters"]
+    for job, method, lr, losses in (("a", "prompt", 0.3, (2.5, 2.3)),
+                                    ("b", "prompt", 0.03, (3.0, 3.2)),
+                                    ("c", "model", 0.001, (0.2,))):
+        (root / "long" / "jobs" / job).mkdir(parents=True)
+        metrics = []
+        for k, loss in enumerate(losses):
+            runs.append(f"{job}{k},{job},{k},{k},runs/lab/pretrain/lm500-m/model,"
+                        f"shakespeare_genre,{method},{lr},1812224")
+            metrics += [json.dumps({"step": s, "split": "train", "prompt": k,
+                                    "loss": loss + 9 * (s == 50)}) for s in (50, 100)]
+        (root / "long" / "jobs" / job / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
+    (root / "long" / "runs.csv").write_text("\n".join(runs) + "\n")
     (root / "fig3a").mkdir(parents=True)
     rows = ["model.path,prompt.length,mean,std,seeds,ci95,parameters,best_step_mean"]
     for size, params in (("xs", 134384), ("s", 709632)):
@@ -220,3 +235,4 @@ def test_lab_report_tables_every_sweep_axis(tmp_path):
     assert ("| parameters | model, learning_rate 0.001 | prompt, learning_rate 0.03 | "
             "prompt, learning_rate 0.3 |") in text
     assert "| 1.81M | 41.0 ± 1.2 | 35.0 ± 1.2 | 33.3 ± 1.2 |" in text
+    assert "| 1.81M | 0.20 | 3.10 | 2.40 |" in text  # model, prompt 0.03, prompt 0.3

@@ -170,6 +170,75 @@ def _table(df, cols, fmt="{:.1f}") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _setting_axis(df) -> str:
+    """The column a sweep's table spreads across (method, checkpoint, init, length), made
+    (as column "setting") from several where one alone repeats within a size, e.g. one
+    method at two learning rates; adds "checkpoint" (the pre-training family)."""
+    from ptjax.report import checkpoint_family
+
+    if "model.path" in df:
+        sentinel = df.get("task.target_sentinel", [False] * len(df))
+        df["checkpoint"] = [checkpoint_family(p, str(s) == "True")
+                            for p, s in zip(df["model.path"], sentinel)]
+    axis = next(c for c in ("method.name", "checkpoint", "prompt.init", "prompt.length",
+                            "parameters") if c in df and df[c].nunique() > 1)
+    rows = [c for c in ("task.name", "parameters", "seed") if c in df]  # seed: runs.csv
+    if df.duplicated(rows + [axis]).any():
+        extra = [c for c in ("optim.learning_rate", "train.steps", "prompt.length")
+                 if c in df and c != axis and df[c].nunique() > 1]
+        df["setting"] = [", ".join([str(r[axis])] + [f"{c.split('.')[-1]} {r[c]:g}"
+                                                      for c in extra])
+                         for _, r in df.iterrows()]
+        axis = "setting"
+    return axis
+
+
+def _last_train_loss(job_dir: str, prompt: int) -> float:
+    """The last logged train loss of member ``prompt`` of a job (NaN: never trained)."""
+    import json
+
+    loss = float("nan")
+    path = os.path.join(job_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("split") == "train" and r.get("prompt", 0) == prompt:
+                    loss = r["loss"]
+    return loss
+
+
+def _loss_tables(d: str) -> list[str]:
+    """Report lines: each setting's train loss at its last logged step, mean over seeds.
+    Accuracy at chance can hide a fit that differs (e.g. with prompt length)."""
+    import pandas as pd
+
+    from ptjax.report import size_label
+
+    path = os.path.join(d, "runs.csv")
+    if not os.path.exists(path):
+        return []
+    df = pd.read_csv(path)
+    df["loss"] = [_last_train_loss(os.path.join(d, "jobs", j), k)
+                  for j, k in zip(df["job"], df["prompt"])]
+    df = df[df["loss"] == df["loss"]]
+    if df.empty:
+        return []
+    axis = _setting_axis(df)
+    note = ("; the sentinel variant's targets carry one more, easy, token, so its loss is "
+            "not comparable" if "task.target_sentinel" in df else "")
+    lines = ["", "Train loss at the last logged step (nats per target token, the mean of the "
+             f"last logging window, mean over seeds{note}):"]
+    for task, part in df.groupby("task.name") if "task.name" in df else [("", df)]:
+        table = part.pivot_table(index="parameters", columns=axis, values="loss",
+                                 aggfunc="mean").reset_index()
+        table["parameters"] = [size_label(p) for p in table["parameters"]]
+        table.columns = [str(c) for c in table.columns]
+        lines += ["", f"**{task}**" if task else "", "",
+                  _table(table, list(table.columns), "{:.2f}")]
+    return lines
+
+
 def report(root: str, out: str) -> str:
     """OUT/REPORT.md: the pre-training table, the probe and every finished sweep's
     per-setting mean and 95% interval over seeds (figures copied into OUT/figures)."""
@@ -212,20 +281,7 @@ def report(root: str, out: str) -> str:
         if not os.path.exists(summary):
             continue
         df = pd.read_csv(summary)
-        if "model.path" in df:
-            sentinel = df.get("task.target_sentinel", pd.Series([False] * len(df)))
-            df["checkpoint"] = [checkpoint_family(p, str(s) == "True")
-                                for p, s in zip(df["model.path"], sentinel)]
-        axis = next(c for c in ("method.name", "checkpoint", "prompt.init", "prompt.length",
-                                "parameters") if c in df and df[c].nunique() > 1)
-        rows = [c for c in ("task.name", "parameters") if c in df]
-        if df.duplicated(rows + [axis]).any():  # e.g. one method at two learning rates
-            extra = [c for c in ("optim.learning_rate", "train.steps", "prompt.length")
-                     if c in df and c != axis and df[c].nunique() > 1]
-            df["setting"] = [", ".join([str(r[axis])] + [f"{c.split('.')[-1]} {r[c]:g}"
-                                                          for c in extra])
-                             for _, r in df.iterrows()]
-            axis = "setting"
+        axis = _setting_axis(df)
         df["cell"] = [f"{m:.1f} ± {c:.1f}" if c == c else f"{m:.1f}"
                       for m, c in zip(df["mean"], df["ci95"])]
         lines += [f"## {name[:-5]}", "", f"`{d}/summary.csv`: dev accuracy (%) of each "
@@ -237,6 +293,7 @@ def report(root: str, out: str) -> str:
             table["parameters"] = [size_label(p) for p in table["parameters"]]
             table.columns = [str(c) for c in table.columns]  # prompt lengths are numbers
             lines += ["", f"**{task}**" if task else "", "", _table(table, list(table.columns))]
+        lines += _loss_tables(d)
         ens = os.path.join(d, "ensemble.csv")
         if os.path.exists(ens):
             e = pd.read_csv(ens)

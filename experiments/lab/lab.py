@@ -150,15 +150,14 @@ def cut_sweep(name: str, root: str, sizes, smoke: bool = False) -> str:
     return out
 
 
-def sweeps(root: str, sizes, smoke: bool) -> None:
+def sweeps(root: str, sizes, smoke: bool, canonical: bool) -> None:
     """Every lab sweep (finished jobs skipped, killed ones resumed), each ending with its
-    ``ptjax report``. The full lab runs the files as they are; a smoke, a subset of sizes
-    or another root runs them cut (``cut_sweep``)."""
-    whole = root == "runs/lab" and tuple(sizes) == tuple(SIZES) and not smoke
+    ``ptjax report``. The canonical lab (all sizes in runs/lab) runs the files as they are;
+    a smoke, a subset of sizes or another root runs them cut (``cut_sweep``)."""
     for name in SWEEPS:
         if smoke and name not in SMOKE["sweeps"]:
             continue
-        path = os.path.join(HERE, name) if whole else cut_sweep(name, root, sizes, smoke)
+        path = os.path.join(HERE, name) if canonical else cut_sweep(name, root, sizes, smoke)
         sh(["ptjax", "sweep", path, "--no-progress"])
 
 
@@ -193,19 +192,19 @@ def _setting_axis(df) -> str:
     return axis
 
 
-def _last_train_loss(job_dir: str, prompt: int) -> float:
-    """The last logged train loss of member ``prompt`` of a job (NaN: never trained)."""
+def _last_train_losses(job_dir: str) -> dict:
+    """{member k: its last logged train loss} of a job (empty: never trained)."""
     import json
 
-    loss = float("nan")
+    losses = {}
     path = os.path.join(job_dir, "metrics.jsonl")
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 r = json.loads(line)
-                if r.get("split") == "train" and r.get("prompt", 0) == prompt:
-                    loss = r["loss"]
-    return loss
+                if r.get("split") == "train":
+                    losses[r.get("prompt", 0)] = r["loss"]
+    return losses
 
 
 def _loss_tables(d: str) -> list[str]:
@@ -219,8 +218,8 @@ def _loss_tables(d: str) -> list[str]:
     if not os.path.exists(path):
         return []
     df = pd.read_csv(path)
-    df["loss"] = [_last_train_loss(os.path.join(d, "jobs", j), k)
-                  for j, k in zip(df["job"], df["prompt"])]
+    jobs = {j: _last_train_losses(os.path.join(d, "jobs", j)) for j in set(df["job"])}
+    df["loss"] = [jobs[j].get(k, float("nan")) for j, k in zip(df["job"], df["prompt"])]
     df = df[df["loss"] == df["loss"]]
     if df.empty:
         return []
@@ -340,6 +339,7 @@ def main(argv=None) -> None:
     whole = sizes == tuple(SIZES) and not a.smoke
     root = a.root or ("runs/lab-smoke" if a.smoke else
                       "runs/lab" if whole else "runs/lab-" + "-".join(sizes))
+    canonical = whole and root == "runs/lab"  # what the sweep files and results/ describe
     if a.stage in ("pretrain", "all"):
         if a.smoke:
             pretrain(root, sizes, SMOKE["span_steps"], SMOKE["lm_adapt_steps"],
@@ -347,13 +347,12 @@ def main(argv=None) -> None:
         else:
             pretrain(root, sizes, SPAN_STEPS, LM_ADAPT_STEPS, {})
     if a.stage in ("sweeps", "all"):
-        sweeps(root, sizes, a.smoke)
+        sweeps(root, sizes, a.smoke, canonical)
     if a.stage in ("report", "all"):
         if not a.smoke:
             sh([sys.executable, os.path.join(HERE, "probe.py"),
                 *sorted(glob.glob(os.path.join(root, "pretrain", "*", "model"))),
                 "--out", os.path.join(root, "probe.csv")])
-        canonical = whole and root == "runs/lab"
         report(root, a.out or (os.path.join(HERE, "results") if canonical else root))
 
 

@@ -92,8 +92,9 @@ def run_ptjax(c: dict, shape: dict, steps: int, warmup: int) -> dict:
     from ptjax.models.model import Model
     from ptjax.models.attention import resolve
     from ptjax.models.common import ModelOptions
-    from ptjax.plan import choose_remat, device_memory_limit
-    from ptjax.train import init_state, make_optimizer, make_train_step, per_prompt
+    from ptjax.aot import choose_remat, device_memory_limit
+    from ptjax.optim import make_optimizer, per_prompt
+    from ptjax.train import init_state, make_train_step
     from train_step import _batch_np
 
     cfg = t5_config(c["model"])

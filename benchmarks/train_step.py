@@ -81,7 +81,8 @@ def run_ptjax(a) -> dict:
     from ptjax.methods import for_model
     from ptjax.models.model import Model, init_params
     from ptjax.models.presets import preset
-    from ptjax.train import init_state, make_optimizer, make_train_step, per_prompt
+    from ptjax.optim import make_optimizer, per_prompt
+    from ptjax.train import init_state, make_train_step
 
     cfg = preset(a.model)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[a.dtype]

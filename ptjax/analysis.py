@@ -18,10 +18,15 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
+from scipy import stats
 
 from ptjax import config as config_lib
 from ptjax import methods
 from ptjax.errors import PtjaxError
+from ptjax.models.named import load_run_model
+from ptjax.prompts import input_embedding
+from ptjax.sharding import to_host
 
 STANDARD = ("model.path", "task.name", "method.name", "prompt.length", "prompt.init")
 
@@ -81,8 +86,6 @@ def _settings(entry: dict, cfg, results: dict | None) -> dict:
 def load_results(directory: str):
     """One row per run x dev evaluation (and per run x transfer task, split
     ``transfer:<task>``, at the run's best step)."""
-    import pandas as pd
-
     rows = []
     for entry in _entries(directory):
         cfg_path = os.path.join(entry["run_dir"], "config.yaml")
@@ -123,8 +126,6 @@ def load_runs(directory: str):
     """One row per run: its settings, ``best_step`` and ``best`` (the dev metric at the
     best step: the paper's early stopping), ``finished``, and transfer scores
     (``transfer:<task>``) at that step."""
-    import pandas as pd
-
     df = load_results(directory)
     if df.empty:
         return pd.DataFrame(columns=["run", "best", "best_step"])
@@ -153,9 +154,6 @@ def setting_columns(runs) -> list[str]:
 def ci95(std, n):
     """The half-width of the 95% confidence interval of a mean of ``n`` seeds with sample
     standard deviation ``std`` (Student's t, n - 1 degrees of freedom); NaN for n < 2."""
-    import numpy as np
-    from scipy import stats
-
     n = np.asarray(n, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
         t = stats.t.ppf(0.975, np.where(n > 1, n - 1, np.nan))
@@ -181,8 +179,6 @@ def summarize(runs, by=None, value: str = "best"):
 def load_ensembles(directory: str):
     """The paper's ensemble table, one row per (job, metric): each prompt's score, their
     average, the best prompt's and the ensemble's."""
-    import pandas as pd
-
     rows = []
     seen = set()
     for entry in _entries(directory):
@@ -212,8 +208,6 @@ def nearest_tokens(prompt_PxD, embedding_VxD, tokenizer=None, k: int = 5):
     """The paper's interpretability probe: for each prompt position, the k vocabulary
     tokens whose embeddings are nearest by cosine similarity. -> DataFrame(position, rank,
     id, token, cosine)."""
-    import pandas as pd
-
     p = np.asarray(prompt_PxD, np.float32)
     e = np.asarray(embedding_VxD, np.float32)
     p = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
@@ -233,12 +227,6 @@ def nearest_tokens(prompt_PxD, embedding_VxD, tokenizer=None, k: int = 5):
 def run_neighbors(run_dir: str, k: int = 5, prompt: int | None = None):
     """``nearest_tokens`` for the exported best prompts of a run (or job) directory:
     one DataFrame with a ``prompt`` column."""
-    import pandas as pd
-
-    from ptjax.prompts import input_embedding
-    from ptjax.run import load_run_model
-    from ptjax.sharding import to_host
-
     cfg_path = os.path.join(run_dir, "config.yaml")
     table_path = os.path.join(run_dir, "export", "prompts.npy")
     for path in (cfg_path, table_path):

@@ -23,30 +23,40 @@ A user's mistake (bad path, unsupported model, wrong shape) prints one line and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
-# Quiet by default: transformers logs "PyTorch was not found..." on import where torch is
-# absent (the demo's install) although ptjax only uses its tokenizers and hub files;
-# TensorFlow's C++ banner (TFDS tasks) likewise. Either can be turned back on.
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import jax
+import numpy as np
+import yaml
 
-from ptjax import __version__  # noqa: E402
-from ptjax.errors import PtjaxError  # noqa: E402
+from ptjax import __version__
+from ptjax.analysis import run_neighbors
+from ptjax.config import load_config, to_dict
+from ptjax.errors import PtjaxError
+from ptjax.models.model import count_params, load_model
+from ptjax.models.named import base_model_path
+from ptjax.models.tiny import build_tiny_model
+from ptjax.plan import format_plan, parse_bytes, plan, write_plan
+from ptjax.pretrain import pretrain
+from ptjax.report import write_report
+from ptjax.run import evaluate_prompts, train
+from ptjax.rundir import check_output_dir, check_output_file
+from ptjax.sharding import is_main_process, to_host
+from ptjax.sweep import all_done, load_sweep, parse_shard, run_sweep, seedless_runs
+from ptjax.trained import load_run
 
 
 def _load(args):
-    from ptjax.models.model import load_model
-
     return load_model(args.model, dtype=args.dtype)
 
 
 def cmd_info(args):
-    import jax
-
     model = _load(args)
-    n = sum(x.size for x in jax.tree.leaves(model.params))
+    n = count_params(model.params)
     print(f"model:      {args.model} ({model.path})")
     print(f"type:       {model.config.model_type}, dtype {args.dtype}, {n:,} parameters")
     print(f"config:     {model.config}")
@@ -54,8 +64,6 @@ def cmd_info(args):
 
 
 def _random_prompt(model, length: int, seed: int):
-    import numpy as np
-
     if length <= 0:
         return None
     rng = np.random.default_rng(seed)
@@ -63,8 +71,6 @@ def _random_prompt(model, length: int, seed: int):
 
 
 def _generate(model, params, texts, max_new_tokens, prompt):
-    import numpy as np
-
     if model.tokenizer is None:
         raise PtjaxError(f"{model.path}: the checkpoint has no tokenizer files, so text "
                          "cannot be encoded")
@@ -82,8 +88,6 @@ def _generate(model, params, texts, max_new_tokens, prompt):
 
 def cmd_generate(args):
     if os.path.exists(os.path.join(args.model, "config.yaml")):  # a trained run
-        from ptjax.trained import load_run
-
         run = load_run(args.model)
         model = run.model
         params, prompt = run.inputs(args.k)
@@ -96,9 +100,6 @@ def cmd_generate(args):
 
 
 def cmd_tiny(args):
-    from ptjax.models.tiny import build_tiny_model
-    from ptjax.run import check_output_dir
-
     check_output_dir(args.directory, "directory")
     existed = os.path.exists(os.path.join(args.directory, "config.json"))
     path = build_tiny_model(args.directory, family=args.family, seed=args.seed)
@@ -122,8 +123,6 @@ def _config_and_overrides(items):
     """``[CONFIG.yaml | RUN_DIR] [dotted.key=value ...]`` -> RunConfig. A run directory
     (or its config.yaml) is the run_dir, whatever its config.yaml says: a copied or moved
     run continues where it is now, never in the directory it was copied from."""
-    from ptjax.config import load_config
-
     path, overrides = None, list(items)
     if overrides and "=" not in overrides[0]:
         path = overrides.pop(0)
@@ -142,12 +141,8 @@ def _config_and_overrides(items):
 
 
 def cmd_train(args):
-    from ptjax.run import train
-
     cfg = _config_and_overrides(args.items)
     if not args.progress:
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
     results = train(cfg)
     metric = results["metric"]
@@ -158,12 +153,8 @@ def cmd_train(args):
 
 
 def cmd_pretrain(args):
-    from ptjax.pretrain import pretrain
-
     cfg = _config_and_overrides(args.items)
     if not args.progress:
-        import dataclasses
-
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
     results = pretrain(cfg)
     print(f"{results['objective']} on {results['corpus']}: {results['steps']} steps, "
@@ -172,8 +163,6 @@ def cmd_pretrain(args):
 
 
 def cmd_eval(args):
-    from ptjax.run import check_output_file, evaluate_prompts
-
     if args.out:  # before the evaluation, not after it
         check_output_file(args.out, "--out")
     cfg = _config_and_overrides(args.items)
@@ -191,17 +180,11 @@ def cmd_eval(args):
             for k, v in enumerate(values):
                 print(f"member {k}: {args.split} {name} {v:.2f}")
     if args.out:
-        import json
-
         with open(args.out, "w") as f:
             json.dump({"split": args.split, "prompt_file": args.prompt, **metrics}, f, indent=2)
 
 
 def cmd_sweep(args):
-    from ptjax.report import write_report
-    from ptjax.sharding import is_main_process
-    from ptjax.sweep import all_done, load_sweep, parse_shard, run_sweep, seedless_runs
-
     shard = parse_shard(args.shard)
     sweep = load_sweep(args.sweep, args.dir)
     if args.dry_run:
@@ -235,8 +218,6 @@ def cmd_sweep(args):
 
 
 def cmd_report(args):
-    from ptjax.report import write_report
-
     paths = write_report(args.directory)
     for name, path in paths.items():
         for p in (path if isinstance(path, list) else [path]):
@@ -244,11 +225,7 @@ def cmd_report(args):
 
 
 def cmd_neighbors(args):
-    from ptjax.analysis import run_neighbors
-
     if args.out:
-        from ptjax.run import check_output_file
-
         check_output_file(args.out, "--out")
     df = run_neighbors(args.run_dir, args.k, args.prompt)
     for (k, pos), group in df.groupby(["prompt", "position"]):
@@ -259,11 +236,7 @@ def cmd_neighbors(args):
 
 
 def cmd_plan(args):
-    from ptjax.plan import format_plan, parse_bytes, plan, write_plan
-
     if args.out:
-        from ptjax.run import check_output_file
-
         check_output_file(args.out, "--out")
     cfg = _config_and_overrides(args.items)
     limit = parse_bytes(args.device_memory) if args.device_memory else None
@@ -275,12 +248,6 @@ def cmd_plan(args):
 
 
 def cmd_export(args):
-    import jax
-
-    from ptjax.run import base_model_path
-    from ptjax.sharding import to_host
-    from ptjax.trained import load_run
-
     run = load_run(args.run_dir)
     out = args.out or os.path.join(args.run_dir, "export")
     host = jax.tree.map(to_host, run.trainables)
@@ -292,17 +259,11 @@ def cmd_export(args):
 
 
 def cmd_config(args):
-    import yaml
-
-    from ptjax.config import to_dict
-
     cfg = _config_and_overrides(args.items)
     sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     parts = []
     for name in ("jax", "jaxlib", "flax", "optax", "transformers"):
         try:
@@ -417,8 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
 def enable_compilation_cache():
     """Reuse compiled steps across runs (a resumed run starts in seconds): JAX's persistent
     cache in $PTJAX_COMPILATION_CACHE (default ~/.cache/ptjax/xla; "" turns it off)."""
-    import jax
-
     path = os.environ.get("PTJAX_COMPILATION_CACHE",
                           os.path.join(os.path.expanduser("~"), ".cache", "ptjax", "xla"))
     if path and not jax.config.jax_compilation_cache_dir:

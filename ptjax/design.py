@@ -11,21 +11,24 @@ so they are what truncation shortens first when the input is too long.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 
-import jax
-
+from ptjax import config as config_lib
+from ptjax.data.tasks import load_task
+from ptjax.data.templates import field_values, parse
 from ptjax.errors import PtjaxError
+from ptjax.evaluation import build_dev_set, evaluate
+from ptjax.models.model import count_params
+from ptjax.rundir import MetricsLog, check_resumable, write_json
+from ptjax.sharding import is_main_process
+from ptjax.taskdata import encoding, verbalizing
 
 
 def demonstration(example: dict, template, answer: str) -> str:
     """One solved example as text."""
     if template is None:
         return f"{example['inputs']} {answer}"
-    from ptjax.data.templates import field_values
-
     values, parts = field_values(example), []
     for p in template.pieces:
         if p.kind == "text":
@@ -64,13 +67,6 @@ def design_template(tcfg) -> str:
 
 def run_design(cfg, mesh, model, method) -> dict:
     """Evaluate the bare model with the design (template + k shots); write the run dir."""
-    from ptjax import config as config_lib
-    from ptjax.data.tasks import load_task
-    from ptjax.data.templates import parse
-    from ptjax.evaluation import build_dev_set, evaluate
-    from ptjax.run import MetricsLog, _check_resumable, encoding, verbalizing
-    from ptjax.sharding import is_main_process
-
     tcfg = cfg.task
     if tcfg.transfer:
         raise PtjaxError("task.transfer is not evaluated for method.name=design; evaluate "
@@ -89,20 +85,17 @@ def run_design(cfg, mesh, model, method) -> dict:
     metric = cfg.train.metric or dev.select
     results = {"run_dir": cfg.run_dir, "method": method.name, "metric": metric, "steps": 0,
                "export": None, "model": cfg.model.path, "task": tcfg.name, "shots": tcfg.shots,
-               "parameters": int(sum(x.size for x in jax.tree.leaves(model.params))),
+               "parameters": count_params(model.params),
                "prompts": [{"prompt": 0, "seed": int(method.seeds[0]), "best_step": 0,
                             f"best_{metric}": values[metric][0]}]}
     if is_main_process():
         os.makedirs(cfg.run_dir, exist_ok=True)
-        _check_resumable(cfg.run_dir, cfg)
+        check_resumable(cfg.run_dir, cfg)
         config_lib.save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
         log = MetricsLog(cfg.run_dir, 0)
         log.write([{"step": 0, "split": "validation", "prompt": 0,
                     **{m: v[0] for m, v in values.items()}, f"best_{metric}": values[metric][0],
                     "best_step": 0}])
         log.close()
-        tmp = os.path.join(cfg.run_dir, "results.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, os.path.join(cfg.run_dir, "results.json"))
+        write_json(os.path.join(cfg.run_dir, "results.json"), results)
     return results

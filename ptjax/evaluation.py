@@ -183,7 +183,7 @@ class Predictions:
     scores: np.ndarray | None = None
 
 
-def _rows_per_batch(batch_size: int, mesh) -> int:
+def rows_per_batch(batch_size: int, mesh) -> int:
     """Eval batches split evenly over the mesh's data axis (padding rows are dropped)."""
     data = 1 if mesh is None else mesh.shape["data"]
     return -(-batch_size // data) * data
@@ -197,7 +197,7 @@ def predict(model, method, trainable, frozen, dev: DevSet, batch_size: int,
     batch_size counts rows per prompt (example-candidate pairs for rank classification);
     with a mesh the rows are split over its data axis and the weights stay where they are.
     """
-    batch_size = _rows_per_batch(batch_size, mesh)
+    batch_size = rows_per_batch(batch_size, mesh)
     put = (lambda b: b) if mesh is None else (lambda b: sharding.replicated_batch(b, mesh))
     if dev.mode == "rank" and dev.soft:
         columns = {**dev.arrays, "word_mask": dev.word_mask.astype(np.int32)}

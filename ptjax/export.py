@@ -16,6 +16,7 @@ import json
 import os
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from ptjax.prompts import PEFT_PROMPT_KEY
 
@@ -38,8 +39,6 @@ def peft_adapter_config(model, length: int, base_model: str) -> dict:
 def export_prompt(directory: str, prompt_PxD, model, base_model: str, peft: bool = True) -> str:
     """Write one prompt [P, D] as .npy, safetensors and (``peft``) a PEFT adapter; returns
     directory."""
-    from safetensors.numpy import save_file
-
     table = np.asarray(prompt_PxD, np.float32)
     os.makedirs(directory, exist_ok=True)
     np.save(os.path.join(directory, "prompt.npy"), table)

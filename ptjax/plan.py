@@ -8,31 +8,23 @@ batch are also counted from their shardings, so the report can say what takes th
 """
 from __future__ import annotations
 
+import json
 import math
-import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from ptjax import methods
+from ptjax.aot import (GiB, compile_step, compiled_peak, device_memory_limit, per_device_bytes,
+                       resolve_remat, with_shardings)
 from ptjax.errors import PtjaxError
-
-GiB = 1024 ** 3
-
-
-def _per_device_bytes(tree) -> int:
-    """Bytes one device holds of a tree of sharded ShapeDtypeStructs / arrays."""
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None \
-            else leaf.shape
-        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
-    return total
-
-
-def _abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
+from ptjax.methods.base import check_lengths
+from ptjax.models.attention import cudnn_serves
+from ptjax.models.common import ModelOptions
+from ptjax.models.model import (DTYPES, Model, abstract_params, architecture, count_params,
+                                param_shardings)
+from ptjax.models.named import model_path
+from ptjax.sharding import check_batch_size, initialize_distributed, logical_rules, make_mesh
 
 
 def parse_bytes(text: str) -> float:
@@ -48,158 +40,42 @@ def parse_bytes(text: str) -> float:
                          "24GiB") from None
 
 
-def device_memory_limit():
-    """(bytes, where it came from) for the first local device, or (None, why not)."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        return stats["bytes_limit"], "reported by the device"
-    if jax.default_backend() == "cpu":
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        return pages * size / max(jax.local_device_count(), 1), "host RAM / CPU devices"
-    return None, "unknown"
-
-
-# model.remat=auto tries these in order (least recomputation first) and keeps the first
-# whose compiled step fits HEADROOM of the device (XLA's own buffers, fragmentation and
-# the estimate's error need the rest).
-REMAT_ORDER = ("none", "dots", "full")
-HEADROOM = 0.9
-
-
-def choose_remat(peak_of, limit: float | None, order=REMAT_ORDER, headroom: float = HEADROOM):
-    """(policy, {policy: peak bytes tried}) for ``model.remat=auto``: the first policy of
-    ``order`` whose ``peak_of(policy)`` is within ``headroom`` x ``limit``; the last one
-    (full remat, the smallest) when none fits, or the first when the limit is unknown."""
-    peaks = {}
-    for policy in order:
-        peaks[policy] = peak_of(policy)
-        if limit is None or peaks[policy] <= headroom * limit:
-            return policy, peaks
-    return order[-1], peaks
-
-
-def abstract_batch(model, cfg, mesh) -> dict:
-    """ShapeDtypeStructs of one train batch of a run (sharded over data)."""
-    from ptjax.sharding import batch_sharding
-
-    from ptjax.verbalizers import scoring
-
-    B, Li, Lt = cfg.train.batch_size, cfg.task.max_input_length, cfg.task.max_target_length
-    s = scoring(cfg.task)
-    R = B * (1 if s is None else s.W)  # the class-level loss pairs each example with W words
-    ids = lambda L, rows=R: jax.ShapeDtypeStruct((rows, L), jnp.int32,  # noqa: E731
-                                                 sharding=batch_sharding(mesh))
-    if model.is_encoder_decoder:
-        out = dict(input_ids=ids(Li), input_mask=ids(Li), decoder_input_ids=ids(Lt),
-                   targets=ids(Lt), target_mask=ids(Lt))
-    else:
-        out = {k: ids(Li + Lt) for k in ("input_ids", "input_mask", "targets", "target_mask")}
-    if s is not None:
-        out["word_mask"] = ids(Lt if model.is_encoder_decoder else Li + Lt)
-        out["label"] = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=batch_sharding(mesh))
-    return out
-
-
-def as_abstract(tree):
-    """Arrays (or ShapeDtypeStructs) -> ShapeDtypeStructs with their shardings."""
-    if tree is None:
-        return None
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-        x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
-
-
-def compile_step(model, method, cfg, mesh, trainable, frozen):
-    """AOT-compile the run's train step on abstract inputs -> (compiled, state, batch,
-    peak bytes per device on an accelerator)."""
-    from ptjax.train import setup
-
-    _, state, step = setup(model, method, cfg, mesh, as_abstract(trainable),
-                           as_abstract(frozen), abstract=True)
-    batch = abstract_batch(model, cfg, mesh)
-    compiled = step.lower(state, frozen if frozen is None else as_abstract(frozen),
-                          batch).compile()
-    mem = compiled.memory_analysis()
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-            - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
-    return compiled, state, batch, peak - cpu_weight_upcast(model, trainable, frozen)
-
-
-def cpu_weight_upcast(model, trainable, frozen) -> int:
-    """XLA's CPU backend has no bf16/fp16 matmuls: it converts the (loop-invariant) weights
-    to fp32 once, a weight-sized temporary that GPUs and TPUs never allocate."""
-    if jax.default_backend() != "cpu" or model.dtype == jnp.float32:
-        return 0
-    weights = frozen if frozen is not None else trainable["params"]
-    return _per_device_bytes(weights) * 4 // jnp.dtype(model.dtype).itemsize
-
-
-def resolve_remat(model, method, cfg, mesh, trainable, frozen, device_memory=None):
-    """``model`` with ``remat="auto"`` replaced by ``choose_remat``'s pick (compiling the
-    step once per policy tried); returns (model, {policy: peak bytes tried})."""
-    import dataclasses
-
-    if model.remat != "auto":
-        return model, {}
-    limit = device_memory or device_memory_limit()[0]
-
-    def peak_of(policy):
-        return compile_step(dataclasses.replace(model, remat=policy), method, cfg, mesh,
-                            trainable, frozen)[3]
-
-    policy, peaks = choose_remat(peak_of, limit)
-    return dataclasses.replace(model, remat=policy), peaks
-
-
 def plan(cfg, device_memory: float | None = None) -> dict:
     """Compile the run's train step on abstract inputs; memory per device in bytes.
     With ``model.remat=auto`` the policy it would pick is planned (``remat_tried``)."""
-    from ptjax import methods
-    from ptjax.models.model import Model, abstract_params, architecture, param_shardings
-    from ptjax.run import TINY, check_lengths
-    from ptjax.sharding import initialize_distributed, logical_rules, make_mesh
-
     initialize_distributed(cfg.mesh.distributed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
-    path = cfg.model.path
-    if path in TINY:
-        from ptjax.models.tiny import build_tiny_model
-
-        path = build_tiny_model(os.path.join(cfg.model.tiny_dir, path), family=TINY[path])
+    path = model_path(cfg.model)
     config = architecture(path)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
-        cfg.model.dtype]
+    dtype = DTYPES[cfg.model.dtype]
     model = Model(config=config, params=None, dtype=dtype, path=path, remat=cfg.model.remat,
                   attention=cfg.model.attention, mesh=mesh, fsdp=cfg.mesh.fsdp)
     method = methods.build(cfg, config, dtype)
     method.check(model)
     check_lengths(model, method, cfg)
     tc = cfg.train
-    if tc.batch_size % mesh.shape["data"]:
-        raise PtjaxError(f"train.batch_size={tc.batch_size} is not a multiple of the mesh's "
-                         f"{mesh.shape['data']} data-parallel devices (mesh.data)")
+    check_batch_size(tc.batch_size, mesh)
 
     rules = logical_rules(cfg.mesh.fsdp)
     frozen = None
     if not method.tunes_weights:
-        frozen = _abstract(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
+        frozen = with_shardings(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
                                         abstract_params(config)),
                            param_shardings(config, mesh, rules))
     shapes = method.shapes()
-    trainable = _abstract(shapes, method.shardings(shapes, mesh, rules))
+    trainable = with_shardings(shapes, method.shardings(shapes, mesh, rules))
     B, Li, Lt = tc.batch_size, cfg.task.max_input_length, cfg.task.max_target_length
     model, remat_tried = resolve_remat(model, method, cfg, mesh, trainable, frozen,
                                        device_memory)
     compiled, state, batch, estimate = compile_step(model, method, cfg, mesh, trainable,
                                                     frozen)
-    mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, list):  # older jax returns one dict per computation
         cost = cost[0] if cost else {}
-    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-            - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    peak = compiled_peak(compiled)
     limit, source = (device_memory, "--device-memory") if device_memory else \
         device_memory_limit()
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
+    n_params = count_params(abstract_params(config))
     upcast = peak - estimate
     return {
         "model": path, "model_type": config.model_type, "parameters": n_params,
@@ -214,10 +90,10 @@ def plan(cfg, device_memory: float | None = None) -> dict:
                  "fsdp": cfg.mesh.fsdp},
         "devices": f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}",
         "per_device": {
-            "frozen_weights": 0 if frozen is None else _per_device_bytes(frozen),
-            "trainable_and_optimizer": _per_device_bytes(state),
-            "batch": _per_device_bytes(batch),
-            "temporaries": mem.temp_size_in_bytes,
+            "frozen_weights": 0 if frozen is None else per_device_bytes(frozen),
+            "trainable_and_optimizer": per_device_bytes(state),
+            "batch": per_device_bytes(batch),
+            "temporaries": compiled.memory_analysis().temp_size_in_bytes,
             "peak": peak,
             "cpu_weight_upcast": upcast,
             "accelerator_peak": estimate,
@@ -230,9 +106,6 @@ def plan(cfg, device_memory: float | None = None) -> dict:
 
 def attention_summary(model, cfg) -> dict:
     """What attention the planned step runs (on this backend) and why."""
-    from ptjax.models.attention import cudnn_serves
-    from ptjax.models.common import ModelOptions
-
     config = model.config
     head_dim = config.d_kv if model.is_encoder_decoder else config.n_embd // config.n_head
     rate = cfg.train.attention_dropout
@@ -295,8 +168,6 @@ def format_plan(p: dict) -> str:
 
 
 def write_plan(p: dict, path: str):
-    import json
-
     with open(path, "w") as f:
         json.dump(p, f, indent=2, default=lambda x: x.item() if isinstance(x, np.generic)
                   else str(x))

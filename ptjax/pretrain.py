@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import shutil
@@ -38,8 +37,21 @@ import shutil
 import jax
 import numpy as np
 
-from ptjax import objectives
+from ptjax import methods, objectives, sharding
+from ptjax.aot import auto_remat
+from ptjax.data.corpus import load_corpus
+from ptjax.data.pipeline import assemble, eval_batches, train_indices
 from ptjax.errors import PtjaxError
+from ptjax.evaluation import rows_per_batch
+from ptjax.loop import step_loop
+from ptjax.methods.base import place_trainable
+from ptjax.models import t5
+from ptjax.models.model import Model, count_params, init_params, load_model, load_tokenizer
+from ptjax.models.tiny import train_tokenizer
+from ptjax.rundir import (MetricsLog, NullLog, check_resumable, claim_run_dir, locked_run,
+                          newest_checkpoint, open_checkpoints, write_json)
+from ptjax.sharding import check_batch_size, is_main_process, make_mesh, sync, to_host
+from ptjax.train import member_nll, setup
 
 VALIDATION_SEED = 20_2104  # validation corruption is fixed, so losses compare across seeds
 
@@ -56,8 +68,6 @@ def tokenizer_path(pc) -> str:
 
 
 def train_documents(pc):
-    from ptjax.data.corpus import load_corpus
-
     corpus = load_corpus(pc.corpus)
     train = corpus.train[:pc.documents] if pc.documents else corpus.train
     return corpus, train
@@ -67,9 +77,6 @@ def corpus_tokenizer(pc):
     """The SentencePiece-style (unigram) tokenizer trained on the corpus's train documents:
     <pad>=0, </s>=1, <unk>=2, <extra_id_0> the last id; trained once, then read from
     ``tokenizer_path``."""
-    from ptjax.models.model import load_tokenizer
-    from ptjax.models.tiny import train_tokenizer
-
     path = tokenizer_path(pc)
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         _, docs = train_documents(pc)
@@ -139,23 +146,17 @@ class PretrainStream:
         return a.tolist(), b.tolist(), False
 
     def examples(self, step: int) -> list:
-        from ptjax.data.pipeline import train_indices
-
         index = train_indices(step, self.batch_size, len(self.segments), self.seed)
         return [self.corrupt(self.segments[index[r]],
                              np.random.default_rng([self.seed, step, r])) for r in self.rows]
 
     def batch(self, step: int) -> tuple[dict, int]:
-        from ptjax.data.pipeline import assemble
-
         return assemble(self.model, self.examples(step), self.input_length,
                         self.target_length), 0
 
 
 def validation_set(model, segments_NxL: np.ndarray, pc) -> dict:
     """The first pretrain.eval_examples held-out segments, corrupted with a fixed seed."""
-    from ptjax.data.pipeline import assemble
-
     stream = PretrainStream(model, segments_NxL, pc, 1, 0)
     n = min(pc.eval_examples, len(segments_NxL))
     rows = [stream.corrupt(segments_NxL[i], np.random.default_rng([VALIDATION_SEED, i]))
@@ -165,20 +166,14 @@ def validation_set(model, segments_NxL: np.ndarray, pc) -> dict:
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _nll(model, method, trainable, batch):
-    from ptjax.train import member_nll
-
     nll, count = member_nll(model, method, trainable, None, batch)
     return nll[0], count[0]
 
 
 def validation_loss(model, method, trainable, arrays: dict, batch_size: int, mesh) -> float:
     """Mean target-token NLL over the validation set (dropout off)."""
-    from ptjax import sharding
-    from ptjax.data.pipeline import eval_batches
-    from ptjax.evaluation import _rows_per_batch
-
     total, count = 0.0, 0.0
-    for b, n in eval_batches(arrays, _rows_per_batch(batch_size, mesh)):
+    for b, n in eval_batches(arrays, rows_per_batch(batch_size, mesh)):
         nll, c = _nll(model, method, trainable, sharding.replicated_batch(b, mesh))
         total += float(sharding.to_host(nll)[:n].sum())
         count += float(sharding.to_host(c)[:n].sum())
@@ -190,8 +185,6 @@ def validation_loss(model, method, trainable, arrays: dict, batch_size: int, mes
 
 def scratch_config(pc, vocab_size: int, dropout: float):
     """A T5 v1.1 of the configured size: gated-GELU, untied lm_head, no output rescale."""
-    from ptjax.models import t5
-
     return t5.T5Config(vocab_size=vocab_size, d_model=pc.d_model, d_kv=pc.d_kv, d_ff=pc.d_ff,
                        num_layers=pc.num_layers, num_decoder_layers=pc.num_layers,
                        num_heads=pc.num_heads, feed_forward_proj="gated-gelu",
@@ -206,11 +199,7 @@ def initial_model_dir(cfg) -> str:
     if pc.init != "scratch":
         return pc.init
     path = os.path.join(cfg.run_dir, "init")
-    from ptjax.sharding import is_main_process
-
     if is_main_process() and not os.path.exists(os.path.join(path, "config.json")):
-        from ptjax.models.model import Model, init_params
-
         tok = corpus_tokenizer(pc)
         config = scratch_config(pc, len(tok), cfg.train.dropout)
         model = Model(config=config, params=None, tokenizer=tok)
@@ -218,9 +207,7 @@ def initial_model_dir(cfg) -> str:
         tmp = f"{path}.tmp"
         model.save_pretrained(tmp, params=params)
         os.replace(tmp, path)
-    from ptjax.run import _sync
-
-    _sync("ptjax-pretrain-init")
+    sync("ptjax-pretrain-init")
     return path
 
 
@@ -231,29 +218,20 @@ def pretrain(cfg) -> dict:
     """Run (or resume) the pre-training a ``RunConfig``'s pretrain section describes;
     returns results.json's dict. Every process of a multi-host job runs this; process 0
     holds the run directory's lock throughout (``ptjax.run.locked_run``)."""
-    from ptjax.run import locked_run
-
     cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="model"),
                               prompt=dataclasses.replace(cfg.prompt, seeds=(0,), inits=()))
     return locked_run(cfg, _pretrain)
 
 
 def _pretrain(cfg, main: bool, locks: list) -> dict:
-    from ptjax import methods
-    from ptjax.models.model import load_model
-    from ptjax.run import (MetricsLog, _check_resumable, _NullLog, claim_run_dir,
-                           newest_checkpoint, open_checkpoints, place_trainable, step_loop)
-    from ptjax.sharding import make_mesh, to_host
-    from ptjax.train import setup
-
     run_dir, tc, pc = cfg.run_dir, cfg.train, cfg.pretrain
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
-    if tc.batch_size % mesh.shape["data"] or tc.batch_size % jax.process_count():
-        raise PtjaxError(f"train.batch_size={tc.batch_size} is not a multiple of the mesh's "
-                         f"{mesh.shape['data']} data-parallel devices (mesh.data) and of the "
+    check_batch_size(tc.batch_size, mesh)
+    if tc.batch_size % jax.process_count():  # each process draws its own rows of a batch
+        raise PtjaxError(f"train.batch_size={tc.batch_size} is not a multiple of the "
                          f"{jax.process_count()} processes")
     if main:
-        _check_resumable(run_dir, cfg)
+        check_resumable(run_dir, cfg)
     if pc.init != "scratch" and not os.path.isdir(pc.init):
         raise PtjaxError(f"pretrain.init={pc.init!r} is neither 'scratch' nor a checkpoint "
                          "directory")
@@ -281,7 +259,8 @@ def _pretrain(cfg, main: bool, locks: list) -> dict:
     method = methods.build(cfg, model.config, model.dtype)
     trainable = place_trainable(method, method.init(model, cfg, None), mesh, cfg)
     model = dataclasses.replace(model, params=None)  # the state holds the weights now
-    _, state, step_fn = setup(model, method, cfg, mesh, trainable, None)
+    _, state, step_fn = setup(auto_remat(model, method, cfg, mesh, trainable, None), method, cfg,
+                              mesh, trainable, None)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     start, restored, damaged = newest_checkpoint(
         ckpt_dir, tc.keep_checkpoints, lambda r, step: r.restore(step, state, None))
@@ -289,7 +268,7 @@ def _pretrain(cfg, main: bool, locks: list) -> dict:
         state, _, meta = restored
         assert meta["data_position"] == start * tc.batch_size
     ckpt = open_checkpoints(ckpt_dir, tc.keep_checkpoints, main, damaged, start)
-    log = MetricsLog(run_dir, start) if main else _NullLog()
+    log = MetricsLog(run_dir, start) if main else NullLog()
     val_loss = None
 
     def evaluate_at(s, trainable):
@@ -312,16 +291,13 @@ def _pretrain(cfg, main: bool, locks: list) -> dict:
     host = jax.tree.map(to_host, state.trainable)
     results = {"run_dir": run_dir, "objective": pc.objective, "corpus": pc.corpus,
                "init": pc.init, "steps": tc.steps, "model": out_dir,
-               "parameters": int(sum(x.size for x in jax.tree.leaves(host))),
+               "parameters": count_params(host),
                "train_tokens": int(train_segments.size),
                "tokens_seen": int(tc.steps * tc.batch_size * raw),
                "validation_loss": val_loss,
                "validation_perplexity": math.exp(min(val_loss, 50.0))}
     if main:
         method.export(run_dir, host, model, "")  # writes run_dir/model in HF form
-        tmp = os.path.join(run_dir, "results.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, os.path.join(run_dir, "results.json"))
+        write_json(os.path.join(run_dir, "results.json"), results)
     ckpt.close()
     return results

@@ -12,8 +12,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
 
+from ptjax.data.templates import parse
 from ptjax.errors import PtjaxError
+from ptjax.sharding import to_host
 
 STRATEGIES = ("random_uniform", "sampled_vocab", "class_label", "text", "file")
 # PEFT's adapter_model.safetensors names the prompt table so; ptjax exports use it too.
@@ -79,8 +82,6 @@ def load_table(path: str, dim: int, length: int | None = None):
         if path.endswith(".npy"):
             table = np.load(path)
         elif path.endswith(".safetensors"):
-            from safetensors.numpy import load_file
-
             tensors = load_file(path)
             if PEFT_PROMPT_KEY not in tensors:
                 raise PtjaxError(f"{path}: no {PEFT_PROMPT_KEY!r} tensor (found: "
@@ -158,8 +159,6 @@ def initial_prompts(model, p, task, templates=()) -> np.ndarray:
     input embedding, identically on every process. p: the run's ``prompt`` section.
     templates: each prompt's template (or none); its {soft:N=words} slots start from the
     words' embeddings (ids tiled to N, PEFT's TEXT rule)."""
-    from ptjax.sharding import to_host
-
     emb = to_host(input_embedding(model))
     tok = model.tokenizer
     inits = p.inits or (p.init,) * len(p.seeds)
@@ -169,7 +168,7 @@ def initial_prompts(model, p, task, templates=()) -> np.ndarray:
             raise PtjaxError(f"prompt.init=class_label needs class labels; task {task.name!r} "
                              "has none (set task.labels or choose another prompt.init)")
         # T5's tokenizer appends EOS: the label's embedding is its word pieces alone
-        label_ids = [_strip_special(tok, lab) for lab in task.labels]
+        label_ids = [strip_special(tok, lab) for lab in task.labels]
     if "text" in inits:
         # PEFT's TEXT init: the ids as the tokenizer encodes the text, special tokens
         # included (T5's EOS ends them), so a ptjax prompt equals PEFT's on every model
@@ -182,11 +181,9 @@ def initial_prompts(model, p, task, templates=()) -> np.ndarray:
                                     fallback=p.fallback, text_ids=text_ids))[0]
             for k, (init, seed) in enumerate(zip(inits, p.seeds))]
     table = np.stack(rows)
-    from ptjax.data.templates import parse
-
     for k, template in enumerate(templates):
         for start, n, words in parse(template).soft_inits:
-            table[k, start:start + n] = np.asarray(text(n, emb, _strip_special(tok, words)))
+            table[k, start:start + n] = np.asarray(text(n, emb, strip_special(tok, words)))
     return table
 
 
@@ -196,6 +193,6 @@ def input_embedding(model):
     return model.params["wte"]["embedding"]
 
 
-def _strip_special(tok, text):
+def strip_special(tok, text):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return [i for i in ids if i not in set(tok.all_special_ids)]

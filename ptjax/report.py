@@ -17,6 +17,8 @@ and std over seeds.
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
 import re
 
@@ -36,8 +38,6 @@ def size_label(parameters) -> str:
 
 def pretrain_results(path: str) -> dict:
     """results.json of the ``ptjax pretrain`` run whose ``model/`` is ``path``, or {}."""
-    import json
-
     p = os.path.join(os.path.dirname(os.path.normpath(path)), "results.json")
     if os.path.basename(os.path.normpath(path)) != "model" or not os.path.exists(p):
         return {}
@@ -126,9 +126,6 @@ def matplotlib_func(fn):
 def run_facts(directory: str) -> dict:
     """What the runs of a sweep (or one run) directory were: {"models", "tasks", "steps",
     "majority": {task: majority-class dev accuracy}} from their results.json files."""
-    import glob
-    import json
-
     facts = {"models": set(), "tasks": set(), "steps": set(), "majority": {}}
     paths = glob.glob(os.path.join(directory, "jobs", "*", "results.json"))
     paths += glob.glob(os.path.join(directory, "results.json"))

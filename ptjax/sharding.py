@@ -28,6 +28,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ptjax.errors import PtjaxError
@@ -150,8 +151,6 @@ def replicated_batch(arrays: dict, mesh: Mesh) -> dict:
 def to_host(x) -> np.ndarray:
     """A (possibly multi-host) array as numpy on every process."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
@@ -188,3 +187,16 @@ def initialize_distributed(mode: str = "auto") -> bool:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()
     return jax.process_count() > 1
+
+
+def sync(name: str):
+    """A barrier across processes (no-op on one)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def check_batch_size(batch_size: int, mesh, key: str = "train.batch_size"):
+    """One line if a batch cannot be split evenly over the mesh's data-parallel devices."""
+    if batch_size % mesh.shape["data"]:
+        raise PtjaxError(f"{key}={batch_size} is not a multiple of the mesh's "
+                         f"{mesh.shape['data']} data-parallel devices (mesh.data)")

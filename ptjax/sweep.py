@@ -41,6 +41,8 @@ import yaml
 from ptjax import config as config_lib
 from ptjax import methods
 from ptjax.errors import PtjaxError
+from ptjax.run import train
+from ptjax.sharding import is_main_process
 
 SWEEP_KEYS = ("name", "description", "dir", "base", "config", "grid", "zip", "seeds", "pack",
               "ensemble")
@@ -150,7 +152,7 @@ def _check_axis(key: str, where: str):
         raise PtjaxError(f"{where}: sweep axis {key!r}: give seeds with the top-level "
                          "'seeds: [0, 1, 2]' (one run per seed)")
     if key not in config_lib.all_keys() or key == "run_dir":
-        raise config_lib._unknown(key, where + ": sweep axis")
+        raise config_lib.unknown_key(key, where + ": sweep axis")
 
 
 def _read(path: str) -> dict:
@@ -158,7 +160,7 @@ def _read(path: str) -> dict:
         raise PtjaxError(f"{path}: sweep file not found")
     try:
         with open(path) as f:
-            data = config_lib._yaml(f) or {}
+            data = config_lib.parse_yaml(f) or {}
     except yaml.YAMLError as e:
         raise PtjaxError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -223,7 +225,7 @@ def load_sweep(path: str, directory: str | None = None) -> Sweep:
     for key, value in _flatten(overrides).items():
         key = config_lib.current_key(key)
         if key not in config_lib.all_keys():
-            raise config_lib._unknown(key, f"{path}: config")
+            raise config_lib.unknown_key(key, f"{path}: config")
         _set(base, key, value)
     grid, groups = _axes(data.get("grid"), "grid", path), _zip_groups(data, path)
     zipped = {k: v for g in groups for k, v in g.items()}
@@ -381,9 +383,6 @@ def _describe(job: Job, keys) -> str:
 
 def run_sweep(sweep: Sweep, shard=(0, 1), progress: bool = True) -> dict:
     """Train this shard's jobs in order; returns {"done", "skipped", "failed": [...]}."""
-    from ptjax.run import train
-    from ptjax.sharding import is_main_process
-
     if is_main_process():
         write_manifest(sweep)
     i, n = shard

@@ -27,6 +27,8 @@ import optax
 
 from ptjax.errors import PtjaxError
 from ptjax.models.common import ModelOptions, as_prompt_inputs
+from ptjax.sharding import batch_sharding
+from ptjax.verbalizers import answer_position, class_nll, class_scores, scoring
 
 PRNGS = ("threefry", "rbg", "unsafe_rbg")  # the dropout masks' PRNG (train.prng)
 
@@ -42,53 +44,6 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     prompt_seeds: jax.Array
-
-
-def learning_rate_schedule(cfg, total_steps: int) -> optax.Schedule:
-    """cfg.schedule after ``cfg.warmup_steps`` of linear warm-up from 0."""
-    lr, warm = cfg.learning_rate, cfg.warmup_steps
-    rest = max(total_steps - warm, 1)
-    if cfg.schedule == "constant":
-        main = optax.constant_schedule(lr)
-    elif cfg.schedule == "linear":
-        main = optax.linear_schedule(lr, 0.0, rest)
-    elif cfg.schedule == "cosine":
-        main = optax.cosine_decay_schedule(lr, rest)
-    elif cfg.schedule == "rsqrt":  # T5's inverse square root, flat during warm-up
-        def main(count):
-            return lr * jnp.sqrt(max(warm, 1)) / jnp.sqrt(jnp.maximum(count + warm, max(warm, 1)))
-    else:
-        raise PtjaxError(f"unknown schedule {cfg.schedule!r}; valid: constant, linear, "
-                         "cosine, rsqrt")
-    if warm == 0:
-        return main
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
-
-
-def make_optimizer(cfg, total_steps: int) -> optax.GradientTransformation:
-    """The Optax optimizer an ``OptimConfig`` names; defaults are the paper's Adafactor."""
-    lr = learning_rate_schedule(cfg, total_steps)
-    if cfg.name == "adafactor":
-        tx = optax.adafactor(lr, decay_rate=cfg.decay_rate,
-                             multiply_by_parameter_scale=cfg.multiply_by_parameter_scale,
-                             clipping_threshold=cfg.clipping_threshold or None,
-                             weight_decay_rate=cfg.weight_decay or None)
-    elif cfg.name == "adam":
-        tx = optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-    elif cfg.name == "adamw":
-        tx = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    elif cfg.name == "sgd":
-        tx = optax.sgd(lr)
-    else:
-        raise PtjaxError(f"unknown optimizer {cfg.name!r}; valid: adafactor, adam, adamw, sgd")
-    if cfg.max_grad_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
-    return tx
-
-
-def per_prompt(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-    """``tx`` vmapped over the leading K axis of every leaf: K independent optimizers."""
-    return optax.GradientTransformation(jax.vmap(tx.init), jax.vmap(tx.update))
 
 
 def init_state(tx, trainable, seed: int, prompt_seeds=None) -> TrainState:
@@ -117,17 +72,11 @@ def setup(model, method, cfg, mesh, trainable, frozen, abstract: bool = False):
     """What ``ptjax train`` and ``ptjax plan`` both build: (optimizer, initial state,
     jitted step). trainable / frozen: placed arrays, or ``jax.ShapeDtypeStruct`` leaves
     with shardings when ``abstract`` (then the state is abstract too); frozen is None
-    when the method tunes the weights. ``model.remat="auto"`` is resolved here
-    (``ptjax.plan.resolve_remat``: one AOT compile per policy tried)."""
-    from ptjax.sharding import batch_sharding
-
-    if model.remat == "auto":  # the cheapest policy whose compiled step fits the device
-        from ptjax.plan import GiB, resolve_remat
-
-        model, peaks = resolve_remat(model, method, cfg, mesh, trainable, frozen)
-        if jax.process_index() == 0:
-            print(f"model.remat=auto: {model.remat} (compiled peaks: " + ", ".join(
-                f"{k} {v / GiB:.2f} GiB" for k, v in peaks.items()) + ")", flush=True)
+    when the method tunes the weights. ``model.remat`` is a policy, never "auto"
+    (``ptjax.aot.auto_remat`` resolves that first: it compiles this step)."""
+    if model.remat == "auto":
+        raise ValueError("train.setup needs a remat policy; resolve model.remat=auto with "
+                         "ptjax.aot.auto_remat first")
     tx = method.optimizer(cfg.optim, cfg.train.steps)
     seeds = jnp.asarray(method.seeds, jnp.int32)
     if abstract:
@@ -183,8 +132,6 @@ def dropout_settings(train_cfg) -> dict:
 def step_settings(cfg) -> dict:
     """make_train_step's keywords from a ``RunConfig``: dropout settings and the
     verbalizer's class-level scoring (``verbalizers.scoring``)."""
-    from ptjax.verbalizers import scoring
-
     return dict(dropout_settings(cfg.train), scoring=scoring(cfg.task))
 
 
@@ -284,8 +231,6 @@ def member_class_logits(model, method, trainable, frozen, batch, word_mask_BxT, 
     """A soft verbalizer's class logits of K members, [K, B, C] fp32: the hidden state at
     each row's answer position (``verbalizers.answer_position``) dot member k's class
     vectors ``trainable["verbalizer"]`` [K, C, D]."""
-    from ptjax.verbalizers import answer_position
-
     at = answer_position(word_mask_BxT)
 
     def fn(member, params, prompt, rows, rngs):
@@ -303,8 +248,6 @@ def class_losses(model, method, trainable, frozen, batch, scoring, rngs_K=None,
     class's score (manual: ``verbalizers.class_scores`` of the rows' token
     log-probabilities; soft: the class logits). batch: rows plus "label" [N] and
     "word_mask" [N x W, T] (``verbalizers``)."""
-    from ptjax.verbalizers import class_nll, class_scores
-
     batch = dict(batch)
     labels, wm = batch.pop("label"), batch.pop("word_mask")
     if scoring.kind == "soft":

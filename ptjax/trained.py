@@ -18,7 +18,12 @@ from typing import Any
 
 import jax
 
+from ptjax import config as config_lib
+from ptjax import methods
+from ptjax.checkpoint import Checkpointer
 from ptjax.errors import PtjaxError
+from ptjax.models.named import prepare
+from ptjax.sharding import logical_rules
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -72,8 +77,6 @@ def _inputs(method, member, frozen):
 def load_run(run_dir: str, overrides=()) -> TrainedRun:
     """A trained run directory (``ptjax train`` or a sweep's jobs/<id>) of any method.
     overrides: ``key=value`` strings on top of its config.yaml (e.g. another task)."""
-    from ptjax import config as config_lib
-
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
         raise PtjaxError(f"{run_dir}: not a run directory (no config.yaml)")
@@ -82,11 +85,6 @@ def load_run(run_dir: str, overrides=()) -> TrainedRun:
 
 def restore_run(cfg, run_dir: str) -> TrainedRun:
     """The best members saved in ``run_dir``'s checkpoints, for the run config ``cfg``."""
-    from ptjax import methods
-    from ptjax.checkpoint import Checkpointer
-    from ptjax.run import prepare
-    from ptjax.sharding import logical_rules
-
     cfg = dataclasses.replace(cfg, run_dir=run_dir)
     mesh, model = prepare(cfg)
     method = methods.build(cfg, model.config, model.dtype)

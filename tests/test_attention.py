@@ -131,7 +131,8 @@ def _step_loss(model, **kw):
     import optax
 
     from ptjax.methods import for_model
-    from ptjax.train import init_state, make_train_step, per_prompt
+    from ptjax.optim import per_prompt
+    from ptjax.train import init_state, make_train_step
 
     rng = np.random.default_rng(0)
     ids, mask = padded_batch(rng, 4, 10, 96, [10, 8, 5, 2])
@@ -160,7 +161,7 @@ def test_dropout_settings(loaded):
 
 
 def test_choose_remat_takes_the_first_policy_that_fits():
-    from ptjax.plan import choose_remat
+    from ptjax.aot import choose_remat
 
     peaks = {"none": 100, "dots": 60, "full": 30}
     assert choose_remat(peaks.get, 200) == ("none", {"none": 100})
@@ -175,7 +176,8 @@ def test_remat_auto_plans_against_a_small_device(tmp_path):
     """With a fake device between the policies' compiled peaks, auto picks the first
     policy under 90% of it; a large device keeps remat off."""
     from ptjax.config import from_dict
-    from ptjax.plan import HEADROOM, plan
+    from ptjax.aot import HEADROOM
+    from ptjax.plan import plan
 
     def cfg(remat):
         return from_dict({"model": {"path": "tiny-t5", "tiny_dir": str(tmp_path),

@@ -88,7 +88,7 @@ def test_every_numeric_setting_has_a_checked_domain():
     import typing
 
     def numeric(cls, prefix=""):
-        for name, typ in C._fields(cls).items():
+        for name, typ in C.fields_of(cls).items():
             if dataclasses.is_dataclass(typ):
                 yield from numeric(typ, f"{prefix}{name}.")
             elif typ in (int, float) or (typing.get_origin(typ) is tuple
@@ -100,7 +100,7 @@ def test_every_numeric_setting_has_a_checked_domain():
     assert keys - checked == set()
     assert checked - keys == set()  # no stale entry
     for key, (low, high, _) in C.DOMAINS.items():  # each domain holds its default
-        assert C._in_domain(C.get(C.RunConfig(), key), low, high), key
+        assert C.in_domain(C.get(C.RunConfig(), key), low, high), key
 
 
 @pytest.mark.parametrize("override, message", [

@@ -51,13 +51,13 @@ def test_mixture_stream_draws_by_rate_and_encodes_each_task_its_own_way(gpt2):
 
 
 def test_held_out_task_is_scored_through_its_own_template(gpt2, tmp_path):
-    from ptjax.run import _transfer_dev_set, dev_task_config
+    from ptjax.taskdata import dev_task_config, transfer_dev_set
 
     cfg = load_config(None, [f"task.mixture={MIXTURE}",
                              "task.transfer=synthetic_sentiment_shifted", "task.dev_size=4",
                              "task.max_input_length=40", "task.max_target_length=4"])
     assert dev_task_config(cfg).name == "synthetic_sentiment"
-    dev = _transfer_dev_set(gpt2, cfg, "synthetic_sentiment_shifted")
+    dev = transfer_dev_set(gpt2, cfg, "synthetic_sentiment_shifted")
     assert dev.verbalizer == (("negative", ("awful",)), ("positive", ("great",)))
     row = dev.arrays["input_ids"][0][dev.arrays["input_mask"][0] == 1]
     assert "so this animal is great" in gpt2.tokenizer.decode(row) or \

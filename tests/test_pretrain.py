@@ -255,7 +255,7 @@ def test_pretrain_shares_train_loop_safeguards(tok_dir, tmp_path, capsys):
     weights; a second process on the run is refused with one line."""
     from test_reliability import _damage
 
-    from ptjax.run import RunLock
+    from ptjax.rundir import RunLock
 
     straight, run = str(tmp_path / "straight"), str(tmp_path / "run")
     assert cli.main(args(straight, tok_dir, "span_corruption", 4)) == 0

@@ -19,7 +19,7 @@ import pytest
 from test_run import ROOT, _files, base_args, ptjax, read_rows
 
 from ptjax.models.tiny import build_tiny_model
-from ptjax.run import RunLock
+from ptjax.rundir import RunLock
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +310,7 @@ def test_a_second_process_on_a_run_is_refused(trained, tiny_dir, tmp_path, capsy
 
 def test_a_killed_process_leaves_no_lock(tmp_path):
     run_dir = str(tmp_path)
-    code = ("import sys, time; from ptjax.run import RunLock; RunLock(sys.argv[1]); "
+    code = ("import sys, time; from ptjax.rundir import RunLock; RunLock(sys.argv[1]); "
             "print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, run_dir], stdout=subprocess.PIPE,
                             env=dict(os.environ, PYTHONPATH=ROOT), text=True)

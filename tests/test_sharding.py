@@ -170,7 +170,7 @@ def test_model_tuning_on_a_mesh_shards_the_optimizer_state(tiny):
     (no normalisation to amplify reduction-order noise) the losses follow one device's."""
     from ptjax import methods
     from ptjax.config import OptimConfig
-    from ptjax.run import place_trainable
+    from ptjax.methods.base import place_trainable
     from ptjax.sharding import batch_sharding, global_batch
     from ptjax.train import init_state, make_train_step
 

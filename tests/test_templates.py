@@ -154,7 +154,7 @@ def test_t5_mask_is_the_first_sentinel_and_targets_follow_it(tiny):
     sentinel = model.tokenizer.convert_tokens_to_ids("<extra_id_0>")
     t = parse("{premise} {mask}")
     from ptjax.config import TaskConfig
-    from ptjax.run import encoding
+    from ptjax.taskdata import encoding
 
     enc = encoding(model, TaskConfig(template=t.source, max_target_length=4))
     assert enc["target_prefix"] == (sentinel,)

@@ -10,13 +10,11 @@ from conftest import padded_batch, torch
 
 from ptjax import config as C
 from ptjax.methods import for_model
+from ptjax.optim import learning_rate_schedule, make_optimizer, per_prompt
 from ptjax.train import (
     init_state,
-    learning_rate_schedule,
     loss_fn,
-    make_optimizer,
     make_train_step,
-    per_prompt,
 )
 
 

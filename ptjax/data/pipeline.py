@@ -28,11 +28,16 @@ as before, and member k reads ``[:, k]``.
 """
 from __future__ import annotations
 
+import collections
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import tokenizers
 
+from ptjax.data.templates import field_values
 from ptjax.errors import PtjaxError
+from ptjax.verbalizers import expand, word_mask
 
 
 def _clip(ids, limit, keep_last=None):
@@ -55,8 +60,6 @@ def _truncating(tokenizer, max_length: int):
         return None
     by_length = _TRUNCATING.setdefault(tokenizer, {})
     if max_length not in by_length:
-        import tokenizers
-
         copy = tokenizers.Tokenizer.from_str(backend.to_str())
         copy.no_padding()
         copy.enable_truncation(max_length)
@@ -245,8 +248,6 @@ def _tokenize_template(model, template, examples, max_length: int) -> list:
     pieces tokenized one by one (a space before a piece that follows text), T5's
     <extra_id_0> at {mask} and EOS at the end; fields cut longest-first so the text
     tokens fit ``max_length`` (soft tokens come on top)."""
-    from ptjax.data.templates import field_values
-
     tok, cfg = _tokenizer(model), model.config
     enc_dec = model.is_encoder_decoder
 
@@ -384,8 +385,6 @@ class TrainStream:
         def tok(examples):  # per example: its W rows, each one tokenize() triple per template
             rows = examples
             if self.scoring is not None:
-                from ptjax.verbalizers import expand
-
                 rows, _ = expand(examples, self.scoring, "train", "train")
             per_row = list(zip(*(tokenize(self.model, rows, *self.lengths,
                                           self.target_prefix, t) for t in templates)))
@@ -402,8 +401,6 @@ class TrainStream:
                       for m in range(len(templates))]
         arrays = stack_members(per_member) if several else per_member[0]
         if self.scoring is not None:
-            from ptjax.verbalizers import expand, word_mask
-
             _, arrays["label"] = expand([self.shards[q][i] for q, i in keys], self.scoring,
                                         "train", "train")
             arrays["word_mask"] = word_mask(arrays["target_mask"],
@@ -462,9 +459,6 @@ class MixtureStream:
 def prefetch(fn, steps, depth: int = 2):
     """Yield ``fn(step)`` for each step, computed ``depth`` steps ahead in a thread, so
     tokenization overlaps the device's work (the Rust tokenizer releases the GIL)."""
-    import collections
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptjax-data") as pool:
         queue = collections.deque()
         it = iter(steps)

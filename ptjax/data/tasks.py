@@ -16,6 +16,9 @@ import json
 import os
 import random
 
+from ptjax.data import corpus as corpus_lib
+from ptjax.data.formats import format_example
+from ptjax.data.pipeline import shard_bounds
 from ptjax.errors import PtjaxError
 
 POSITIVE = "good great excellent wonderful lovely fine superb brilliant pleasant delightful"
@@ -132,8 +135,6 @@ CORPUS_TASKS = {"shakespeare_genre": ("comedy", "history", "tragedy"),
 
 def corpus_task(name: str) -> Task:
     """A classification task made from the lab's corpus (``ptjax.data.corpus``)."""
-    from ptjax.data import corpus as corpus_lib
-
     make = {"shakespeare_genre": corpus_lib.genre_task,
             "shakespeare_order": corpus_lib.word_order_task}[name]
     return Task(name, make(corpus_lib.load_corpus("shakespeare")), CORPUS_TASKS[name])
@@ -162,8 +163,6 @@ def load_task(cfg, splits=("train", "validation"), shards=None) -> Task:
     else:
         raise PtjaxError(f"unknown task {cfg.name!r}; valid: {', '.join(task_names())}")
     if shards is not None and not task.shards and "train" in task.splits:
-        from ptjax.data.pipeline import shard_bounds
-
         owned, n = shards
         bounds = shard_bounds(len(task.splits["train"]), n)
         task = dataclasses.replace(task, shards={
@@ -261,8 +260,6 @@ def load_tfds_task(name: str, cfg, splits=("train", "validation"), shards=None) 
     """Read and format the splits of a registered TFDS task (no download at run time).
 
     shards: (indices, n) reads only those of n even train shards, into ``Task.shards``."""
-    from ptjax.data.formats import format_example
-
     spec = TFDS_TASKS[name]
     tfds = _tfds()
     data_dir = cfg.data_dir or None

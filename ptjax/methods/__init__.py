@@ -12,6 +12,9 @@
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
+
+from ptjax.config import load_config
 from ptjax.errors import PtjaxError
 from ptjax.methods.base import Method
 from ptjax.methods.design import DesignMethod
@@ -19,6 +22,7 @@ from ptjax.methods.model import ModelMethod
 from ptjax.methods.prefix import PrefixConfig, PrefixMethod
 from ptjax.methods.prompt import PromptMethod
 from ptjax.methods.ptuning import PTuningConfig, PTuningMethod
+from ptjax.methods.verbalizer import SoftVerbalized
 
 REGISTRY: dict[str, type[Method]] = {
     m.name: m for m in (PromptMethod, PrefixMethod, PTuningMethod, ModelMethod, DesignMethod)}
@@ -27,8 +31,6 @@ NAMES = tuple(REGISTRY)
 
 def build(cfg, model_config, dtype=None) -> Method:
     """The method a ``RunConfig`` names, bound to a model architecture."""
-    import jax.numpy as jnp
-
     name = cfg.method.name
     if name not in REGISTRY:
         raise PtjaxError(f"method.name={name!r} is not valid; valid: {', '.join(NAMES)}")
@@ -38,8 +40,6 @@ def build(cfg, model_config, dtype=None) -> Method:
     method = REGISTRY[name](model_config, cfg.prompt, settings,
                             jnp.float32 if dtype is None else dtype, tuple(templates))
     if cfg.task.verbalizer_kind == "soft" and method.trains:  # class vectors train with it
-        from ptjax.methods.verbalizer import SoftVerbalized
-
         return SoftVerbalized(method, tuple(cfg.task.verbalizer))
     return method
 
@@ -47,8 +47,6 @@ def build(cfg, model_config, dtype=None) -> Method:
 def for_model(model, name: str = "prompt", overrides=()) -> Method:
     """A method with default settings (plus ``key=value`` overrides) for a loaded model:
     ``for_model(model, "prefix", ["prompt.length=10", "method.prefix.hidden=64"])``."""
-    from ptjax.config import load_config
-
     return build(load_config(None, [f"method.name={name}", *overrides]), model.config,
                  model.dtype)
 

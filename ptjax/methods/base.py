@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptjax.data.templates import parse
 from ptjax.errors import PtjaxError
+from ptjax.optim import make_optimizer, per_prompt
+from ptjax.sharding import logical_rules, place
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +78,6 @@ class Method:
 
     def optimizer(self, optim_cfg, total_steps: int):
         """The Optax transformation of the whole [K, ...] tree: K independent optimizers."""
-        from ptjax.train import make_optimizer, per_prompt
-
         return per_prompt(make_optimizer(optim_cfg, total_steps))
 
     # ------------------------------------------------------------------ around a run
@@ -104,8 +105,6 @@ class Method:
     @property
     def peft_prepends(self) -> bool:
         """Whether the prompt is prepended, as PEFT's adapters put it."""
-        from ptjax.data.templates import parse
-
         return all(t.soft_tokens == 0 or t.prepends for t in map(parse, self.templates))
 
     def member(self, tree, k: int):
@@ -132,3 +131,30 @@ def shape_tree(tree) -> Any:
 def need(condition: bool, message: str):
     if not condition:
         raise PtjaxError(message)
+
+
+def check_lengths(model, method, cfg):
+    """One-line errors for a prompt or sequence the model cannot position."""
+    P = method.positions()
+    limit = model.config.max_prompt_positions
+    if limit is None:  # T5: relative positions, any length
+        return
+    if P > limit:
+        raise PtjaxError(f"prompt.length={P} is longer than the model's {limit} positions")
+    total = P + cfg.task.max_input_length + cfg.task.max_target_length
+    if total > limit:
+        raise PtjaxError(f"prompt.length ({P}) + task.max_input_length "
+                         f"({cfg.task.max_input_length}) + task.max_target_length "
+                         f"({cfg.task.max_target_length}) = {total} exceeds the model's "
+                         f"{limit} positions")
+
+
+def place_trainable(method, tree, mesh, cfg):
+    """A method's host trainable tree placed with its shardings on ``mesh``."""
+    shardings = method.shardings(method.shapes(), mesh, logical_rules(cfg.mesh.fsdp))
+
+    def put(x, sh):
+        if isinstance(x, jax.Array):  # already on the devices (model weights): reshard there
+            return jax.jit(lambda a: a.astype(jnp.float32), out_shardings=sh)(x)
+        return place(np.asarray(x, np.float32), sh)
+    return jax.tree.map(put, tree, shardings)

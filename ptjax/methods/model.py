@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ptjax.methods.base import Method
+from ptjax.models.model import abstract_params, param_shardings
 
 
 class ModelMethod(Method):
@@ -28,15 +29,11 @@ class ModelMethod(Method):
                                        model.params)}
 
     def shapes(self):
-        from ptjax.models.model import abstract_params
-
         return {"params": jax.tree.map(
             lambda s: jax.ShapeDtypeStruct((1,) + tuple(s.shape), jnp.float32),
             abstract_params(self.model_config))}
 
     def shardings(self, shapes, mesh, rules):
-        from ptjax.models.model import param_shardings
-
         P = jax.sharding.PartitionSpec
         return {"params": jax.tree.map(
             lambda s: jax.sharding.NamedSharding(mesh, P(None, *s.spec)),

@@ -15,28 +15,19 @@ prefix of each member, plus a PEFT PREFIX_TUNING adapter where PEFT can express 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
+from ptjax.config.schema import PREFIX_INITS, PrefixConfig  # noqa: F401 (re-exported)
 from ptjax.errors import PtjaxError
 from ptjax.methods.base import Method, stack_members, uniform_init
 from ptjax.models.common import PromptInputs
-
-INITS = ("random", "text")
-
-
-@dataclasses.dataclass(frozen=True)
-class PrefixConfig:
-    sites: tuple[str, ...] = ()  # T5: encoder, decoder, cross; GPT-2: decoder; () = all
-    projection: bool = True  # the MLP reparameterisation; false = P-tuning v2
-    hidden: int = 512  # h, the MLP's width
-    embed_dim: int = 0  # k, the width of P' (0 = the model's d_model)
-    init: str = "random"  # random | text: the frozen model's own keys/values of prompt.text
+from ptjax.prompts import strip_special
 
 
 def site_geometry(config, site: str) -> tuple[int, int, int]:
@@ -152,8 +143,6 @@ class PrefixMethod(Method):
         a PEFT PREFIX_TUNING adapter where PEFT can express the prefix: GPT-2, and T5 with
         the decoder self-attention site alone, as many decoder as encoder layers, an odd
         number of them (``peft_layer_slots``) and d_kv x heads = d_model."""
-        from safetensors.numpy import save_file
-
         os.makedirs(directory, exist_ok=True)
         for k in range(self.K):
             out = os.path.join(directory, f"prefix-{k}")
@@ -189,8 +178,6 @@ def peft_expressible(config, sites) -> bool:
 
 def write_peft_prefix(directory: str, flat_PxF, model, base_model: str):
     """A PEFT PREFIX_TUNING adapter holding the materialised prefix (inference mode)."""
-    from safetensors.numpy import save_file
-
     cfg = model.config
     if model.is_encoder_decoder:
         task_type, layers, heads, dim = "SEQ_2_SEQ_LM", cfg.num_layers, cfg.num_heads, cfg.d_model
@@ -214,12 +201,10 @@ def _text_targets(method, model) -> dict:
     """{site: [P, L x 2 x H x Dh]}: the frozen model's own keys and values of
     ``prompt.text`` at every layer (token ids tiled cyclically to P, PEFT's TEXT rule),
     Li & Liang's initialisation from real words' activations."""
-    from ptjax.prompts import _strip_special
-
     if not method.prompt.text:
         raise PtjaxError("method.prefix.init=text needs prompt.text (the words whose keys "
                          "and values initialise the prefix)")
-    ids = np.resize(np.asarray(_strip_special(model.tokenizer, method.prompt.text)),
+    ids = np.resize(np.asarray(strip_special(model.tokenizer, method.prompt.text)),
                     method.prompt.length)[None]
     kv = model_keys_values(model, ids)
     return {site: flatten_kv({n: a[:, 0] for n, a in kv[site].items()})

@@ -9,8 +9,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ptjax.export import export_prompts
 from ptjax.methods.base import Method
 from ptjax.models.common import PromptInputs
+from ptjax.prompts import initial_prompts
 
 
 class PromptMethod(Method):
@@ -18,8 +20,6 @@ class PromptMethod(Method):
     summary = "soft prompt [P, D] prepended to the input embeddings"
 
     def init(self, model, cfg, task):
-        from ptjax.prompts import initial_prompts
-
         return {"prompt": initial_prompts(model, self.prompt, task, self.templates)}
 
     def shapes(self):
@@ -37,6 +37,4 @@ class PromptMethod(Method):
         return {"init": inits[k]}
 
     def export(self, directory, best, model, base_model):
-        from ptjax.export import export_prompts
-
         export_prompts(directory, best["prompt"], model, base_model, self.peft_prepends)

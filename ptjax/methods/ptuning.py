@@ -20,19 +20,16 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from ptjax.config.schema import ENCODERS, PTuningConfig  # noqa: F401 (re-exported)
+from ptjax.export import export_prompts
 from ptjax.methods.base import Method, stack_members, uniform_init
+from ptjax.methods.model import ModelMethod
 from ptjax.models.common import PromptInputs
-
-ENCODERS = ("mlp", "lstm")
-
-
-@dataclasses.dataclass(frozen=True)
-class PTuningConfig:
-    encoder: str = "mlp"  # mlp | lstm
-    hidden: int = 0  # the encoder's width h (0 = the model's d_model, PEFT's default)
-    tune_model: bool = False  # also train the model's weights (K = 1)
-    model_learning_rate: float = 1e-5  # their learning rate (the prompt's is optim's)
+from ptjax.models.model import abstract_params
+from ptjax.optim import make_optimizer, per_prompt
+from ptjax.prompts import initial_prompts
 
 
 def _linear(rng, n_in, n_out):
@@ -111,8 +108,6 @@ class PTuningMethod(Method):
                 "head": {"l0": _linear(rng, 2 * h, 2 * h), "l1": _linear(rng, 2 * h, D)}}
 
     def init(self, model, cfg, task):
-        from ptjax.prompts import initial_prompts
-
         table = initial_prompts(model, self.prompt, task, self.templates)
         # the encoder's weights draw from their own stream, after the prompt's seed
         members = [self._member(np.random.default_rng([seed, 1]), table[k])
@@ -124,8 +119,6 @@ class PTuningMethod(Method):
         return tree
 
     def shapes(self):
-        from ptjax.models.model import abstract_params
-
         D = self.model_config.hidden_size
         member = jax.eval_shape(lambda: self._member(np.random.default_rng(0),
                                                      np.zeros((self.prompt.length, D),
@@ -139,8 +132,6 @@ class PTuningMethod(Method):
         return tree
 
     def shardings(self, shapes, mesh, rules):
-        from ptjax.methods.model import ModelMethod
-
         out = super().shardings(shapes, mesh, rules)
         if self.tunes_weights:
             out["params"] = ModelMethod.shardings(self, shapes, mesh, rules)["params"]
@@ -153,10 +144,6 @@ class PTuningMethod(Method):
         return params, PromptInputs(embeds=encode(member["encoder"], self.settings.encoder))
 
     def optimizer(self, optim_cfg, total_steps):
-        import optax
-
-        from ptjax.train import make_optimizer, per_prompt
-
         tx = per_prompt(make_optimizer(optim_cfg, total_steps))
         if not self.tunes_weights:
             return tx
@@ -181,8 +168,6 @@ class PTuningMethod(Method):
             tree["encoder"]))
 
     def export(self, directory, best, model, base_model):
-        from ptjax.export import export_prompts
-
         table = self.prompts(best)
         paths = export_prompts(directory, table, model, base_model, self.peft_prepends)
         for path in paths if self.peft_prepends else ():  # as PEFT's P_TUNING adapter

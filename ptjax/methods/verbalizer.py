@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptjax.verbalizers import initial_class_vectors
+
 
 @dataclasses.dataclass(frozen=True)
 class SoftVerbalized:
@@ -40,8 +42,6 @@ class SoftVerbalized:
         return {k: v for k, v in tree.items() if k != "verbalizer"}
 
     def init(self, model, cfg, task):
-        from ptjax.verbalizers import initial_class_vectors
-
         tree = dict(self.inner.init(model, cfg, task))
         tree["verbalizer"] = initial_class_vectors(model, self.verbalizer, self.inner.K)
         return tree

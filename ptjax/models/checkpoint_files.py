@@ -10,10 +10,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from typing import Callable
+from urllib.parse import urlparse
 
+import huggingface_hub as hub
 import jax
 import numpy as np
+from flax import serialization, traverse_util
+from safetensors import safe_open
 
 from ptjax.errors import PtjaxError
 
@@ -44,9 +49,6 @@ def resolve(path_or_hub_id: str) -> str:
 def hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot be reached, found in seconds (None: it can, or the
     hub is offline by choice): without it, huggingface_hub retries for ~25 s first."""
-    import socket
-    from urllib.parse import urlparse
-
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return None  # huggingface_hub reads only its local cache, at once
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
@@ -58,8 +60,6 @@ def hub_unreachable() -> str | None:
 
 
 def _download(repo_id: str) -> str:
-    import huggingface_hub as hub
-
     why = hub_unreachable()
     if why:
         try:  # a checkpoint downloaded before is still usable
@@ -85,7 +85,7 @@ def _download(repo_id: str) -> str:
         raise
     except Exception as e:  # network, auth, missing repo: all reported in one line
         raise PtjaxError(f"{repo_id}: not a local directory and could not be fetched from "
-                         f"the Hugging Face hub ({type(e).__name__}: {_first_line(e)})") from None
+                         f"the Hugging Face hub ({type(e).__name__}: {first_line(e)})") from None
 
 
 def download_config(repo_id: str) -> str:
@@ -93,14 +93,12 @@ def download_config(repo_id: str) -> str:
     if not _HUB_ID.match(repo_id):
         raise PtjaxError(f"{repo_id}: no such directory (give a checkpoint directory or a "
                          "Hugging Face hub id such as google/t5-small-lm-adapt)")
-    import huggingface_hub as hub
-
     try:
         return os.path.dirname(hub.hf_hub_download(repo_id, "config.json"))
     except Exception as e:  # network, auth, missing repo: all reported in one line
         raise PtjaxError(f"{repo_id}: not a local directory, not a known checkpoint, and its "
                          f"config.json could not be fetched from the Hugging Face hub "
-                         f"({type(e).__name__}: {_first_line(e)})") from None
+                         f"({type(e).__name__}: {first_line(e)})") from None
 
 
 class Weights:
@@ -160,11 +158,9 @@ class Weights:
             raise
         except Exception as e:
             raise PtjaxError(f"{file}: cannot be read, the file looks corrupt or truncated "
-                             f"({type(e).__name__}: {_first_line(e)})") from None
+                             f"({type(e).__name__}: {first_line(e)})") from None
 
     def _add_safetensors(self, file: str):
-        from safetensors import safe_open
-
         # The "flax" framework reads bfloat16, which numpy's reader cannot; tensors are
         # materialised on the host CPU, one at a time, when asked for.
         cpu = jax.local_devices(backend="cpu")[0]  # this process's own, on every host
@@ -176,8 +172,6 @@ class Weights:
             self._readers[key] = read
 
     def _add_msgpack(self, file: str):
-        from flax import serialization, traverse_util
-
         with open(file, "rb") as f:
             tree = serialization.msgpack_restore(f.read())
         for path, value in traverse_util.flatten_dict(tree).items():
@@ -195,7 +189,7 @@ class Weights:
             self._readers[key] = read
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else ""
 
@@ -209,7 +203,7 @@ def _shards(directory: str, name: str) -> list[str]:
             return sorted(set(json.load(f)["weight_map"].values()))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise PtjaxError(f"{path}: not a valid index (needs a JSON object with a "
-                         f"'weight_map'; {type(e).__name__}: {_first_line(e)})") from None
+                         f"'weight_map'; {type(e).__name__}: {first_line(e)})") from None
 
 
 def _flax_to_torch_name(path: tuple, value: np.ndarray):

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from ptjax.models.attention import (MASK_VALUE, KeyMask, ModelOptions,  # noqa: F401
                                     einsum_attention, fused_attention, resolve)

@@ -17,11 +17,11 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions,
-                                 MultiHeadAttention, PromptInputs, as_prompt_inputs,
-                                 broadcast_prompt, constrain_hidden, logical, place_embeds,
-                                 prefix_length, remat_layer, scan_layers, site_prefix,
-                                 tied_logits)
+from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions, MultiHeadAttention,
+                                 PromptInputs, as_prompt_inputs, broadcast_prompt, constrain_hidden,
+                                 logical, place_embeds, prefix_length, remat_layer, scan_layers,
+                                 site_prefix, tied_logits)
+from ptjax.models.convert import Rule
 
 SITES = ("decoder",)  # where prefix keys/values can enter
 
@@ -200,8 +200,6 @@ def init_cache(config: GPT2Config, batch: int, max_len: int, dtype):
 
 def hf_rules(config: GPT2Config):
     """{params path: Rule} mapping each ptjax parameter to its Hugging Face tensor."""
-    from ptjax.models.convert import Rule
-
     n = config.n_layer
     rules = {
         ("wte", "embedding"): Rule("wte.weight"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 from typing import Any
 
@@ -21,11 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from flax.linen import meta as nn_meta
+from safetensors.flax import save_file
+from transformers import AutoTokenizer
 
 from ptjax.errors import PtjaxError
 from ptjax.models import checkpoint_files, gpt2, t5
 from ptjax.models.common import ACTIVATIONS, ModelOptions, as_prompt_inputs, site_prefix
 from ptjax.models.convert import load_params, to_hf_state_dict
+from ptjax.models.presets import preset
+from ptjax.sharding import logical_rules
+from ptjax.sharding import place as place_sharded
+from ptjax.sharding import tree_shardings
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 SUPPORTED_MODEL_TYPES = ("t5", "gpt2")
@@ -78,8 +85,6 @@ class Model:
         """``ModelOptions(**kw)`` with this model's attention implementation and, on a mesh,
         its mesh and logical axis rules (activation sharding constraints)."""
         if self.mesh is not None:
-            from ptjax.sharding import logical_rules
-
             kw = dict(mesh=self.mesh, rules=logical_rules(self.fsdp), **kw)
         return ModelOptions(attention=self.attention, **kw)
 
@@ -155,8 +160,6 @@ class Model:
 
     def save_pretrained(self, directory: str, params=None):
         """Write ``config.json`` + ``model.safetensors`` (+ tokenizer) in Hugging Face form."""
-        from safetensors.flax import save_file
-
         os.makedirs(directory, exist_ok=True)
         params = self.params if params is None else params
         state = to_hf_state_dict(_family(self.config).hf_rules(self.config), params)
@@ -387,8 +390,6 @@ def param_logical_axes(config):
 
 def param_shardings(config, mesh, rules):
     """NamedShardings of a config's params on ``mesh`` under logical axis ``rules``."""
-    from ptjax.sharding import tree_shardings
-
     shapes = jax.tree.map(lambda s: tuple(s.shape), abstract_params(config))
     return tree_shardings(param_logical_axes(config), shapes, mesh, rules)
 
@@ -419,8 +420,6 @@ def load_model(path_or_hub_id: str, dtype="float32", *, mesh=None, fsdp: bool = 
     where = os.path.join(directory, weights.filename)
     config = family.config_from_hf(hf_config, weights, config_path)
     if mesh is not None:
-        from ptjax.sharding import logical_rules, place as place_sharded
-
         shardings = traverse_util.flatten_dict(
             param_shardings(config, mesh, logical_rules(fsdp)))
         place = lambda path, array: place_sharded(array, shardings[path])  # noqa: E731
@@ -441,8 +440,6 @@ def architecture(path_or_hub_id: str):
     """A checkpoint's config without reading its weights: from a local config.json, the
     built-in table of the paper's checkpoints (``ptjax.models.presets``), or the hub's
     config.json alone."""
-    from ptjax.models.presets import preset
-
     path = os.path.expanduser(str(path_or_hub_id))
     if not os.path.isdir(path):
         known = preset(path_or_hub_id)
@@ -481,10 +478,13 @@ def load_tokenizer(directory: str):
     if not any(os.path.exists(os.path.join(directory, f))
                for f in checkpoint_files.TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(directory)
     except Exception as e:
         raise PtjaxError(f"{directory}: tokenizer files are present but could not be loaded "
-                         f"({type(e).__name__}: {checkpoint_files._first_line(e)})") from None
+                         f"({type(e).__name__}: {checkpoint_files.first_line(e)})") from None
+
+
+def count_params(tree) -> int:
+    """Parameters in a tree of arrays or ``jax.ShapeDtypeStruct`` leaves."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))

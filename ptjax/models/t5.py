@@ -22,11 +22,11 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions,
-                                 MultiHeadAttention, RMSNorm, Unembed, as_prompt_inputs,
-                                 broadcast_prompt, constrain_hidden, logical, place_embeds,
-                                 prefix_length, remat_layer, scan_layers, site_prefix,
-                                 tied_logits)
+from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions, MultiHeadAttention,
+                                 RMSNorm, Unembed, as_prompt_inputs, broadcast_prompt,
+                                 constrain_hidden, logical, place_embeds, prefix_length,
+                                 remat_layer, scan_layers, site_prefix, tied_logits)
+from ptjax.models.convert import Rule
 
 SITES = ("encoder", "decoder", "cross")  # where prefix keys/values can enter
 
@@ -385,8 +385,6 @@ def init_cache(config: T5Config, batch: int, max_len: int, enc_len: int, dtype):
 
 def hf_rules(config: T5Config):
     """{params path: Rule} mapping each ptjax parameter to its Hugging Face tensor."""
-    from ptjax.models.convert import Rule
-
     rules = {("shared", "embedding"): Rule("shared.weight")}
     if not config.tie_lm_head:
         rules[("lm_head", "kernel")] = Rule("lm_head.weight", "linear")

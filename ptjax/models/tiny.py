@@ -6,12 +6,18 @@ Face form, so demos and tests run with no network.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 
 import jax
+from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
+from transformers import PreTrainedTokenizerFast
 
 from ptjax.errors import PtjaxError
+from ptjax.models import gpt2, t5
+from ptjax.models.model import Model, init_params
 
 # Words of the built-in synthetic tasks, so the tiny tokenizer covers them whole.
 WORDS = (
@@ -50,10 +56,6 @@ def train_tokenizer(family: str, vocab_size: int = 512, texts=None, extra_ids: i
     gpt2: byte-level BPE with <|endoftext|> as BOS/EOS.
     words: also train on the built-in tasks' words, so each is a whole token.
     """
-    from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers,
-                            processors, trainers)
-    from transformers import PreTrainedTokenizerFast
-
     texts = list(texts) if texts is not None else list(_corpus())
     if words:
         texts += WORDS  # every word reachable as a whole token
@@ -97,8 +99,6 @@ def train_tokenizer(family: str, vocab_size: int = 512, texts=None, extra_ids: i
 
 def tiny_config(family: str, vocab_size: int, **overrides):
     """A config small enough to train in seconds on a laptop CPU."""
-    from ptjax.models import gpt2, t5
-
     if family == "t5":
         base = dict(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2,
                     num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=16,
@@ -118,12 +118,8 @@ def build_tiny_model(directory: str, family: str = "t5", seed: int = 0, extra_id
     ``directory``; an existing model of the same family there is reused as it is; another
     model, or other files, are an error (never overwritten).
     """
-    from ptjax.models.model import Model, init_params
-
     existing = os.path.join(directory, "config.json")
     if os.path.exists(existing):  # reuse it, but never in place of another model
-        import json
-
         try:
             with open(existing, encoding="utf-8") as f:
                 found = json.load(f).get("model_type")

@@ -1,0 +1,152 @@
+"""Ahead-of-time compiles of a run's train step on abstract inputs: the peak memory per
+device, and ``model.remat=auto``'s choice of the cheapest remat policy that fits.
+
+The step is compiled (as MaxText does) on ``jax.ShapeDtypeStruct`` params, train state and
+batch that carry the run's shardings, so no weight is loaded and an 11B model is planned
+on a laptop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+
+from ptjax.sharding import batch_sharding
+from ptjax.train import setup
+from ptjax.verbalizers import scoring
+
+GiB = 1024 ** 3
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs / arrays."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None \
+            else leaf.shape
+        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def with_shardings(tree, shardings):
+    """ShapeDtypeStructs of ``tree``'s leaves carrying ``shardings``."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def device_memory_limit():
+    """(bytes, where it came from) for the first local device, or (None, why not)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"], "reported by the device"
+    if jax.default_backend() == "cpu":
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return pages * size / max(jax.local_device_count(), 1), "host RAM / CPU devices"
+    return None, "unknown"
+
+
+# model.remat=auto tries these in order (least recomputation first) and keeps the first
+# whose compiled step fits HEADROOM of the device (XLA's own buffers, fragmentation and
+# the estimate's error need the rest).
+REMAT_ORDER = ("none", "dots", "full")
+
+
+HEADROOM = 0.9
+
+
+def choose_remat(peak_of, limit: float | None, order=REMAT_ORDER, headroom: float = HEADROOM):
+    """(policy, {policy: peak bytes tried}) for ``model.remat=auto``: the first policy of
+    ``order`` whose ``peak_of(policy)`` is within ``headroom`` x ``limit``; the last one
+    (full remat, the smallest) when none fits, or the first when the limit is unknown."""
+    peaks = {}
+    for policy in order:
+        peaks[policy] = peak_of(policy)
+        if limit is None or peaks[policy] <= headroom * limit:
+            return policy, peaks
+    return order[-1], peaks
+
+
+def abstract_batch(model, cfg, mesh) -> dict:
+    """ShapeDtypeStructs of one train batch of a run (sharded over data)."""
+    B, Li, Lt = cfg.train.batch_size, cfg.task.max_input_length, cfg.task.max_target_length
+    s = scoring(cfg.task)
+    R = B * (1 if s is None else s.W)  # the class-level loss pairs each example with W words
+    ids = lambda L, rows=R: jax.ShapeDtypeStruct((rows, L), jnp.int32,  # noqa: E731
+                                                 sharding=batch_sharding(mesh))
+    if model.is_encoder_decoder:
+        out = dict(input_ids=ids(Li), input_mask=ids(Li), decoder_input_ids=ids(Lt),
+                   targets=ids(Lt), target_mask=ids(Lt))
+    else:
+        out = {k: ids(Li + Lt) for k in ("input_ids", "input_mask", "targets", "target_mask")}
+    if s is not None:
+        out["word_mask"] = ids(Lt if model.is_encoder_decoder else Li + Lt)
+        out["label"] = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=batch_sharding(mesh))
+    return out
+
+
+def as_abstract(tree):
+    """Arrays (or ShapeDtypeStructs) -> ShapeDtypeStructs with their shardings."""
+    if tree is None:
+        return None
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def compile_step(model, method, cfg, mesh, trainable, frozen):
+    """AOT-compile the run's train step on abstract inputs -> (compiled, state, batch,
+    peak bytes per device on an accelerator)."""
+    _, state, step = setup(model, method, cfg, mesh, as_abstract(trainable),
+                           as_abstract(frozen), abstract=True)
+    batch = abstract_batch(model, cfg, mesh)
+    compiled = step.lower(state, frozen if frozen is None else as_abstract(frozen),
+                          batch).compile()
+    return (compiled, state, batch,
+            compiled_peak(compiled) - cpu_weight_upcast(model, trainable, frozen))
+
+
+def compiled_peak(compiled) -> int:
+    """Peak bytes per device of a compiled step: arguments + outputs - donated (aliased)
+    buffers + temporaries, from XLA's memory analysis."""
+    mem = compiled.memory_analysis()
+    return (mem.argument_size_in_bytes + mem.output_size_in_bytes
+            - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+
+
+def cpu_weight_upcast(model, trainable, frozen) -> int:
+    """XLA's CPU backend has no bf16/fp16 matmuls: it converts the (loop-invariant) weights
+    to fp32 once, a weight-sized temporary that GPUs and TPUs never allocate."""
+    if jax.default_backend() != "cpu" or model.dtype == jnp.float32:
+        return 0
+    weights = frozen if frozen is not None else trainable["params"]
+    return per_device_bytes(weights) * 4 // jnp.dtype(model.dtype).itemsize
+
+
+def resolve_remat(model, method, cfg, mesh, trainable, frozen, device_memory=None):
+    """``model`` with ``remat="auto"`` replaced by ``choose_remat``'s pick (compiling the
+    step once per policy tried); returns (model, {policy: peak bytes tried})."""
+    if model.remat != "auto":
+        return model, {}
+    limit = device_memory or device_memory_limit()[0]
+
+    def peak_of(policy):
+        return compile_step(dataclasses.replace(model, remat=policy), method, cfg, mesh,
+                            trainable, frozen)[3]
+
+    policy, peaks = choose_remat(peak_of, limit)
+    return dataclasses.replace(model, remat=policy), peaks
+
+
+def auto_remat(model, method, cfg, mesh, trainable, frozen):
+    """``model`` ready for ``ptjax.train.setup``: ``model.remat=auto`` resolved to the
+    cheapest policy whose compiled step fits the device (``resolve_remat``: one AOT compile
+    per policy tried; process 0 prints the peaks), any other policy as it is."""
+    if model.remat != "auto":
+        return model
+    model, peaks = resolve_remat(model, method, cfg, mesh, trainable, frozen)
+    if jax.process_index() == 0:
+        print(f"model.remat=auto: {model.remat} (compiled peaks: " + ", ".join(
+            f"{k} {v / GiB:.2f} GiB" for k, v in peaks.items()) + ")", flush=True)
+    return model

@@ -1,0 +1,48 @@
+"""The frozen model a run's config names: a checkpoint directory, a hub id, or a built-in
+tiny model (``TINY``, written once under ``model.tiny_dir`` by process 0), loaded straight
+into its shards on the run's mesh."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from ptjax.models.model import load_model
+from ptjax.models.tiny import build_tiny_model
+from ptjax.sharding import initialize_distributed, is_main_process, make_mesh, sync
+
+TINY = {"tiny-t5": "t5", "tiny-gpt2": "gpt2"}
+
+
+def model_path(cfg) -> str:
+    """The checkpoint a ``ModelConfig`` names: a built-in tiny model is built there once,
+    by process 0, the first time it is asked for."""
+    if cfg.path not in TINY:
+        return cfg.path
+    path = os.path.join(cfg.tiny_dir, cfg.path)
+    if is_main_process():
+        build_tiny_model(path, family=TINY[cfg.path])
+    sync("ptjax-tiny-model")
+    return path
+
+
+def load_run_model(cfg, mesh=None, fsdp: bool = False):
+    """The frozen model a ``ModelConfig`` names (``model_path``), its weights placed on
+    ``mesh``."""
+    model = load_model(model_path(cfg), dtype=cfg.dtype, mesh=mesh, fsdp=fsdp)
+    return dataclasses.replace(model, remat=cfg.remat,  # the train step's policy
+                               attention=cfg.attention)
+
+
+def base_model_path(cfg) -> str:
+    """What a PEFT adapter names as its base model: an absolute dir or the hub id."""
+    if cfg.model.path in TINY:
+        return os.path.abspath(os.path.join(cfg.model.tiny_dir, cfg.model.path))
+    return os.path.abspath(cfg.model.path) if os.path.isdir(cfg.model.path) else cfg.model.path
+
+
+def prepare(cfg):
+    """Devices, mesh and frozen model for a run: joins the other processes of a multi-host
+    job, builds the (data, model) mesh and loads the weights straight into their shards."""
+    initialize_distributed(cfg.mesh.distributed)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
+    return mesh, load_run_model(cfg.model, mesh, cfg.mesh.fsdp)

@@ -19,7 +19,8 @@ import os
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+# scipy loads scipy.stats on first use (about a second): importing scipy is cheap
+import scipy
 
 from ptjax import config as config_lib
 from ptjax import methods
@@ -156,7 +157,7 @@ def ci95(std, n):
     standard deviation ``std`` (Student's t, n - 1 degrees of freedom); NaN for n < 2."""
     n = np.asarray(n, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        t = stats.t.ppf(0.975, np.where(n > 1, n - 1, np.nan))
+        t = scipy.stats.t.ppf(0.975, np.where(n > 1, n - 1, np.nan))
         return t * np.asarray(std, dtype=float) / np.sqrt(n)
 
 

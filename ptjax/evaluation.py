@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptjax import sharding, verbalizers
-from ptjax.data import metrics, pipeline
+from ptjax.data import encoding, metrics, pipeline
 from ptjax.errors import PtjaxError
 from ptjax.models.common import PromptInputs
 from ptjax.train import member_class_logits, member_nll, sequence_nll
@@ -81,13 +81,13 @@ def build_dev_set(model, task, mode: str, max_input_length: int, max_target_leng
                                  f"({', '.join(cands[:10])})")
         pairs = [{"inputs": ex["inputs"], "fields": ex.get("fields", {}), "targets": c}
                  for ex, cands in zip(examples, candidates) for c in cands]
-        arrays, _ = pipeline.encode(model, pairs, max_input_length, max_target_length,
+        arrays, _ = encoding.encode(model, pairs, max_input_length, max_target_length,
                                     target_prefix, template)
         _check_labels_fit(model, sorted({c for cands in candidates for c in cands}),
                           max_target_length - len(target_prefix))
         return DevSet("rank", metric_set, examples, arrays, candidates, tuple(task.labels),
                       task.metric)
-    arrays, _ = pipeline.encode(model, examples, max_input_length, max_target_length,
+    arrays, _ = encoding.encode(model, examples, max_input_length, max_target_length,
                                 target_prefix, template)
     select = task.metric
     if metric_set == "accuracy":  # a classification task decoded greedily
@@ -112,7 +112,7 @@ def _verbalized_dev_set(model, task, split, examples, max_input_length, max_targ
         rows = rows[:1]
     pairs = [{"inputs": ex["inputs"], "fields": ex.get("fields", {}), "targets": w}
              for ex in examples for _, w in rows]
-    arrays, _ = pipeline.encode(model, pairs, max_input_length, max_target_length,
+    arrays, _ = encoding.encode(model, pairs, max_input_length, max_target_length,
                                 target_prefix, template)
     # the word's own tokens: the target tokens after the prefix, without the final EOS
     word_mask = verbalizers.word_mask(arrays["target_mask"], len(target_prefix))

@@ -21,8 +21,8 @@ from ptjax.errors import PtjaxError
 from ptjax.methods.base import check_lengths
 from ptjax.models.attention import cudnn_serves
 from ptjax.models.common import ModelOptions
-from ptjax.models.model import (DTYPES, Model, abstract_params, architecture, count_params,
-                                param_shardings)
+from ptjax.models.hf_config import architecture
+from ptjax.models.model import DTYPES, Model, abstract_params, count_params, param_shardings
 from ptjax.models.named import model_path
 from ptjax.sharding import check_batch_size, initialize_distributed, logical_rules, make_mesh
 

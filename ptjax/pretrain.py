@@ -12,7 +12,7 @@ checkpoint (the paper's LM adaptation: prefix LM on a span-corruption checkpoint
       results.json     steps, parameters, final validation loss
 
 It is ``ptjax train``'s machinery with the model-tuning method: the same jitted step
-(``ptjax.train.setup``), the same loop (``ptjax.run.step_loop``: metrics log, progress,
+(``ptjax.train.setup``), the same loop (``ptjax.loop.step_loop``: metrics log, progress,
 a non-finite loss stops the run naming the last good checkpoint), shardings, Orbax
 checkpoints (damaged ones moved aside on resume), exact resume and run-directory lock;
 only the data (a corpus through an objective instead of a task) and the evaluation
@@ -40,7 +40,8 @@ import numpy as np
 from ptjax import methods, objectives, sharding
 from ptjax.aot import auto_remat
 from ptjax.data.corpus import load_corpus
-from ptjax.data.pipeline import assemble, eval_batches, train_indices
+from ptjax.data.encoding import assemble
+from ptjax.data.pipeline import eval_batches, train_indices
 from ptjax.errors import PtjaxError
 from ptjax.evaluation import rows_per_batch
 from ptjax.loop import step_loop
@@ -136,7 +137,7 @@ class PretrainStream:
                           if pc.objective == "span_corruption" else None)
 
     def corrupt(self, tokens, rng) -> tuple[list, list, bool]:
-        """One segment -> (input ids, target ids, False), as pipeline.tokenize gives."""
+        """One segment -> (input ids, target ids, False), as encoding.tokenize gives."""
         eos = self.model.config.eos_token_id
         if self.pc.objective == "span_corruption":
             a, b = objectives.span_corruption(tokens, rng, self.sentinels, eos,
@@ -217,7 +218,7 @@ def initial_model_dir(cfg) -> str:
 def pretrain(cfg) -> dict:
     """Run (or resume) the pre-training a ``RunConfig``'s pretrain section describes;
     returns results.json's dict. Every process of a multi-host job runs this; process 0
-    holds the run directory's lock throughout (``ptjax.run.locked_run``)."""
+    holds the run directory's lock throughout (``ptjax.rundir.locked_run``)."""
     cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="model"),
                               prompt=dataclasses.replace(cfg.prompt, seeds=(0,), inits=()))
     return locked_run(cfg, _pretrain)

@@ -91,7 +91,8 @@ def _label(hue, values) -> str:
 
 def _plot(ax, table, x, hue, xlabel, logx=False, categorical=False):
     """One line (mean, 95% interval over seeds) per value of the ``hue`` columns."""
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import NullFormatter  # noqa: PLC0415 (after the backend choice)
+    from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415 (after the backend choice)
 
     categories = sorted(table[x].unique(), key=str)
     for values, group in table.groupby(hue, dropna=False, sort=True):
@@ -118,7 +119,7 @@ def _plot(ax, table, x, hue, xlabel, logx=False, categorical=False):
 
 
 def matplotlib_func(fn):
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter  # noqa: PLC0415 (after the backend choice)
 
     return FuncFormatter(lambda v, _: fn(v))
 
@@ -157,10 +158,10 @@ def figures(runs, out_dir: str, metric_name: str, facts: dict | None = None) -> 
     settings the sweep varies (besides the task and the seed) get their own lines. facts
     (``run_facts``): models, task and steps in each subtitle, the majority-class baseline
     as a dashed line when every task has one."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (backend chosen here)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (after the backend choice)
 
     sentinel = (runs["task.target_sentinel"].fillna(False) if "task.target_sentinel" in runs
                 else [False] * len(runs))

@@ -108,7 +108,7 @@ def _wandb_run(run_dir: str, project: str, cfg):
     """A W&B run for ``run_dir`` (train.wandb=PROJECT); a resumed run continues the same
     one. WANDB_MODE=offline writes it under run_dir/wandb for a later `wandb sync`."""
     try:
-        import wandb
+        import wandb  # noqa: PLC0415 (optional: the wandb extra)
     except ImportError:
         raise PtjaxError(f"train.wandb={project!r} needs Weights & Biases: pip install "
                          "'ptjax[wandb]' (or set train.wandb='')") from None

@@ -10,6 +10,7 @@ import jax
 from ptjax import config as config_lib
 from ptjax import verbalizers
 from ptjax.data import pipeline, templates
+from ptjax.data.encoding import target_prefix
 from ptjax.data.tasks import load_task, task_names
 from ptjax.errors import PtjaxError
 from ptjax.evaluation import build_dev_set, metric_names
@@ -60,7 +61,7 @@ def encoding(model, tcfg) -> dict:
         which = next(t.source for t in parsed if t.has_mask)
         why = f"{'task.templates' if tcfg.templates else 'task.template'}={which!r} ({{mask}})"
     return {"template": template,
-            "target_prefix": pipeline.target_prefix(model, sentinel, tcfg.max_target_length,
+            "target_prefix": target_prefix(model, sentinel, tcfg.max_target_length,
                                                     why)}
 
 

@@ -139,7 +139,7 @@ def model_options(model, dropout: float | None = None, attention_dropout: float 
                   dropout_broadcast: bool = False) -> ModelOptions:
     """The options ``sequence_nll`` runs the model with: ``model.options()`` (attention;
     on a mesh, activation sharding constraints), the given dropout rates (None = the
-    checkpoint's), and right-padded keys, which is what ``ptjax.data.pipeline`` makes (so
+    checkpoint's), and right-padded keys, which is what ``ptjax.data.encoding`` makes (so
     cuDNN may take padding as sequence lengths)."""
     return model.options(dropout=dropout, attention_dropout=attention_dropout,
                          broadcast_dropout=dropout_broadcast, right_padded=True)
@@ -180,7 +180,7 @@ def sequence_nll(model, params, batch, prompt=None, rngs=None, deterministic=Tru
     """Summed target-token NLL and target-token count per row: ([B], [B]) fp32; with
     ``per_token`` each target position's NLL and mask instead: ([B, T], [B, T]).
 
-    batch: arrays of ``ptjax.data.pipeline.encode`` with B rows (right-padded: every mask
+    batch: arrays of ``ptjax.data.encoding.encode`` with B rows (right-padded: every mask
     row is ones then zeros); prompt: ``PromptInputs`` (or [P, D] / [B, P, D]) or None; a
     batch's ``slots`` (a template's soft slots) say where its embeddings go. Padding and
     (for GPT-2) input tokens carry no loss. options: default ``model_options(model)``.
@@ -202,7 +202,7 @@ def _per_member(method, trainable, frozen, batch, rngs_K, prng, fn):
         rngs = None if rng is None else {"dropout": dropout_key(rng, prng)}
         return fn(member, params, prompt, rows, rngs)
 
-    # several templates: arrays [B, K, ...], member k reads [:, k] (see data.pipeline)
+    # several templates: arrays [B, K, ...], member k reads [:, k] (see data.encoding)
     rows_axis = 1 if batch["input_ids"].ndim == 3 else None
     if rngs_K is None:
         return jax.vmap(lambda m, b: one(m, b, None), in_axes=(0, rows_axis))(trainable, batch)

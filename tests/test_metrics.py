@@ -1,7 +1,7 @@
 """ptjax.data.metrics against hand-worked numbers (T5's metric definitions)."""
 import pytest
 
-from ptjax.data import metrics
+from ptjax.data import benchmarks, metrics
 from ptjax.errors import PtjaxError
 
 approx = pytest.approx
@@ -241,8 +241,8 @@ SG = {
 def test_superglue_score_is_mean_of_task_means():
     # task scores: 80, cb (90+70)/2 = 80, 70, multirc (75+35)/2 = 55, record (80+82)/2
     # = 81, 85, 65, 75 -> 591 / 8 = 73.875 (a flat mean of the 11 metrics: 807/11)
-    assert metrics.superglue_score(SG) == approx(73.875)
-    assert metrics.superglue_score(SG) != approx(807 / 11)
+    assert benchmarks.superglue_score(SG) == approx(73.875)
+    assert benchmarks.superglue_score(SG) != approx(807 / 11)
 
 
 def test_superglue_score_from_metric_outputs_and_diagnostics_ignored():
@@ -250,23 +250,23 @@ def test_superglue_score_from_metric_outputs_and_diagnostics_ignored():
     scores["cb"] = metrics.cb_metrics([E, E, C, C, N], [E, C, C, C, E], CB_LABELS)
     scores["axb"] = {"matthews_corrcoef": 10.0}
     # cb = (60 + 43.33) / 2 = 51.67 replaces 80
-    assert metrics.superglue_score(scores) == approx((591 - 80 + (60 + 130 / 3) / 2) / 8)
+    assert benchmarks.superglue_score(scores) == approx((591 - 80 + (60 + 130 / 3) / 2) / 8)
 
 
 def test_superglue_score_wsc_by_exact_match_and_score_fallback():
     scores = dict(SG, wsc={"exact_match": 75.0}, multirc={"score": 55.0})
-    assert metrics.superglue_score(scores) == approx(73.875)
+    assert benchmarks.superglue_score(scores) == approx(73.875)
 
 
 def test_superglue_score_rejects_missing_unknown_and_half_metrics():
     with pytest.raises(ValueError, match="missing wsc"):
-        metrics.superglue_score({k: v for k, v in SG.items() if k != "wsc"})
+        benchmarks.superglue_score({k: v for k, v in SG.items() if k != "wsc"})
     with pytest.raises(ValueError, match="unknown boolq2"):
-        metrics.superglue_score(dict(SG, boolq2=1.0))
+        benchmarks.superglue_score(dict(SG, boolq2=1.0))
     with pytest.raises(ValueError, match="accuracy, macro_f1"):
-        metrics.superglue_score(dict(SG, cb={"accuracy": 90.0}))
+        benchmarks.superglue_score(dict(SG, cb={"accuracy": 90.0}))
     with pytest.raises(ValueError, match="no task scores"):
-        metrics.superglue_score({})
+        benchmarks.superglue_score({})
 
 
 def test_glue_score_t5_average():
@@ -280,7 +280,7 @@ def test_glue_score_t5_average():
         "mnli_matched": {"accuracy": 84.0}, "mnli_mismatched": {"accuracy": 86.0},
         "qnli": {"accuracy": 91.0}, "rte": {"accuracy": 70.0},
     }
-    assert metrics.glue_score(scores) == approx(79.875)
+    assert benchmarks.glue_score(scores) == approx(79.875)
 
 
 # ---------------------------------------------------------------- errors, registry

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ptjax.config import TaskConfig
-from ptjax.data import pipeline
+from ptjax.data import encoding, pipeline
 from ptjax.data.tasks import TFDS_TASKS, TfdsTask, load_task, synthetic
 from ptjax.errors import PtjaxError
 from ptjax.models.model import load_model
@@ -143,15 +143,15 @@ def test_rust_truncation_equals_tokenize_then_cut(family, tmp_path):
     long = "review: " + " ".join(["the movie was very good and"] * 30)
     examples = [{"inputs": long, "targets": "positive " * 12},
                 {"inputs": "review: dull", "targets": "negative"}]
-    got = pipeline.tokenize(model, examples, 20, 6)
+    got = encoding.tokenize(model, examples, 20, 6)
     for (a, b, cut), ex in zip(got, examples):
         full_in = tok(ex["inputs"])["input_ids"]
         if family == "t5":
-            want_a, cut_a = pipeline._clip(full_in, 20, eos)
-            want_b, cut_b = pipeline._clip(tok(ex["targets"])["input_ids"], 6, eos)
+            want_a, cut_a = encoding._clip(full_in, 20, eos)
+            want_b, cut_b = encoding._clip(tok(ex["targets"])["input_ids"], 6, eos)
         else:
-            want_a, cut_a = pipeline._clip(full_in, 20)
-            want_b, cut_b = pipeline._clip(tok(" " + ex["targets"])["input_ids"] + [eos], 6,
+            want_a, cut_a = encoding._clip(full_in, 20)
+            want_b, cut_b = encoding._clip(tok(" " + ex["targets"])["input_ids"] + [eos], 6,
                                            eos)
         assert (a, b, cut) == (want_a, want_b, cut_a or cut_b)
     assert got[0][2] and not got[1][2]
@@ -197,9 +197,9 @@ def test_long_texts_tokenized_from_a_prefix_are_exact(family, tmp_path, monkeypa
     dense = " ".join(["excellent"] * 200)  # few characters per token: the prefix suffices
     sparse = " ".join(["a"] * 5) + " " + "x" * 400 + " " + " ".join(["good"] * 50)
     examples = [{"inputs": t, "targets": "positive"} for t in (dense, sparse, "short")]
-    monkeypatch.setattr(pipeline, "CHARS_PER_TOKEN", 2)  # force the prefix path
-    got = pipeline.tokenize(model, examples, 16, 4)
+    monkeypatch.setattr(encoding, "CHARS_PER_TOKEN", 2)  # force the prefix path
+    got = encoding.tokenize(model, examples, 16, 4)
     for (ids, _, cut), ex in zip(got, examples):
         full = tok(ex["inputs"])["input_ids"]
         eos = model.config.eos_token_id if family == "t5" else None
-        assert (ids, cut) == pipeline._clip(full, 16, eos)
+        assert (ids, cut) == encoding._clip(full, 16, eos)

@@ -7,7 +7,8 @@ import pytest
 
 from ptjax import cli
 from ptjax.config import from_dict
-from ptjax.models.model import abstract_params, architecture
+from ptjax.models.hf_config import architecture
+from ptjax.models.model import abstract_params
 from ptjax.plan import GiB, parse_bytes, plan
 
 

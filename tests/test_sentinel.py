@@ -9,7 +9,7 @@ import pytest
 
 from ptjax import cli
 from ptjax.config import load_config
-from ptjax.data import pipeline
+from ptjax.data import encoding, pipeline
 from ptjax.data.tasks import Task
 from ptjax.errors import PtjaxError
 from ptjax.evaluation import build_dev_set, predict
@@ -37,16 +37,16 @@ def test_sentinels_take_the_last_ids_and_decode_away(model):
     tok, V = model.tokenizer, model.config.vocab_size
     assert [tok.convert_tokens_to_ids(f"<extra_id_{i}>") for i in range(3)] == [V - 1, V - 2,
                                                                                V - 3]
-    assert pipeline.target_prefix(model, True, 4) == (V - 1,)
-    assert pipeline.target_prefix(model, False, 4) == ()
+    assert encoding.target_prefix(model, True, 4) == (V - 1,)
+    assert encoding.target_prefix(model, False, 4) == ()
     ids = [V - 1] + tok("positive")["input_ids"]
     assert tok.decode(ids, skip_special_tokens=True).strip() == "positive"
 
 
 def test_targets_start_with_the_sentinel_and_keep_their_eos(model):
-    (sid,) = pipeline.target_prefix(model, True, 4)
-    plain, _ = pipeline.encode(model, EXAMPLES, 16, 4)
-    marked, _ = pipeline.encode(model, EXAMPLES, 16, 4, (sid,))
+    (sid,) = encoding.target_prefix(model, True, 4)
+    plain, _ = encoding.encode(model, EXAMPLES, 16, 4)
+    marked, _ = encoding.encode(model, EXAMPLES, 16, 4, (sid,))
     np.testing.assert_array_equal(marked["input_ids"], plain["input_ids"])
     for i in range(len(EXAMPLES)):
         p = plain["targets"][i][plain["target_mask"][i] == 1].tolist()
@@ -56,7 +56,7 @@ def test_targets_start_with_the_sentinel_and_keep_their_eos(model):
     assert (marked["decoder_input_ids"][:, 1] == sid).all()
     # the sentinel counts towards task.max_target_length; truncation keeps it and EOS
     long = [{"inputs": "review: x", "targets": "good bad fine poor dull"}]
-    (_, row, cut), = pipeline.tokenize(model, long, 16, 4, (sid,))
+    (_, row, cut), = encoding.tokenize(model, long, 16, 4, (sid,))
     assert cut and len(row) == 4 and row[0] == sid and row[-1] == model.config.eos_token_id
     stream = pipeline.TrainStream(model, {0: EXAMPLES}, 1, 2, 16, 4, 0, target_prefix=(sid,))
     assert (stream.batch(0)[0]["targets"][:, 0] == sid).all()
@@ -71,7 +71,7 @@ def _logprob(model, prompt, text, target_ids):
 
 
 def test_rank_classification_scores_sentinel_plus_label(model):
-    (sid,) = pipeline.target_prefix(model, True, 5)
+    (sid,) = encoding.target_prefix(model, True, 5)
     task = Task("t", {"validation": EXAMPLES}, labels=("negative", "positive"))
     dev = build_dev_set(model, task, "auto", 16, 5, target_prefix=(sid,))
     prompts = jax.random.normal(jax.random.key(0), (1, 3, model.config.hidden_size))
@@ -90,9 +90,9 @@ def test_models_without_a_sentinel_are_one_line_errors(tmp_path):
     t5 = load_model(build_tiny_model(str(tmp_path / "t5"), family="t5"))
     gpt2 = load_model(build_tiny_model(str(tmp_path / "gpt2"), family="gpt2"))
     with pytest.raises(PtjaxError, match="no <extra_id_0> token"):
-        pipeline.target_prefix(t5, True, 4)
+        encoding.target_prefix(t5, True, 4)
     with pytest.raises(PtjaxError, match="decoder-only"):
-        pipeline.target_prefix(gpt2, True, 4)
+        encoding.target_prefix(gpt2, True, 4)
 
 
 def _args(run_dir, model_path, tiny_dir, **kw):

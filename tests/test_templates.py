@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ptjax import cli, load_run
-from ptjax.data import pipeline
+from ptjax.data import encoding
 from ptjax.data.templates import parse
 from ptjax.errors import PtjaxError
 from ptjax.methods import for_model
@@ -64,8 +64,8 @@ def test_soft_prompt_template_equals_the_prepended_prompt(tiny, family):
     equal prepending the prompt (1e-6), with dropout."""
     model = tiny[family]
     P, Li, Lt = 4, 12, 4
-    plain, _ = pipeline.encode(model, EXAMPLES, Li, Lt)
-    templ, _ = pipeline.encode(model, EXAMPLES, Li, Lt, template=parse(f"{{soft:{P}}} {{inputs}}"))
+    plain, _ = encoding.encode(model, EXAMPLES, Li, Lt)
+    templ, _ = encoding.encode(model, EXAMPLES, Li, Lt, template=parse(f"{{soft:{P}}} {{inputs}}"))
     assert (templ["slots"][:, :P] == np.arange(P)).all() and (templ["slots"][:, P:] == -1).all()
     if family == "t5":
         np.testing.assert_array_equal(templ["input_ids"][:, P:], plain["input_ids"])
@@ -90,7 +90,7 @@ def test_layout_truncates_fields_never_the_template(tiny):
     model = tiny["t5"]
     tok = model.tokenizer
     t = parse("premise {premise} {soft:2} question {hypothesis} answer {mask}")
-    (ids, _, cut), (ids2, _, cut2) = pipeline.tokenize(model, EXAMPLES, 14, 4, template=t)
+    (ids, _, cut), (ids2, _, cut2) = encoding.tokenize(model, EXAMPLES, 14, 4, template=t)
     sentinel = tok.convert_tokens_to_ids("<extra_id_0>")
     assert ids.count(-1) == 1 and ids.count(-2) == 1  # the two soft tokens, in place
     assert ids[-2:] == [sentinel, model.config.eos_token_id]  # {mask}, then EOS
@@ -101,10 +101,10 @@ def test_layout_truncates_fields_never_the_template(tiny):
     assert text2[:4] == "premise the dog is".split() and text2[-4:] == \
         "question a dog answer".split() and len(text2) < 16
     with pytest.raises(PtjaxError, match="its own text takes .* of task.max_input_length=3"):
-        pipeline.tokenize(model, EXAMPLES, 3, 4, template=t)
+        encoding.tokenize(model, EXAMPLES, 3, 4, template=t)
     with pytest.raises(PtjaxError, match=r"the examples have no field \{claim\}; they have: "
                                          r"\{premise\}, \{hypothesis\}, \{inputs\}"):
-        pipeline.tokenize(model, EXAMPLES, 14, 4, template=parse("{claim} {mask}"))
+        encoding.tokenize(model, EXAMPLES, 14, 4, template=parse("{claim} {mask}"))
 
 
 def _train(tmp_path, name, **kw):
@@ -153,12 +153,12 @@ def test_t5_mask_is_the_first_sentinel_and_targets_follow_it(tiny):
     model = tiny["t5"]
     sentinel = model.tokenizer.convert_tokens_to_ids("<extra_id_0>")
     t = parse("{premise} {mask}")
+    from ptjax import taskdata
     from ptjax.config import TaskConfig
-    from ptjax.taskdata import encoding
 
-    enc = encoding(model, TaskConfig(template=t.source, max_target_length=4))
+    enc = taskdata.encoding(model, TaskConfig(template=t.source, max_target_length=4))
     assert enc["target_prefix"] == (sentinel,)
-    arrays, _ = pipeline.encode(model, EXAMPLES[:1], 12, 4, **enc)
+    arrays, _ = encoding.encode(model, EXAMPLES[:1], 12, 4, **enc)
     row = list(arrays["input_ids"][0][arrays["input_mask"][0] == 1])
     assert row[-2:] == [sentinel, model.config.eos_token_id]
     assert arrays["targets"][0][0] == sentinel
@@ -295,7 +295,7 @@ def test_generation_with_soft_slots_equals_a_loop_over_logits(tiny, family):
 
     model = tiny[family]
     t = parse("question {soft:2} {inputs} {soft:1} answer")
-    arrays, _ = pipeline.encode(model, EXAMPLES, 12, 4, template=t)
+    arrays, _ = encoding.encode(model, EXAMPLES, 12, 4, template=t)
     ids, mask, slots = ((arrays["input_ids"], arrays["input_mask"], arrays["slots"])
                         if family == "t5" else
                         (arrays["gen_ids"], arrays["gen_mask"], arrays["gen_slots"]))

@@ -13,6 +13,7 @@ import pytest
 from ptjax import cli, load_run
 from ptjax.config import TaskConfig
 from ptjax.data import pipeline
+from ptjax.data.encoding import tokenize
 from ptjax.data.templates import parse
 from ptjax.methods import for_model
 from ptjax.models.model import load_model
@@ -89,7 +90,7 @@ def test_class_loss_equals_a_plain_loop_over_classes_and_words(tiny, family, wor
     for k in range(2):
         losses = []
         for ex in examples:
-            (ids, _, _), = pipeline.tokenize(model, [ex], 16, 6, enc["target_prefix"],
+            (ids, _, _), = tokenize(model, [ex], 16, 6, enc["target_prefix"],
                                              parse(TEMPLATES[family]))
             scores = np.array([np.mean([agg(_answer_logprobs(model, prompts[k], ids, w,
                                                              enc["target_prefix"]))
@@ -125,7 +126,7 @@ def test_soft_verbalizer_starts_as_the_first_token_logits(tiny, family):
                               batch["word_mask"])
     for k in range(2):
         for b, ex in enumerate(examples):
-            (inp, _, _), = pipeline.tokenize(model, [ex], 16, 4, enc["target_prefix"],
+            (inp, _, _), = tokenize(model, [ex], 16, 4, enc["target_prefix"],
                                              parse(TEMPLATES[family]))
             if model.is_encoder_decoder:
                 dec = np.array([[model.config.decoder_start_token_id, *enc["target_prefix"]]])

@@ -45,7 +45,7 @@ def line_nll(model, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     after an empty input (the encoder reads EOS alone): ([N], [N])."""
     import jax
 
-    from ptjax.data.pipeline import encode
+    from ptjax.data.encoding import encode
     from ptjax.train import sequence_nll
 
     arrays, cut = encode(model, [{"inputs": "", "targets": t} for t in texts], 1,

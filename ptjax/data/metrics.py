@@ -11,7 +11,8 @@ percentages (0-100) as T5 reports them. The reference is the T5 code base
 * ``t5/evaluation/qa_utils.py``: ``normalize_squad``, ``_f1_score``,
   ``_metric_max_over_ground_truths``, ``qa_metrics``;
 * ``t5/data/glue_utils.py``: which metrics each GLUE / SuperGLUE task reports;
-* ``t5/evaluation/eval_utils.py``: ``compute_avg_glue`` (the benchmark averages).
+* ``t5/evaluation/eval_utils.py``: ``compute_avg_glue`` (the benchmark averages, in
+  ``ptjax.data.benchmarks``).
 
 T5 first maps a label string to its class id (``string_label_to_class_id``), a string
 outside the label set becoming -1; here the strings are compared directly, which gives
@@ -21,7 +22,6 @@ Nothing here imports jax or sklearn; the few sklearn computations T5 uses are wr
 from __future__ import annotations
 
 import collections
-import numbers
 import re
 import string
 from typing import Callable, Hashable, Mapping, Sequence
@@ -66,7 +66,8 @@ def _group_key(group) -> Hashable:
     return group
 
 
-def _mean(values) -> float:
+def mean_score(values) -> float:
+    """The plain mean as a float (T5 averages metrics and tasks unweighted)."""
     return float(np.mean(values))
 
 
@@ -81,7 +82,7 @@ def accuracy(targets: Sequence[str], predictions: Sequence[str]) -> dict:
     set is simply wrong, as T5's -1 class id is.
     """
     _check("accuracy", targets, predictions)
-    return {"accuracy": 100.0 * _mean([p == t for t, p in zip(targets, predictions)])}
+    return {"accuracy": 100.0 * mean_score([p == t for t, p in zip(targets, predictions)])}
 
 
 def _binary_f1(targets: Sequence[str], predictions: Sequence[str], positive: str) -> float:
@@ -137,7 +138,7 @@ def _macro_f1(targets: Sequence[str], predictions: Sequence[str],
         fn = sum(t == c and p != c for t, p in zip(targets, predictions))
         denom = 2 * tp + fp + fn
         per_class.append(2 * tp / denom if denom else 0.0)
-    return 100.0 * _mean(per_class)
+    return 100.0 * mean_score(per_class)
 
 
 def cb_metrics(targets: Sequence[str], predictions: Sequence[str],
@@ -186,7 +187,7 @@ def multirc_metrics(targets: Sequence[str], predictions: Sequence[str],
     by_question = collections.defaultdict(list)
     for t, p, g in zip(targets, predictions, groups):
         by_question[_group_key(g)].append(p == t)
-    em = 100.0 * _mean([all(ok) for ok in by_question.values()])
+    em = 100.0 * mean_score([all(ok) for ok in by_question.values()])
     f1a = _binary_f1(targets, predictions, positive)
     return {"f1a": f1a, "em": em, "score": (f1a + em) / 2}
 
@@ -249,7 +250,7 @@ def squad_metrics(answers_list: Sequence[Sequence[str]],
         gold = [normalize_answer(a) for a in answers]
         em.append(max(float(g == pred) for g in gold))
         f1.append(max(_token_f1(g, pred) for g in gold))
-    return {"em": 100.0 * _mean(em), "f1": 100.0 * _mean(f1)}
+    return {"em": 100.0 * mean_score(em), "f1": 100.0 * mean_score(f1)}
 
 
 def record_metrics(answers_list: Sequence[Sequence[str]], predictions: Sequence[str],
@@ -280,100 +281,6 @@ def record_metrics(answers_list: Sequence[Sequence[str]], predictions: Sequence[
     return {**out, "score": (out["em"] + out["f1"]) / 2}
 
 
-# ------------------------------------------------------------------- benchmark averages
-
-# The metrics each task contributes to its benchmark average (T5 eval_utils.METRIC_NAMES,
-# named as this module names them).
-SUPERGLUE_METRICS = {
-    "boolq": ("accuracy",),
-    "cb": ("accuracy", "macro_f1"),
-    "copa": ("accuracy",),
-    "multirc": ("f1a", "em"),
-    "record": ("em", "f1"),
-    "rte": ("accuracy",),
-    "wic": ("accuracy",),
-    "wsc": ("accuracy",),
-}
-# T5's GLUE average leaves out WNLI (T5 trains on WSC / DPR instead) and counts MNLI
-# once, as the mean of its matched and mismatched accuracies.
-GLUE_METRICS = {
-    "cola": ("matthews_corrcoef",),
-    "sst2": ("accuracy",),
-    "mrpc": ("f1", "accuracy"),
-    "stsb": ("pearson_corrcoef", "spearman_corrcoef"),
-    "qqp": ("f1", "accuracy"),
-    "mnli": ("matched", "mismatched"),
-    "qnli": ("accuracy",),
-    "rte": ("accuracy",),
-}
-_DIAGNOSTICS = {"axb", "axg", "ax"}  # test-only diagnostics: never in the average
-
-
-def _task_score(benchmark: str, task: str, value, expected: Sequence[str]) -> float:
-    """One task's score: a number as given; from a metric dict, the mean of the task's
-    metrics (``expected``), else its "score", else its one metric for a one-metric task
-    (e.g. WSC scored by "exact_match")."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, Mapping):
-        raise MetricError(f"{benchmark}: task {task!r} has {value!r}; give a number or a "
-                          "dict of metrics")
-    if all(k in value for k in expected):
-        return _mean([float(value[k]) for k in expected])
-    if "score" in value:
-        return float(value["score"])
-    others = [k for k in value if k != "score"]
-    if len(expected) == 1 and len(others) == 1:
-        return float(value[others[0]])
-    raise MetricError(f"{benchmark}: task {task!r} needs the metrics "
-                      f"{', '.join(expected)} (or a 'score'); got {', '.join(value) or 'none'}")
-
-
-def _benchmark_score(benchmark: str, task_scores: Mapping, tasks: Mapping) -> float:
-    if not task_scores:
-        raise MetricError(f"{benchmark}: no task scores given")
-    unknown = sorted(set(task_scores) - set(tasks) - _DIAGNOSTICS)
-    missing = [t for t in tasks if t not in task_scores]
-    if unknown or missing:
-        raise MetricError(f"{benchmark}: the average needs exactly the tasks "
-                          f"{', '.join(tasks)}" + (f"; missing {', '.join(missing)}"
-                                                    if missing else "")
-                          + (f"; unknown {', '.join(unknown)}" if unknown else ""))
-    return _mean([_task_score(benchmark, t, task_scores[t], m) for t, m in tasks.items()])
-
-
-def superglue_score(task_scores: Mapping[str, Mapping | float]) -> float:
-    """The SuperGLUE average, as the leaderboard and T5's ``compute_avg_glue`` take it:
-    each task's score is the mean of its metrics (CB: accuracy and macro_f1; MultiRC:
-    f1a and em; ReCoRD: em and f1; the rest: accuracy), then the unweighted mean over
-    the 8 tasks boolq, cb, copa, multirc, record, rte, wic, wsc.
-
-    ``task_scores`` maps each task to its metric dict (as the functions here return
-    them) or directly to its score; a dict without the task's metrics may give its
-    "score". The diagnostics axb / axg may be present and are left out; any other task
-    name, or a missing task, is an error.
-    """
-    return _benchmark_score("superglue_score", task_scores, SUPERGLUE_METRICS)
-
-
-def glue_score(task_scores: Mapping[str, Mapping | float]) -> float:
-    """The GLUE average as T5's ``compute_avg_glue`` takes it: per task the mean of its
-    metrics (CoLA: matthews_corrcoef; MRPC, QQP: f1 and accuracy; STS-B: pearson and
-    spearman; MNLI: its "matched" and "mismatched" accuracies; SST-2, QNLI, RTE:
-    accuracy), then the mean over those 8 tasks. WNLI is not counted, as in T5 (the
-    official leaderboard, which scores WNLI too, averages 9 tasks). MNLI may also be
-    given as two tasks "mnli_matched" and "mnli_mismatched" (each with an "accuracy").
-    """
-    scores = dict(task_scores)
-    if "mnli" not in scores and {"mnli_matched", "mnli_mismatched"} <= set(scores):
-        scores["mnli"] = {
-            "matched": _task_score("glue_score", "mnli_matched",
-                                   scores.pop("mnli_matched"), ("accuracy",)),
-            "mismatched": _task_score("glue_score", "mnli_mismatched",
-                                      scores.pop("mnli_mismatched"), ("accuracy",))}
-    return _benchmark_score("glue_score", scores, GLUE_METRICS)
-
-
 # ------------------------------------------------------------------- metric sets
 
 _WSC_DETERMINERS = frozenset(
@@ -401,7 +308,7 @@ def wsc_metrics(examples: Sequence[Mapping], predictions: Sequence[str]) -> dict
         pw, rw = set(p.split(" ")), set(ref.split(" "))
         predicted.append(int(pw <= rw or rw <= pw))
     gold = [int(ex["label"]) for ex in examples]
-    return {"accuracy": _mean([100.0 * (a == b) for a, b in zip(predicted, gold)])}
+    return {"accuracy": mean_score([100.0 * (a == b) for a, b in zip(predicted, gold)])}
 
 
 METRICS: dict[str, Callable[..., dict]] = {
@@ -469,5 +376,5 @@ def compute(metric_set: str, examples: Sequence[Mapping], predictions: Sequence[
                       if examples and all("group" in ex for ex in examples) else None)
             out = record_metrics(answers, predictions, groups)
     if len(out) > 1 and "score" not in out:
-        out["score"] = _mean(list(out.values()))
+        out["score"] = mean_score(list(out.values()))
     return out

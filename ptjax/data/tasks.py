@@ -234,8 +234,8 @@ TFDS_TASKS = {
 def _tfds():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        import tensorflow as tf
-        import tensorflow_datasets as tfds
+        import tensorflow as tf  # noqa: PLC0415 (optional: the tfds extra)
+        import tensorflow_datasets as tfds  # noqa: PLC0415 (optional: the tfds extra)
     except ImportError as e:  # the demo's install has neither
         raise PtjaxError(f"TFDS tasks need tensorflow-datasets and TensorFlow ({e.name} is not "
                          "installed): pip install -e '.[tfds]'") from None

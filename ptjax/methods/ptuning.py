@@ -25,9 +25,9 @@ import optax
 from ptjax.config.schema import ENCODERS, PTuningConfig  # noqa: F401 (re-exported)
 from ptjax.export import export_prompts
 from ptjax.methods.base import Method, stack_members, uniform_init
-from ptjax.methods.model import ModelMethod
+from ptjax.methods.model import (export_weights, weights_for_forward, weights_init, weights_shapes,
+                                 weights_shardings)
 from ptjax.models.common import PromptInputs
-from ptjax.models.model import abstract_params
 from ptjax.optim import make_optimizer, per_prompt
 from ptjax.prompts import initial_prompts
 
@@ -114,8 +114,7 @@ class PTuningMethod(Method):
                    for k, seed in enumerate(self.seeds)]
         tree = {"encoder": stack_members(members)}
         if self.tunes_weights:
-            tree["params"] = jax.tree.map(lambda p: jnp.array(p, jnp.float32)[None],
-                                          model.params)
+            tree.update(weights_init(model))
         return tree
 
     def shapes(self):
@@ -126,21 +125,19 @@ class PTuningMethod(Method):
         tree = {"encoder": jax.tree.map(
             lambda s: jax.ShapeDtypeStruct((self.K,) + tuple(s.shape), jnp.float32), member)}
         if self.tunes_weights:
-            tree["params"] = jax.tree.map(
-                lambda s: jax.ShapeDtypeStruct((1,) + tuple(s.shape), jnp.float32),
-                abstract_params(self.model_config))
+            tree.update(weights_shapes(self.model_config))
         return tree
 
     def shardings(self, shapes, mesh, rules):
         out = super().shardings(shapes, mesh, rules)
         if self.tunes_weights:
-            out["params"] = ModelMethod.shardings(self, shapes, mesh, rules)["params"]
+            out.update(weights_shardings(self.model_config, mesh, rules))
         return out
 
     def inputs(self, member, frozen):
         params = frozen
         if self.tunes_weights:
-            params = jax.tree.map(lambda p: p.astype(self.dtype), member["params"])
+            params = weights_for_forward(member, self.dtype)
         return params, PromptInputs(embeds=encode(member["encoder"], self.settings.encoder))
 
     def optimizer(self, optim_cfg, total_steps):
@@ -182,6 +179,4 @@ class PTuningMethod(Method):
             with open(os.path.join(path, "adapter_config.json"), "w") as f:
                 json.dump(config, f, indent=2)
         if self.tunes_weights:
-            params = jax.tree.map(lambda p: jnp.asarray(p[0]).astype(model.dtype),
-                                  best["params"])
-            model.save_pretrained(os.path.join(directory, "model"), params=params)
+            export_weights(directory, best, model)

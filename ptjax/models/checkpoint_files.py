@@ -136,7 +136,7 @@ class Weights:
         for name in (TORCH_BIN, TORCH_BIN + ".index.json"):
             if os.path.exists(os.path.join(d, name)):
                 try:
-                    import torch  # noqa: F401
+                    import torch  # noqa: F401, PLC0415 (optional: PyTorch .bin checkpoints)
                 except ImportError:
                     raise PtjaxError(
                         f"{os.path.join(d, name)}: this checkpoint is a PyTorch pickle; "
@@ -179,7 +179,7 @@ class Weights:
             self._readers[key] = lambda value=value: value
 
     def _add_torch(self, file: str):
-        import torch
+        import torch  # noqa: PLC0415 (optional: PyTorch .bin checkpoints)
 
         state = torch.load(file, map_location="cpu", weights_only=True)
         for key, tensor in state.items():

@@ -114,9 +114,9 @@ def logical(init, *axes: str | None):
 
 def remat_layer(layer_cls, remat: str):
     """Wrap a layer class in ``nn.remat`` with the named policy ('none' = no remat; 'auto'
-    is resolved by ``ptjax.train.setup`` from the compiled step's memory, see
-    ``ptjax.plan.choose_remat``)."""
-    if remat == "auto":  # resolved by ptjax.train.setup for the train step; a forward
+    is resolved by ``ptjax.aot.auto_remat`` from the compiled step's memory, see
+    ``ptjax.aot.choose_remat``)."""
+    if remat == "auto":  # resolved by ptjax.aot.auto_remat for the train step; a forward
         return layer_cls  # pass alone (evaluation) has nothing to rematerialise
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; valid: {sorted(REMAT_POLICIES)}")

@@ -13,7 +13,7 @@ import random
 import jax
 from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                         trainers)
-from transformers import PreTrainedTokenizerFast
+import transformers
 
 from ptjax.errors import PtjaxError
 from ptjax.models import gpt2, t5
@@ -80,7 +80,7 @@ def train_tokenizer(family: str, vocab_size: int = 512, texts=None, extra_ids: i
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
         sentinels = [f"<extra_id_{i}>" for i in reversed(range(extra_ids))]
         tok.add_special_tokens(sentinels)
-        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
                                        eos_token="</s>", unk_token="<unk>",
                                        additional_special_tokens=sentinels)
     if family == "gpt2":
@@ -91,7 +91,7 @@ def train_tokenizer(family: str, vocab_size: int = 512, texts=None, extra_ids: i
             vocab_size=vocab_size, special_tokens=[GPT2_EOS],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
         # GPT-2 has no pad token; padding with EOS is the usual choice (masked anyway).
-        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=GPT2_EOS,
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=GPT2_EOS,
                                        eos_token=GPT2_EOS, unk_token=GPT2_EOS,
                                        pad_token=GPT2_EOS)
     raise PtjaxError(f"unknown tiny model family {family!r}; valid: t5, gpt2")

@@ -15,6 +15,7 @@ from ptjax import config as config_lib
 from ptjax.data import pipeline
 from ptjax.errors import PtjaxError
 from ptjax.optim import learning_rate_schedule
+from ptjax.rundir import newest_checkpoint
 from ptjax.sharding import global_batch, to_host
 
 
@@ -46,6 +47,19 @@ def _keep_improved(improved_K, trainable, best):
     return jax.tree.map(
         lambda new, old: jnp.where(improved_K.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
         trainable, best)
+
+
+def resume(ckpt_dir: str, tc, state, K: int):
+    """(start step, state, ``Best``, damaged checkpoints) from the newest intact checkpoint
+    in ``ckpt_dir`` (read without writing anything), or step 0 with ``state`` as given."""
+    best = Best(state.trainable, K)
+    start, restored, damaged = newest_checkpoint(
+        ckpt_dir, tc.keep_checkpoints, lambda r, step: r.restore(step, state, best.tree))
+    if restored is not None:
+        state, best_tree, meta = restored
+        best = Best(state.trainable, K, meta["best_metric"], meta["best_step"], best_tree)
+        assert meta["data_position"] == start * tc.batch_size
+    return start, state, best, damaged
 
 
 def step_events(s: int, tc) -> tuple[bool, bool]:

@@ -18,13 +18,13 @@ from ptjax import methods
 from ptjax.aot import (GiB, compile_step, compiled_peak, device_memory_limit, per_device_bytes,
                        resolve_remat, with_shardings)
 from ptjax.errors import PtjaxError
-from ptjax.methods.base import check_lengths
+from ptjax.methods.base import check_run
 from ptjax.models.attention import cudnn_serves
 from ptjax.models.common import ModelOptions
 from ptjax.models.hf_config import architecture
 from ptjax.models.model import DTYPES, Model, abstract_params, count_params, param_shardings
 from ptjax.models.named import model_path
-from ptjax.sharding import check_batch_size, initialize_distributed, logical_rules, make_mesh
+from ptjax.sharding import initialize_distributed, logical_rules, make_mesh
 
 
 def parse_bytes(text: str) -> float:
@@ -51,10 +51,8 @@ def plan(cfg, device_memory: float | None = None) -> dict:
     model = Model(config=config, params=None, dtype=dtype, path=path, remat=cfg.model.remat,
                   attention=cfg.model.attention, mesh=mesh, fsdp=cfg.mesh.fsdp)
     method = methods.build(cfg, config, dtype)
-    method.check(model)
-    check_lengths(model, method, cfg)
+    check_run(model, method, cfg, mesh)
     tc = cfg.train
-    check_batch_size(tc.batch_size, mesh)
 
     rules = logical_rules(cfg.mesh.fsdp)
     frozen = None

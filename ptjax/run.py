@@ -24,14 +24,14 @@ from ptjax.data.tasks import load_task
 from ptjax.design import run_design
 from ptjax.errors import PtjaxError
 from ptjax.evaluation import build_dev_set, ensemble_table, evaluate, predict
-from ptjax.loop import Best, step_loop
-from ptjax.methods.base import check_lengths, place_trainable
+from ptjax.loop import resume, step_loop
+from ptjax.methods.base import check_lengths, check_run, place_trainable
 from ptjax.models.model import count_params
-from ptjax.models.named import TINY, base_model_path, prepare
+from ptjax.models.named import base_model_path, prepare
 from ptjax.prompts import load_table
-from ptjax.rundir import (MetricsLog, NullLog, check_output_dir, check_resumable, claim_run_dir,
-                          locked_run, member_names, newest_checkpoint, open_checkpoints, write_json)
-from ptjax.sharding import check_batch_size, is_main_process, place, replicated, sync, to_host
+from ptjax.rundir import (MetricsLog, NullLog, check_start, claim_run_dir, data_shards, locked_run,
+                          member_names, open_checkpoints, write_json)
+from ptjax.sharding import is_main_process, place, replicated, sync, to_host
 from ptjax.taskdata import dev_task_config, encoding, prepare_data, verbalizing
 from ptjax.train import setup
 from ptjax.trained import restore_run
@@ -49,40 +49,23 @@ def train(cfg) -> dict:
 
 
 def _train(cfg, main, locks) -> dict:
-    run_dir, tc = cfg.run_dir, cfg.train
-    if main and os.path.isdir(run_dir):
-        check_resumable(run_dir, cfg)
-    if cfg.model.path in TINY and not os.path.exists(
-            os.path.join(cfg.model.tiny_dir, cfg.model.path, "config.json")):
-        check_output_dir(os.path.join(cfg.model.tiny_dir, cfg.model.path), "model.tiny_dir")
+    check_start(cfg, main)
     mesh, model = prepare(cfg)
     method = methods.build(cfg, model.config, model.dtype)
     if not method.trains:  # prompt design: evaluate the bare model, nothing to train
         return run_design(cfg, mesh, model, method)
-    method.check(model)
-    check_lengths(model, method, cfg)
-    check_batch_size(tc.batch_size, mesh)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    # the data order a run started with is kept (see TrainStream)
-    _, meta, _ = newest_checkpoint(ckpt_dir, tc.keep_checkpoints, lambda r, s: r.restore_meta(s))
-    data = prepare_data(model, cfg, (meta or {}).get("data_shards",
-                                                     tc.data_shards or jax.process_count()))
+    check_run(model, method, cfg, mesh)
+    ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
+    data = prepare_data(model, cfg, data_shards(ckpt_dir, cfg.train))
     trainable = place_trainable(method, method.init(model, cfg, data.task), mesh, cfg)
     frozen = None if method.tunes_weights else model.params
     # the step's model has model.remat=auto resolved; evaluation runs ``model`` (no remat)
     _, state, step_fn = setup(auto_remat(model, method, cfg, mesh, trainable, frozen), method,
                               cfg, mesh, trainable, frozen)
-    best = Best(state.trainable, method.K)
-    start, restored, damaged = newest_checkpoint(
-        ckpt_dir, tc.keep_checkpoints, lambda r, step: r.restore(step, state, best.tree))
-    if restored is not None:
-        state, best_tree, meta = restored
-        best = Best(state.trainable, method.K, meta["best_metric"], meta["best_step"],
-                    best_tree)
-        assert meta["data_position"] == start * tc.batch_size
+    start, state, best, damaged = resume(ckpt_dir, cfg.train, state, method.K)
     # Every check has passed: from here the run directory is created and written.
-    claim_run_dir(run_dir, main, locks)
-    ckpt = open_checkpoints(ckpt_dir, tc.keep_checkpoints, main, damaged, start)
+    claim_run_dir(cfg.run_dir, main, locks)
+    ckpt = open_checkpoints(ckpt_dir, cfg.train.keep_checkpoints, main, damaged, start)
     try:
         return _loop(cfg, main, ckpt, model, method, mesh, data, state, step_fn, best, frozen,
                      start)

@@ -20,11 +20,13 @@ import hashlib
 import json
 import os
 
+import jax
 from tensorboardX import SummaryWriter
 
 from ptjax import config as config_lib
 from ptjax.checkpoint import Checkpointer
 from ptjax.errors import PtjaxError
+from ptjax.models.named import TINY
 from ptjax.sharding import initialize_distributed, is_main_process, sync
 
 # Keys a rerun may change and still resume the same run: its length, its display, and
@@ -256,3 +258,22 @@ def write_json(path: str, obj):
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(tmp, path)
+
+
+def check_start(cfg, main: bool):
+    """Before anything is loaded: a rerun's config must match the run it resumes, and a
+    built-in tiny model not yet written needs a directory it can be written in."""
+    if main and os.path.isdir(cfg.run_dir):
+        check_resumable(cfg.run_dir, cfg)
+    if cfg.model.path in TINY and not os.path.exists(
+            os.path.join(cfg.model.tiny_dir, cfg.model.path, "config.json")):
+        check_output_dir(os.path.join(cfg.model.tiny_dir, cfg.model.path), "model.tiny_dir")
+
+
+def data_shards(ckpt_dir: str, tc) -> int:
+    """How many shards a run's train data is cut into: as the run started (its newest
+    checkpoint says), so a resumed run keeps its data order on another number of
+    processes (``TrainStream``); else ``train.data_shards`` or one per process."""
+    _, meta, _ = newest_checkpoint(ckpt_dir, tc.keep_checkpoints,
+                                   lambda reader, step: reader.restore_meta(step))
+    return (meta or {}).get("data_shards", tc.data_shards or jax.process_count())

@@ -19,7 +19,7 @@ import numpy as np
 from ptjax.data.templates import parse
 from ptjax.errors import PtjaxError
 from ptjax.optim import make_optimizer, per_prompt
-from ptjax.sharding import logical_rules, place
+from ptjax.sharding import check_batch_size, logical_rules, place
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +147,14 @@ def check_lengths(model, method, cfg):
                          f"({cfg.task.max_input_length}) + task.max_target_length "
                          f"({cfg.task.max_target_length}) = {total} exceeds the model's "
                          f"{limit} positions")
+
+
+def check_run(model, method, cfg, mesh):
+    """Every one-line error a run's method, lengths and batch can give before any step
+    (``ptjax train`` and ``ptjax plan`` alike)."""
+    method.check(model)
+    check_lengths(model, method, cfg)
+    check_batch_size(cfg.train.batch_size, mesh)
 
 
 def place_trainable(method, tree, mesh, cfg):

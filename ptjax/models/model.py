@@ -20,11 +20,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+# transformers loads its submodules on first use (its lazy module): importing it is cheap
+import transformers
 from flax import traverse_util
 from flax.linen import meta as nn_meta
 from safetensors.flax import save_file
-# transformers loads its submodules on first use (its lazy module): importing it is cheap
-import transformers
 
 from ptjax.errors import PtjaxError
 from ptjax.models import checkpoint_files, gpt2, t5

@@ -11,9 +11,9 @@ import os
 import random
 
 import jax
+import transformers
 from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                         trainers)
-import transformers
 
 from ptjax.errors import PtjaxError
 from ptjax.models import gpt2, t5

@@ -4,6 +4,7 @@
     df = pa.load_results("runs/demo")     # one row per run x eval step
     runs = pa.load_runs("runs/demo")      # one row per run: best step and best dev score
     pa.summarize(runs)                    # mean, std, 95% CI, min, max over seeds per setting
+    pa.load_tables("runs/demo")           # every CSV a report wrote: {"summary": ..., ...}
 
 Works on a sweep directory (``ptjax sweep``) and on a single run directory
 (``ptjax train``). Columns: ``run``, ``job``, ``prompt`` (its slot in the job), ``seed``,
@@ -18,6 +19,7 @@ import json
 import os
 
 import numpy as np
+import pandas as pd
 
 from ptjax import config as config_lib
 from ptjax import methods
@@ -180,6 +182,16 @@ def summarize(runs, by=None, value: str = "best"):
         out[c] = g[c].first()
     out["best_step_mean"] = g["best_step"].mean()
     return out.reset_index()
+
+
+def load_tables(directory: str) -> dict:
+    """Every ``*.csv`` directly in ``directory`` as {file name without .csv: DataFrame}:
+    a sweep directory's (``results``, ``runs``, ``summary``, ``ensemble``) or the lab's
+    ``experiments/lab/results/tables`` (``pretraining``, ``probe``, ``fig1-summary``...)."""
+    if not os.path.isdir(directory):
+        raise PtjaxError(f"{directory}: not a directory; give one that holds CSV tables")
+    return {name[:-4]: pd.read_csv(os.path.join(directory, name))
+            for name in sorted(os.listdir(directory)) if name.endswith(".csv")}
 
 
 def load_ensembles(directory: str):

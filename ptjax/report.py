@@ -308,9 +308,10 @@ def write_report(directory: str) -> dict:
     if few < MIN_SEEDS_FOR_CI:
         which = "per setting" if summary["seeds"].max() == few else "for some settings"
         lines += [f"With {few} seed{'s' * (few > 1)} {which}, ci95 "
-                  + ("is a Student's t interval with 1 degree of freedom (12.7 x std / "
-                     "sqrt(2)), too wide to read" if few == 2 else "is undefined")
-                  + ", so the figures draw the seeds' range (min to max) instead; run "
+                  + ("is a Student's t interval with 1 degree of freedom, 12.7 x std / "
+                     "sqrt(2): about 9 standard deviations each side" if few == 2
+                     else "is undefined (NaN)")
+                  + ". The figures draw the seeds' range (min to max) instead; run "
                   f"{MIN_SEEDS_FOR_CI} or more seeds for 95% intervals.", ""]
     if transfer:
         cols = [c for c in analysis.setting_columns(runs) if runs[c].nunique() > 1]

@@ -126,12 +126,12 @@ def test_report_md_and_summary_say_what_the_bars_are(tmp_path):
     text = open(os.path.join(d, "report.md")).read()
     assert "| min | max |" in text and "| 54.00 | 64.00 |" in text
     assert ("With 2 seeds per setting, ci95 is a Student's t interval with 1 degree of "
-            "freedom (12.7 x std / sqrt(2)), too wide to read, so the figures draw the "
-            "seeds' range (min to max) instead") in text
+            "freedom, 12.7 x std / sqrt(2): about 9 standard deviations each side. The "
+            "figures draw the seeds' range (min to max) instead") in text
     assert ("Sizes such as 236K count the model's parameters: all its weights, embeddings "
             "too, not the prompt's.") in text
     # 3 seeds: intervals, and no such note
     d = _fake_sweep(tmp_path / "three", seeds=(0, 1, 2))
     report.write_report(d)
     text = open(os.path.join(d, "report.md")).read()
-    assert "too wide to read" not in text and "Sizes such as 236K" in text
+    assert "seeds' range" not in text and "Sizes such as 236K" in text

@@ -3,7 +3,8 @@
     import ptjax.analysis as pa
     df = pa.load_results("runs/demo")     # one row per run x eval step
     runs = pa.load_runs("runs/demo")      # one row per run: best step and best dev score
-    pa.summarize(runs)                    # mean, std, 95% CI over seeds per setting
+    pa.summarize(runs)                    # mean, std, 95% CI, min, max over seeds per setting
+    pa.load_tables("runs/demo")           # every CSV a report wrote: {"summary": ..., ...}
 
 Works on a sweep directory (``ptjax sweep``) and on a single run directory
 (``ptjax train``). Columns: ``run``, ``job``, ``prompt`` (its slot in the job), ``seed``,
@@ -162,8 +163,10 @@ def ci95(std, n):
 
 
 def summarize(runs, by=None, value: str = "best"):
-    """Mean, std, count and 95% interval half-width (``ci95``) over seeds of ``value`` per
-    setting (``by`` defaults to every setting column that varies)."""
+    """Mean, std, count (``seeds``), 95% interval half-width (``ci95``), ``min`` and ``max``
+    over seeds of ``value`` per setting (``by`` defaults to every setting column that
+    varies). With 2 seeds ci95 is 12.7 x std / sqrt(2) (t with 1 degree of freedom), too
+    wide to read; min and max are what the seeds gave."""
     if by is None:
         by = [c for c in setting_columns(runs) if runs[c].nunique(dropna=False) > 1] or \
             [c for c in ("model.path", "task.name") if c in runs.columns][:1]
@@ -171,10 +174,22 @@ def summarize(runs, by=None, value: str = "best"):
     g = runs.groupby(list(by), dropna=False)
     out = g[value].agg(["mean", "std", "count"]).rename(columns={"count": "seeds"})
     out["ci95"] = ci95(out["std"], out["seeds"])
+    out["min"] = g[value].min()
+    out["max"] = g[value].max()
     for c in extra:
         out[c] = g[c].first()
     out["best_step_mean"] = g["best_step"].mean()
     return out.reset_index()
+
+
+def load_tables(directory: str) -> dict:
+    """Every ``*.csv`` directly in ``directory`` as {file name without .csv: DataFrame}:
+    a sweep directory's (``results``, ``runs``, ``summary``, ``ensemble``) or the lab's
+    ``experiments/lab/results/tables`` (``pretraining``, ``probe``, ``fig1-summary``...)."""
+    if not os.path.isdir(directory):
+        raise PtjaxError(f"{directory}: not a directory; give one that holds CSV tables")
+    return {name[:-4]: pd.read_csv(os.path.join(directory, name))
+            for name in sorted(os.listdir(directory)) if name.endswith(".csv")}
 
 
 def load_ensembles(directory: str):

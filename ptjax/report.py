@@ -3,7 +3,8 @@
 Writes into the sweep directory:
   results.csv     one row per run x eval step (``ptjax.analysis.load_results``)
   runs.csv        one row per run: best step and best dev score (early stopping)
-  summary.csv     mean, std and 95% interval over seeds of each setting's best dev score
+  summary.csv     mean, std, 95% interval, min and max over seeds of each setting's best
+                  dev score
   ensemble.csv    each packed job's prompts, their average, the best, the ensemble
   figures/        fig1_size.png (score vs model size per method), fig3a_length.png (score
                   vs prompt length per size), fig3b_init.png (score vs init per size),
@@ -13,7 +14,8 @@ Writes into the sweep directory:
 
 With several tasks, a run's score is its task's dev metric and a setting's score is the
 mean over tasks per seed (the SuperGLUE average is a mean of task scores), then the mean
-and std over seeds.
+and std over seeds. A figure's bars are the 95% interval over seeds, or, where a point has
+fewer than 3 seeds, the seeds' range (min to max); the figure's title says which.
 """
 from __future__ import annotations
 
@@ -25,6 +27,13 @@ import re
 import numpy as np
 
 from ptjax import analysis
+
+# Fewer seeds than this and the figures draw the seeds' range, not a 95% t-interval: with 2
+# seeds t = 12.7, so the demo's intervals ran from -17% to 172% accuracy.
+MIN_SEEDS_FOR_CI = 3
+# What a size label (size_label: "236K") in a legend counts: run.py's results.json
+# "parameters", every leaf of the loaded model's params.
+SIZE_LEGEND = "size: the model's parameters, all its\nweights (embeddings too), not the prompt's"
 
 
 def size_label(parameters) -> str:
@@ -72,7 +81,7 @@ def _task_mean(runs, by):
     cols = [c for c in by if c != "task.name"]
     per_seed = runs.groupby(cols + ["seed"], dropna=False)["best"].mean().reset_index()
     table = per_seed.groupby(cols, dropna=False)["best"].agg(
-        ["mean", "std", "count"]).reset_index()
+        ["mean", "std", "count", "min", "max"]).reset_index()
     table["ci95"] = analysis.ci95(table["std"], table["count"])
     return table
 
@@ -89,8 +98,23 @@ def _label(hue, values) -> str:
     return ", ".join(parts)
 
 
-def _plot(ax, table, x, hue, xlabel, logx=False, categorical=False):
-    """One line (mean, 95% interval over seeds) per value of the ``hue`` columns."""
+def spread(table) -> tuple[str, str]:
+    """How a figure shows the spread over seeds of its points (a ``_task_mean`` table):
+    ("ci95", ...) where every point has at least MIN_SEEDS_FOR_CI seeds, else ("range",
+    ...), the seeds' min to max; the second item says so in the figure's title."""
+    lo, hi = int(table["count"].min()), int(table["count"].max())
+    seeds = f"{lo}" if lo == hi else f"{lo}-{hi}"
+    if lo >= MIN_SEEDS_FOR_CI:
+        return "ci95", f"mean of {seeds} seeds; bars: 95% interval (Student's t)"
+    if hi == 1:
+        return "range", "1 seed: no interval"
+    return "range", (f"mean of {seeds} seeds; bars: their range (min to max), "
+                     "too few for a 95% interval")
+
+
+def _plot(ax, table, x, hue, xlabel, bars="ci95", logx=False, categorical=False):
+    """One line per value of the ``hue`` columns: the mean over seeds, with bars of the
+    95% interval (``bars`` "ci95") or of the seeds' range ("range")."""
     from matplotlib.ticker import NullFormatter  # noqa: PLC0415 (after the backend choice)
     from matplotlib.ticker import ScalarFormatter  # noqa: PLC0415 (after the backend choice)
 
@@ -98,7 +122,9 @@ def _plot(ax, table, x, hue, xlabel, logx=False, categorical=False):
     for values, group in table.groupby(hue, dropna=False, sort=True):
         group = group.sort_values(x)
         xs = [categories.index(v) for v in group[x]] if categorical else group[x]
-        ax.errorbar(xs, group["mean"], yerr=group["ci95"].fillna(0.0), marker="o", capsize=3,
+        yerr = (group["ci95"].fillna(0.0) if bars == "ci95" else
+                [group["mean"] - group["min"], group["max"] - group["mean"]])
+        ax.errorbar(xs, group["mean"], yerr=yerr, marker="o", capsize=3,
                     label=_label(hue, values))
     if categorical:
         ax.set_xticks(range(len(categories)))
@@ -114,7 +140,6 @@ def _plot(ax, table, x, hue, xlabel, logx=False, categorical=False):
         if close or len(ticks) > 5:  # e.g. lengths 100 and 150 on a log axis
             ax.tick_params(axis="x", labelrotation=45)
     ax.set_xlabel(xlabel)
-    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
 
 
@@ -179,16 +204,23 @@ def figures(runs, out_dir: str, metric_name: str, facts: dict | None = None) -> 
     def draw(name, title, x, hue, xlabel, **kw):
         hue = hue + [c for c in settings if c not in (x, *hue)]
         table = _task_mean(runs, ["task.name", x, *hue])
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        _plot(ax, table, x, hue, xlabel, **kw)
+        bars, caption = spread(table)
+        fig, ax = plt.subplots(figsize=(8.0, 4.0))
+        _plot(ax, table, x, hue, xlabel, bars, **kw)
         tasks = sorted(runs["task.name"].unique())
         majority = (facts or {}).get("majority", {})
         if tasks and all(t in majority for t in tasks):
             ax.axhline(float(np.mean([majority[t] for t in tasks])), color="gray",
                        linestyle="--", linewidth=1, label="majority class")
-            ax.legend(fontsize=7)
-        ax.set_ylabel(f"dev {metric_name} (%, mean, 95% CI)")
-        ax.set_title(title + (f"\n{describe_facts(facts)}" if facts else ""), fontsize=9)
+        # beside the axes, not over the lines: a size legend's title takes two lines
+        ax.legend(fontsize=7, title=SIZE_LEGEND if "parameters" in hue else None,
+                  title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        low, high = ax.get_ylim()
+        if table["mean"].between(0, 100).all():  # percentages: no bar reaches past 0 or 100
+            ax.set_ylim(max(low, 0.0), min(high, 100.0))
+        ax.set_ylabel(f"dev {metric_name} (%, mean over seeds)")
+        ax.set_title(title + (f"\n{describe_facts(facts)}" if facts else "") + f"\n{caption}",
+                     fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, name)
         fig.savefig(path, dpi=120)
@@ -217,7 +249,8 @@ def figures(runs, out_dir: str, metric_name: str, facts: dict | None = None) -> 
 
 
 FIGURES = ("fig1_size.png", "fig3a_length.png", "fig3b_init.png", "fig3c_pretraining.png")
-SCORES = ("mean", "std", "ci95", "best", "average", "ensemble", "best_step_mean")
+SCORES = ("mean", "std", "ci95", "min", "max", "best", "average", "ensemble",
+          "best_step_mean")
 
 
 def _markdown(df, floatfmt="{:.2f}") -> str:
@@ -267,8 +300,17 @@ def write_report(directory: str) -> dict:
     lines = [f"# Sweep report: {os.path.basename(os.path.normpath(directory))}", "",
              f"{len(runs)} runs of {describe_facts(facts)}; dev metric: {metric}"
              f"{baseline}; best step by early stopping on dev.",
-             "", "## Mean, std and 95% interval (ci95: half-width) over seeds", "",
-             _markdown(summary)]
+             "", "## Mean, std, 95% interval (ci95: half-width), min and max over seeds",
+             "", _markdown(summary)]
+    few = int(summary["seeds"].min())
+    if few < MIN_SEEDS_FOR_CI:
+        which = "per setting" if summary["seeds"].max() == few else "for some settings"
+        lines += [f"With {few} seed{'s' * (few > 1)} {which}, ci95 "
+                  + ("is a Student's t interval with 1 degree of freedom, 12.7 x std / "
+                     "sqrt(2): about 9 standard deviations each side" if few == 2
+                     else "is undefined (NaN)")
+                  + ". The figures draw the seeds' range (min to max) instead; run "
+                  f"{MIN_SEEDS_FOR_CI} or more seeds for 95% intervals.", ""]
     if transfer:
         cols = [c for c in analysis.setting_columns(runs) if runs[c].nunique() > 1]
         t = runs.groupby(cols or ["task.name"], dropna=False)[["best", *transfer]].mean()
@@ -280,8 +322,14 @@ def write_report(directory: str) -> dict:
                           if ensembles[c].nunique() > 1 or c == "task.name"]
                          + ["metric", "prompts", "average", "best", "ensemble"]]
         lines += ["## Prompt ensembles", "", _markdown(show)]
-    lines += ["## Figures", ""] + [f"![{os.path.basename(f)}](figures/{os.path.basename(f)})"
-                                   for f in paths["figures"]]
+    size = size_label(runs["parameters"].max())
+    lines += ["## Figures", "",
+              "Each point is the mean over seeds (of the mean over tasks); each figure's "
+              "title says what its bars are."
+              + (f" Sizes such as {size} count the model's parameters: all its weights, "
+                 "embeddings too, not the prompt's." if size != "?" else ""), ""]
+    lines += [f"![{os.path.basename(f)}](figures/{os.path.basename(f)})"
+              for f in paths["figures"]]
     with open(p := os.path.join(directory, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     paths["report"] = p

@@ -236,3 +236,72 @@ def test_lab_report_tables_every_sweep_axis(tmp_path):
             "prompt, learning_rate 0.3 |") in text
     assert "| 1.81M | 41.0 ± 1.2 | 35.0 ± 1.2 | 33.3 ± 1.2 |" in text
     assert "| 1.81M | 0.20 | 3.10 | 2.40 |" in text  # model, prompt 0.03, prompt 0.3
+
+
+def test_lab_report_writes_its_tables_and_they_load_back(tmp_path):
+    """lab.py report writes OUT/tables/*.csv beside REPORT.md: the pre-training table (from
+    each checkpoint's results.json), the probe's, and each sweep's summary, ensemble and
+    train-loss tables; ``analysis.load_tables`` reads back tables equal to them."""
+    import pandas as pd
+
+    lab = _lab()
+    root, out = tmp_path / "lab", tmp_path / "out"
+    pre = []
+    for name, objective, init, steps, loss in (("span-xs", "span_corruption", "scratch",
+                                                1500, 6.25),
+                                               ("lm500-xs", "prefix_lm", "span", 500, 6.5)):
+        (root / "pretrain" / name / "model").mkdir(parents=True)
+        results = {"objective": objective, "init": init, "steps": steps, "parameters": 134384,
+                   "model": str(root / "pretrain" / name / "model"), "validation_loss": loss}
+        (root / "pretrain" / name / "results.json").write_text(json.dumps(results))
+        pre.append(results)
+    model = str(root / "pretrain" / "lm500-xs" / "model")
+    probe = pd.DataFrame({"checkpoint": [model], "objective": ["prefix_lm"], "steps": [500],
+                          "parameters": [134384], "pairs": [150], "real_more_likely": [68.7],
+                          "ci95_low": [60.9], "ci95_high": [75.5], "nll_per_token": [6.41]})
+    probe.to_csv(root / "probe.csv", index=False)
+    d = root / "fig1"
+    (d / "jobs" / "j0").mkdir(parents=True)
+    summary = pd.DataFrame({"model.path": [model] * 2, "task.name": ["shakespeare_genre"] * 2,
+                            "method.name": ["model", "prompt"], "mean": [34.1, 33.3],
+                            "std": [1.0, 0.0], "seeds": [5, 5], "ci95": [1.2, 0.0],
+                            "min": [33.0, 33.3], "max": [35.5, 33.3],
+                            "parameters": [134384] * 2, "best_step_mean": [150.0, 50.0]})
+    summary.to_csv(d / "summary.csv", index=False)
+    ensemble = pd.DataFrame({"job": ["j0"], "task.name": ["shakespeare_genre"],
+                             "model.path": [model], "method.name": ["prompt"],
+                             "prompt.length": [20], "method": ["majority"],
+                             "metric": ["accuracy"], "prompts": [2], "prompt_0": [33.3],
+                             "prompt_1": [34.0], "average": [33.65], "best": [34.0],
+                             "ensemble": [33.3]})
+    ensemble.to_csv(d / "ensemble.csv", index=False)
+    (d / "runs.csv").write_text(
+        "run,job,prompt,seed,model.path,task.name,method.name,parameters\n"
+        + "".join(f"r{k},j0,{k},{k},{model},shakespeare_genre,{m},134384\n"
+                  for k, m in enumerate(("model", "prompt"))))
+    (d / "jobs" / "j0" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": 100, "split": "train", "prompt": k, "loss": 5.0 + k}) + "\n"
+        for k in range(2)))
+    (out / "tables").mkdir(parents=True)
+    (out / "tables" / "fig3a_length-summary.csv").write_text("a\n1\n")  # from older runs
+    lab.report(str(root), str(out))
+    tables = analysis.load_tables(str(out / "tables"))
+    assert sorted(tables) == ["fig1-ensemble", "fig1-summary", "fig1-train_loss",
+                              "pretraining", "probe"]
+    pd.testing.assert_frame_equal(tables["fig1-summary"], summary)
+    pd.testing.assert_frame_equal(tables["fig1-ensemble"], ensemble)
+    pd.testing.assert_frame_equal(tables["probe"], probe)
+    want = pd.DataFrame([{"run": os.path.basename(os.path.dirname(r["model"])),
+                          "model": r["model"], "parameters": r["parameters"],
+                          "objective": o, "steps": r["steps"],
+                          "validation_loss": r["validation_loss"]}
+                         for r, o in zip(pre, ("span corruption", "LM adapted (500 steps)"))])
+    pd.testing.assert_frame_equal(tables["pretraining"],
+                                  want.sort_values("run").reset_index(drop=True))
+    assert tables["fig1-train_loss"][["run", "loss"]].values.tolist() == [["r0", 5.0],
+                                                                          ["r1", 6.0]]
+    text = open(out / "REPORT.md").read()  # the report's tables are those numbers
+    assert "| lm500-xs | 134K | LM adapted (500 steps) | 500 | 6.500 |" in text
+    assert "| 134K | 34.1 ± 1.2 | 33.3 ± 0.0 |" in text and "| 134K | 5.00 | 6.00 |" in text
+    with pytest.raises(analysis.PtjaxError, match="not a directory"):
+        analysis.load_tables(str(tmp_path / "none"))

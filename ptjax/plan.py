@@ -20,7 +20,6 @@ from ptjax.aot import (GiB, compile_step, compiled_peak, device_memory_limit, pe
 from ptjax.errors import PtjaxError
 from ptjax.methods.base import check_run
 from ptjax.models.attention import cudnn_serves
-from ptjax.models.common import ModelOptions
 from ptjax.models.hf_config import architecture
 from ptjax.models.model import DTYPES, Model, abstract_params, count_params, param_shardings
 from ptjax.models.named import model_path
@@ -103,7 +102,7 @@ def plan(cfg, device_memory: float | None = None) -> dict:
 
 
 def attention_summary(model, cfg) -> dict:
-    """What attention the planned step runs (on this backend) and why."""
+    """What attention the planned step runs (on the mesh's platform) and why."""
     config = model.config
     head_dim = config.d_kv if model.is_encoder_decoder else config.n_embd // config.n_head
     rate = cfg.train.attention_dropout
@@ -113,9 +112,10 @@ def attention_summary(model, cfg) -> dict:
                                "dropout (set it to 0 for the fused path)")
     elif setting != "auto":
         used, why = setting, "model.attention"
-    elif cudnn_serves(ModelOptions(right_padded=True), head_dim=head_dim, dtype=model.dtype,
-                      T=2, S=2, has_bias=False):
-        used, why = "cudnn", "auto: GPU, bf16/fp16, head size fits"
+    elif cudnn_serves(model.options(right_padded=True), head_dim=head_dim, dtype=model.dtype,
+                      T=2, S=2):
+        used, why = "cudnn", ("auto: GPU, bf16/fp16, head size fits (at even sequence "
+                              "lengths; an odd one runs xla)")
     else:
         used, why = "xla", ("auto: cuDNN needs a GPU, bf16/fp16 and a head size that is a "
                             "multiple of 8 up to 256")

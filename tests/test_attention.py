@@ -3,6 +3,8 @@ dot_product_attention) equals the einsum path in logits and in prompt and prefix
 gradients, with padding, prompts, prefixes at every site and T5's relative bias; the cuDNN
 argument form (lengths, causality folded into the bias) checked on CPU through XLA; the
 automatic choice; dropout settings; model.remat=auto."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 from conftest import padded_batch
 
 from ptjax.models import attention
+from ptjax.errors import PtjaxError
 from ptjax.models.common import ModelOptions, PromptInputs
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; measured differences are ~1e-7
@@ -96,7 +99,8 @@ def test_cudnn_arguments_equal_einsum_path_on_right_padded_inputs(loaded, name,
     _, model = loaded[name]
     inputs = _inputs(model)
     ref = _value_and_grads(model, ModelOptions(attention="einsum"), inputs)
-    got = _value_and_grads(model, ModelOptions(attention="cudnn", right_padded=True), inputs)
+    got = _value_and_grads(model, ModelOptions(attention="cudnn", right_padded=True,
+                                               platform="gpu"), inputs)
     _assert_same(got, ref)
     assert cudnn_through_xla and all(impl == "cudnn" and lengths and mask is None
                                      for impl, lengths, _, mask in cudnn_through_xla)
@@ -104,27 +108,48 @@ def test_cudnn_arguments_equal_einsum_path_on_right_padded_inputs(loaded, name,
     cudnn_through_xla.clear()
     no_prefix = inputs[:5] + ({},)
     if not model.is_encoder_decoder:
-        _assert_same(_value_and_grads(model, ModelOptions(attention="cudnn",
-                                                          right_padded=True), no_prefix),
+        _assert_same(_value_and_grads(model, ModelOptions(attention="cudnn", right_padded=True,
+                                                          platform="gpu"), no_prefix),
                      _value_and_grads(model, ModelOptions(attention="einsum"), no_prefix))
         assert any(causal for _, _, causal, _ in cudnn_through_xla)
 
 
 def test_auto_picks_cudnn_only_where_it_serves():
-    ok = dict(head_dim=64, dtype=jnp.bfloat16, T=612, S=612, has_bias=True,
-              dropout_active=False, cached=False, backend="gpu")
-    right = ModelOptions(right_padded=True)
+    ok = dict(head_dim=64, dtype=jnp.bfloat16, T=612, S=612, dropout_active=False,
+              cached=False)
+    right = ModelOptions(right_padded=True, platform="gpu")
     assert attention.resolve(right, **ok) == "cudnn"
-    assert attention.resolve(right, **{**ok, "backend": "cpu"}) == "xla"
-    assert attention.resolve(ModelOptions(), **ok) == "xla"  # any padding: a mask
+    cpu = ModelOptions(right_padded=True, platform="cpu")
+    assert attention.resolve(cpu, **ok) == "xla"
+    assert attention.resolve(ModelOptions(platform="gpu"), **ok) == "xla"  # any padding: a mask
     assert attention.resolve(right, **{**ok, "dtype": jnp.float32}) == "xla"
     assert attention.resolve(right, **{**ok, "head_dim": 60}) == "xla"
-    assert attention.resolve(right, **{**ok, "T": 611}) == "xla"  # a bias needs even T, S
+    # jax 0.10.2's cuDNN backward asks for even T and S with or without a bias
+    assert attention.resolve(right, **{**ok, "T": 611}) == "xla"
+    assert attention.resolve(right, **{**ok, "S": 227}) == "xla"
     assert attention.resolve(right, **{**ok, "dropout_active": True}) == "einsum"
     assert attention.resolve(right, **{**ok, "cached": True}) == "einsum"
     assert attention.resolve(ModelOptions(attention="einsum"), **ok) == "einsum"
     with pytest.raises(ValueError, match="valid: auto, xla, cudnn, einsum"):
         ModelOptions(attention="flash")
+
+
+def test_cudnn_asked_for_off_a_gpu_is_one_line():
+    """model.attention=cudnn compiled for a CPU: ptjax's line, not jax's 'cuDNN is not
+    detected' from inside the trace."""
+    with pytest.raises(PtjaxError, match=r"^model.attention=cudnn needs an NVIDIA GPU, and "
+                                         r"this step is compiled for cpu; .*--target h100$"):
+        attention.resolve(ModelOptions(attention="cudnn", platform="cpu"), head_dim=64,
+                          dtype=jnp.bfloat16, T=8, S=8, dropout_active=False, cached=False)
+
+
+def test_auto_decides_by_the_mesh_platform_not_the_host(loaded):
+    """A model placed on a mesh compiles for the mesh's devices: its options name their
+    platform (a GPU target's mesh says gpu though the host is a CPU)."""
+    _, model = loaded["t5_v1_1"]
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1), ("data", "model"))
+    assert dataclasses.replace(model, mesh=mesh).options().platform == "cpu"
+    assert model.options().platform is None  # no mesh: the default backend decides
 
 
 def _step_loss(model, **kw):

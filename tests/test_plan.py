@@ -82,6 +82,18 @@ def test_plan_command_says_whether_it_fits(tmp_path, capsys):
     assert err == "ptjax: error: --device-memory 'lots' is not a size; give e.g. 80GB or 24GiB"
 
 
+def test_plan_with_cudnn_off_a_gpu_is_one_line(tmp_path, capsys):
+    """Issue 30, finding 4: jax's raw 'cuDNN is not detected' became ptjax's line."""
+    args = ["plan", "model.path=tiny-t5", f"model.tiny_dir={tmp_path}", "prompt.length=8",
+            "task.max_input_length=32", "train.batch_size=8", "mesh.data=1",
+            "model.dtype=bfloat16", "model.attention=cudnn", "train.attention_dropout=0"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ptjax: error: model.attention=cudnn needs an NVIDIA GPU, and this step is "
+                   "compiled for cpu; use model.attention=auto (cuDNN where it can serve) or "
+                   "xla, or plan for a GPU: ptjax plan --target h100"]
+
+
 def test_parse_bytes():
     assert parse_bytes("80GB") == 80 * GiB == parse_bytes("80 GiB")
     assert parse_bytes("1e9") == 1e9

@@ -14,10 +14,14 @@ Implementations (``ModelOptions.attention``, config key ``model.attention``):
           ``key_value_seq_lengths`` and causality (bottom-right aligned, so prefix keys stay
           visible) is folded into that bias: nothing of size [B, H, T, S] is built.
           Needs attention dropout 0, bf16 / fp16, a head size that is a multiple of 8 and
-          <= 256, and right-padded keys (valid keys first), which ptjax's pipeline gives.
-  auto    cudnn on a GPU when all of the above hold, else xla; einsum whenever attention
-          dropout is active (training with ``attention_dropout > 0``) or a KV cache is in
-          use.
+          <= 256, right-padded keys (valid keys first), which ptjax's pipeline gives, and
+          even query and key lengths: jax 0.10.2 replaces ``bias=None`` by a zeros(0)
+          placeholder before its flash-attention check, so cuDNN's backward pass asks for
+          even T and S with or without a bias (an odd length failed while tracing).
+  auto    cudnn when the step is compiled for a GPU (the platform of the model's mesh,
+          else the default backend: a plan for an H100 made on a CPU chooses cuDNN) and
+          all of the above hold, else xla; einsum whenever attention dropout is active
+          (training with ``attention_dropout > 0``) or a KV cache is in use.
 
 T5 numerics are kept on every path: scores and softmax in fp32, masked keys get no weight
 (a row whose keys are all masked, a padding query, gets uniform weights, as before).
@@ -32,6 +36,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ptjax.errors import PtjaxError
 from ptjax.sharding import constrain
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "einsum")
@@ -59,6 +64,10 @@ class ModelOptions:
       ``Model.logits`` accepts any mask and leaves this False.
     mesh, rules: where activations are pinned by ``constrain`` (the model's mesh and the
       logical axis rules its weights were placed with); None = nowhere (no mesh).
+    platform: what the step is compiled for ("gpu", "tpu", "cpu": the mesh's devices',
+      which may be a target without the hardware); None = ``jax.default_backend()``.
+    unroll_layers: the layer stacks unrolled instead of scanned (same arithmetic): XLA's
+      cost analysis counts a loop body once, so FLOPs are counted on this form.
     """
     attention: str = "auto"
     dropout: float | None = None
@@ -67,6 +76,8 @@ class ModelOptions:
     right_padded: bool = False
     mesh: Any = None
     rules: tuple = ()
+    platform: str | None = None
+    unroll_layers: bool = False
 
     def __post_init__(self):
         if self.attention not in IMPLEMENTATIONS:
@@ -118,25 +129,33 @@ def mask_bias(mask) -> jax.Array:
     return jnp.where(mask, 0.0, MASK_VALUE).astype(jnp.float32)
 
 
-def cudnn_serves(options: ModelOptions, *, head_dim: int, dtype, T: int, S: int,
-                 has_bias: bool, backend: str | None = None) -> bool:
-    """Whether cuDNN's fused attention can take this call (see the module docstring);
-    with a bias (which model tuning trains) cuDNN also wants even T and S."""
-    return ((backend or jax.default_backend()) == "gpu" and options.right_padded
+def platform(options: ModelOptions) -> str:
+    """The platform a step with these options is compiled for: "gpu", "tpu" or "cpu"."""
+    return options.platform or jax.default_backend()
+
+
+def cudnn_serves(options: ModelOptions, *, head_dim: int, dtype, T: int, S: int) -> bool:
+    """Whether cuDNN's fused attention can take this call (see the module docstring)."""
+    return (platform(options) == "gpu" and options.right_padded
             and head_dim % 8 == 0 and head_dim <= 256
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-            and (not has_bias or (T % 2 == 0 and S % 2 == 0)))
+            and T % 2 == 0 and S % 2 == 0)
 
 
-def resolve(options: ModelOptions, *, head_dim: int, dtype, T: int, S: int, has_bias: bool,
-            dropout_active: bool, cached: bool, backend: str | None = None) -> str:
+def resolve(options: ModelOptions, *, head_dim: int, dtype, T: int, S: int,
+            dropout_active: bool, cached: bool) -> str:
     """The implementation one attention call uses (see the module docstring)."""
     if dropout_active or cached:
         return "einsum"  # only einsum drops probabilities; decoding steps are tiny
+    if options.attention == "cudnn" and platform(options) != "gpu":
+        raise PtjaxError(f"model.attention=cudnn needs an NVIDIA GPU, and this step is "
+                         f"compiled for {platform(options)}; use model.attention=auto (cuDNN "
+                         "where it can serve) or xla, or plan for a GPU: ptjax plan --target "
+                         "h100")
     if options.attention != "auto":
         return options.attention
-    return "cudnn" if cudnn_serves(options, head_dim=head_dim, dtype=dtype, T=T, S=S,
-                                   has_bias=has_bias, backend=backend) else "xla"
+    return "cudnn" if cudnn_serves(options, head_dim=head_dim, dtype=dtype, T=T, S=S) \
+        else "xla"
 
 
 def _parts(bias):
@@ -190,10 +209,15 @@ def fused_attention(q_BxTxHxDh, k_BxSxHxDh, v_BxSxHxDh, bias, mask: KeyMask | No
             mask=None if mask is None else mask.dense(T), scale=scale, implementation="xla")
     if implementation != "cudnn":
         raise ValueError(f"fused_attention: unknown implementation {implementation!r}")
-    lengths = None
+    lengths = q_lengths = None
     is_causal = False
     if mask is not None:
         lengths = jnp.sum(mask.keys_BxS, axis=1, dtype=jnp.int32)
+        # Every query is valid (ptjax pads keys only). Given explicitly, derived from the
+        # key lengths so it carries their batch axis: under the K members' vmap, jax
+        # 0.10.2's batcher reshapes the [B] placeholder it makes itself to [K x B] and
+        # fails ("cannot reshape array of shape (8,) into shape (40,)").
+        q_lengths = lengths * 0 + T
         if mask.causal and T == S and not parts:
             is_causal = True  # cuDNN skips the masked blocks (top-left = bottom-right here)
         elif mask.causal:
@@ -202,4 +226,5 @@ def fused_attention(q_BxTxHxDh, k_BxSxHxDh, v_BxSxHxDh, bias, mask: KeyMask | No
             parts = parts + (jnp.where(causal_TxS(T, S), 0.0, low)[None, None],)
     return jax.nn.dot_product_attention(
         q_BxTxHxDh, k, v, bias=_summed(parts, q_BxTxHxDh.dtype), scale=scale,
-        is_causal=is_causal, key_value_seq_lengths=lengths, implementation="cudnn")
+        is_causal=is_causal, query_seq_lengths=q_lengths, key_value_seq_lengths=lengths,
+        implementation="cudnn")

@@ -125,13 +125,15 @@ def remat_layer(layer_cls, remat: str):
     return nn.remat(layer_cls, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
 
-def scan_layers(layer_cls, length: int, n_broadcast: int):
+def scan_layers(layer_cls, length: int, n_broadcast: int, unroll: bool = False):
     """Stack ``length`` copies of ``layer_cls`` with ``nn.scan``.
 
     The layer is called as ``layer(carry, *broadcast_args, per_layer_xs)`` and returns
     ``(carry, per_layer_ys)``; parameters get a leading [layers] axis, each layer gets its
     own dropout rng, and ``per_layer_xs`` (a KV cache, or None) is sliced on axis 0.
-    The stacked axis is the logical axis ``layers``.
+    The stacked axis is the logical axis ``layers``. ``unroll`` (``ModelOptions.
+    unroll_layers``) writes out every layer: the same arithmetic, counted whole by XLA's
+    cost analysis.
     """
     return nn.scan(
         layer_cls,
@@ -141,6 +143,7 @@ def scan_layers(layer_cls, length: int, n_broadcast: int):
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * n_broadcast + (0,),
         length=length,
+        unroll=length if unroll else 1,
     )
 
 
@@ -242,8 +245,7 @@ class MultiHeadAttention(nn.Module):
         dropout_active = not self.deterministic and self.dropout_rate > 0.0
         impl = resolve(self.options, head_dim=self.head_dim, dtype=self.dtype,
                        T=q_BxTxHxDh.shape[1], S=k_BxSxHxDh.shape[1],
-                       has_bias=bias_BxHxTxS is not None, dropout_active=dropout_active,
-                       cached=cache is not None)
+                       dropout_active=dropout_active, cached=cache is not None)
         if impl == "einsum":
             # T5X's broadcast_dropout: one mask for every query ([B, H, 1, S])
             drop = nn.Dropout(self.dropout_rate,

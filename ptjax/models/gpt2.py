@@ -124,7 +124,8 @@ class GPT2(nn.Module):
                             embedding_init=logical(init, "vocab", "embed"))
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=self.dtype,
                             embedding_init=logical(init, "positions", "embed"))
-        self.h = scan_layers(remat_layer(Block, self.remat), cfg.n_layer, 2)(
+        self.h = scan_layers(remat_layer(Block, self.remat), cfg.n_layer, 2,
+                             self.options.unroll_layers)(
             cfg, self.dtype, self.deterministic, self.options)
         self.ln_f = layer_norm(cfg, self.dtype)
         self.drop = nn.Dropout(self.options.hidden_rate(cfg.embd_pdrop),

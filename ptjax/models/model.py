@@ -65,6 +65,8 @@ class Model:
     # to it by the same logical axis rules (``ModelOptions.constrain``); None = one device
     mesh: Any = None
     fsdp: bool = False
+    # layers written out instead of scanned: for counting FLOPs (``ModelOptions``)
+    unroll_layers: bool = False
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -86,8 +88,9 @@ class Model:
         """``ModelOptions(**kw)`` with this model's attention implementation and, on a mesh,
         its mesh and logical axis rules (activation sharding constraints)."""
         if self.mesh is not None:
-            kw = dict(mesh=self.mesh, rules=logical_rules(self.fsdp), **kw)
-        return ModelOptions(attention=self.attention, **kw)
+            kw = dict(mesh=self.mesh, rules=logical_rules(self.fsdp),
+                      platform=self.mesh.devices.flat[0].platform, **kw)
+        return ModelOptions(attention=self.attention, unroll_layers=self.unroll_layers, **kw)
 
     @functools.cached_property
     def _jit_logits(self):

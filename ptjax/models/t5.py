@@ -239,7 +239,8 @@ class Encoder(nn.Module):
         attn_bias = (_by_heads(self.options, relpos), KeyMask(key_mask))
         drop = _dropout(cfg, self.options)
         x = constrain_hidden(self.options, drop(embeds_BxSxD, deterministic=self.deterministic))
-        layers = scan_layers(remat_layer(EncoderLayer, self.remat), cfg.num_layers, 1)
+        layers = scan_layers(remat_layer(EncoderLayer, self.remat), cfg.num_layers, 1,
+                             self.options.unroll_layers)
         x, _ = layers(cfg, self.dtype, self.deterministic, self.options, name="layers")(
             x, attn_bias, prefix)
         x = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="final_norm")(x)
@@ -293,7 +294,7 @@ class Decoder(nn.Module):
         drop = _dropout(cfg, self.options)
         x = constrain_hidden(self.options, drop(embeds_BxTxD, deterministic=self.deterministic))
         layer = remat_layer(DecoderLayer, self.remat)
-        layers = scan_layers(layer, cfg.num_decoder_layers, 4)
+        layers = scan_layers(layer, cfg.num_decoder_layers, 4, self.options.unroll_layers)
         x, new_cache = layers(cfg, self.dtype, self.deterministic, self.prefill, self.options,
                               name="layers")(x, enc_BxSxD, self_attn, KeyMask(enc_key_mask),
                                              cache_index, (cache, self_prefix, cross_prefix))

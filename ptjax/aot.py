@@ -14,7 +14,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from ptjax.sharding import batch_sharding
+from ptjax.sharding import batch_sharding, make_mesh, replicated
 from ptjax.train import setup
 from ptjax.verbalizers import scoring
 
@@ -118,7 +118,8 @@ def compiled_peak(compiled) -> int:
 def cpu_weight_upcast(model, trainable, frozen) -> int:
     """XLA's CPU backend has no bf16/fp16 matmuls: it converts the (loop-invariant) weights
     to fp32 once, a weight-sized temporary that GPUs and TPUs never allocate."""
-    if jax.default_backend() != "cpu" or model.dtype == jnp.float32:
+    if (model.options().platform or jax.default_backend()) != "cpu" or \
+            model.dtype == jnp.float32:
         return 0
     weights = frozen if frozen is not None else trainable["params"]
     return per_device_bytes(weights) * 4 // jnp.dtype(model.dtype).itemsize
@@ -150,3 +151,24 @@ def auto_remat(model, method, cfg, mesh, trainable, frozen):
         print(f"model.remat=auto: {model.remat} (compiled peaks: " + ", ".join(
             f"{k} {v / GiB:.2f} GiB" for k, v in peaks.items()) + ")", flush=True)
     return model
+
+
+def step_flops(model, method, cfg, trainable, frozen) -> float:
+    """Model FLOPs of one train step, all devices together: the step lowered (not compiled)
+    on one CPU device with every layer written out and attention as XLA's dots, so XLA's
+    cost analysis counts each layer (a scanned body is counted once) and each attention
+    product (cuDNN's custom calls count nothing); no remat, so no recomputation."""
+    flat = dataclasses.replace(model, unroll_layers=True, attention="xla", remat="none",
+                               mesh=None)
+    one = make_mesh(1, 1, devices=jax.local_devices(backend="cpu")[:1])
+    rep = replicated(one)
+
+    def on_one(tree):
+        return None if tree is None else jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
+    _, state, step = setup(flat, method, cfg, one, on_one(trainable), on_one(frozen),
+                           abstract=True)
+    cost = step.lower(state, on_one(frozen), abstract_batch(flat, cfg, one)).cost_analysis()
+    if isinstance(cost, list):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))

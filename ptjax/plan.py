@@ -16,7 +16,7 @@ import numpy as np
 
 from ptjax import methods
 from ptjax.aot import (GiB, compile_step, compiled_peak, device_memory_limit, per_device_bytes,
-                       resolve_remat, with_shardings)
+                       resolve_remat, step_flops, with_shardings)
 from ptjax.errors import PtjaxError
 from ptjax.methods.base import check_run
 from ptjax.models.attention import cudnn_serves
@@ -24,6 +24,7 @@ from ptjax.models.hf_config import architecture
 from ptjax.models.model import DTYPES, Model, abstract_params, count_params, param_shardings
 from ptjax.models.named import model_path
 from ptjax.sharding import initialize_distributed, logical_rules, make_mesh
+from ptjax.targets import Target
 
 
 def parse_bytes(text: str) -> float:
@@ -39,11 +40,15 @@ def parse_bytes(text: str) -> float:
                          "24GiB") from None
 
 
-def plan(cfg, device_memory: float | None = None) -> dict:
+def plan(cfg, device_memory: float | None = None, target: Target | None = None) -> dict:
     """Compile the run's train step on abstract inputs; memory per device in bytes.
-    With ``model.remat=auto`` the policy it would pick is planned (``remat_tried``)."""
-    initialize_distributed(cfg.mesh.distributed)
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
+    With ``model.remat=auto`` the policy it would pick is planned (``remat_tried``).
+    ``target`` (``ptjax.targets.describe``): compile for those accelerators instead of
+    this machine's devices, against their memory."""
+    if target is None:
+        initialize_distributed(cfg.mesh.distributed)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.model,
+                     devices=None if target is None else target.devices)
     path = model_path(cfg.model)
     config = architecture(path)
     dtype = DTYPES[cfg.model.dtype]
@@ -57,25 +62,25 @@ def plan(cfg, device_memory: float | None = None) -> dict:
     frozen = None
     if not method.tunes_weights:
         frozen = with_shardings(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype),
-                                        abstract_params(config)),
-                           param_shardings(config, mesh, rules))
+                                             abstract_params(config)),
+                                param_shardings(config, mesh, rules))
     shapes = method.shapes()
     trainable = with_shardings(shapes, method.shardings(shapes, mesh, rules))
     B, Li, Lt = tc.batch_size, cfg.task.max_input_length, cfg.task.max_target_length
-    model, remat_tried = resolve_remat(model, method, cfg, mesh, trainable, frozen,
-                                       device_memory)
+    if device_memory:
+        limit, source = device_memory, "--device-memory"
+    elif target is not None:
+        limit, source = target.memory, f"{target.name}'s memory"
+    else:
+        limit, source = device_memory_limit()
+    model, remat_tried = resolve_remat(model, method, cfg, mesh, trainable, frozen, limit)
     compiled, state, batch, estimate = compile_step(model, method, cfg, mesh, trainable,
                                                     frozen)
-    cost = compiled.cost_analysis() or {}
-    if isinstance(cost, list):  # older jax returns one dict per computation
-        cost = cost[0] if cost else {}
     peak = compiled_peak(compiled)
-    limit, source = (device_memory, "--device-memory") if device_memory else \
-        device_memory_limit()
-    n_params = count_params(abstract_params(config))
-    upcast = peak - estimate
+    flops = step_flops(model, method, cfg, trainable, frozen)
     return {
-        "model": path, "model_type": config.model_type, "parameters": n_params,
+        "model": path, "model_type": config.model_type,
+        "parameters": count_params(abstract_params(config)),
         "dtype": cfg.model.dtype, "remat": model.remat, "remat_setting": cfg.model.remat,
         "remat_tried": remat_tried, "attention": attention_summary(model, cfg),
         "method": method.name,
@@ -85,17 +90,19 @@ def plan(cfg, device_memory: float | None = None) -> dict:
         "batch_size": B, "input_length": Li, "target_length": Lt,
         "mesh": {"data": mesh.shape["data"], "model": mesh.shape["model"],
                  "fsdp": cfg.mesh.fsdp},
-        "devices": f"{len(mesh.devices.flat)} x {jax.devices()[0].device_kind}",
+        "target": None if target is None else str(target),
+        "devices": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}",
         "per_device": {
             "frozen_weights": 0 if frozen is None else per_device_bytes(frozen),
             "trainable_and_optimizer": per_device_bytes(state),
             "batch": per_device_bytes(batch),
             "temporaries": compiled.memory_analysis().temp_size_in_bytes,
             "peak": peak,
-            "cpu_weight_upcast": upcast,
+            "cpu_weight_upcast": peak - estimate,
             "accelerator_peak": estimate,
         },
-        "flops_per_step_per_device": float(cost.get("flops", 0.0)),
+        "flops_per_step": flops,
+        "flops_per_step_per_device": flops / mesh.devices.size,
         "device_memory": limit, "device_memory_source": source,
         "fits": None if limit is None else bool(estimate <= limit),
     }
@@ -137,8 +144,12 @@ def format_plan(p: dict) -> str:
         + f", {p['trainable_parameters_per_member']:,} trainable parameters each",
         f"attention {p['attention']['train_step']} ({p['attention']['why']})",
         f"batch {p['batch_size']} x (inputs {p['input_length']} + targets "
-        f"{p['target_length']}) on {p['devices']}, mesh data={p['mesh']['data']} "
-        f"model={p['mesh']['model']}{' fsdp' if p['mesh']['fsdp'] else ''}",
+        f"{p['target_length']}) on {p['devices']}"
+        + (f" (compiled for {p['target']}, no hardware needed)" if p.get("target") else "")
+        + f", mesh data={p['mesh']['data']} model={p['mesh']['model']}"
+        + (" fsdp" if p['mesh']['fsdp'] else ""),
+        f"model FLOPs per step {p['flops_per_step']:.3g} ({p['flops_per_step_per_device']:.3g} "
+        "per device; every layer counted, no recomputation)",
         "per device:",
         f"  frozen weights          {g(d['frozen_weights'])}",
         f"  trainable + optimizer   {g(d['trainable_and_optimizer'])}",

@@ -15,7 +15,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = [
     ("errors", ["ptjax.errors"]),
     ("leaf utilities", ["ptjax.sharding", "ptjax.optim", "ptjax.verbalizers",
-                        "ptjax.objectives", "ptjax.checkpoint"]),
+                        "ptjax.objectives", "ptjax.checkpoint", "ptjax.targets"]),
     ("models and data", ["ptjax.models", "ptjax.models.*", "ptjax.data", "ptjax.data.*",
                          "ptjax.prompts", "ptjax.export"]),
     ("config schema", ["ptjax.config", "ptjax.config.*"]),

@@ -58,6 +58,37 @@ def test_plan_counts_what_each_device_holds(tmp_path):
         0.5 * mt["per_device"]["trainable_and_optimizer"]
 
 
+def _compiled_flops(tmp_path, cfg, unroll: bool) -> float:
+    """The reference count: the step compiled on CPU (not just lowered), layers unrolled
+    or scanned, read from XLA's cost analysis."""
+    from ptjax import methods
+    from ptjax.aot import compile_step, with_shardings
+    from ptjax.models.model import Model, param_shardings
+    from ptjax.sharding import logical_rules, make_mesh
+
+    mesh = make_mesh(1, 1)
+    config = architecture(str(tmp_path / "tiny-t5"))
+    model = Model(config=config, params=None, mesh=mesh, unroll_layers=unroll,
+                  attention="xla")
+    method = methods.build(cfg, config)
+    rules = logical_rules(False)
+    frozen = with_shardings(abstract_params(config), param_shardings(config, mesh, rules))
+    trainable = with_shardings(method.shapes(), method.shardings(method.shapes(), mesh, rules))
+    compiled = compile_step(model, method, cfg, mesh, trainable, frozen)[0]
+    return float(compiled.cost_analysis()["flops"])
+
+
+def test_plan_counts_every_layer_of_the_step(tmp_path):
+    """Issue 30, finding 3: XLA's cost analysis counts a scanned layer body once, so the
+    FLOPs were ~L times low; plan's count is the unrolled step's (tiny T5: 2 + 2 layers)."""
+    cfg = _cfg(tmp_path, **{"mesh.data": 1})
+    got = plan(cfg)["flops_per_step"]
+    unrolled = _compiled_flops(tmp_path, cfg, unroll=True)
+    scanned = _compiled_flops(tmp_path, cfg, unroll=False)
+    assert got == pytest.approx(unrolled, rel=0.02)
+    assert got > 1.5 * scanned
+
+
 def test_remat_and_bf16_shrink_the_plan(tmp_path):
     kw = {"mesh.data": 1, "task.max_input_length": 256, "train.batch_size": 32}
     none = plan(_cfg(tmp_path, **kw))["per_device"]

@@ -8,12 +8,15 @@ on a laptop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
 import jax
 import jax.numpy as jnp
 
+from ptjax.evaluation import member_inputs, member_scores, rows_of
+from ptjax.models.generate import gpt2_generate, t5_generate
 from ptjax.sharding import batch_sharding, make_mesh, replicated
 from ptjax.train import setup
 from ptjax.verbalizers import scoring
@@ -172,3 +175,45 @@ def step_flops(model, method, cfg, trainable, frozen) -> float:
     if isinstance(cost, list):  # older jax: one dict per computation
         cost = cost[0] if cost else {}
     return float((cost or {}).get("flops", 0.0))
+
+
+def _on(mesh, tree, sharding=None):
+    """ShapeDtypeStructs of ``tree`` on ``mesh``: their own shardings, else ``sharding``
+    (default: replicated)."""
+    rep = sharding or replicated(mesh)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=getattr(x, "sharding", None) or rep), tree)
+
+
+def compile_eval(model, method, cfg, mesh, trainable, frozen):
+    """AOT-compile rank classification's scoring of one eval batch (every member's
+    summed target log-likelihoods, ``ptjax.evaluation.member_scores``) on abstract inputs
+    with the run's shardings: what ``ptjax eval`` and each dev evaluation run."""
+    rows = -(-cfg.train.eval_batch_size // mesh.shape["data"]) * mesh.shape["data"]
+    batch = {k: v for k, v in abstract_batch(model, cfg, mesh).items()
+             if k not in ("word_mask", "label")}
+    batch = {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype, sharding=v.sharding)
+             for k, v in batch.items()}
+    return member_scores.lower(model, method, trainable, frozen, batch, False).compile()
+
+
+def compile_decode(model, method, cfg, mesh, trainable, frozen):
+    """AOT-compile greedy decoding with the KV cache behind every member (row b*K + k:
+    member k), ``task.max_target_length`` new tokens from a batch of eval inputs: what
+    generative tasks (exact match, F1) and ``ptjax generate`` run."""
+    B = mesh.shape["data"]
+    K = jax.tree.leaves(trainable)[0].shape[0]
+
+    def inputs(trainable, frozen):  # (params, every row's prompt inputs) as decoding takes
+        params, prompts = member_inputs(method, trainable, frozen)
+        return params, None if prompts is None else rows_of(prompts, B)
+    params, prompt = jax.eval_shape(inputs, trainable, frozen)
+    params = _on(mesh, params) if method.tunes_weights else frozen
+    L = cfg.task.max_input_length
+    rows = jax.ShapeDtypeStruct((B * K, L), jnp.int32, sharding=batch_sharding(mesh))
+    prompt = None if prompt is None else _on(mesh, prompt)
+    fn = jax.jit(functools.partial(
+        t5_generate if model.is_encoder_decoder else gpt2_generate, model.config,
+        model.dtype, model.options()), static_argnames=("max_new_tokens",))
+    return fn.lower(params, rows, rows, prompt,
+                    max_new_tokens=cfg.task.max_target_length).compile()

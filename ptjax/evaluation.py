@@ -157,7 +157,7 @@ def _check_labels_fit(model, labels, max_target_length):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 5))
-def _scores(model, method, trainable, frozen, batch, per_token=False):
+def member_scores(model, method, trainable, frozen, batch, per_token=False):
     """Summed log-likelihood of each row's targets for each member -> [K, R] (per_token:
     each target position's log-probability, [K, R, T])."""
     if method is None:
@@ -215,7 +215,7 @@ def predict(model, method, trainable, frozen, dev: DevSet, batch_size: int,
         return Predictions(texts, scores)
     if dev.mode == "rank":
         per_token = dev.verbalizer != ()
-        scores = [sharding.to_host(_scores(model, method, trainable, frozen, put(b),
+        scores = [sharding.to_host(member_scores(model, method, trainable, frozen, put(b),
                                            per_token))[:, :n]
                   for b, n in pipeline.eval_batches(dev.arrays, batch_size)]
         scores = np.concatenate(scores, axis=1)  # [K, total candidates (, T)]

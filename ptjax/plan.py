@@ -8,6 +8,7 @@ batch are also counted from their shardings, so the report can say what takes th
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -40,11 +41,31 @@ def parse_bytes(text: str) -> float:
                          "24GiB") from None
 
 
-def plan(cfg, device_memory: float | None = None, target: Target | None = None) -> dict:
-    """Compile the run's train step on abstract inputs; memory per device in bytes.
-    With ``model.remat=auto`` the policy it would pick is planned (``remat_tried``).
-    ``target`` (``ptjax.targets.describe``): compile for those accelerators instead of
-    this machine's devices, against their memory."""
+@dataclasses.dataclass
+class Planned:
+    """A run's train step compiled on abstract inputs (``compile_plan``): the model (its
+    remat resolved) and method, the mesh, the abstract trainable / frozen trees, the
+    compiled step with its state and batch, the accelerator peak estimate, the remat
+    policies tried, and the device memory it is held against (and where that came from)."""
+    model: object
+    method: object
+    mesh: object
+    trainable: object
+    frozen: object
+    compiled: object
+    state: object
+    batch: object
+    estimate: int
+    remat_tried: dict
+    limit: float | None
+    source: str
+
+
+def compile_plan(cfg, device_memory: float | None = None,
+                 target: Target | None = None) -> Planned:
+    """Compile the run's train step on abstract inputs, for this machine's devices or for
+    ``target``'s (``ptjax.targets.describe``), with ``model.remat=auto`` resolved against
+    ``device_memory`` (default: the target's, else the device's own)."""
     if target is None:
         initialize_distributed(cfg.mesh.distributed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model,
@@ -56,8 +77,6 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None) 
                   attention=cfg.model.attention, mesh=mesh, fsdp=cfg.mesh.fsdp)
     method = methods.build(cfg, config, dtype)
     check_run(model, method, cfg, mesh)
-    tc = cfg.train
-
     rules = logical_rules(cfg.mesh.fsdp)
     frozen = None
     if not method.tunes_weights:
@@ -66,7 +85,6 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None) 
                                 param_shardings(config, mesh, rules))
     shapes = method.shapes()
     trainable = with_shardings(shapes, method.shardings(shapes, mesh, rules))
-    B, Li, Lt = tc.batch_size, cfg.task.max_input_length, cfg.task.max_target_length
     if device_memory:
         limit, source = device_memory, "--device-memory"
     elif target is not None:
@@ -76,17 +94,30 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None) 
     model, remat_tried = resolve_remat(model, method, cfg, mesh, trainable, frozen, limit)
     compiled, state, batch, estimate = compile_step(model, method, cfg, mesh, trainable,
                                                     frozen)
+    return Planned(model, method, mesh, trainable, frozen, compiled, state, batch, estimate,
+                   remat_tried, limit, source)
+
+
+def plan(cfg, device_memory: float | None = None, target: Target | None = None) -> dict:
+    """``compile_plan``'s step summarised: memory per device in bytes (what the weights,
+    the trainable state, the batch and the temporaries take), FLOPs, the remat chosen,
+    whether it fits."""
+    p = compile_plan(cfg, device_memory, target)
+    model, method, mesh, tc = p.model, p.method, p.mesh, cfg.train
+    config, frozen, compiled, estimate = model.config, p.frozen, p.compiled, p.estimate
+    limit, source = p.limit, p.source
+    B, Li, Lt = tc.batch_size, cfg.task.max_input_length, cfg.task.max_target_length
     peak = compiled_peak(compiled)
-    flops = step_flops(model, method, cfg, trainable, frozen)
+    flops = step_flops(model, method, cfg, p.trainable, frozen)
     return {
-        "model": path, "model_type": config.model_type,
+        "model": model.path, "model_type": config.model_type,
         "parameters": count_params(abstract_params(config)),
         "dtype": cfg.model.dtype, "remat": model.remat, "remat_setting": cfg.model.remat,
-        "remat_tried": remat_tried, "attention": attention_summary(model, cfg),
+        "remat_tried": p.remat_tried, "attention": attention_summary(model, cfg),
         "method": method.name,
         "prompts": method.K, "prompt_length": method.prompt_tokens,
         "trainable_parameters_per_member": int(sum(
-            math.prod(x.shape[1:]) for x in jax.tree.leaves(shapes))),
+            math.prod(x.shape[1:]) for x in jax.tree.leaves(p.trainable))),
         "batch_size": B, "input_length": Li, "target_length": Lt,
         "mesh": {"data": mesh.shape["data"], "model": mesh.shape["model"],
                  "fsdp": cfg.mesh.fsdp},
@@ -94,8 +125,8 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None) 
         "devices": f"{mesh.devices.size} x {mesh.devices.flat[0].device_kind}",
         "per_device": {
             "frozen_weights": 0 if frozen is None else per_device_bytes(frozen),
-            "trainable_and_optimizer": per_device_bytes(state),
-            "batch": per_device_bytes(batch),
+            "trainable_and_optimizer": per_device_bytes(p.state),
+            "batch": per_device_bytes(p.batch),
             "temporaries": compiled.memory_analysis().temp_size_in_bytes,
             "peak": peak,
             "cpu_weight_upcast": peak - estimate,

@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # It is installed before the test extra so the extra never replaces it.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test test-slow notebooks lab lab-smoke docs docs-serve lint readme check-docs clean
+.PHONY: demo test test-slow test-targets notebooks lab lab-smoke docs docs-serve lint readme check-docs clean
 
 # The demo's install: no TensorFlow, no torch (docs/install.md quotes its size).
 $(VENV)/.ptjax-base: setup.cfg pyproject.toml
@@ -35,10 +35,24 @@ demo: $(VENV)/.ptjax-base
 PYTEST_WORKERS ?= 4
 PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses $(PYTEST_WORKERS)
 test: $(VENV)/.ptjax-test
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "not slow and not targets"
 
 test-slow: $(VENV)/.ptjax-test
-	$(PYTEST) -m slow
+	$(PYTEST) -m "slow and not targets"
+
+# The compile matrix (tests/test_targets.py): every method and attention path compiled for
+# an H100 and a TPU v5e, one chip and several, on this CPU. Its own venv: the CUDA plugin
+# of the targets extra must not load where a run should start on the CPU.
+TVENV ?= .venv-targets
+$(TVENV)/.ptjax-targets: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(TVENV)
+	$(TVENV)/bin/pip install -q --upgrade pip
+	$(TVENV)/bin/pip install -qq -e ".[targets]"
+	touch $@
+
+test-targets: $(TVENV)/.ptjax-targets
+	JAX_PLATFORMS=cpu $(TVENV)/bin/python -m pytest -q -p no:cacheprovider -m targets \
+		tests/test_targets.py
 
 # The analysis notebooks, executed against the demo sweep's output (after `make demo`).
 notebooks: $(VENV)/.ptjax-test

@@ -104,10 +104,20 @@ def compile_step(model, method, cfg, mesh, trainable, frozen):
     _, state, step = setup(model, method, cfg, mesh, as_abstract(trainable),
                            as_abstract(frozen), abstract=True)
     batch = abstract_batch(model, cfg, mesh)
-    compiled = step.lower(state, frozen if frozen is None else as_abstract(frozen),
-                          batch).compile()
+    compiled = compile_lowered(mesh, step.lower(state, as_abstract(frozen), batch))
     return (compiled, state, batch,
             compiled_peak(compiled) - cpu_weight_upcast(model, trainable, frozen))
+
+
+def compile_lowered(mesh, lowered):
+    """``lowered.compile()`` for ``mesh``'s devices. For a GPU this machine does not have
+    (``ptjax.targets``) XLA cannot autotune, and its Triton matmuls then fail to find tile
+    sizes for some shapes ("Couldn't find output tile sizes"): those compile with cuBLAS's
+    matmuls (``xla_gpu_enable_triton_gemm`` off), the same buffers for the plan."""
+    platform = mesh.devices.flat[0].platform
+    if platform == "gpu" and jax.default_backend() != "gpu":
+        return lowered.compile(compiler_options={"xla_gpu_enable_triton_gemm": False})
+    return lowered.compile()
 
 
 def compiled_peak(compiled) -> int:
@@ -194,7 +204,8 @@ def compile_eval(model, method, cfg, mesh, trainable, frozen):
              if k not in ("word_mask", "label")}
     batch = {k: jax.ShapeDtypeStruct((rows,) + v.shape[1:], v.dtype, sharding=v.sharding)
              for k, v in batch.items()}
-    return member_scores.lower(model, method, trainable, frozen, batch, False).compile()
+    return compile_lowered(mesh, member_scores.lower(model, method, trainable, frozen, batch,
+                                                     False))
 
 
 def compile_decode(model, method, cfg, mesh, trainable, frozen):
@@ -215,5 +226,5 @@ def compile_decode(model, method, cfg, mesh, trainable, frozen):
     fn = jax.jit(functools.partial(
         t5_generate if model.is_encoder_decoder else gpt2_generate, model.config,
         model.dtype, model.options()), static_argnames=("max_new_tokens",))
-    return fn.lower(params, rows, rows, prompt,
-                    max_new_tokens=cfg.task.max_target_length).compile()
+    return compile_lowered(mesh, fn.lower(params, rows, rows, prompt,
+                                          max_new_tokens=cfg.task.max_target_length))

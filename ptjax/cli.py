@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import yaml
 
-from ptjax import __version__
+from ptjax import __version__, targets
 from ptjax.analysis import run_neighbors
 from ptjax.config import load_config, to_dict
 from ptjax.errors import PtjaxError
@@ -240,7 +240,8 @@ def cmd_plan(args):
         check_output_file(args.out, "--out")
     cfg = _config_and_overrides(args.items)
     limit = parse_bytes(args.device_memory) if args.device_memory else None
-    result = plan(cfg, limit)
+    target = targets.describe(args.target, args.topology) if args.target else None
+    result = plan(cfg, limit, target)
     print(format_plan(result))
     if args.out:
         write_plan(result, args.out)
@@ -358,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a YAML config, then dotted.key=value overrides")
     sp.add_argument("--device-memory", default=None,
                     help="memory of the target device (e.g. 80GB) instead of the local one")
+    sp.add_argument("--target", default=None, metavar="NAME",
+                    help="compile for these accelerators without them: "
+                         f"{', '.join(targets.CHIPS)} (needs ptjax[targets])")
+    sp.add_argument("--topology", default="", metavar="SHAPE",
+                    help="with --target: GPUs as 8 (one host) or 2x8; TPU chips as 2x2 "
+                         "(v5e, v6e) or 2x2x1 (v4, v5p); default one")
     sp.add_argument("--out", default=None, help="also write the plan as JSON")
     sp.set_defaults(fn=cmd_plan)
 
@@ -396,7 +403,11 @@ def main(argv=None) -> int:
         if not hasattr(args, "items") or any(x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.items += extra
-    if args.command in ("train", "pretrain", "eval", "plan", "sweep", "neighbors", "export"):
+    if getattr(args, "target", None):
+        # compile-only devices: JAX starts on its CPU, and their executables are not
+        # cached (a compile-only client cannot load one back)
+        targets.start_on_cpu()
+    elif args.command in ("train", "pretrain", "eval", "plan", "sweep", "neighbors", "export"):
         enable_compilation_cache()
     try:
         code = args.fn(args)

@@ -204,6 +204,14 @@ def _per_member(method, trainable, frozen, batch, rngs_K, prng, fn):
 
     # several templates: arrays [B, K, ...], member k reads [:, k] (see data.encoding)
     rows_axis = 1 if batch["input_ids"].ndim == 3 else None
+    if jax.tree.leaves(trainable)[0].shape[0] == 1:
+        # One member (model tuning, a single prompt) runs unbatched, its outputs given the
+        # K axis: the same values, and a trained position bias then reaches cuDNN's
+        # attention as [1, H, T, S], which its vmap rule cannot take batched.
+        rows = batch if rows_axis is None else jax.tree.map(lambda x: x[:, 0], batch)
+        out = one(jax.tree.map(lambda x: x[0], trainable), rows,
+                  None if rngs_K is None else rngs_K[0])
+        return jax.tree.map(lambda x: x[None], out)
     if rngs_K is None:
         return jax.vmap(lambda m, b: one(m, b, None), in_axes=(0, rows_axis))(trainable, batch)
     return jax.vmap(one, in_axes=(0, rows_axis, 0))(trainable, batch, rngs_K)

@@ -209,14 +209,13 @@ def fused_attention(q_BxTxHxDh, k_BxSxHxDh, v_BxSxHxDh, bias, mask: KeyMask | No
             mask=None if mask is None else mask.dense(T), scale=scale, implementation="xla")
     if implementation != "cudnn":
         raise ValueError(f"fused_attention: unknown implementation {implementation!r}")
-    lengths = q_lengths = None
+    lengths = None if mask is None else jnp.sum(mask.keys_BxS, axis=1, dtype=jnp.int32)
+    q, k, v, lengths = _batched_alike(q_BxTxHxDh, k, v, lengths)
+    q_lengths = None
     is_causal = False
     if mask is not None:
-        lengths = jnp.sum(mask.keys_BxS, axis=1, dtype=jnp.int32)
         # Every query is valid (ptjax pads keys only). Given explicitly, derived from the
-        # key lengths so it carries their batch axis: under the K members' vmap, jax
-        # 0.10.2's batcher reshapes the [B] placeholder it makes itself to [K x B] and
-        # fails ("cannot reshape array of shape (8,) into shape (40,)").
+        # key lengths so it carries their batch axis (jax's own [B] placeholder has none).
         q_lengths = lengths * 0 + T
         if mask.causal and T == S and not parts:
             is_causal = True  # cuDNN skips the masked blocks (top-left = bottom-right here)
@@ -225,6 +224,20 @@ def fused_attention(q_BxTxHxDh, k_BxSxHxDh, v_BxSxHxDh, bias, mask: KeyMask | No
             low = -0.5 * float(jnp.finfo(q_BxTxHxDh.dtype).max)
             parts = parts + (jnp.where(causal_TxS(T, S), 0.0, low)[None, None],)
     return jax.nn.dot_product_attention(
-        q_BxTxHxDh, k, v, bias=_summed(parts, q_BxTxHxDh.dtype), scale=scale,
-        is_causal=is_causal, query_seq_lengths=q_lengths, key_value_seq_lengths=lengths,
-        implementation="cudnn")
+        q, k, v, bias=_summed(parts, q.dtype), scale=scale, is_causal=is_causal,
+        query_seq_lengths=q_lengths, key_value_seq_lengths=lengths, implementation="cudnn")
+
+
+def _batched_alike(q, k, v, lengths):
+    """The cuDNN call's operands, each plus an exact zero taken from all of q, k and v.
+
+    Under the K members' vmap some operands are batched and some are not (the key
+    lengths never are; a site's keys may not depend on the member). jax 0.10.2's batching
+    rules for cuDNN attention assume they all carry the vmapped axis: otherwise tracing
+    fails, forward ("cannot reshape array of shape (8,) into shape (40,)": the lengths)
+    and backward (a gradient with an extra axis). ``where(False, x, 0)`` is 0 whatever x
+    holds and is batched wherever x is, so every operand becomes batched alike; outside
+    vmap, and in value, nothing changes (XLA folds it away)."""
+    zero = sum(jnp.where(False, x[(0,) * x.ndim], 0).astype(jnp.float32) for x in (q, k, v))
+    return (q + zero.astype(q.dtype), k + zero.astype(k.dtype), v + zero.astype(v.dtype),
+            None if lengths is None else lengths + zero.astype(jnp.int32))

@@ -16,6 +16,7 @@ from ptjax.models.common import PromptInputs
 class PromptMethod(Method):
     name = "prompt"
     summary = "soft prompt [P, D] prepended to the input embeddings"
+    prompt_init = True
 
     def init(self, model, cfg, task):
         from ptjax.prompts import initial_prompts

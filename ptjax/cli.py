@@ -172,7 +172,7 @@ def cmd_pretrain(args):
 
 
 def cmd_eval(args):
-    from ptjax.run import check_output_file, evaluate_prompts
+    from ptjax.run import check_output_file, dev_task_config, evaluate_prompts
 
     if args.out:  # before the evaluation, not after it
         check_output_file(args.out, "--out")
@@ -180,21 +180,23 @@ def cmd_eval(args):
     items = list(args.items)
     run_dir = _run_dir_of(items[0]) if items and "=" not in items[0] else None
     metrics = evaluate_prompts(cfg, args.prompt, args.split, args.ensemble, run_dir)
+    task = dev_task_config(cfg).name  # named: e.g. a transfer task (task.name=...)
     if args.ensemble:
         for name, values in metrics["prompts"].items():
             each = ", ".join(f"{v:.2f}" for v in values)
             print(f"{args.split} {name}: prompts [{each}]  average {metrics['average'][name]:.2f}"
                   f"  best {metrics['best'][name]:.2f}  ensemble ({args.ensemble}) "
-                  f"{metrics['ensemble'][name]:.2f}")
+                  f"{metrics['ensemble'][name]:.2f} on task {task}")
     else:
         for name, values in metrics.items():
             for k, v in enumerate(values):
-                print(f"member {k}: {args.split} {name} {v:.2f}")
+                print(f"member {k}: {args.split} {name} {v:.2f} on task {task}")
     if args.out:
         import json
 
         with open(args.out, "w") as f:
-            json.dump({"split": args.split, "prompt_file": args.prompt, **metrics}, f, indent=2)
+            json.dump({"task": task, "split": args.split, "prompt_file": args.prompt, **metrics},
+                      f, indent=2)
 
 
 def cmd_sweep(args):

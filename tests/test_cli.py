@@ -4,6 +4,7 @@ logging a line per log step, TensorBoard tags named by the members' settings, op
 W&B in offline mode, and no third-party noise on stderr."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -45,16 +46,20 @@ def test_config_show_prints_every_key_resolved(capsys):
     assert "did you mean 'optim.learning_rate'" in capsys.readouterr().err
 
 
+def ptjax(*args, cwd):
+    """``ptjax ARGS`` as a user runs it: a subprocess, its output captured."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("TRANSFORMERS_VERBOSITY", None)  # the CLI must quiet transformers itself
+    return subprocess.run([sys.executable, "-m", "ptjax.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=str(cwd), timeout=600)
+
+
 @pytest.fixture(scope="module")
 def quiet_run(tmp_path_factory):
     """A 4-step, 2-member run with --no-progress, as a user runs it (a subprocess)."""
     tmp = tmp_path_factory.mktemp("cli")
     run_dir, tiny = str(tmp / "run"), str(tmp / "models")
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    env.pop("TRANSFORMERS_VERBOSITY", None)  # the CLI must quiet transformers itself
-    out = subprocess.run([sys.executable, "-m", "ptjax.cli", "train", PROMPT_TUNING,
-                          *run_args(run_dir, tiny), "--no-progress"],
-                         capture_output=True, text=True, env=env, cwd=str(tmp), timeout=600)
+    out = ptjax("train", PROMPT_TUNING, *run_args(run_dir, tiny), "--no-progress", cwd=tmp)
     assert out.returncode == 0, out.stderr
     return run_dir, out
 
@@ -66,6 +71,32 @@ def test_no_progress_logs_a_line_per_log_step(quiet_run):
     assert [x.split(" step ")[1].split(":")[0] for x in train] == ["1/4", "2/4", "3/4", "4/4"]
     assert len([x for x in lines if ": validation accuracy " in x]) == 2
     assert "PyTorch was not found" not in out.stderr and "[transformers]" not in out.stderr
+
+
+def test_a_normal_run_prints_nothing_from_third_parties(quiet_run, tmp_path):
+    """Issue 31: train, resume, eval, export and generate print ptjax's own lines alone:
+    no absl warning from orbax's read-only checkpoint reader ("Given directory is read
+    only"), no blank lines from the tokenizer trainer, nothing on stderr; and eval names the
+    task it scored (here a transfer task)."""
+    run_dir, train = quiet_run
+    copy = str(tmp_path / "run")  # a copied run continues where it is (quiet_run stays)
+    shutil.copytree(run_dir, copy)
+    runs = {"train": train,
+            "resume": ptjax("train", copy, "train.steps=5", "--no-progress", cwd=tmp_path),
+            "eval": ptjax("eval", copy, "task.name=synthetic_sentiment_shifted", cwd=tmp_path),
+            "export": ptjax("export", copy, "--out", str(tmp_path / "exported"), cwd=tmp_path),
+            "generate": ptjax("generate", copy, "the movie was great", "--max-new-tokens", "2",
+                              cwd=tmp_path)}
+    for what, out in runs.items():
+        assert out.returncode == 0, (what, out.stderr)
+        assert out.stderr == "", (what, out.stderr)
+        assert out.stdout.strip() and "" not in out.stdout.rstrip("\n").split("\n"), \
+            (what, out.stdout)
+    assert "resuming" in runs["resume"].stdout and "step 5/5" in runs["resume"].stdout
+    lines = runs["eval"].stdout.splitlines()
+    assert len(lines) == 2 and all(x.startswith(f"member {k}: validation accuracy ") and
+                                   x.endswith(" on task synthetic_sentiment_shifted")
+                                   for k, x in enumerate(lines)), lines
 
 
 def test_tensorboard_tags_name_the_members_settings(quiet_run):

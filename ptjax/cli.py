@@ -34,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from ptjax import __version__  # noqa: E402
 from ptjax.errors import PtjaxError  # noqa: E402
+from ptjax.preflight import check_config  # noqa: E402
 
 
 def _load(args):
@@ -299,6 +300,7 @@ def cmd_config(args):
     from ptjax.config import to_dict
 
     cfg = _config_and_overrides(args.items)
+    check_config(cfg)  # the errors `ptjax train` would give, before it loads weights
     sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

@@ -155,16 +155,16 @@ def plan(cfg, device_memory: float | None = None) -> dict:
     With ``model.remat=auto`` the policy it would pick is planned (``remat_tried``)."""
     from ptjax import methods
     from ptjax.models.model import Model, abstract_params, architecture, param_shardings
-    from ptjax.run import TINY, check_lengths
+    from ptjax.run import TINY, check_lengths, model_dir
     from ptjax.sharding import initialize_distributed, logical_rules, make_mesh
 
     initialize_distributed(cfg.mesh.distributed)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
-    path = cfg.model.path
-    if path in TINY:
+    path = model_dir(cfg.model)  # one line for a path that is no model (tiny-t6)
+    if cfg.model.path in TINY:
         from ptjax.models.tiny import build_tiny_model
 
-        path = build_tiny_model(os.path.join(cfg.model.tiny_dir, path), family=TINY[path])
+        path = build_tiny_model(path, family=TINY[cfg.model.path])
     config = architecture(path)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[
         cfg.model.dtype]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from ptjax.data import pipeline
 from ptjax.data.tasks import load_task, task_names
 from ptjax.errors import PtjaxError
 from ptjax.evaluation import build_dev_set, ensemble_table, evaluate, metric_names, predict
+from ptjax.models import checkpoint_files
 from ptjax.models.model import load_model
 from ptjax.prompts import load_table
 from ptjax.sharding import (global_batch, initialize_distributed, is_main_process,
@@ -58,15 +60,38 @@ def load_run_model(cfg, mesh=None, fsdp: bool = False):
     process 0), its weights placed on ``mesh``."""
     from ptjax.models.tiny import build_tiny_model
 
-    path = cfg.path
-    if path in TINY:
-        path = os.path.join(cfg.tiny_dir, path)
+    path = model_dir(cfg)
+    if cfg.path in TINY:
         if is_main_process():
             build_tiny_model(path, family=TINY[cfg.path])
         _sync("ptjax-tiny-model")
+    else:
+        try:  # a hub id not found names the built-in models too (a mistyped tiny-t5)
+            path = checkpoint_files.resolve(path)
+        except PtjaxError as e:
+            raise PtjaxError(f"{e}; built-in models: {', '.join(TINY)}") from None
     model = load_model(path, dtype=cfg.dtype, mesh=mesh, fsdp=fsdp)
     return dataclasses.replace(model, remat=cfg.remat,  # the train step's policy
                                attention=cfg.attention)
+
+
+def model_dir(cfg) -> str:
+    """Where the frozen model a ``ModelConfig`` names is: a built-in's directory (under
+    model.tiny_dir), a local directory, or a hub id as given (fetched when loaded); a path
+    that can be none of these, or a name close to a built-in's, is one line listing them."""
+    path = cfg.path
+    if path in TINY:
+        return os.path.join(cfg.tiny_dir, path)
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        return path
+    close = difflib.get_close_matches(path, TINY, n=1, cutoff=0.8)
+    if close or os.path.exists(local) or not checkpoint_files.is_hub_id(path):
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise PtjaxError(f"model.path={path}: no such directory; {hint}give a "
+                         "checkpoint directory, a Hugging Face hub id (e.g. "
+                         f"google/t5-small-lm-adapt) or a built-in model: {', '.join(TINY)}")
+    return path
 
 
 def base_model_path(cfg) -> str:
@@ -455,10 +480,7 @@ def _train(cfg, main, locks) -> dict:
     if tc.batch_size % data_size:
         raise PtjaxError(f"train.batch_size={tc.batch_size} is not a multiple of the mesh's "
                          f"{data_size} data-parallel devices (mesh.data)")
-    for name in cfg.task.transfer:
-        if name not in task_names():
-            raise PtjaxError(f"task.transfer names unknown task {name!r}; valid: "
-                             f"{', '.join(task_names())}")
+    check_transfer_names(cfg)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     # the data order a run started with is kept (see TrainStream)
     _, meta, _ = newest_checkpoint(ckpt_dir, tc.keep_checkpoints, lambda r, s: r.restore_meta(s))
@@ -505,6 +527,13 @@ def _train(cfg, main, locks) -> dict:
                      state, step_fn, best, frozen, n_shards, start)
     finally:
         ckpt.close()
+
+
+def check_transfer_names(cfg):
+    for name in cfg.task.transfer:
+        if name not in task_names():
+            raise PtjaxError(f"task.transfer names unknown task {name!r}; valid: "
+                             f"{', '.join(task_names())}")
 
 
 def step_events(s: int, tc) -> tuple[bool, bool]:

@@ -14,6 +14,7 @@ import yaml
 
 from ptjax import __version__, cli
 from ptjax.config import load_config, to_dict
+from ptjax.models.tiny import build_tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_TUNING = os.path.join(ROOT, "experiments", "prompt_tuning.yaml")
@@ -36,10 +37,12 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith(f"ptjax {__version__} (jax ")
 
 
-def test_config_show_prints_every_key_resolved(capsys):
-    assert cli.main(["config", "show", PROMPT_TUNING, "prompt.length=7"]) == 0
+def test_config_show_prints_every_key_resolved(capsys, tmp_path):
+    overrides = ["prompt.length=7", f"model.tiny_dir={tmp_path}"]
+    assert cli.main(["config", "show", PROMPT_TUNING, *overrides]) == 0
+    assert not os.listdir(tmp_path)  # it checks the built-in model, never writes it
     shown = yaml.safe_load(capsys.readouterr().out)
-    want = load_config(PROMPT_TUNING, ["prompt.length=7"])
+    want = load_config(PROMPT_TUNING, overrides)
     assert shown == to_dict(want) and shown["prompt"]["length"] == 7
     assert shown["optim"]["learning_rate"] == want.optim.learning_rate  # a default, filled in
     assert cli.main(["config", "show", "optim.learnig_rate=1"]) == 2
@@ -52,6 +55,34 @@ def ptjax(*args, cwd):
     env.pop("TRANSFORMERS_VERBOSITY", None)  # the CLI must quiet transformers itself
     return subprocess.run([sys.executable, "-m", "ptjax.cli", *args], capture_output=True,
                           text=True, env=env, cwd=str(cwd), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def bare_t5(tmp_path_factory):
+    """A tiny T5 without sentinels (as most hub checkpoints but T5's own)."""
+    return build_tiny_model(str(tmp_path_factory.mktemp("bare") / "t5"), "t5", extra_ids=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.template={premise} it was {mask}"], "the examples have no field {premise}"),
+    (["model.path=BARE", "task.template={inputs} it was {mask}"], "no <extra_id_0> token"),
+    (["model.path=/nonexistent/t5"], "model.path=/nonexistent/t5: no such directory"),
+    (["model.path=tiny-t6"], "did you mean 'tiny-t5'? give a checkpoint directory, a "
+                             "Hugging Face hub id (e.g. google/t5-small-lm-adapt) or a "
+                             "built-in model: tiny-t5, tiny-gpt2"),
+])
+def test_config_show_refuses_what_train_refuses(tmp_path, capsys, bare_t5, overrides,
+                                                message):
+    """Issue 31: `ptjax config show` exited 0 for configs `ptjax train` refuses; now it gives
+    train's own one-line error (and a mistyped built-in name lists the built-ins)."""
+    args = [PROMPT_TUNING, f"model.tiny_dir={tmp_path / 'models'}",
+            f"run_dir={tmp_path / 'run'}", *[o.replace("BARE", bare_t5) for o in overrides]]
+    assert cli.main(["train", *args]) == 2
+    train = capsys.readouterr().err
+    assert cli.main(["config", "show", *args]) == 2
+    shown = capsys.readouterr()
+    assert shown.out == "" and shown.err == train and train.count("\n") == 1, train
+    assert message in train and not os.path.exists(tmp_path / "run")
 
 
 @pytest.fixture(scope="module")

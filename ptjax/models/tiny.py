@@ -126,6 +126,27 @@ def build_tiny_model(directory: str, family: str = "t5", seed: int = 0,
     """
     from ptjax.models.model import Model, init_params
 
+    if reusable(directory, family, extra_ids):
+        return directory
+    config, tokenizer = tiny_parts(family, extra_ids, **overrides)
+    model = Model(config=config, params=None, tokenizer=tokenizer)
+    params = init_params(model.module(), jax.random.key(seed))
+    model.save_pretrained(directory, params=params)
+    return directory
+
+
+def tiny_parts(family: str = "t5", extra_ids: int | None = None, **overrides):
+    """(config, tokenizer) of a tiny model, no weights: what ``build_tiny_model`` saves,
+    and what ``ptjax config show`` checks a config against before the model is built."""
+    if extra_ids is None:
+        extra_ids = T5_SENTINELS if family == "t5" else 0
+    tokenizer = train_tokenizer(family, extra_ids=extra_ids)
+    return tiny_config(family, len(tokenizer), **overrides), tokenizer
+
+
+def reusable(directory: str, family: str = "t5", extra_ids: int | None = None) -> bool:
+    """Whether ``directory`` holds the tiny model ``build_tiny_model`` would write (True:
+    reuse it) or nothing (False: build it); anything else is a one-line error."""
     if extra_ids is None:
         extra_ids = T5_SENTINELS if family == "t5" else 0
     existing = os.path.join(directory, "config.json")
@@ -144,16 +165,11 @@ def build_tiny_model(directory: str, family: str = "t5", seed: int = 0,
                              f"{extra_ids} (the built-in tiny T5 now has T5's {T5_SENTINELS}: an "
                              "older ptjax built this one); delete the directory and it is built "
                              "again, or give another one")
-        return directory
+        return True
     if os.path.isdir(directory) and os.listdir(directory):
         raise PtjaxError(f"{directory}: is not empty and holds no model; give an empty or new "
                          "directory for the tiny model")
-    tokenizer = train_tokenizer(family, extra_ids=extra_ids)
-    config = tiny_config(family, len(tokenizer), **overrides)
-    model = Model(config=config, params=None, tokenizer=tokenizer)
-    params = init_params(model.module(), jax.random.key(seed))
-    model.save_pretrained(directory, params=params)
-    return directory
+    return False
 
 
 def _sentinels(directory: str) -> int | None:

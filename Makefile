@@ -10,19 +10,22 @@ TORCH ?= torch==2.13.0
 .PHONY: demo test test-slow test-targets notebooks lab lab-smoke docs docs-serve lint readme check-docs clean
 
 # The demo's install: no TensorFlow, no torch (docs/install.md quotes its size).
+# Editable installs are -qq: setuptools' editable build prints an 11-line banner ("Please
+# be careful with folders in your working directory...") as a warning, which -q shows;
+# -qq shows pip's errors only, so a failed install still says why.
 $(VENV)/.ptjax-base: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -qq -e .
 	touch $@
 
 $(VENV)/.ptjax-test: $(VENV)/.ptjax-base
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -qq -e ".[test]"
 	touch $@
 
 $(VENV)/.ptjax-%: $(VENV)/.ptjax-base
-	$(BIN)/pip install -q -e ".[$*]"
+	$(BIN)/pip install -qq -e ".[$*]"
 	touch $@
 
 demo: $(VENV)/.ptjax-base

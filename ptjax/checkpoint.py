@@ -15,6 +15,7 @@ one line and skipped for the newest intact one (``newest_intact``); training mov
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -25,6 +26,10 @@ import orbax.checkpoint as ocp
 from ptjax.errors import PtjaxError
 
 
+def _drop_read_only_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int, create: bool = True):
         self.directory = os.path.abspath(directory)
@@ -32,7 +37,15 @@ class Checkpointer:
         options = (ocp.CheckpointManagerOptions(max_to_keep=keep, create=True) if create else
                    ocp.CheckpointManagerOptions(max_to_keep=None, create=False,
                                                 read_only=True, save_interval_steps=0))
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # orbax announces every read-only manager with an absl warning ("Given directory is
+        # read only=..."), which reads as a problem with a writable run directory; read_only
+        # is ptjax's choice (a reader writes nothing), so that one message is dropped, here
+        logger = logging.getLogger("absl")
+        logger.addFilter(_drop_read_only_notice)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            logger.removeFilter(_drop_read_only_notice)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

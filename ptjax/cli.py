@@ -41,12 +41,14 @@ from ptjax.models.model import count_params, load_model
 from ptjax.models.named import base_model_path
 from ptjax.models.tiny import build_tiny_model
 from ptjax.plan import format_plan, parse_bytes, plan, write_plan
+from ptjax.preflight import check_config
 from ptjax.pretrain import pretrain
 from ptjax.report import write_report
 from ptjax.run import evaluate_prompts, train
 from ptjax.rundir import check_output_dir, check_output_file
 from ptjax.sharding import is_main_process, to_host
 from ptjax.sweep import all_done, load_sweep, parse_shard, run_sweep, seedless_runs
+from ptjax.taskdata import dev_task_config
 from ptjax.trained import load_run
 
 
@@ -169,19 +171,21 @@ def cmd_eval(args):
     items = list(args.items)
     run_dir = _run_dir_of(items[0]) if items and "=" not in items[0] else None
     metrics = evaluate_prompts(cfg, args.prompt, args.split, args.ensemble, run_dir)
+    task = dev_task_config(cfg).name  # named: e.g. a transfer task (task.name=...)
     if args.ensemble:
         for name, values in metrics["prompts"].items():
             each = ", ".join(f"{v:.2f}" for v in values)
             print(f"{args.split} {name}: prompts [{each}]  average {metrics['average'][name]:.2f}"
                   f"  best {metrics['best'][name]:.2f}  ensemble ({args.ensemble}) "
-                  f"{metrics['ensemble'][name]:.2f}")
+                  f"{metrics['ensemble'][name]:.2f} on task {task}")
     else:
         for name, values in metrics.items():
             for k, v in enumerate(values):
-                print(f"member {k}: {args.split} {name} {v:.2f}")
+                print(f"member {k}: {args.split} {name} {v:.2f} on task {task}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"split": args.split, "prompt_file": args.prompt, **metrics}, f, indent=2)
+            json.dump({"task": task, "split": args.split, "prompt_file": args.prompt, **metrics},
+                      f, indent=2)
 
 
 def cmd_sweep(args):
@@ -261,6 +265,7 @@ def cmd_export(args):
 
 def cmd_config(args):
     cfg = _config_and_overrides(args.items)
+    check_config(cfg)  # the errors `ptjax train` would give, before it loads weights
     sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

@@ -377,8 +377,11 @@ def _describe(job: Job, keys) -> str:
     fixed = ", ".join(f"{k}={first[k]}" for k in keys if k not in ("seed", *INIT_KEYS))
     inits = sorted({r.config.prompt.init for r in job.runs})
     seeds = sorted({r.settings["seed"] for r in job.runs})
+    # prompt.init is named only where the method starts from it (not model, prefix, design)
+    uses = methods.REGISTRY[job.config.method.name].prompt_init
     return (f"{len(job.runs)} run{'s' * (len(job.runs) > 1)}"
-            f"{': ' + fixed if fixed else ''}; seeds {seeds}; init {', '.join(inits)}")
+            f"{': ' + fixed if fixed else ''}; seeds {seeds}"
+            + (f"; init {', '.join(inits)}" if uses else ""))
 
 
 def run_sweep(sweep: Sweep, shard=(0, 1), progress: bool = True) -> dict:

@@ -138,6 +138,14 @@ def transfer_dev_set(model, cfg, name: str):
                          **verbalizing(tcfg))
 
 
+def check_transfer_names(cfg):
+    """One line for a task.transfer entry that names no task."""
+    for name in cfg.task.transfer:
+        if name not in task_names():
+            raise PtjaxError(f"task.transfer names unknown task {name!r}; valid: "
+                             f"{', '.join(task_names())}")
+
+
 @dataclasses.dataclass
 class RunData:
     """What a run trains and scores on. task: the dev task (a mixture's first trained
@@ -157,10 +165,7 @@ def prepare_data(model, cfg, n_shards: int) -> RunData:
     task's data stops the run there, not after training); this process reads its own of
     ``n_shards`` train shards."""
     tc = cfg.train
-    for name in cfg.task.transfer:
-        if name not in task_names():
-            raise PtjaxError(f"task.transfer names unknown task {name!r}; valid: "
-                             f"{', '.join(task_names())}")
+    check_transfer_names(cfg)
     owned = pipeline.owned_shards(n_shards, jax.process_index(), jax.process_count())
     dev_cfg = dev_task_config(cfg)  # a mixture's first trained task picks the best step
     enc = encoding(model, dev_cfg)

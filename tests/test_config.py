@@ -65,6 +65,22 @@ def test_unknown_yaml_key_names_file_and_closest(tmp_path):
         C.load_config(str(path))
 
 
+@pytest.mark.parametrize("override, message", [
+    ("trian.steps=5", "override 'trian.steps=5': unknown config key 'trian.steps'; did you "
+                      "mean 'train.steps'?"),
+    ("train.steps=ten", "override 'train.steps=ten': train.steps='ten' is not an integer"),
+    ("train=3", "override 'train=3': 'train' is a section"),
+])
+def test_a_mistake_in_an_override_is_not_blamed_on_the_config_file(tmp_path, override,
+                                                                  message):
+    """Issue 31: a typo on the command line was reported as an error in the YAML file."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 5\n")
+    with pytest.raises(PtjaxError) as e:
+        C.load_config(str(path), [override])
+    assert str(e.value).startswith(message) and "c.yaml" not in str(e.value)
+
+
 def test_shipped_experiment_configs_are_valid():
     """Every run config under experiments/ loads (sweep files: tests/test_sweep.py)."""
     import glob

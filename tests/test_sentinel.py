@@ -87,7 +87,7 @@ def test_rank_classification_scores_sentinel_plus_label(model):
 
 
 def test_models_without_a_sentinel_are_one_line_errors(tmp_path):
-    t5 = load_model(build_tiny_model(str(tmp_path / "t5"), family="t5"))
+    t5 = load_model(build_tiny_model(str(tmp_path / "t5"), family="t5", extra_ids=0))
     gpt2 = load_model(build_tiny_model(str(tmp_path / "gpt2"), family="gpt2"))
     with pytest.raises(PtjaxError, match="no <extra_id_0> token"):
         encoding.target_prefix(t5, True, 4)
@@ -113,9 +113,10 @@ def test_train_and_eval_with_the_sentinel(sentinel_dir, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["eval", run_dir]) == 0
     assert "accuracy" in capsys.readouterr().out
-    # the built-in tiny T5 has no sentinels: one line, exit 2, nothing written
+    # a T5 without sentinels: one line, exit 2, nothing written
+    bare = build_tiny_model(str(tmp_path / "t5-bare"), family="t5", extra_ids=0)
     bad = str(tmp_path / "bad")
-    assert cli.main(["train", *_args(bad, "tiny-t5", str(tmp_path))]) == 2
+    assert cli.main(["train", *_args(bad, bare, str(tmp_path))]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "no <extra_id_0> token" in err and not os.path.exists(bad)
 
@@ -143,3 +144,28 @@ def test_report_draws_span_corruption_plus_sentinel_as_its_own_line(tmp_path, mo
     # each line: the mean over seeds of the task-averaged score, at both sizes
     assert [list(h.lines[0].get_ydata()) for h in handles] == [[70.5] * 2, [50.5] * 2,
                                                                [60.5] * 2]
+
+
+def test_the_built_in_tiny_t5_has_t5s_sentinels(tmp_path, capfd):
+    """Issue 31: templates' {mask} and task.target_sentinel need <extra_id_0>; the built-in
+    tiny T5 has T5's 100 sentinels, so they work on it as on a real T5 (train: one step,
+    {mask} and the sentinel target). `ptjax tiny` prints its one line, nothing else (the
+    tokenizer trainer's progress bar wrote blank lines to the terminal: capfd sees them)."""
+    assert cli.main(["tiny", str(tmp_path / "t5")]) == 0
+    assert capfd.readouterr().out == f"tiny t5 model written to {tmp_path / 't5'}\n"
+    t5 = load_model(str(tmp_path / "t5"))
+    V, tok = t5.config.vocab_size, t5.tokenizer
+    assert [tok.convert_tokens_to_ids(f"<extra_id_{i}>") for i in (0, 99)] == [V - 1, V - 100]
+    assert cli.main(["train", *_args(str(tmp_path / "run"), "tiny-t5", str(tmp_path / "m"),
+                                     **{"task.template": "{soft:3} {inputs} it was {mask}",
+                                        "train.steps": 1, "train.eval_every": 1})]) == 0
+
+
+def test_a_tiny_t5_built_without_sentinels_is_not_reused_as_the_built_in(tmp_path, capsys):
+    """A built-in tiny T5 written by an older ptjax (no sentinels) is named, not used."""
+    old = build_tiny_model(str(tmp_path / "tiny-t5"), family="t5", extra_ids=0)
+    with pytest.raises(PtjaxError, match="0 sentinel tokens, not 100.*delete the directory"):
+        build_tiny_model(old, family="t5")
+    assert cli.main(["train", *_args(str(tmp_path / "run"), "tiny-t5", str(tmp_path))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "0 sentinel tokens" in err

@@ -314,3 +314,23 @@ def test_seeds_that_change_nothing_are_named(tmp_path, tiny_dir):
                            zip={"method.name": methods},
                            config={**base["config"], "train.dropout": dropout})
         assert len(seedless_runs(load_sweep(path, str(tmp_path / "out")))) == n
+
+
+def test_jobs_name_their_inits_only_where_the_method_has_them():
+    """Issue 31: a job's line named `init sampled_vocab` (the default prompt.init) for
+    prompt design, which initialises nothing; model tuning and prefixes neither start from
+    prompt.init. Prompt tuning's jobs still name theirs."""
+    from ptjax.sweep import _describe
+
+    design = load_sweep(os.path.join(ROOT, "experiments", "prompt_design.yaml"), "/nonexistent")
+    for job in design.jobs:
+        assert "init" not in _describe(job, design.keys), _describe(job, design.keys)
+    demo = load_sweep(os.path.join(ROOT, "experiments", "demo.yaml"), "/nonexistent")
+    lines = [_describe(job, demo.keys) for job in demo.jobs]
+    assert all(line.endswith("; init class_label, random_uniform, sampled_vocab")
+               for line in lines), lines
+    fig1 = load_sweep(os.path.join(ROOT, "experiments", "lester2021", "fig1_methods.yaml"),
+                      "/nonexistent")
+    for job in fig1.jobs:
+        line = _describe(job, fig1.keys)
+        assert ("; init " in line) == (job.config.method.name in ("prompt", "ptuning")), line

@@ -277,9 +277,9 @@ def test_the_template_ensemble_experiment_runs(tmp_path):
 
 
 def test_mask_on_a_t5_without_sentinels_is_one_line_naming_the_template(tmp_path, capsys):
-    code = cli.main(["train", "model.path=tiny-t5", f"model.tiny_dir={tmp_path / 'models'}",
-                     f"run_dir={tmp_path / 'run'}", "task.template=review {inputs} {mask}",
-                     "train.steps=2"])
+    bare = build_tiny_model(str(tmp_path / "t5-bare"), "t5", extra_ids=0)
+    code = cli.main(["train", f"model.path={bare}", f"run_dir={tmp_path / 'run'}",
+                     "task.template=review {inputs} {mask}", "train.steps=2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "task.template='review {inputs} {mask}'" in err[0] and "<extra_id_0>" in err[0]

@@ -180,7 +180,10 @@ def from_dict(data: dict, overrides=(), where: str = "config") -> RunConfig:
                              "(e.g. train.steps=100)")
         key, raw = item.split("=", 1)
         key = current_key(key.strip())
-        if _field_type(key) is str:  # a string is taken as given: "{inputs} {soft:3}"
+        typ = _field_type(key)
+        if typ is None:  # named as the override's, not the config file's, mistake
+            raise unknown_key(key, f"override {item!r}")
+        if typ is str:  # a string is taken as given: "{inputs} {soft:3}"
             value = raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"" \
                 else raw
         else:
@@ -189,6 +192,11 @@ def from_dict(data: dict, overrides=(), where: str = "config") -> RunConfig:
             except yaml.YAMLError as e:
                 raise PtjaxError(f"override {item!r}: the value is not valid YAML "
                                  f"({str(e).splitlines()[0]})") from None
+            if not dataclasses.is_dataclass(typ):  # a wrong type, too, is the override's
+                _coerce(key, typ, value, f"override {item!r}")
+            elif not isinstance(value, dict):
+                raise PtjaxError(f"override {item!r}: {key!r} is a section; give one of its "
+                                 f"keys ({key}.KEY=value) or a mapping")
         _set_dotted(data, key, value, "override")
     _moved_method(data, where)
     return validate(_build(RunConfig, data, "", where), where)

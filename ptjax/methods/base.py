@@ -46,6 +46,8 @@ class Method:
     tunes_weights: ClassVar[bool] = False
     # Whether there is anything to train (prompt design evaluates the bare model).
     trains: ClassVar[bool] = True
+    # Whether its members start from ``prompt.init`` (sweeps name the inits of a job).
+    prompt_init: ClassVar[bool] = False
     summary: ClassVar[str] = ""
 
     # ------------------------------------------------------------------ what it trains

@@ -18,6 +18,7 @@ from ptjax.prompts import initial_prompts
 class PromptMethod(Method):
     name = "prompt"
     summary = "soft prompt [P, D] prepended to the input embeddings"
+    prompt_init = True
 
     def init(self, model, cfg, task):
         return {"prompt": initial_prompts(model, self.prompt, task, self.templates)}

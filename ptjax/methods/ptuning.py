@@ -79,6 +79,7 @@ def encode(member: dict, encoder: str):
 class PTuningMethod(Method):
     name = "ptuning"
     summary = "prompt vectors through an MLP / biLSTM prompt encoder, prepended"
+    prompt_init = True
 
     @property
     def packs(self) -> bool:  # type: ignore[override]

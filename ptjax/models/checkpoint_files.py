@@ -35,6 +35,11 @@ _WEIGHT_FILES = (SAFETENSORS, SAFETENSORS + ".index.json", MSGPACK, TORCH_BIN,
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` is spelled as a Hugging Face hub id ("name" or "org/name")."""
+    return bool(_HUB_ID.match(name))
+
+
 def resolve(path_or_hub_id: str) -> str:
     """A local directory holding config.json and weights; hub ids are downloaded."""
     path = os.path.expanduser(str(path_or_hub_id))

@@ -33,6 +33,7 @@ WORDS = (
 ).split()
 
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's vocabulary
+T5_SENTINELS = 100  # the built-in tiny T5's <extra_id_N>, as many as real T5 checkpoints have
 GPT2_EOS = "<|endoftext|>"
 
 
@@ -64,10 +65,12 @@ def train_tokenizer(family: str, vocab_size: int = 512, texts=None, extra_ids: i
         if kind == "unigram":
             tok = Tokenizer(models.Unigram())
             trainer = trainers.UnigramTrainer(vocab_size=size, unk_token="<unk>",
-                                              special_tokens=list(T5_SPECIALS))
+                                              special_tokens=list(T5_SPECIALS),
+                                              show_progress=False)
         elif kind == "bpe":
             tok = Tokenizer(models.BPE(unk_token="<unk>"))
-            trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=list(T5_SPECIALS))
+            trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=list(T5_SPECIALS),
+                                          show_progress=False)
         else:
             raise PtjaxError(f"unknown tokenizer kind {kind!r}; valid: bpe, unigram")
         if normalize:
@@ -88,7 +91,7 @@ def train_tokenizer(family: str, vocab_size: int = 512, texts=None, extra_ids: i
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         tok.train_from_iterator(texts, trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[GPT2_EOS],
+            vocab_size=vocab_size, special_tokens=[GPT2_EOS], show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
         # GPT-2 has no pad token; padding with EOS is the usual choice (masked anyway).
         return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=GPT2_EOS,
@@ -110,14 +113,39 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     return gpt2.GPT2Config(**{**base, **overrides})
 
 
-def build_tiny_model(directory: str, family: str = "t5", seed: int = 0, extra_ids: int = 0,
-                     **overrides) -> str:
+def build_tiny_model(directory: str, family: str = "t5", seed: int = 0,
+                     extra_ids: int | None = None, **overrides) -> str:
     """Train a tokenizer, draw random weights and save both in Hugging Face form.
 
-    extra_ids: T5 sentinels in the vocabulary (see ``train_tokenizer``). Returns
-    ``directory``; an existing model of the same family there is reused as it is; another
-    model, or other files, are an error (never overwritten).
+    extra_ids: T5 sentinels in the vocabulary (see ``train_tokenizer``); default: T5's 100
+    for t5 (the built-in tiny T5, so templates' ``{mask}`` and ``task.target_sentinel``
+    work on it as on a real T5), none for gpt2. Returns ``directory``; an existing model of
+    the same family and sentinels there is reused as it is; another model, or other
+    files, are an error (never overwritten).
     """
+    if reusable(directory, family, extra_ids):
+        return directory
+    config, tokenizer = tiny_parts(family, extra_ids, **overrides)
+    model = Model(config=config, params=None, tokenizer=tokenizer)
+    params = init_params(model.module(), jax.random.key(seed))
+    model.save_pretrained(directory, params=params)
+    return directory
+
+
+def tiny_parts(family: str = "t5", extra_ids: int | None = None, **overrides):
+    """(config, tokenizer) of a tiny model, no weights: what ``build_tiny_model`` saves,
+    and what ``ptjax config show`` checks a config against before the model is built."""
+    if extra_ids is None:
+        extra_ids = T5_SENTINELS if family == "t5" else 0
+    tokenizer = train_tokenizer(family, extra_ids=extra_ids)
+    return tiny_config(family, len(tokenizer), **overrides), tokenizer
+
+
+def reusable(directory: str, family: str = "t5", extra_ids: int | None = None) -> bool:
+    """Whether ``directory`` holds the tiny model ``build_tiny_model`` would write (True:
+    reuse it) or nothing (False: build it); anything else is a one-line error."""
+    if extra_ids is None:
+        extra_ids = T5_SENTINELS if family == "t5" else 0
     existing = os.path.join(directory, "config.json")
     if os.path.exists(existing):  # reuse it, but never in place of another model
         try:
@@ -128,13 +156,25 @@ def build_tiny_model(directory: str, family: str = "t5", seed: int = 0, extra_id
         if found != family:
             raise PtjaxError(f"{directory}: already holds a model of type {found!r}, not a "
                              f"tiny {family}; give an empty or new directory")
-        return directory
+        have = _sentinels(directory) if family == "t5" else 0
+        if have is not None and have != extra_ids:
+            raise PtjaxError(f"{directory}: holds a tiny t5 with {have} sentinel tokens, not "
+                             f"{extra_ids} (the built-in tiny T5 now has T5's {T5_SENTINELS}: an "
+                             "older ptjax built this one); delete the directory and it is built "
+                             "again, or give another one")
+        return True
     if os.path.isdir(directory) and os.listdir(directory):
         raise PtjaxError(f"{directory}: is not empty and holds no model; give an empty or new "
                          "directory for the tiny model")
-    tokenizer = train_tokenizer(family, extra_ids=extra_ids)
-    config = tiny_config(family, len(tokenizer), **overrides)
-    model = Model(config=config, params=None, tokenizer=tokenizer)
-    params = init_params(model.module(), jax.random.key(seed))
-    model.save_pretrained(directory, params=params)
-    return directory
+    return False
+
+
+def _sentinels(directory: str) -> int | None:
+    """How many <extra_id_N> tokens a saved tiny model's tokenizer.json holds (None: no
+    readable tokenizer.json, nothing to compare)."""
+    try:
+        with open(os.path.join(directory, "tokenizer.json"), encoding="utf-8") as f:
+            added = json.load(f).get("added_tokens", [])
+    except (OSError, ValueError):
+        return None
+    return sum(str(t.get("content", "")).startswith("<extra_id_") for t in added)

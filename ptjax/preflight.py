@@ -2,12 +2,13 @@
 found with no weights, no devices and nothing written.
 
 They are the run's own checks (``ptjax.taskdata``, ``ptjax.methods``) on the model's
-architecture and tokenizer alone: the model path (``model_dir``: a directory, a hub id or a built-in name), the
-method against the model and the prompt's length, the templates against the tokenizer
-(``encoding``: ``{mask}`` needs T5's sentinels, GPT-2's ``{mask}`` comes last), and the dev
-sets of the task and its transfer tasks (a template's fields, label words that fit,
-targets among the labels). Left to the run: a hub checkpoint's files (fetched when it is
-loaded), TFDS data (read when the run starts) and what depends on the devices.
+architecture and tokenizer alone: the model path (``model_dir``: a directory, a hub id
+or a built-in name), the method against the model and the prompt's length, the templates
+against the tokenizer (``encoding``: ``{mask}`` needs T5's sentinels, GPT-2's ``{mask}``
+comes last), and the dev sets of the task and its transfer tasks (a template's fields,
+label words that fit, targets among the labels). Left to the run: a hub checkpoint's
+files (fetched when it is loaded), TFDS data (read when the run starts) and what depends
+on the devices.
 """
 from __future__ import annotations
 

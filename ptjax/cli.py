@@ -9,7 +9,9 @@
     ptjax pretrain CONFIG [key=value ...]   pre-train a T5 on a corpus (pretrain.objective:
                                      span_corruption | prefix_lm); resumes a killed run
     ptjax eval RUN_DIR|CONFIG [key=value ...] [--prompt FILE]   evaluate a trained run
-    ptjax plan CONFIG [key=value ...] [--device-memory 80GB]    memory per device, before a run
+    ptjax plan CONFIG [key=value ...] [--device-memory 80GB] [--target h100 [--topology 8]]
+                                     memory per device and FLOPs, before a run; --target:
+                                     compiled for an accelerator this machine does not have
     ptjax sweep SWEEP.yaml [--shard i/N]   run a sweep (skips finished jobs), then report
     ptjax report SWEEP_DIR               tables and the paper's plots
     ptjax neighbors RUN_DIR [--k 5]      nearest vocabulary tokens of each prompt position
@@ -23,250 +25,16 @@ A user's mistake (bad path, unsupported model, wrong shape) prints one line and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 import jax
-import numpy as np
-import yaml
 
 from ptjax import __version__, targets
-from ptjax.analysis import run_neighbors
-from ptjax.config import load_config, to_dict
+from ptjax.commands import (cmd_config, cmd_eval, cmd_export, cmd_generate, cmd_info, cmd_neighbors,
+                            cmd_plan, cmd_pretrain, cmd_report, cmd_sweep, cmd_tiny, cmd_train)
 from ptjax.errors import PtjaxError
-from ptjax.models.model import count_params, load_model
-from ptjax.models.named import base_model_path
-from ptjax.models.tiny import build_tiny_model
-from ptjax.plan import format_plan, parse_bytes, plan, write_plan
-from ptjax.preflight import check_config
-from ptjax.pretrain import pretrain
-from ptjax.report import write_report
-from ptjax.run import evaluate_prompts, train
-from ptjax.rundir import check_output_dir, check_output_file
-from ptjax.sharding import is_main_process, to_host
-from ptjax.sweep import all_done, load_sweep, parse_shard, run_sweep, seedless_runs
-from ptjax.taskdata import dev_task_config
-from ptjax.trained import load_run
-
-
-def _load(args):
-    return load_model(args.model, dtype=args.dtype)
-
-
-def cmd_info(args):
-    model = _load(args)
-    n = count_params(model.params)
-    print(f"model:      {args.model} ({model.path})")
-    print(f"type:       {model.config.model_type}, dtype {args.dtype}, {n:,} parameters")
-    print(f"config:     {model.config}")
-    print(f"tokenizer:  {type(model.tokenizer).__name__ if model.tokenizer else 'none'}")
-
-
-def _random_prompt(model, length: int, seed: int):
-    if length <= 0:
-        return None
-    rng = np.random.default_rng(seed)
-    return rng.uniform(-0.5, 0.5, (length, model.config.hidden_size)).astype(np.float32)
-
-
-def _generate(model, params, texts, max_new_tokens, prompt):
-    if model.tokenizer is None:
-        raise PtjaxError(f"{model.path}: the checkpoint has no tokenizer files, so text "
-                         "cannot be encoded")
-    tok = model.tokenizer
-    if not model.is_encoder_decoder:
-        tok.padding_side = "left"  # every row's context must end at the same slot
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-    batch = tok(list(texts), padding=True, return_tensors="np")
-    out = model.generate(params, batch["input_ids"],
-                         attention_mask=batch["attention_mask"], prompt=prompt,
-                         max_new_tokens=max_new_tokens)
-    return tok.batch_decode(np.asarray(out), skip_special_tokens=True)
-
-
-def cmd_generate(args):
-    if os.path.exists(os.path.join(args.model, "config.yaml")):  # a trained run
-        run = load_run(args.model)
-        model = run.model
-        params, prompt = run.inputs(args.k)
-    else:
-        model = _load(args)
-        params, prompt = model.params, _random_prompt(model, args.prompt_length, args.seed)
-    outs = _generate(model, params, args.text, args.max_new_tokens, prompt)
-    for text, out in zip(args.text, outs):
-        print(f"{text!r} -> {out!r}")
-
-
-def cmd_tiny(args):
-    check_output_dir(args.directory, "directory")
-    existed = os.path.exists(os.path.join(args.directory, "config.json"))
-    path = build_tiny_model(args.directory, family=args.family, seed=args.seed)
-    print(f"tiny {args.family} model {'already in' if existed else 'written to'} {path}")
-
-
-def _run_dir_of(path: str) -> str | None:
-    """The run directory a CONFIG argument names: the directory itself, or the directory
-    of a run's config.yaml (a file beside the run's checkpoints or metrics)."""
-    if os.path.isdir(path):
-        return path
-    parent = os.path.dirname(path) or "."
-    if os.path.basename(path) == "config.yaml" and any(
-            os.path.exists(os.path.join(parent, n))
-            for n in ("checkpoints", "metrics.jsonl", "results.json")):
-        return parent
-    return None
-
-
-def _config_and_overrides(items):
-    """``[CONFIG.yaml | RUN_DIR] [dotted.key=value ...]`` -> RunConfig. A run directory
-    (or its config.yaml) is the run_dir, whatever its config.yaml says: a copied or moved
-    run continues where it is now, never in the directory it was copied from."""
-    path, overrides = None, list(items)
-    if overrides and "=" not in overrides[0]:
-        path = overrides.pop(0)
-        run_dir = _run_dir_of(path)
-        if run_dir is not None:
-            path = os.path.join(run_dir, "config.yaml")
-            if not os.path.exists(path):
-                raise PtjaxError(f"{run_dir}: a directory with no config.yaml; give a run "
-                                 "directory or a YAML config file")
-            overrides.insert(0, f"run_dir={run_dir}")  # an explicit run_dir= still wins
-    for item in overrides:
-        if "=" not in item:
-            raise PtjaxError(f"argument {item!r} is not a dotted.key=value override (only the "
-                             "first argument may be a config file)")
-    return load_config(path, overrides)
-
-
-def cmd_train(args):
-    cfg = _config_and_overrides(args.items)
-    if not args.progress:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
-    results = train(cfg)
-    metric = results["metric"]
-    for p in results["prompts"]:
-        print(f"{results['method']} {p['prompt']} (seed {p['seed']}): best {metric} "
-              f"{p['best_' + metric]:.2f} at step {p['best_step']}")
-    print(f"exported to {results['export']}; metrics in {cfg.run_dir}/metrics.jsonl")
-
-
-def cmd_pretrain(args):
-    cfg = _config_and_overrides(args.items)
-    if not args.progress:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
-    results = pretrain(cfg)
-    print(f"{results['objective']} on {results['corpus']}: {results['steps']} steps, "
-          f"validation loss {results['validation_loss']:.4f}; Hugging Face checkpoint in "
-          f"{results['model']}; metrics in {cfg.run_dir}/metrics.jsonl")
-
-
-def cmd_eval(args):
-    if args.out:  # before the evaluation, not after it
-        check_output_file(args.out, "--out")
-    cfg = _config_and_overrides(args.items)
-    items = list(args.items)
-    run_dir = _run_dir_of(items[0]) if items and "=" not in items[0] else None
-    metrics = evaluate_prompts(cfg, args.prompt, args.split, args.ensemble, run_dir)
-    task = dev_task_config(cfg).name  # named: e.g. a transfer task (task.name=...)
-    if args.ensemble:
-        for name, values in metrics["prompts"].items():
-            each = ", ".join(f"{v:.2f}" for v in values)
-            print(f"{args.split} {name}: prompts [{each}]  average {metrics['average'][name]:.2f}"
-                  f"  best {metrics['best'][name]:.2f}  ensemble ({args.ensemble}) "
-                  f"{metrics['ensemble'][name]:.2f} on task {task}")
-    else:
-        for name, values in metrics.items():
-            for k, v in enumerate(values):
-                print(f"member {k}: {args.split} {name} {v:.2f} on task {task}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"task": task, "split": args.split, "prompt_file": args.prompt, **metrics},
-                      f, indent=2)
-
-
-def cmd_sweep(args):
-    shard = parse_shard(args.shard)
-    sweep = load_sweep(args.sweep, args.dir)
-    if args.dry_run:
-        for job in sweep.jobs:
-            print(f"job {job.id} -> {job.run_dir}")
-            for run in job.runs:
-                print(f"  run {run.id}: " + ", ".join(f"{k}={v}" for k, v in
-                                                     run.settings.items()))
-        print(f"{len(sweep.runs)} runs in {len(sweep.jobs)} jobs")
-        return 0
-    print(f"sweep {sweep.name}: {len(sweep.runs)} runs in {len(sweep.jobs)} jobs -> "
-          f"{sweep.dir}" + (f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""))
-    if seedless := seedless_runs(sweep):
-        print(f"note: {len(seedless)} model-tuning runs differ only in their seed, which "
-              "with train.dropout=0 changes nothing (same weights, same data order): "
-              "set train.dropout (the paper's 0.1) for runs that differ", file=sys.stderr)
-    out = run_sweep(sweep, shard, progress=args.progress)
-    if out["failed"]:
-        print(f"{len(out['failed'])} job(s) failed (their error.txt says why); run the same "
-              "command again to retry them:", file=sys.stderr)
-        for job, err in out["failed"]:
-            print(f"  {job}: {err}", file=sys.stderr)
-    if not all_done(sweep):
-        print(f"this shard is done; when every shard is, run: ptjax report {sweep.dir}")
-    elif args.report and is_main_process():
-        paths = write_report(sweep.dir)
-        print(f"report: {paths.get('report', paths['results'])}")
-        for fig in paths.get("figures", []):
-            print(f"  figure: {fig}")
-    return 1 if out["failed"] else 0
-
-
-def cmd_report(args):
-    paths = write_report(args.directory)
-    for name, path in paths.items():
-        for p in (path if isinstance(path, list) else [path]):
-            print(f"{name}: {p}")
-
-
-def cmd_neighbors(args):
-    if args.out:
-        check_output_file(args.out, "--out")
-    df = run_neighbors(args.run_dir, args.k, args.prompt)
-    for (k, pos), group in df.groupby(["prompt", "position"]):
-        tokens = "  ".join(f"{t} ({c:.2f})" for t, c in zip(group["token"], group["cosine"]))
-        print(f"prompt {k} position {pos:3d}: {tokens}")
-    if args.out:
-        df.to_csv(args.out, index=False)
-
-
-def cmd_plan(args):
-    if args.out:
-        check_output_file(args.out, "--out")
-    cfg = _config_and_overrides(args.items)
-    limit = parse_bytes(args.device_memory) if args.device_memory else None
-    target = targets.describe(args.target, args.topology) if args.target else None
-    result = plan(cfg, limit, target)
-    print(format_plan(result))
-    if args.out:
-        write_plan(result, args.out)
-    return 1 if result["fits"] is False else 0
-
-
-def cmd_export(args):
-    run = load_run(args.run_dir)
-    out = args.out or os.path.join(args.run_dir, "export")
-    host = jax.tree.map(to_host, run.trainables)
-    run.method.export(out, host, run.model, base_model_path(run.config))
-    print(f"{run.method.name}: {run.K} member(s) from checkpoint step {run.step} exported to "
-          f"{out}")
-    for name in sorted(os.listdir(out)):
-        print(f"  {os.path.join(out, name)}")
-
-
-def cmd_config(args):
-    cfg = _config_and_overrides(args.items)
-    check_config(cfg)  # the errors `ptjax train` would give, before it loads weights
-    sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _version() -> str:

@@ -25,7 +25,8 @@ LAYERS = [
     ("commands", ["ptjax.design", "ptjax.trained", "ptjax.run", "ptjax.pretrain",
                   "ptjax.plan", "ptjax.preflight"]),
     ("sweeps, analysis, reports, the CLI, the package", [
-        "ptjax.sweep", "ptjax.analysis", "ptjax.report", "ptjax.cli", "ptjax"]),
+        "ptjax.sweep", "ptjax.analysis", "ptjax.report", "ptjax.commands", "ptjax.cli",
+        "ptjax"]),
 ]
 # Third-party packages that are optional extras (or, matplotlib, chosen a backend for
 # before pyplot loads): the only imports allowed inside a function, with a noqa reason.

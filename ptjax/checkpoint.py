@@ -15,9 +15,13 @@ one line and skipped for the newest intact one (``newest_intact``); training mov
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import sys
+import time
+import warnings
 
 import jax
 import numpy as np
@@ -28,6 +32,50 @@ from ptjax.errors import PtjaxError
 
 def _drop_read_only_notice(record: logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Given directory is read only")
+
+
+def _drop_unretrieved(record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _abandoned_reads_muted(damaged: list):
+    """orbax reads a checkpoint's arrays as concurrent tasks, raises the first failure and
+    closes its event loop: a damaged checkpoint's other reads are left behind. As they
+    finish or are garbage-collected, each pending one's tensorstore callback meets the
+    closed loop (a "RuntimeError: Event loop is closed" traceback on stderr, from another
+    thread) and asyncio logs each failed one ("Task exception was never retrieved", a
+    traceback per array). They repeat the damage ptjax names in one line, so while ptjax
+    looks for an intact checkpoint those two messages are muted, and after a damaged one
+    the leftovers are collected and the reads still in flight waited for (until none has
+    been heard of for 0.3 s, at most 3 s) before the messages are heard again."""
+    logger = logging.getLogger("asyncio")
+    hook = sys.unraisablehook
+    heard = [time.monotonic()]
+
+    def closed_loop_muted(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and \
+                str(unraisable.exc_value) == "Event loop is closed":
+            heard[0] = time.monotonic()
+        else:
+            hook(unraisable)
+
+    logger.addFilter(_drop_unretrieved)
+    sys.unraisablehook = closed_loop_muted
+    try:
+        yield
+        if damaged:
+            start = time.monotonic()
+            while time.monotonic() - max(start, heard[0]) < 0.3 and \
+                    time.monotonic() - start < 3.0:
+                time.sleep(0.05)
+            with warnings.catch_warnings():  # and its coroutines that never ran
+                warnings.filterwarnings("ignore", "coroutine .* was never awaited",
+                                        RuntimeWarning)
+                gc.collect()
+    finally:
+        sys.unraisablehook = hook
+        logger.removeFilter(_drop_unretrieved)
 
 
 class Checkpointer:
@@ -58,18 +106,23 @@ class Checkpointer:
         whole and finite, or (None, None, []) when there is none; damaged: [(step, why)]
         of the newer ones, which ``report`` names on stderr. A checkpoint that exists but
         none intact is a one-line error naming the newest one."""
-        damaged = []
-        for step in sorted(self._manager.all_steps(), reverse=True):
-            try:
-                out = restore(step)
-                if not all(np.isfinite(np.asarray(jax.device_get(x))).all()
-                           for x in jax.tree.leaves(out) if hasattr(x, "dtype")
-                           and np.issubdtype(x.dtype, np.floating)):
-                    raise ValueError("it holds non-finite values")
-            except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many kinds)
-                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                damaged.append((step, why))
-                continue
+        damaged, found = [], None
+        with _abandoned_reads_muted(damaged):
+            for step in sorted(self._manager.all_steps(), reverse=True):
+                try:
+                    out = restore(step)
+                    if not all(np.isfinite(np.asarray(jax.device_get(x))).all()
+                               for x in jax.tree.leaves(out) if hasattr(x, "dtype")
+                               and np.issubdtype(x.dtype, np.floating)):
+                        raise ValueError("it holds non-finite values")
+                except Exception as e:  # noqa: BLE001  (orbax / tensorstore raise many kinds)
+                    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                    damaged.append((step, why))
+                    continue
+                found = step, out
+                break
+        if found is not None:
+            step, out = found
             if report:
                 self.report_damaged(damaged, step)
             return step, out, damaged

@@ -74,7 +74,8 @@ EXTRA = {"train": TINY_STEPS + ["task.dev_size=16", "--no-progress"],
          "plan": ["model.path=tiny-t5"]}
 # Inline overrides that are not one (the pattern, a quoted error message), with why.
 NOT_OVERRIDES = {"section.key=value": "the pattern of an override",
-                 "train.wandb=... needs Weights & Biases": "an error message quoted"}
+                 "train.wandb=... needs Weights & Biases": "an error message quoted",
+                 "model.path=tiny-t6": "a mistake, shown with its error (errors.md)"}
 VERBALIZER = "task.verbalizer={negative: [bad, awful], positive: [good, great]}"
 # Inline overrides that need other settings to make sense; checked with them.
 CONTEXT = {"task.verbalizer_loss=class": [VERBALIZER],

@@ -3,8 +3,10 @@ checkpoints, prompt files, data, numerics, permissions, run directories. Each ca
 the one-line error, exit status 2, and that nothing on disk changed; damaged checkpoints
 fall back to the newest intact one (saying so); a run directory is the one named on the
 command line and is trained by one process at a time."""
+import gc
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -332,7 +334,8 @@ def _damage(ckpt_step_dir, how, item="state"):
     array data of ``item``)."""
     if how == "truncated metadata":
         path = os.path.join(ckpt_step_dir, "meta", "metadata")
-        data = open(path, "rb").read()
+        with open(path, "rb") as f:
+            data = f.read()
         write(path, data[:len(data) // 2])
     elif how == "missing item":
         shutil.rmtree(os.path.join(ckpt_step_dir, "best"))
@@ -365,6 +368,28 @@ def test_eval_falls_back_from_a_damaged_checkpoint(how, trained, tmp_path, capsy
     assert len(warn) == 1 and f"{run_dir}/checkpoints/6 (step 6) is damaged" in warn[0]
     assert "using step 3 instead" in warn[0]
     assert snapshot(run_dir) == before  # evaluating never changes a run
+
+
+def test_damaged_checkpoints_leave_no_asyncio_errors_behind(trained, tmp_path, capsys,
+                                                            caplog, monkeypatch):
+    """Issue 31: orbax reads a checkpoint's arrays as concurrent tasks and, at the first
+    failure, leaves the others behind with its event loop closed: when they were collected
+    (at the end of `make test`, or in whichever test ran then), asyncio logged each failure
+    ("Task exception was never retrieved", a traceback per array) and each pending read met
+    the closed loop ("RuntimeError: Event loop is closed"). They repeat the one line ptjax
+    prints; ptjax collects them while it looks for an intact checkpoint."""
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(trained, run_dir)
+    for step in ("3", "6"):
+        _damage(os.path.join(run_dir, "checkpoints", step), "corrupted array data")
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        err = one_line_error(capsys, "train", run_dir, "train.steps=9")
+        gc.collect()  # what is left is heard now, not in a later test
+    assert "no older checkpoint" in err
+    assert not [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert not [str(u.exc_value) for u in unraisable]
 
 
 @pytest.mark.parametrize("how", DAMAGE)

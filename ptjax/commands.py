@@ -224,7 +224,7 @@ def cmd_plan(args):
     cfg = _config_and_overrides(args.items)
     limit = parse_bytes(args.device_memory) if args.device_memory else None
     target = targets.describe(args.target, args.topology) if args.target else None
-    result = plan(cfg, limit, target)
+    result = plan(cfg, limit, target, steps=("train", "eval", "decode"))
     print(format_plan(result))
     if args.out:
         write_plan(result, args.out)

@@ -16,8 +16,9 @@ import jax
 import numpy as np
 
 from ptjax import methods
-from ptjax.aot import (GiB, compile_step, compiled_peak, device_memory_limit, per_device_bytes,
-                       resolve_remat, step_flops, with_shardings)
+from ptjax.aot import (GiB, compile_decode, compile_eval, compile_step, compiled_peak,
+                       device_memory_limit, per_device_bytes, resolve_remat, step_flops,
+                       with_shardings)
 from ptjax.errors import PtjaxError
 from ptjax.methods.base import check_run
 from ptjax.models.attention import cudnn_serves
@@ -98,11 +99,18 @@ def compile_plan(cfg, device_memory: float | None = None,
                    remat_tried, limit, source)
 
 
-def plan(cfg, device_memory: float | None = None, target: Target | None = None) -> dict:
+def plan(cfg, device_memory: float | None = None, target: Target | None = None,
+         steps=("train",)) -> dict:
     """``compile_plan``'s step summarised: memory per device in bytes (what the weights,
     the trainable state, the batch and the temporaries take), FLOPs, the remat chosen,
-    whether it fits."""
+    whether it fits. ``steps`` may add "eval" (rank scoring of one eval batch) and
+    "decode" (KV-cache decoding behind every member), each compiled for the same devices:
+    their peaks per device in ``per_device`` as eval_peak / decode_peak."""
     p = compile_plan(cfg, device_memory, target)
+    others = {f"{name}_peak": compiled_peak(compile(p.model, p.method, cfg, p.mesh,
+                                                    p.trainable, p.frozen))
+              for name, compile in (("eval", compile_eval), ("decode", compile_decode))
+              if name in steps}
     model, method, mesh, tc = p.model, p.method, p.mesh, cfg.train
     config, frozen, compiled, estimate = model.config, p.frozen, p.compiled, p.estimate
     limit, source = p.limit, p.source
@@ -131,6 +139,7 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None) 
             "peak": peak,
             "cpu_weight_upcast": peak - estimate,
             "accelerator_peak": estimate,
+            **others,
         },
         "flops_per_step": flops,
         "flops_per_step_per_device": flops / mesh.devices.size,
@@ -189,6 +198,10 @@ def format_plan(p: dict) -> str:
         f"  peak                    {g(d['peak'])}   (arguments + outputs - donated + "
         "temporaries)",
     ]
+    for name, label, what in (("eval_peak", "eval step peak", "one eval batch, rank scoring"),
+                              ("decode_peak", "decoding peak", "KV cache, every member")):
+        if name in d:
+            lines.append(f"  {label:<24}{g(d[name])}   ({what})")
     if d["cpu_weight_upcast"]:
         lines += [
             f"  of which fp32 weights   {g(d['cpu_weight_upcast'])}   (XLA's CPU backend "

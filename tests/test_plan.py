@@ -106,6 +106,8 @@ def test_plan_command_says_whether_it_fits(tmp_path, capsys):
     assert cli.main(args + ["--device-memory", "80GB"]) == 0
     out = capsys.readouterr().out
     assert "peak" in out and "device memory 80.00 GiB (--device-memory): fits" in out
+    # the command also compiles the eval step and decoding for the same devices
+    assert "eval step peak" in out and "decoding peak" in out
     assert cli.main(args + ["--device-memory", "1000"]) == 1
     assert "does NOT fit" in capsys.readouterr().out
     assert cli.main(args + ["--device-memory", "lots"]) == 2

@@ -157,6 +157,7 @@ def test_plan_target_from_the_command_line(tiny, capsys):
             "train.dropout=0", "train.attention_dropout=0"]
     assert cli.main(args + ["--target", "h100"]) == 0
     out = capsys.readouterr().out
+    assert "eval step peak" in out and "decoding peak" in out
     assert "compiled for h100 1 (1 x NVIDIA H100 80GB HBM3)" in out
     assert "attention cudnn" in out and "device memory 79.11 GiB (h100's memory): fits" in out
     assert cli.main(args + ["--target", "tpu-v5e", "--topology", "2x2", "mesh.data=4"]) == 0

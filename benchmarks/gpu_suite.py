@@ -151,7 +151,7 @@ def run_ptjax(c: dict, shape: dict, steps: int, warmup: int) -> dict:
     stats = jax.local_devices()[0].memory_stats() or {}
     S = shape["prompt_length"] + shape["input_length"]
     attention = resolve(ModelOptions(attention=c.get("attention", "auto"), right_padded=True),
-                        head_dim=cfg.d_kv, dtype=dtype, T=S, S=S, has_bias=True,
+                        head_dim=cfg.d_kv, dtype=dtype, T=S, S=S,
                         dropout_active=c.get("attention_dropout", 0.0) > 0, cached=False)
     return {"step_s": seconds, "compile_s": compile_s[remat], "compile_s_all": compile_s,
             "init_s": init_s, "remat": remat, "plan_bytes": plan_peaks[remat],

@@ -55,7 +55,7 @@ $(TVENV)/.ptjax-targets: setup.cfg pyproject.toml
 
 test-targets: $(TVENV)/.ptjax-targets
 	JAX_PLATFORMS=cpu $(TVENV)/bin/python -m pytest -q -p no:cacheprovider -m targets \
-		tests/test_targets.py
+		tests/test_targets.py tests/test_predict.py
 
 # The analysis notebooks, executed against the demo sweep's output (after `make demo`).
 notebooks: $(VENV)/.ptjax-test

@@ -20,6 +20,15 @@ that analysis, what ``ptjax plan`` reports; ``peak_bytes`` what the device measu
 Per case: ms/step, examples/s, MFU (the README's model-FLOPs formula against the chip's
 dense bf16 peak), peak memory, compile seconds, plan's estimate, the remat chosen and the
 attention path. Everything goes to ``--out``/gpu_suite.json and is printed as a table.
+
+Predictions next to each measured peak (``prediction``, ptjax cases): ``local`` is the
+plan for this machine's own device, the memory analysis of the step compiled here (on a
+GPU that is the prediction: the device is its own target, no targets extra needed);
+``deviceless`` is what ``benchmarks/predict.py`` predicted for the same shape on an H100
+without one (the row of ``--predictions``, default the newest
+``benchmarks/results/predict-*.json``: T5 1.1 LM-adapted, prompt tuning, K, remat auto,
+target ``h100``; only cases at predict.py's settings, attention dropout 0, threefry,
+element-wise masks, have one). ``*_over_measured`` divide each by the measured peak.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, ROOT)
 
 PAPER = dict(batch=32, input_length=512, prompt_length=100, target_length=16)
+PREDICT_TARGET = "h100"  # the predict.py target whose rows are joined to the cases
 TINY = dict(batch=2, input_length=16, prompt_length=4, target_length=4)
 LAZY = ("tensorflow_datasets", "tensorboardX", "tensorflow")
 
@@ -153,8 +163,12 @@ def run_ptjax(c: dict, shape: dict, steps: int, warmup: int) -> dict:
     attention = resolve(ModelOptions(attention=c.get("attention", "auto"), right_padded=True),
                         head_dim=cfg.d_kv, dtype=dtype, T=S, S=S,
                         dropout_active=c.get("attention_dropout", 0.0) > 0, cached=False)
+    local = {"target": f"{jax.local_device_count()} x {jax.devices()[0].device_kind} "
+             "(this machine's device)", "bytes": plan_peaks[remat], "remat": remat,
+             "fits": None if limit is None else bool(plan_peaks[remat] <= limit)}
     return {"step_s": seconds, "compile_s": compile_s[remat], "compile_s_all": compile_s,
             "init_s": init_s, "remat": remat, "plan_bytes": plan_peaks[remat],
+            "prediction": {"local": local},
             "plan_bytes_tried": plan_peaks, "device_bytes_limit": limit,
             "peak_bytes": stats.get("peak_bytes_in_use"),
             "attention": attention,
@@ -209,6 +223,52 @@ def _derive(r: dict, c: dict, shape: dict):
     r["mfu"] = flops / r["step_s"] / (peak * 1e12) if peak else None
     if r.get("plan_bytes") and r.get("peak_bytes"):
         r["plan_over_measured"] = r["plan_bytes"] / r["peak_bytes"]
+    predicted = (r.get("prediction") or {}).get("deviceless") or {}
+    if predicted.get("bytes") and r.get("peak_bytes"):
+        r["deviceless_over_measured"] = predicted["bytes"] / r["peak_bytes"]
+
+
+def newest_predictions() -> str | None:
+    """The newest ``benchmarks/results/predict-*.json`` (by its name's date), or None."""
+    import glob
+
+    found = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "predict-*.json")))
+    return found[-1] if found else None
+
+
+def load_predictions(path: str | None) -> dict:
+    """predict.py's results: {"file", "rows"} ({"file", "error"} if unreadable)."""
+    if not path:
+        return {"file": None, "error": "no benchmarks/results/predict-*.json"}
+    try:
+        with open(path) as f:
+            return {"file": _relative(path), "rows": json.load(f)["rows"]}
+    except (OSError, ValueError, KeyError) as e:
+        return {"file": path, "error": f"{type(e).__name__}: {e}"}
+
+
+def deviceless(c: dict, predictions: dict) -> dict:
+    """predict.py's deviceless prediction for case ``c``'s shape on one H100 (prompt
+    tuning, its K, remat auto), or {"missing": why}."""
+    if "error" in predictions:
+        return {"file": predictions["file"], "missing": predictions["error"]}
+    variant = [k for k in ("attention_dropout", "prng", "dropout_broadcast", "attention",
+                           "dtype", "dropout") if k in c]
+    if variant:
+        return {"file": predictions["file"], "missing": f"{', '.join(variant)}: not at "
+                "predict.py's settings"}
+    size = c["model"].removeprefix("t5-")
+    for row in predictions["rows"]:
+        if (row.get("size"), row.get("method"), row.get("prompts"), row.get("target"),
+                row.get("remat_setting")) == (size, "prompt", c["prompts"], PREDICT_TARGET,
+                                              "auto") and row.get("status") == "ok":
+            per_device = row.get("per_device") or {}
+            return {"file": predictions["file"], "target": row.get("devices") or
+                    PREDICT_TARGET, "bytes": per_device.get("accelerator_peak"),
+                    "remat": row.get("remat"), "fits": row.get("fits"),
+                    "flops_per_step": row.get("flops_per_step")}
+    return {"file": predictions["file"], "missing": f"no row for t5-{size} prompt K="
+            f"{c['prompts']} on {PREDICT_TARGET} with remat auto"}
 
 
 def main(argv=None):
@@ -222,6 +282,9 @@ def main(argv=None):
     p.add_argument("--tiny", "--dry-run", dest="tiny", action="store_true",
                    help="tiny shapes on any device: checks the suite end to end")
     p.add_argument("--only", default="", help="comma-separated substrings of case names")
+    p.add_argument("--predictions", default=None, metavar="JSON",
+                   help="benchmarks/predict.py's results to put next to each measured peak "
+                   "(default: the newest benchmarks/results/predict-*.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     shape = TINY if a.tiny else PAPER
@@ -231,6 +294,7 @@ def main(argv=None):
         return _child(json.loads(a.child), shape, a.steps, a.warmup)
 
     start = time.perf_counter()
+    predictions = load_predictions(a.predictions or newest_predictions())
     rows = []
     todo = [c for c in cases(a.tiny)
             if not a.only or any(s in c["name"] for s in a.only.split(","))]
@@ -260,6 +324,8 @@ def main(argv=None):
         except subprocess.TimeoutExpired:
             row.update(status="timeout", error=f"over {min(a.case_timeout_s, left):.0f} s")
         row["wall_s"] = time.perf_counter() - t0
+        if c["framework"] == "ptjax":
+            row.setdefault("prediction", {})["deviceless"] = deviceless(c, predictions)
         _derive(row, c, shape)
         rows.append(row)
         _print_row(row)
@@ -274,10 +340,17 @@ def _print_row(r: dict):
         return
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
     plan = f"{r['plan_bytes'] / 2 ** 30:.1f}" if r.get("plan_bytes") else "-"
+    predicted = (r.get("prediction") or {}).get("deviceless") or {}
+    if predicted.get("bytes"):
+        plan += f" (deviceless {predicted['bytes'] / 2 ** 30:.1f})"
     print(f"{r['case']:48s} {r['ms_per_step']:8.1f} ms/step {r['examples_per_s']:7.1f} ex/s "
           f"MFU {mfu:>6s} peak {r['peak_bytes'] / 2 ** 30:6.1f} GiB plan {plan} GiB "
           f"compile {r.get('compile_s', 0):5.1f} s remat {r.get('remat', '-')} "
           f"attention {r.get('attention', '-')}", flush=True)
+
+
+def _relative(path: str | None) -> str | None:
+    return None if path is None else os.path.relpath(path, ROOT)
 
 
 def _write(a, shape, rows, start) -> str:
@@ -286,6 +359,7 @@ def _write(a, shape, rows, start) -> str:
     result = {"date": datetime.date.today().isoformat(), "machine": platform.node(),
               "command": "python benchmarks/gpu_suite.py " + " ".join(sys.argv[1:]),
               "shape": shape, "tiny": a.tiny, "elapsed_s": time.perf_counter() - start,
+              "predictions": _relative(a.predictions or newest_predictions()),
               "cases": rows}
     with open(path, "w") as f:
         json.dump(result, f, indent=2, default=str)

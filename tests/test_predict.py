@@ -1,0 +1,107 @@
+"""benchmarks/predict.py: the paper's shapes predicted for accelerators this machine does
+not have. Here on the built-in tiny T5 for one H100 (a compile of seconds): the JSON's
+fields, the remat=auto row made from the none row's compile, a failing row recorded and
+the run going on, the table; and the rules that pick meshes and read libtpu's refusals.
+
+Runs in the targets venv (``make test-targets``), like tests/test_targets.py.
+"""
+import json
+import os
+import sys
+
+import jax
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import predict  # noqa: E402
+
+pytestmark = pytest.mark.targets
+GiB = 1024 ** 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_compilation_cache():
+    """Executables for compile-only devices cannot be read back from XLA's cache."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", True)
+
+
+def test_predict_writes_rows_for_a_target(tmp_path, capsys):
+    out = tmp_path / "predict.json"
+    args = ["--sizes", "tiny-t5", "--targets", "h100,h100:0", "--methods", "prompt",
+            "--prompts", "1", "--remat", "none,auto", "--out", str(out), "--markdown",
+            "--set", f"model.tiny_dir={tmp_path}", "--set", "task.max_input_length=24",
+            "--set", "task.max_target_length=4", "--set", "train.batch_size=8",
+            "--set", "prompt.length=8"]
+    assert predict.main(args) == 0
+    result = json.loads(out.read_text())
+    assert "not measurements" in result["what"]
+    assert result["versions"]["jax"] == jax.__version__
+    assert {"jaxlib", "libtpu", "jax-cuda12-plugin", "nvidia-cudnn-cu12"} <= set(
+        result["versions"])
+    assert len(result["ptjax"]["commit"]) == 40
+    assert result["skipped"] == []
+    rows = {(r["target"], r["remat_setting"]): r for r in result["rows"]}
+    assert set(rows) == {("h100", "none"), ("h100", "auto"), ("h100:0", "none"),
+                         ("h100:0", "auto")}
+    none, auto = rows["h100", "none"], rows["h100", "auto"]
+    for r in (none, auto):
+        assert r["status"] == "ok" and r["fits"] is True
+        assert r["devices"] == "1 x NVIDIA H100 80GB HBM3"
+        assert r["mesh"] == {"data": 1, "model": 1, "fsdp": False}
+        assert 0 < r["per_device"]["accelerator_peak"] < GiB
+        assert r["per_device"]["accelerator_peak"] == r["per_device"]["peak"]  # no CPU copy
+        assert r["device_memory"] > 79 * GiB
+        assert r["flops_per_step"] > 0
+        assert r["flops_per_step_per_device"] == r["flops_per_step"]
+        assert r["compile_s"] > 0 and r["attention"] == "cudnn"
+        assert r["remat"] == "none"
+    # auto's choice came from the none row's compile, not a second one
+    assert auto["remat_tried"] == {"none": none["per_device"]["accelerator_peak"]}
+    assert auto["compile_s"] == none["compile_s"]
+    # a row that cannot run is recorded with its one-line error, the others still run
+    bad = rows["h100:0", "none"]
+    assert bad["status"] == "error" and "--topology '0'" in bad["error"]
+    assert "\n" not in bad["error"]
+    table = capsys.readouterr().out
+    line = [x for x in table.splitlines() if x.startswith("| tiny-t5 | prompt | 1 | h100 |")]
+    assert len(line) == 1 and "fits | none: " in line[0] and line[0].count("|") == 13
+    assert "| tiny-t5 | prompt | 1 | h100:0 | error: PtjaxError: --topology '0'" in table
+    assert predict.main(["--table", str(out)]) == 0
+    assert line[0] in capsys.readouterr().out
+
+
+def test_the_matrix_and_its_order():
+    rows = predict.matrix(predict.SIZES, list(predict.TARGETS), list(predict.METHODS),
+                          [1, 5], ["none", "auto"])
+    assert len(rows) == 5 * 4 * (2 + 2 + 1) * 2  # model tuning: K=1 only
+    # prompt tuning K=1 on one H100 comes first, for every size
+    first = [(r["size"], r["target"], r["method"], r["prompts"]) for r in rows[:10]]
+    assert first == [(s, "h100", "prompt", 1) for s in predict.SIZES for _ in range(2)]
+    # then every GPU row before any TPU row
+    tpu = [i for i, r in enumerate(rows) if r["target"].startswith(("v5e", "v4"))]
+    assert min(tpu) == len(rows) - len(tpu)
+
+
+def test_choose_mesh():
+    h100 = 79 * GiB
+    assert predict.choose_mesh(1, 11_000_000_000, "prompt", h100)[0] == {
+        "data": 1, "model": 1, "fsdp": False}
+    # bf16 T5-base replicated on 8 GPUs; T5-XXL's 20.7 GiB split over a v5e 2x2
+    assert predict.choose_mesh(8, 250_000_000, "prompt", h100)[0]["data"] == 8
+    assert predict.choose_mesh(4, 11_135_000_000, "prefix", 16 * GiB)[0] == {
+        "data": 1, "model": 4, "fsdp": False}
+    # model tuning: FSDP once the fp32 state is more than a quarter of a device
+    assert predict.choose_mesh(8, 250_000_000, "model", h100)[0]["fsdp"] is False
+    assert predict.choose_mesh(8, 2_850_000_000, "model", h100)[0] == {
+        "data": 8, "model": 1, "fsdp": True}
+
+
+def test_tpu_refusal_is_read_as_not_fitting():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (21.58G) exceeds available HBM (15.75G).")
+    assert predict.tpu_oom(msg) == pytest.approx(21.58 * GiB)
+    assert predict.tpu_oom("INVALID_ARGUMENT: something else") is None

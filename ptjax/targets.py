@@ -123,6 +123,9 @@ def _tpu(name: str, chip: Chip, topology: str):
                    if chip.dims == 3 else "2x2")
     sizes = sizes + [1] * (3 - len(sizes))
     host = tuple(min(s, h) for s, h in zip(sizes, chip.host))
+    # libtpu takes a machine-wide lock file as it loads, meant for the processes of one
+    # TPU host; a compile-only use holds no chip, so several may load it at once
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         topo = topologies.get_topology_desc(
             f"{chip.tpu}:{topology}", "tpu", chip_config_name=chip.chip_config,

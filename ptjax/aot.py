@@ -187,10 +187,9 @@ def step_flops(model, method, cfg, trainable, frozen) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def _on(mesh, tree, sharding=None):
-    """ShapeDtypeStructs of ``tree`` on ``mesh``: their own shardings, else ``sharding``
-    (default: replicated)."""
-    rep = sharding or replicated(mesh)
+def _on(mesh, tree):
+    """ShapeDtypeStructs of ``tree`` on ``mesh``: their own shardings, else replicated."""
+    rep = replicated(mesh)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
         x.shape, x.dtype, sharding=getattr(x, "sharding", None) or rep), tree)
 

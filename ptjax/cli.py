@@ -21,6 +21,7 @@
     ptjax --version
 
 A user's mistake (bad path, unsupported model, wrong shape) prints one line and exits 2.
+A run stopped by SIGTERM (preemption) saves its step and exits 75; the same command resumes.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from ptjax import __version__, targets
 from ptjax.commands import (cmd_config, cmd_eval, cmd_export, cmd_generate, cmd_info, cmd_neighbors,
                             cmd_plan, cmd_pretrain, cmd_report, cmd_sweep, cmd_tiny, cmd_train)
 from ptjax.errors import PtjaxError
+from ptjax.preemption import EXIT_PREEMPTED, Preempted
 
 
 def _version() -> str:
@@ -184,6 +186,9 @@ def main(argv=None) -> int:
         enable_compilation_cache()
     try:
         code = args.fn(args)
+    except Preempted as e:  # a checkpoint of the last step is saved: not an error
+        print(f"ptjax: {e}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (PtjaxError, OSError, UnicodeDecodeError) as e:
         if debug:
             raise

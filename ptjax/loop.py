@@ -15,6 +15,7 @@ from ptjax import config as config_lib
 from ptjax.data import pipeline
 from ptjax.errors import PtjaxError
 from ptjax.optim import learning_rate_schedule
+from ptjax import preemption
 from ptjax.rundir import newest_checkpoint
 from ptjax.sharding import global_batch, to_host
 
@@ -80,7 +81,12 @@ def step_loop(cfg, main, ckpt, stream, state, step_fn, frozen, mesh, start, log,
     runs every ``eval_every`` steps and at the last; a checkpoint every
     ``checkpoint_every`` steps and at the last holds the state, ``saved() -> (tree or None,
     meta)`` and the data position. ``members``: train rows name the member k (K prompts);
-    False: one model (pretrain). Returns the last state."""
+    False: one model (pretrain). Returns the last state.
+
+    A preemption notice (``ptjax.preemption``) ends the loop after the step in flight (and
+    its evaluation): that step is checkpointed and ``Preempted`` raised. The train losses
+    not yet logged go into that checkpoint (meta "log_window") and the resumed run logs
+    them in its next row, so its metrics.jsonl equals an uninterrupted run's."""
     run_dir, tc = cfg.run_dir, cfg.train
     name = os.path.basename(run_dir.rstrip("/"))
     if start and main:
@@ -90,6 +96,21 @@ def step_loop(cfg, main, ckpt, stream, state, step_fn, frozen, mesh, start, log,
     lr_at = learning_rate_schedule(cfg.optim, tc.steps)
     pending = []  # (step, device metrics): read in bulk, not every step
     window = {"t": time.perf_counter(), "truncated": 0, "noted": False}
+    if start:  # a preempted run's train losses not yet logged
+        kept = ckpt.restore_meta(start).get("log_window")
+        if kept:
+            pending.extend((s, {"loss": np.asarray(loss, np.float32), "finite": np.True_})
+                           for s, loss in zip(kept["steps"], kept["loss"]))
+            window["truncated"] = kept["truncated"]
+
+    def unlogged():
+        """The pending window as JSON for a preemption checkpoint (every step finite: a
+        non-finite one stops the run in ``flush`` first)."""
+        losses = [to_host(p[1]["loss"]) for p in pending]
+        if not all(to_host(p[1]["finite"]) for p in pending):
+            flush(pending[-1][0])  # raises, naming the step
+        return {"steps": [p[0] for p in pending], "loss": [x.tolist() for x in losses],
+                "truncated": window["truncated"]}
 
     def flush(s):
         if not pending:
@@ -130,6 +151,10 @@ def step_loop(cfg, main, ckpt, stream, state, step_fn, frozen, mesh, start, log,
         bar = tqdm(total=tc.steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
     batches = pipeline.prefetch(stream.batch, range(start, tc.steps))
     try:
+        if preemption.heard():  # during the start: stop before the first step
+            raise preemption.Preempted(
+                f"before step {start + 1}" + (f"; its newest checkpoint is {ckpt.path(start)}"
+                                              if start else " (no checkpoint yet)"), start)
         for step, (local, cut) in zip(range(start, tc.steps), batches):
             state, metrics = step_fn(state, frozen, global_batch(local, mesh))
             s = step + 1
@@ -148,9 +173,15 @@ def step_loop(cfg, main, ckpt, stream, state, step_fn, frozen, mesh, start, log,
                 flush(s)
             if do_eval:
                 evaluate_at(s, state.trainable)
-            if do_ckpt:
+            stop = preemption.reached(s)
+            if do_ckpt or stop:
                 tree, meta = saved()
-                ckpt.save(s, state, tree, {"data_position": s * tc.batch_size, **meta})
+                ckpt.save(s, state, tree, {"data_position": s * tc.batch_size, **meta,
+                                           **({"log_window": unlogged()} if stop else {})})
+            if stop:
+                ckpt.wait()
+                raise preemption.Preempted(
+                    f"after step {s}; its checkpoint is {ckpt.path(s)}", s)
         ckpt.wait()
     finally:
         batches.close()

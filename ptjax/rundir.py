@@ -24,6 +24,7 @@ import jax
 from tensorboardX import SummaryWriter
 
 from ptjax import config as config_lib
+from ptjax import preemption
 from ptjax.checkpoint import Checkpointer
 from ptjax.errors import PtjaxError
 from ptjax.models.named import TINY
@@ -213,7 +214,8 @@ def locked_run(cfg, body):
     main = is_main_process()
     locks = [RunLock(cfg.run_dir)] if main and os.path.isdir(cfg.run_dir) else []
     try:
-        return body(cfg, main, locks)
+        with preemption.handling_sigterm():  # SIGTERM: save the step, exit 75 (the CLI)
+            return body(cfg, main, locks)
     finally:
         for lock in locks:
             lock.release()

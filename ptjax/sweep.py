@@ -39,7 +39,7 @@ import sys
 import yaml
 
 from ptjax import config as config_lib
-from ptjax import methods
+from ptjax import methods, preemption
 from ptjax.errors import PtjaxError
 from ptjax.run import train
 from ptjax.sharding import is_main_process
@@ -391,27 +391,35 @@ def run_sweep(sweep: Sweep, shard=(0, 1), progress: bool = True) -> dict:
     i, n = shard
     mine = [j for idx, j in enumerate(sweep.jobs) if idx % n == i]
     out = {"done": [], "skipped": [], "failed": []}
-    for idx, job in enumerate(mine, 1):
-        head = f"[{sweep.name} {idx}/{len(mine)}] job {job.id}"
-        if job_done(job):
-            out["skipped"].append(job.id)
-            print(f"{head}: finished earlier, skipped")
-            continue
-        print(f"{head}: {_describe(job, sweep.keys)}", flush=True)
-        cfg = job.config
-        if not progress:
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
-        try:
-            train(cfg)
-            out["done"].append(job.id)
-        except PtjaxError as e:  # the sweep goes on; the error stays beside the job
-            out["failed"].append((job.id, str(e)))
-            print(f"{head}: failed: {e}", file=sys.stderr)
-            if is_main_process():
-                os.makedirs(job.run_dir, exist_ok=True)
-                with open(os.path.join(job.run_dir, "error.txt"), "w") as f:
-                    f.write(str(e) + "\n")
+    with preemption.handling_sigterm():  # a notice between jobs stops before the next
+        for idx, job in enumerate(mine, 1):
+            if preemption.heard():
+                raise preemption.Preempted(f"before job {job.id} ({idx}/{len(mine)})")
+            _run_job(sweep, job, f"[{sweep.name} {idx}/{len(mine)}] job {job.id}", progress,
+                     out)
     return out
+
+
+def _run_job(sweep: Sweep, job: Job, head: str, progress: bool, out: dict):
+    """Train one job (``run_sweep``) and note it in ``out``: done, skipped or failed."""
+    if job_done(job):
+        out["skipped"].append(job.id)
+        print(f"{head}: finished earlier, skipped")
+        return
+    print(f"{head}: {_describe(job, sweep.keys)}", flush=True)
+    cfg = job.config
+    if not progress:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
+    try:
+        train(cfg)
+        out["done"].append(job.id)
+    except PtjaxError as e:  # the sweep goes on; the error stays beside the job
+        out["failed"].append((job.id, str(e)))
+        print(f"{head}: failed: {e}", file=sys.stderr)
+        if is_main_process():
+            os.makedirs(job.run_dir, exist_ok=True)
+            with open(os.path.join(job.run_dir, "error.txt"), "w") as f:
+                f.write(str(e) + "\n")
 
 
 def all_done(sweep: Sweep) -> bool:

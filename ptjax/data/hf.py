@@ -49,7 +49,8 @@ def _datasets():
 def even_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
     """[start, stop) of ``n_shards`` contiguous shards of n rows, as ``tfds.even_splits``
     cuts them: the first n % n_shards shards hold one row more (11 rows in 3: 4, 4, 3), so
-    a task sharded from either source trains on the same rows."""
+    the same rows in the same order make the same shards from either source (but TFDS
+    stores a split shuffled, the hub in the original order: docs/data.md)."""
     size, extra = divmod(n, n_shards)
     starts = [q * size + min(q, extra) for q in range(n_shards + 1)]
     return list(zip(starts[:-1], starts[1:]))
@@ -134,4 +135,4 @@ def label_names(ds, name: str, split: str) -> tuple[str, ...]:
 def rows(ds, start: int = 0, stop: int | None = None) -> list[dict]:
     """Rows [start, stop) of a split as plain Python dicts (str, int, lists, dicts)."""
     stop = len(ds) if stop is None else stop
-    return list(ds.select(range(start, stop))) if (start, stop) != (0, len(ds)) else list(ds)
+    return list(ds if (start, stop) == (0, len(ds)) else ds.select(range(start, stop)))

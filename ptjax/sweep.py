@@ -58,7 +58,8 @@ LATER_DEFAULTS = {"task.target_sentinel": False, "task.template": "", "task.verb
                   "train.attention_dropout": 0.0, "train.dropout_broadcast": False,
                   "train.prng": "threefry", "task.verbalizer_loss": "first_word",
                   "task.verbalizer_kind": "manual", "task.mixture": [],
-                  "task.mixture_rates": "proportional"}
+                  "task.mixture_rates": "proportional", "task.source": "tfds",
+                  "task.hf_path": ""}
 
 
 @dataclasses.dataclass(frozen=True)

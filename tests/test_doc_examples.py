@@ -39,6 +39,8 @@ DEMO = "needs `make demo`'s runs/demo (7 min): the job id is checked to be one o
        "experiments/demo.yaml's here, its ensemble eval runs in tests/test_sweep.py"
 TFDS = "the paper's TFDS tasks need TensorFlow datasets prepared with `tfds build` (and a " \
        "hub checkpoint); tests/test_tfds_tasks.py reads a real TFDS dataset made locally"
+HF = "the paper's tasks from the hub's SuperGLUE (`hf download` or the hub itself) and a hub " \
+     "checkpoint; tests/test_hf_data.py trains on Parquet files in the hub's layout made locally"
 TARGETS = "compiles for an H100 / TPU without one: needs the targets extra, kept in its own " \
           "venv (`make test-targets` runs `ptjax plan --target` in tests/test_targets.py)"
 # Commands that cannot run here, by their words after `ptjax`, with why.
@@ -53,6 +55,9 @@ SKIP = {
     "train experiments/lester2021/base.yaml model.path=google/t5-large-lm-adapt": TFDS,
     "train experiments/lester2021/base.yaml task.name=rte task.data_dir=/data/tfds": TFDS,
     "train experiments/lester2021/base.yaml task.data_dir=/data/tfds": TFDS,
+    "train experiments/lester2021/base.yaml task.name=rte task.source=hf "
+    "task.hf_path=/data/hf": HF,
+    "train experiments/lester2021/base.yaml task.name=boolq task.source=hf": HF,
     **{f"plan experiments/lester2021/base.yaml --target {target}": TARGETS for target in (
         "h100", "h100 --topology 8 mesh.model=2", "tpu-v5e --topology 2x2")},
     "info google/t5-base-lm-adapt": "downloads T5-base from the hub (what `info` prints is "

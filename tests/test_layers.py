@@ -31,7 +31,8 @@ LAYERS = [
 ]
 # Third-party packages that are optional extras (or, matplotlib, chosen a backend for
 # before pyplot loads): the only imports allowed inside a function, with a noqa reason.
-OPTIONAL = ("wandb", "tensorflow", "tensorflow_datasets", "torch", "matplotlib")
+OPTIONAL = ("wandb", "tensorflow", "tensorflow_datasets", "torch", "matplotlib",
+            "datasets")
 
 
 def modules(root: str) -> dict[str, str]:

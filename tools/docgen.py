@@ -31,6 +31,7 @@ CHOICES = {
     "optim.schedule": C.SCHEDULES, "method.name": C.METHODS, "task.eval_mode": C.EVAL_MODES,
     "train.ensemble": ("",) + C.ENSEMBLES, "method.prefix.init": C.PREFIX_INITS,
     "method.ptuning.encoder": C.ENCODERS, "mesh.distributed": ("auto", "on", "off"),
+    "task.source": ("tfds", "hf"),
 }
 # Notes beyond the source comments (a key that no longer exists fails the generator).
 NOTES = {

@@ -17,6 +17,7 @@ CHOICES = {
     "train.prng": PRNGS, "prompt.init": PROMPT_INITS,
     "prompt.fallback": ("sampled_vocab", "random_uniform"), "optim.name": OPTIMIZERS,
     "optim.schedule": SCHEDULES, "task.eval_mode": EVAL_MODES, "method.name": METHODS,
+    "task.source": ("tfds", "hf"),
     "method.prefix.init": PREFIX_INITS, "method.ptuning.encoder": ENCODERS,
     "task.verbalizer_tokens": ("first", "mean", "max"),
     "task.verbalizer_loss": ("first_word", "class"), "task.verbalizer_kind": ("manual", "soft"),

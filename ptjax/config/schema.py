@@ -86,6 +86,14 @@ class MixtureTask:
 class TaskConfig:
     name: str = "synthetic_sentiment"  # built-in, "jsonl", or a TFDS task (e.g. rte, boolq)
     data_dir: str = ""  # TFDS data_dir ("" = TFDS's default, ~/tensorflow_datasets)
+    # where the paper's tasks (SuperGLUE, GLUE, SQuAD, MRQA) are read from: tfds
+    # (tensorflow-datasets, prepared with `tfds build`) | hf (Hugging Face datasets, no
+    # TensorFlow; not MRQA); other tasks ignore it
+    source: str = "tfds"
+    # task.source=hf: "" = each task's hub dataset (aps/super_glue, nyu-mll/glue,
+    # rajpurkar/squad), another hub id, or a local directory in the hub's layout
+    # (DIR/CONFIG/SPLIT-*.parquet, e.g. DIR/boolq/train-00000-of-00001.parquet)
+    hf_path: str = ""
     prefix: bool = False  # keep T5's task-name prefix ("rte sentence1: ..."); the paper drops it
     train_file: str = ""  # jsonl: {"inputs": ..., "targets": ...} per line
     dev_file: str = ""

@@ -7,7 +7,9 @@ input, scored by greedy exact match or by ranking the colours). ``jsonl`` reads 
 object per line with "inputs" and "targets". From the lab's corpus (``ptjax.data.corpus``,
 ``pip install 'ptjax[lab]'``): ``shakespeare_genre`` (comedy / history / tragedy of a
 speech) and ``shakespeare_order`` (are a line's words in Shakespeare's order: true /
-false).
+false). The paper's tasks (``TFDS_TASKS``: SuperGLUE, GLUE, SQuAD, MRQA) are read with
+tensorflow-datasets, or with Hugging Face ``datasets`` and no TensorFlow
+(``task.source=hf``, ``ptjax.data.hf``), and formatted as T5 does (``ptjax.data.formats``).
 """
 from __future__ import annotations
 
@@ -16,7 +18,10 @@ import json
 import os
 import random
 
+import numpy as np
+
 from ptjax.data import corpus as corpus_lib
+from ptjax.data import hf
 from ptjax.data.formats import format_example
 from ptjax.data.pipeline import shard_bounds
 from ptjax.errors import PtjaxError
@@ -149,7 +154,8 @@ def load_task(cfg, splits=("train", "validation"), shards=None) -> Task:
 
     shards: (shard indices, n_shards) to read only those contiguous shards of the train
     split (``ptjax.data.pipeline.owned_shards``) into ``task.shards``; TFDS reads only them
-    from disk (``tfds.even_splits``).
+    from disk (``tfds.even_splits``), Hugging Face datasets only those rows
+    (``hf.even_bounds``, the same cut).
     """
     if cfg.name in BUILTIN:
         task = synthetic(cfg.name)
@@ -159,7 +165,8 @@ def load_task(cfg, splits=("train", "validation"), shards=None) -> Task:
         paths = {"train": cfg.train_file, "validation": cfg.dev_file}
         task = Task("jsonl", {s: read_jsonl(paths[s]) for s in splits if s in paths})
     elif cfg.name in TFDS_TASKS:
-        task = load_tfds_task(cfg.name, cfg, splits, shards)
+        read = load_hf_task if cfg.source == "hf" else load_tfds_task
+        task = read(cfg.name, cfg, splits, shards)
     else:
         raise PtjaxError(f"unknown task {cfg.name!r}; valid: {', '.join(task_names())}")
     if shards is not None and not task.shards and "train" in task.splits:
@@ -246,9 +253,13 @@ def _tfds():
 
 
 def raw_fields(ex: dict) -> dict:
-    """An example's text and number fields as strings, for templates ({premise}, ...)."""
+    """An example's text and number fields as strings, for templates ({premise}, ...).
+    TFDS gives numpy scalars and bytes, Hugging Face datasets Python numbers and str:
+    both become the same strings (WiC's {start1}, an {idx})."""
     out = {}
     for key, value in ex.items():
+        if isinstance(value, np.generic) and not isinstance(value, np.bool_):
+            value = value.item()  # a numpy number (or bytes) as Python's
         if isinstance(value, bytes):
             out[key] = value.decode("utf-8")
         elif isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -281,9 +292,7 @@ def load_tfds_task(name: str, cfg, splits=("train", "validation"), shards=None) 
                 f"prepared in {where}; run `tfds build {spec.tfds_name}"
                 f"{' --data_dir ' + data_dir if data_dir else ''}` on a machine with network "
                 "(or copy a prepared directory) and set task.data_dir") from e
-        return [{**f, "fields": raw_fields(ex)} for ex in tfds.as_numpy(ds)
-                for f in format_example(spec.format, ex, labels, prefix=cfg.prefix,
-                                        split=split)]
+        return formatted(spec, tfds.as_numpy(ds), labels, cfg.prefix, split)
 
     out, train_shards = {}, {}
     for split in splits:
@@ -296,7 +305,43 @@ def load_tfds_task(name: str, cfg, splits=("train", "validation"), shards=None) 
             out[split] = [ex for q in owned for ex in train_shards[q]]
         else:
             out[split] = read(split, tfds_split[split])
+    return paper_task(name, out, labels, train_shards)
+
+
+def formatted(spec: TfdsTask, examples, labels, prefix: bool, split: str) -> list[dict]:
+    """Raw examples (TFDS's or the hub's rows) in T5's format, each with its raw
+    text and number fields (for templates)."""
+    return [{**f, "fields": raw_fields(ex)} for ex in examples
+            for f in format_example(spec.format, ex, labels, prefix=prefix, split=split)]
+
+
+def paper_task(name: str, splits: dict, labels, train_shards: dict) -> Task:
+    spec = TFDS_TASKS[name]
     # classification tasks rank their label names; copa/record carry per-example candidates
     ranked = labels if spec.metric in ("accuracy", "cb", "multirc", "f1_accuracy") else ()
-    return Task(name, out, tuple(ranked), spec.select, metric_set=spec.metric,
+    return Task(name, splits, tuple(ranked), spec.select, metric_set=spec.metric,
                 shards=train_shards)
+
+
+def load_hf_task(name: str, cfg, splits=("train", "validation"), shards=None) -> Task:
+    """A registered TFDS task read from Hugging Face datasets instead (``ptjax.data.hf``:
+    the hub, its cache, or local Parquet / Arrow files; no TensorFlow), formatted as the
+    TFDS path formats it. shards: (indices, n) formats only those of n train shards,
+    cut as ``tfds.even_splits`` cuts them (``hf.even_bounds``)."""
+    spec = TFDS_TASKS[name]
+    hf_split = dict(spec.splits)
+    out, train_shards, labels = {}, {}, spec.labels
+    for split in splits:
+        if split not in hf_split:
+            continue
+        ds = hf.read_split(name, spec.tfds_name, cfg.hf_path, hf_split[split])
+        labels = spec.labels or hf.label_names(ds, name, hf_split[split])
+        if split == "train" and shards is not None:
+            owned, n = shards
+            bounds = hf.even_bounds(len(ds), n)
+            train_shards = {q: formatted(spec, hf.rows(ds, *bounds[q]), labels, cfg.prefix,
+                                         split) for q in owned}
+            out[split] = [ex for q in owned for ex in train_shards[q]]
+        else:
+            out[split] = formatted(spec, hf.rows(ds), labels, cfg.prefix, split)
+    return paper_task(name, out, labels, train_shards)

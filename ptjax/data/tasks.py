@@ -255,9 +255,12 @@ def _tfds():
 def raw_fields(ex: dict) -> dict:
     """An example's text and number fields as strings, for templates ({premise}, ...).
     TFDS gives numpy scalars and bytes, Hugging Face datasets Python numbers and str:
-    both become the same strings (WiC's {start1}, an {idx})."""
+    both become the same strings (WiC's {start1}, an {idx}). The gold ``label`` is left
+    out: a template that named it would train and score on the answer."""
     out = {}
     for key, value in ex.items():
+        if key == "label":
+            continue
         if isinstance(value, np.generic) and not isinstance(value, np.bool_):
             value = value.item()  # a numpy number (or bytes) as Python's
         if isinstance(value, bytes):

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -152,19 +151,6 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: " + (lines[0][:300] if lines else "")
 
 
-_OOM = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds available "
-                  r"HBM \(([0-9.]+)([KMGT])\)")
-
-
-def tpu_oom(message: str) -> float | None:
-    """libtpu's refusal of a step that does not fit: the temporaries it needed, in bytes
-    (its 'G' read as GiB), or None for any other error."""
-    m = _OOM.search(message)
-    if not m:
-        return None
-    return float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024
-
-
 class Predictor:
     """Compiles rows for targets, one compile per (shape, mesh, remat policy, target), and
     FLOPs once per shape."""
@@ -236,7 +222,7 @@ class Predictor:
     def compile(self, row, target, mesh, policy) -> dict:
         """One compile of the row's step with ``model.remat=policy`` for ``target``:
         {estimate, breakdown, attention, compile_s} or {oom: bytes, ...} / {error}."""
-        from ptjax.aot import compiled_peak, per_device_bytes
+        from ptjax.aot import compiled_peak, per_device_bytes, refused_bytes
         from ptjax.plan import attention_summary, compile_plan
         key = (tuple(self.overrides(row, mesh, policy)), target.name, target.topology)
         if key in self.compiles:
@@ -257,7 +243,7 @@ class Predictor:
                 "devices": f"{p.mesh.devices.size} x {p.mesh.devices.flat[0].device_kind}"}
             del p
         except Exception as e:  # noqa: BLE001 -- a row's failure is a result
-            oom = tpu_oom(str(e))
+            oom = refused_bytes(e)
             out = {"oom": oom, "error": one_line(e)} if oom else {"error": one_line(e)}
         out["compile_s"] = time.perf_counter() - t0
         self.compiles[key] = out

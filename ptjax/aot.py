@@ -11,10 +11,12 @@ import dataclasses
 import functools
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 
+from ptjax.errors import PtjaxError
 from ptjax.evaluation import member_inputs, member_scores, rows_of
 from ptjax.models.generate import gpt2_generate, t5_generate
 from ptjax.sharding import batch_sharding, make_mesh, replicated
@@ -138,16 +140,57 @@ def cpu_weight_upcast(model, trainable, frozen) -> int:
     return per_device_bytes(weights) * 4 // jnp.dtype(model.dtype).itemsize
 
 
+# libtpu refuses, while compiling, a program whose temporaries exceed the chip's HBM (a GPU
+# compiles it and fails when it runs): "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the
+# total memory required for HLO temporaries (27.02G) exceeds available HBM (15.75G)."
+_REFUSED = re.compile(r"required for HLO temporaries \(([0-9.]+)([KMGT])\) exceeds available "
+                      r"HBM \(([0-9.]+)([KMGT])\)")
+
+
+def _bytes(number: str, unit: str) -> float:
+    return float(number) * 1024 ** ("KMGT".index(unit) + 1)  # libtpu's G: GiB
+
+
+def refused_bytes(error: BaseException | str) -> float | None:
+    """The temporaries (bytes; a lower bound of the peak) of a program the TPU compiler
+    refused for not fitting its HBM, or None for any other error."""
+    m = _REFUSED.search(str(error))
+    return None if m is None else _bytes(m.group(1), m.group(2))
+
+
+def check_fits(compile_fn, what: str):
+    """``compile_fn()``, with the TPU compiler's refusal of ``what`` (e.g. "the train
+    step") as one line that says so and what to change."""
+    try:
+        return compile_fn()
+    except jax.errors.JaxRuntimeError as e:
+        m = _REFUSED.search(str(e))
+        if m is None:
+            raise
+        need, hbm = _bytes(m.group(1), m.group(2)), _bytes(m.group(3), m.group(4))
+        raise PtjaxError(
+            f"{what} does not fit: the TPU compiler refuses it (its temporaries alone "
+            f"take {need / GiB:.2f} GiB of the chip's {hbm / GiB:.2f} GiB); use more chips "
+            "(--topology, mesh.*), model.remat=full, a smaller train.batch_size or "
+            "train.eval_batch_size, or shorter inputs") from None
+
+
 def resolve_remat(model, method, cfg, mesh, trainable, frozen, device_memory=None):
     """``model`` with ``remat="auto"`` replaced by ``choose_remat``'s pick (compiling the
-    step once per policy tried); returns (model, {policy: peak bytes tried})."""
+    step once per policy tried); returns (model, {policy: peak bytes tried}). A policy the
+    TPU compiler refuses for its memory counts its temporaries (more than the chip has)."""
     if model.remat != "auto":
         return model, {}
     limit = device_memory or device_memory_limit()[0]
 
     def peak_of(policy):
-        return compile_step(dataclasses.replace(model, remat=policy), method, cfg, mesh,
-                            trainable, frozen)[3]
+        try:
+            return compile_step(dataclasses.replace(model, remat=policy), method, cfg, mesh,
+                                trainable, frozen)[3]
+        except jax.errors.JaxRuntimeError as e:
+            if refused_bytes(e) is None:
+                raise
+            return refused_bytes(e)
 
     policy, peaks = choose_remat(peak_of, limit)
     return dataclasses.replace(model, remat=policy), peaks

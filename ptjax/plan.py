@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from ptjax import methods
-from ptjax.aot import (GiB, compile_decode, compile_eval, compile_step, compiled_peak,
+from ptjax.aot import (GiB, check_fits, compile_decode, compile_eval, compile_step, compiled_peak,
                        device_memory_limit, per_device_bytes, resolve_remat, step_flops,
                        with_shardings)
 from ptjax.errors import PtjaxError
@@ -93,8 +93,9 @@ def compile_plan(cfg, device_memory: float | None = None,
     else:
         limit, source = device_memory_limit()
     model, remat_tried = resolve_remat(model, method, cfg, mesh, trainable, frozen, limit)
-    compiled, state, batch, estimate = compile_step(model, method, cfg, mesh, trainable,
-                                                    frozen)
+    compiled, state, batch, estimate = check_fits(
+        lambda: compile_step(model, method, cfg, mesh, trainable, frozen),
+        f"the train step (model.remat={model.remat})")
     return Planned(model, method, mesh, trainable, frozen, compiled, state, batch, estimate,
                    remat_tried, limit, source)
 
@@ -107,10 +108,11 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None,
     "decode" (KV-cache decoding behind every member), each compiled for the same devices:
     their peaks per device in ``per_device`` as eval_peak / decode_peak."""
     p = compile_plan(cfg, device_memory, target)
-    others = {f"{name}_peak": compiled_peak(compile(p.model, p.method, cfg, p.mesh,
-                                                    p.trainable, p.frozen))
-              for name, compile in (("eval", compile_eval), ("decode", compile_decode))
-              if name in steps}
+    others = {f"{name}_peak": compiled_peak(check_fits(
+        lambda: compile(p.model, p.method, cfg, p.mesh, p.trainable, p.frozen), what))
+        for name, compile, what in (("eval", compile_eval, "the eval step"),
+                                    ("decode", compile_decode, "decoding"))
+        if name in steps}
     model, method, mesh, tc = p.model, p.method, p.mesh, cfg.train
     config, frozen, compiled, estimate = model.config, p.frozen, p.compiled, p.estimate
     limit, source = p.limit, p.source

@@ -12,6 +12,8 @@ import sys
 import jax
 import pytest
 
+from ptjax import aot
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -103,5 +105,5 @@ def test_choose_mesh():
 def test_tpu_refusal_is_read_as_not_fitting():
     msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
            "temporaries (21.58G) exceeds available HBM (15.75G).")
-    assert predict.tpu_oom(msg) == pytest.approx(21.58 * GiB)
-    assert predict.tpu_oom("INVALID_ARGUMENT: something else") is None
+    assert aot.refused_bytes(msg) == pytest.approx(21.58 * GiB)
+    assert aot.refused_bytes("INVALID_ARGUMENT: something else") is None

@@ -181,3 +181,18 @@ def test_the_flops_do_not_depend_on_the_target(tiny, targets):
     cfg = _cfg(tiny, "tiny-t5", "prompt", 1)
     on_h100 = plan(cfg, target=targets["h100"])["flops_per_step"]
     assert on_h100 > 0 and on_h100 == plan(cfg)["flops_per_step"]
+
+
+def test_a_step_the_tpu_refuses_is_one_line(tiny, capsys):
+    """libtpu refuses, while compiling, a step bigger than the chip's HBM (a GPU compiles
+    it): model.remat=auto counts each refused policy as not fitting and moves on, and
+    ptjax plan ends in one line saying the step does not fit, not in a traceback."""
+    args = ["plan", "model.path=tiny-t5", f"model.tiny_dir={tiny}", "prompt.length=8",
+            "task.max_input_length=1024", "train.batch_size=4096", "model.dtype=bfloat16",
+            "train.dropout=0", "train.attention_dropout=0", "model.remat=auto",
+            "--target", "tpu-v5e"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ptjax: error: the train step (model.remat=full) does not fit: the "
+                          "TPU compiler refuses it (its temporaries alone take ")
+    assert "\n" not in err and "of the chip's 15.75 GiB" in err

@@ -1,6 +1,8 @@
 """Soft-prompt runs give today's results: a short run's final prompts, best metrics and
 train losses are pinned (``tests/data/pinned_*.npz``, written by the code before the
-methods redesign) and must be reproduced to 1e-6. ``pinned_t5.npz`` was written again when
+methods redesign) and must be reproduced to 1e-5 (1e-6 on the CPU that wrote them; another
+CPU's XLA code generation rounds differently, and Adam amplifies it: 1.7e-6 at most in a
+prompt on an AMD EPYC with AVX-512, 2026-12-06). ``pinned_t5.npz`` was written again when
 the built-in tiny T5 got T5's 100 sentinels (issue 31: a larger vocabulary, so other random
 weights; with the sentinels left out the new code still reproduced the old file to 1e-6).
 
@@ -15,6 +17,7 @@ import pytest
 
 from ptjax import cli
 
+TOLERANCE = 1e-5  # see the module's docstring
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 # The pinned runs predate train.attention_dropout (default 0 since the fused-attention
@@ -60,7 +63,7 @@ def test_soft_prompt_run_is_pinned(case, tmp_path):
         np.savez(path, **got)
     want = np.load(path)
     assert got["prompts"].shape == want["prompts"].shape
-    np.testing.assert_allclose(got["prompts"], want["prompts"], atol=1e-6, rtol=0)
-    np.testing.assert_allclose(got["losses"], want["losses"], atol=1e-6, rtol=0)
+    np.testing.assert_allclose(got["prompts"], want["prompts"], atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(got["losses"], want["losses"], atol=TOLERANCE, rtol=0)
     np.testing.assert_array_equal(got["best_step"], want["best_step"])
-    np.testing.assert_allclose(got["best"], want["best"], atol=1e-6)
+    np.testing.assert_allclose(got["best"], want["best"], atol=TOLERANCE)

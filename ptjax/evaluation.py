@@ -247,13 +247,16 @@ def evaluate(model, method, trainable, frozen, dev: DevSet, batch_size: int,
 ENSEMBLE_METHODS = ("majority", "mean_logprob")
 
 
-def ensemble(dev: DevSet, preds: Predictions, method: str = "majority") -> list[str]:
-    """One prediction per example from K prompts (Lester et al.'s prompt ensembling).
+def ensemble(dev: DevSet, preds: Predictions, method: str = "majority",
+             weights=None) -> list[str]:
+    """One prediction per example from K prompts (Lester et al.'s prompt ensembling),
+    each prompt weighted by ``weights`` [K] (None: equally; PET's weighted fusion).
 
-    majority: the answer most prompts give; a tie goes to the tied answer with the highest
-      mean log-likelihood (rank mode) or to the one the lowest-numbered prompt gave.
+    majority: the answer with the most (weighted) votes; a tie goes to the tied answer
+      with the highest (weighted) mean log-likelihood (rank mode) or to the one the
+      lowest-numbered prompt gave.
     mean_logprob: rank mode only, the candidate with the highest log-likelihood averaged
-      over prompts.
+      over prompts (a weighted average with ``weights``).
     """
     if method not in ENSEMBLE_METHODS:
         raise PtjaxError(f"ensemble method {method!r} is not valid; valid: "
@@ -261,9 +264,13 @@ def ensemble(dev: DevSet, preds: Predictions, method: str = "majority") -> list[
     if method == "mean_logprob" and preds.scores is None:
         raise PtjaxError("ensemble method mean_logprob needs rank classification (scored "
                          "candidates); this dev set is decoded greedily, use majority")
-    n = len(preds.texts[0])
+    K, n = len(preds.texts), len(preds.texts[0])
+    w = np.ones(K) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != (K,) or (w < 0).any() or not w.sum() > 0:
+        raise PtjaxError(f"ensemble weights {list(w)}: give {K} (one per prompt), none "
+                         "negative, not all 0")
     if preds.scores is not None:
-        mean = preds.scores.mean(0)
+        mean = np.average(preds.scores, axis=0, weights=w)
         bounds = np.cumsum([0] + [len(c) for c in dev.candidates])
         by_candidate = [dict(zip(c, mean[a:b]))
                         for c, a, b in zip(dev.candidates, bounds[:-1], bounds[1:])]
@@ -271,29 +278,34 @@ def ensemble(dev: DevSet, preds: Predictions, method: str = "majority") -> list[
         return [max(cands, key=cands.get) for cands in by_candidate]
     out = []
     for i in range(n):
-        answers = [texts[i] for texts in preds.texts]
-        counts = {a: answers.count(a) for a in answers}  # insertion order = prompt order
-        top = max(counts.values())
-        tied = [a for a in counts if counts[a] == top]
+        votes = {}  # insertion order = prompt order
+        for k, texts in enumerate(preds.texts):
+            votes[texts[i]] = votes.get(texts[i], 0.0) + w[k]
+        top = max(votes.values())
+        tied = [a for a in votes if votes[a] == top]
         if len(tied) > 1 and preds.scores is not None:
             tied = sorted(tied, key=lambda a: -by_candidate[i][a])
         out.append(tied[0])
     return out
 
 
-def ensemble_table(dev: DevSet, preds: Predictions, method: str = "majority") -> dict:
+def ensemble_table(dev: DevSet, preds: Predictions, method: str = "majority",
+                   weights=None) -> dict:
     """The paper's ensemble table for one metric set: each prompt's metrics, their mean,
-    the best prompt's, and the ensemble's. {"prompts": {metric: [K]}, "average": {...},
-    "best": {...}, "ensemble": {...}}; best = the prompt best on ``dev.select``."""
+    the best prompt's, and the ensemble's (its prompts weighted by ``weights``, None:
+    equally). {"prompts": {metric: [K]}, "average": {...}, "best": {...}, "ensemble":
+    {...}, "weights": [K] or None}; best = the prompt best on ``dev.select``."""
     per_prompt = score(dev, preds.texts)
     best = int(np.argmax(per_prompt[dev.select]))
     return {
         "method": method,
+        "weights": None if weights is None else [float(x) for x in weights],
         "prompts": per_prompt,
         "average": {m: float(np.mean(v)) for m, v in per_prompt.items()},
         "best": {m: float(v[best]) for m, v in per_prompt.items()},
         "best_prompt": best,
-        "ensemble": {m: v[0] for m, v in score(dev, [ensemble(dev, preds, method)]).items()},
+        "ensemble": {m: v[0] for m, v in score(dev, [ensemble(dev, preds, method,
+                                                             weights)]).items()},
     }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 
 import jax
@@ -138,7 +139,9 @@ def _finish(model, method, cfg, best, data, mesh, frozen) -> dict:
     if tc.ensemble:
         preds = predict(model, method, best.tree, frozen, dev, tc.eval_batch_size,
                         cfg.task.max_target_length, mesh)
-        results["ensemble"] = ensemble_table(dev, preds, tc.ensemble)
+        results["ensemble"] = ensemble_table(
+            dev, preds, tc.ensemble, ensemble_weights(model, method, cfg, data, best.metric,
+                                                      frozen, mesh))
     if cfg.task.transfer:
         results["transfer"] = {
             name: evaluate(model, method, best.tree, frozen, data.transfer[name],
@@ -148,6 +151,47 @@ def _finish(model, method, cfg, best, data, mesh, frozen) -> dict:
         write_json(os.path.join(run_dir, "results.json"), results)
     sync("ptjax-finish")
     return results
+
+
+def ensemble_weights(model, method, cfg, data, best_metric, frozen, mesh):
+    """The K members' weights in the ensemble (``train.ensemble_weighting``), or None for
+    equal weights. train: PET's weighted fusion (Schick & Schuetze 2021), each member's
+    dev metric on train examples before training (its initial members, the first as many
+    train examples as the dev set has); dev: each member's best dev score."""
+    tc = cfg.train
+    if tc.ensemble_weighting == "equal":
+        return None
+    if tc.ensemble_weighting == "fixed":
+        return list(tc.ensemble_weights)
+    if tc.ensemble_weighting == "dev":
+        return list(best_metric)
+    tcfg = dev_task_config(cfg)
+    task = load_task(tcfg, splits=("train",))  # every process: the same examples
+    task = dataclasses.replace(task, splits={"train": task.split("train")[:len(data.dev.examples)]})
+    seen = build_dev_set(model, task, tcfg.eval_mode, cfg.task.max_input_length,
+                         cfg.task.max_target_length, split="train", **encoding(model, tcfg),
+                         **verbalizing(tcfg))
+    initial = place_trainable(method, method.init(model, cfg, data.task), mesh, cfg)
+    return evaluate(model, method, initial, frozen, seen, tc.eval_batch_size,
+                    cfg.task.max_target_length, mesh)[data.metric]
+
+
+def saved_weights(cfg, run_dir: str):
+    """The ensemble weights ``ptjax eval --ensemble`` uses: fixed ones from the config,
+    train / dev ones as the finished run computed them (its results.json)."""
+    how = cfg.train.ensemble_weighting
+    if how in ("equal", "fixed"):
+        return list(cfg.train.ensemble_weights) or None
+    path = os.path.join(run_dir, "results.json")
+    weights = None
+    if os.path.exists(path):
+        with open(path) as f:
+            weights = (json.load(f).get("ensemble") or {}).get("weights")
+    if weights is None:
+        raise PtjaxError(f"train.ensemble_weighting={how}: the weights are computed when a "
+                         f"run with train.ensemble finishes, and {path} has none; finish the "
+                         "run, or evaluate with train.ensemble_weighting=equal")
+    return weights
 
 
 def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validation",
@@ -179,5 +223,6 @@ def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validati
     frozen = None if method.tunes_weights else model.params
     if ensemble_method:
         preds = predict(model, method, trainable, frozen, dev, size, lengths, mesh)
-        return ensemble_table(dev, preds, ensemble_method)
+        return ensemble_table(dev, preds, ensemble_method,
+                              saved_weights(cfg, run_dir or cfg.run_dir))
     return evaluate(model, method, trainable, frozen, dev, size, lengths, mesh)

@@ -36,7 +36,8 @@ from ptjax.sharding import initialize_distributed, is_main_process, sync
 # scored after training (zero-shot transfer, the ensemble) may change too.
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.wandb", "train.eval_batch_size",
                      "mesh.data", "mesh.model", "mesh.fsdp", "mesh.distributed", "run_dir",
-                     "task.transfer", "train.ensemble")
+                     "task.transfer", "train.ensemble", "train.ensemble_weighting",
+                     "train.ensemble_weights")
 
 
 class MetricsLog:

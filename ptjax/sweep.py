@@ -59,7 +59,8 @@ LATER_DEFAULTS = {"task.target_sentinel": False, "task.template": "", "task.verb
                   "train.prng": "threefry", "task.verbalizer_loss": "first_word",
                   "task.verbalizer_kind": "manual", "task.mixture": [],
                   "task.mixture_rates": "proportional", "task.source": "tfds",
-                  "task.hf_path": ""}
+                  "task.hf_path": "", "train.ensemble_weighting": "equal",
+                  "train.ensemble_weights": []}
 
 
 @dataclasses.dataclass(frozen=True)

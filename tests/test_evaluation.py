@@ -111,6 +111,33 @@ def test_ensemble_votes_and_mean_log_probability():
         ensemble(dev, generated, "mean_logprob")
 
 
+def test_weighted_ensemble_by_hand():
+    """PET's weighted fusion on the hand-worked case above: votes and log-likelihoods
+    weighted per prompt."""
+    from ptjax.evaluation import DevSet, Predictions, ensemble, ensemble_table
+
+    examples = [{"inputs": "1", "targets": "a"}, {"inputs": "2", "targets": "z"}]
+    dev = DevSet("rank", "accuracy", examples, {}, [["a", "b"], ["x", "y", "z"]])
+    scores = np.array([[-1.0, -2.0, -1.0, -5.0, -3.0],
+                       [-3.0, -0.5, -4.0, -0.1, -9.0],
+                       [-1.5, -1.0, -2.0, -3.0, -1.0]])
+    preds = Predictions([["a", "x"], ["b", "y"], ["b", "z"]], scores)
+    # one prompt alone decides, by votes and by log-likelihood
+    assert ensemble(dev, preds, "majority", [1, 0, 0]) == ["a", "x"]
+    assert ensemble(dev, preds, "mean_logprob", [0, 0, 1]) == ["b", "z"]
+    # votes 3 : 1 + 1: prompt 0's a beats the two b's; x, y, z 3 : 1 : 1 -> x
+    assert ensemble(dev, preds, "majority", [3, 1, 1]) == ["a", "x"]
+    # weighted log-likelihoods (4, 1, 1): a (-4 - 3 - 1.5) / 6 = -1.417 beats
+    # b (-8 - 0.5 - 1) / 6 = -1.583; x -10/6, y -23.1/6, z -22/6 -> x
+    assert ensemble(dev, preds, "mean_logprob", [4, 1, 1]) == ["a", "x"]
+    table = ensemble_table(dev, preds, "majority", [3, 1, 1])
+    assert table["weights"] == [3.0, 1.0, 1.0] and table["ensemble"]["accuracy"] == 50.0
+    assert ensemble_table(dev, preds)["weights"] is None
+    for bad in ([1, 1], [1, -1, 1], [0, 0, 0]):
+        with pytest.raises(PtjaxError, match="give 3 .one per prompt., none negative"):
+            ensemble(dev, preds, "majority", bad)
+
+
 def _word_token_logprobs(model, prompt, text, word):
     """The log-probability of each of the word's own tokens (no EOS), by a plain loop."""
     tok = model.tokenizer

@@ -12,6 +12,7 @@ import pytest
 
 from ptjax import cli, load_run
 from ptjax.data import encoding
+from ptjax.data.tasks import synthetic
 from ptjax.data.templates import parse
 from ptjax.errors import PtjaxError
 from ptjax.methods import for_model
@@ -363,3 +364,39 @@ def test_several_templates_are_checked(tmp_path, capsys):
         code, _ = _train(tmp_path, "bad", **kw)
         err = capsys.readouterr().err.strip()
         assert code == 2 and "\n" not in err and message in err, err
+
+
+@pytest.mark.slow
+def test_weighted_template_fusion(tmp_path, capsys):
+    """train.ensemble_weighting: two templates fused with PET's weights (each member's dev
+    metric on train examples before training) or fixed ones. With the train file equal to
+    the dev file and a learning rate too small to move a prompt (1e-30: below fp32's
+    resolution), PET's weights must equal each member's best dev accuracy, which the
+    training loop's evaluation measured by another path; `ptjax eval --ensemble` reuses
+    the weights the run saved."""
+    rows = synthetic("synthetic_sentiment", n_train=16, n_dev=16).split("validation")
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"task.name": "jsonl", "task.train_file": str(data), "task.dev_file": str(data),
+              "task.labels": "[negative,positive]", "task.dev_size": 0,
+              "task.templates": json.dumps(["{soft:2} {inputs}", "{inputs} it was {soft:2}"]),
+              "train.ensemble": "mean_logprob", "optim.name": "sgd",
+              "optim.learning_rate": 1e-30, "train.steps": 2, "train.eval_every": 2,
+              "train.checkpoint_every": 2}
+    code, run = _train(tmp_path, "pet", **common, **{"train.ensemble_weighting": "train"})
+    assert code == 0
+    results = json.load(open(os.path.join(run, "results.json")))
+    best = [p["best_accuracy"] for p in results["prompts"]]
+    assert results["ensemble"]["weights"] == pytest.approx(best, abs=1e-9)
+    assert len(set(best)) == 2, "the templates score alike: the test shows nothing"
+    assert cli.main(["eval", run, "--ensemble", "mean_logprob"]) == 0
+    assert f"ensemble (mean_logprob) {results['ensemble']['ensemble']['accuracy']:.2f}" in \
+        capsys.readouterr().out
+    code, fixed = _train(tmp_path, "fixed", **common, **{
+        "train.ensemble_weighting": "fixed", "train.ensemble_weights": "[1,0]"})
+    ens = json.load(open(os.path.join(fixed, "results.json")))["ensemble"]
+    assert code == 0 and ens["weights"] == [1.0, 0.0]
+    assert ens["ensemble"]["accuracy"] == ens["prompts"]["accuracy"][0]  # member 0 alone
+    code, _ = _train(tmp_path, "bad", **common, **{"train.ensemble_weights": "[1,2]"})
+    assert code == 2 and "goes with (and only with) train.ensemble_weighting=fixed" in \
+        capsys.readouterr().err

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ptjax.config.schema import (ATTENTIONS, DTYPES, ENCODERS, ENSEMBLES, EVAL_MODES, METHODS,
-                                 OPTIMIZERS, PREFIX_INITS, PRNGS, PROMPT_INITS, REMATS, SCHEDULES,
-                                 RunConfig, get)
+from ptjax.config.schema import (ATTENTIONS, DTYPES, ENCODERS, ENSEMBLE_WEIGHTINGS, ENSEMBLES,
+                                 EVAL_MODES, METHODS, OPTIMIZERS, PREFIX_INITS, PRNGS,
+                                 PROMPT_INITS, REMATS, SCHEDULES, RunConfig, get)
 from ptjax.data.tasks import task_names
 from ptjax.data.templates import parse
 from ptjax.errors import PtjaxError
@@ -21,7 +21,8 @@ CHOICES = {
     "method.prefix.init": PREFIX_INITS, "method.ptuning.encoder": ENCODERS,
     "task.verbalizer_tokens": ("first", "mean", "max"),
     "task.verbalizer_loss": ("first_word", "class"), "task.verbalizer_kind": ("manual", "soft"),
-    "train.ensemble": ("", *ENSEMBLES), "mesh.distributed": ("auto", "on", "off"),
+    "train.ensemble": ("", *ENSEMBLES), "train.ensemble_weighting": ENSEMBLE_WEIGHTINGS,
+    "mesh.distributed": ("auto", "on", "off"),
     "pretrain.objective": ("span_corruption", "prefix_lm"), "pretrain.corpus": ("shakespeare",),
 }
 POSITIVE = ("prompt.length", "train.steps", "train.batch_size", "train.log_every",
@@ -56,7 +57,8 @@ DOMAINS = {
 }
 # Numeric settings any value of which is valid (seeds; the uniform range, checked as a
 # pair; mesh sizes, checked against the devices by ptjax.sharding).
-FREE = ("train.seed", "prompt.seeds", "prompt.low", "prompt.high", "mesh.data", "mesh.model")
+FREE = ("train.seed", "prompt.seeds", "prompt.low", "prompt.high", "mesh.data", "mesh.model",
+        "train.ensemble_weights")  # (checked against prompt.seeds in validate)
 
 
 def in_domain(value, low: str, high: str) -> bool:
@@ -112,6 +114,13 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     if cfg.train.ensemble and len(cfg.prompt.seeds) < 2:
         raise PtjaxError(f"{where}: train.ensemble={cfg.train.ensemble} needs several prompts "
                          "(prompt.seeds with two or more seeds)")
+    weights, K = cfg.train.ensemble_weights, len(cfg.prompt.seeds)
+    if (cfg.train.ensemble_weighting == "fixed") != bool(weights):
+        raise PtjaxError(f"{where}: train.ensemble_weights goes with (and only with) "
+                         "train.ensemble_weighting=fixed")
+    if weights and (len(weights) != K or min(weights) < 0 or not sum(weights) > 0):
+        raise PtjaxError(f"{where}: train.ensemble_weights={list(weights)}: give {K} weights "
+                         "(one per member of prompt.seeds), none negative, not all 0")
     if "file" in (cfg.prompt.init, *cfg.prompt.inits) and not cfg.prompt.file:
         raise PtjaxError(f"{where}: prompt.init=file needs prompt.file (a .npy or "
                          ".safetensors prompt)")

@@ -20,6 +20,7 @@ REMATS = ("none", "full", "dots", "dots_no_batch", "auto")
 ATTENTIONS = ("auto", "xla", "cudnn", "einsum")  # = ptjax.models.attention.IMPLEMENTATIONS
 PRNGS = ("threefry", "rbg", "unsafe_rbg")  # = ptjax.train.PRNGS
 ENSEMBLES = ("majority", "mean_logprob")
+ENSEMBLE_WEIGHTINGS = ("equal", "fixed", "train", "dev")
 
 
 # {class: [word, ...]} as ((class, (word, ...)), ...): frozen, ordered, hashable
@@ -181,6 +182,11 @@ class TrainConfig:
     eval_batch_size: int = 64
     metric: str = ""  # the metric that picks the best step; "" = the task's default
     ensemble: str = ""  # "", majority or mean_logprob: also score the K prompts' ensemble
+    # the ensemble's member weights (weighted fusion): equal | fixed (train.ensemble_weights)
+    # | train (each member's dev metric on train examples before training: PET's weights)
+    # | dev (each member's best dev score)
+    ensemble_weighting: str = "equal"
+    ensemble_weights: tuple[float, ...] = ()  # ensemble_weighting=fixed: one per member
     data_shards: int = 0  # train data shards (one per process by default); see pipeline
     progress: bool = True  # a progress bar; false = one log line every log_every steps
     wandb: str = ""  # a Weights & Biases project to log to ("" = off; WANDB_MODE=offline works)

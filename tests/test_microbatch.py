@@ -153,15 +153,20 @@ def test_microbatches_on_a_mesh_keep_each_devices_rows(tiny_dir, task_files):
 def test_plan_shows_what_microbatches_save(tmp_path):
     """`ptjax plan` with train.microbatches=4 compiles the step both ways: the microbatched
     step's peak is below the one-pass peak (a quarter of the activations alive at a time),
-    and the report says how much that saves."""
+    and the report says how much that saves. model.remat=auto compiles the step with its
+    microbatches: against 64 MiB it keeps remat none (the microbatched step fits), which
+    the one-pass step would not."""
     cfg = load_config(None, ["model.path=tiny-t5", f"model.tiny_dir={tmp_path}",
                              "prompt.length=8", "task.max_input_length=128",
                              "train.batch_size=32", "mesh.data=1", "train.dropout=0",
-                             "train.microbatches=4"])
-    p = plan(cfg)
+                             "train.microbatches=4", "model.remat=auto"])
+    limit = 64 * 2 ** 20
+    p = plan(cfg, device_memory=limit)
     d = p["per_device"]
     assert (p["microbatches"], p["microbatch_size"]) == (4, 8)
     assert d["accelerator_peak"] < 0.8 * d["one_pass_peak"], d
+    assert p["remat"] == "none" and p["remat_tried"] == {"none": d["accelerator_peak"]}
+    assert d["accelerator_peak"] < 0.9 * limit < d["one_pass_peak"]
     out = format_plan(p)
     assert "batch 32 x (inputs 128 + targets 8) in 4 microbatches of 8" in out
     line = next(x for x in out.splitlines() if "without microbatches" in x)

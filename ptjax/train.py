@@ -347,7 +347,7 @@ def split_microbatches(tree, examples: int, microbatches: int, mesh=None):
 
 
 def microbatch_grads(model, method, trainable, frozen, batch, rng, microbatches: int,
-                     *loss_args, mesh=None):
+                     *loss_args, mesh=None, shardings=None):
     """``jax.grad(loss_fn)``'s (gradients, [K] per-member losses) for the whole batch,
     computed in ``microbatches`` forward and backward passes one after another (a
     ``lax.scan``), so that only one microbatch's activations are alive at a time.
@@ -358,7 +358,9 @@ def microbatch_grads(model, method, trainable, frozen, batch, rng, microbatches:
     means, which would weigh a token by how many share its microbatch. Each row's
     dropout masks are those of its index in the whole batch (``model_options``), so the
     result equals the one-pass step's up to float rounding. loss_args: ``loss_fn``'s
-    after ``rng``."""
+    after ``rng``; mesh: the batch's (``split_microbatches``); shardings: the trainable
+    leaves', which the summed gradients keep (model tuning's sharded weights: a
+    replicated sum would be a whole copy of the weights on every device)."""
     R = batch["input_ids"].shape[0]
     micro, rows = split_microbatches((batch, jnp.arange(R)), examples_in(batch),
                                      microbatches, mesh)
@@ -368,12 +370,18 @@ def microbatch_grads(model, method, trainable, frozen, batch, rng, microbatches:
                                      *loss_args, rows=rows)
         return total_K.sum(), (total_K, count_K)
 
+    def pin(grads):
+        if shardings is None or mesh is None or mesh.size == 1:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, shardings)
+
     def add(acc, xs):
         grads, (total_K, count_K) = jax.grad(summed, has_aux=True)(trainable, *xs)
-        return jax.tree.map(jnp.add, acc, (grads, total_K, count_K)), None
+        acc = jax.tree.map(jnp.add, acc, (grads, total_K, count_K))
+        return (pin(acc[0]),) + acc[1:], None
 
     K = jax.tree.leaves(trainable)[0].shape[0]
-    zeros = (jax.tree.map(jnp.zeros_like, trainable), jnp.zeros(K), jnp.zeros(K))
+    zeros = (pin(jax.tree.map(jnp.zeros_like, trainable)), jnp.zeros(K), jnp.zeros(K))
     (grads, total_K, count_K), _ = jax.lax.scan(add, zeros, (micro, rows))
     count_K = jnp.maximum(count_K, 1.0)
     grads = jax.tree.map(  # every trainable leaf is [K, ...]: member k's by its own count
@@ -402,6 +410,8 @@ def make_train_step(model, method, tx, dropout: float = 0.1, shardings=None, *,
     jit follow its inputs; metrics come back replicated.
     """
     mesh = None if shardings is None else shardings[2].mesh
+    trainable_sh = None if shardings is None or shardings[0] is None \
+        else shardings[0].trainable
 
     def step(state: TrainState, frozen, batch):
         rng, drop_rng = jax.random.split(state.rng)
@@ -412,7 +422,8 @@ def make_train_step(model, method, tx, dropout: float = 0.1, shardings=None, *,
                 state.trainable, frozen, batch, drop_rng, *loss_args)
         else:
             grads, per_k = microbatch_grads(model, method, state.trainable, frozen, batch,
-                                            drop_rng, microbatches, *loss_args, mesh=mesh)
+                                            drop_rng, microbatches, *loss_args, mesh=mesh,
+                                            shardings=trainable_sh)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,

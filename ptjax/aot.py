@@ -213,9 +213,11 @@ def step_flops(model, method, cfg, trainable, frozen) -> float:
     """Model FLOPs of one train step, all devices together: the step lowered (not compiled)
     on one CPU device with every layer written out and attention as XLA's dots, so XLA's
     cost analysis counts each layer (a scanned body is counted once) and each attention
-    product (cuDNN's custom calls count nothing); no remat, so no recomputation."""
+    product (cuDNN's custom calls count nothing); no remat, so no recomputation; the batch
+    in one pass (train.microbatches' scan would be counted once too)."""
     flat = dataclasses.replace(model, unroll_layers=True, attention="xla", remat="none",
                                mesh=None)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=1))
     one = make_mesh(1, 1, devices=jax.local_devices(backend="cpu")[:1])
     rep = replicated(one)
 

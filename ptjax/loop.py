@@ -70,6 +70,55 @@ def step_events(s: int, tc) -> tuple[bool, bool]:
     return s % tc.eval_every == 0 or last, s % tc.checkpoint_every == 0 or last
 
 
+def profile_dir(run_dir: str) -> str:
+    """Where train.profile_steps' trace goes: run_dir/profile, or with several processes
+    run_dir/profile/process-i (each traces its own devices, and jax names its files by
+    host name, which processes may share)."""
+    root = os.path.join(run_dir, "profile")
+    return root if jax.process_count() == 1 else os.path.join(
+        root, f"process-{jax.process_index()}")
+
+
+def profile_window(tc, start: int) -> tuple[int, int] | None:
+    """(first, last) step of train.profile_steps to trace, or None: none asked for, or a
+    run resumed at or after the first (its window has begun or passed; a trace of part of
+    it would be a different window)."""
+    if not tc.profile_steps or start >= tc.profile_steps[0]:
+        return None
+    return tuple(tc.profile_steps)
+
+
+class Profile:
+    """A ``jax.profiler`` trace of steps ``first``..``last``: started once the step before
+    first is done (so none of its work runs into the trace) and before step first is
+    dispatched, stopped once step last's results are ready (so the trace holds its device
+    work). Writes TensorBoard's ``plugins/profile/<time>/<host>.xplane.pb`` and Perfetto's
+    ``perfetto_trace.json.gz`` under ``directory``."""
+
+    def __init__(self, window, directory: str, main: bool):
+        self.window, self.directory, self.main, self.active = window, directory, main, False
+
+    def before(self, s: int, inputs):
+        if self.window and s == self.window[0]:
+            jax.block_until_ready(inputs)
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.active = True
+
+    def after(self, s: int, outputs):
+        if self.active and s == self.window[1]:
+            jax.block_until_ready(outputs)
+            self.stop()
+            if self.main:
+                print(f"profile of steps {self.window[0]}-{s} written to {self.directory} "
+                      f"(tensorboard --logdir {self.directory}, or its perfetto_trace.json.gz "
+                      "in ui.perfetto.dev)", flush=True)
+
+    def stop(self):
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+
+
 def step_loop(cfg, main, ckpt, stream, state, step_fn, frozen, mesh, start, log, evaluate_at,
               saved, members: bool = True):
     """The loop ``ptjax train`` and ``ptjax pretrain`` share: steps ``start`` + 1 ..
@@ -81,7 +130,8 @@ def step_loop(cfg, main, ckpt, stream, state, step_fn, frozen, mesh, start, log,
     runs every ``eval_every`` steps and at the last; a checkpoint every
     ``checkpoint_every`` steps and at the last holds the state, ``saved() -> (tree or None,
     meta)`` and the data position. ``members``: train rows name the member k (K prompts);
-    False: one model (pretrain). Returns the last state.
+    False: one model (pretrain). train.profile_steps: a ``Profile`` of those steps.
+    Returns the last state.
 
     A preemption notice (``ptjax.preemption``) ends the loop after the step in flight (and
     its evaluation): that step is checkpointed and ``Preempted`` raised. The train losses
@@ -150,14 +200,17 @@ def step_loop(cfg, main, ckpt, stream, state, step_fn, frozen, mesh, start, log,
     if tc.progress and main:
         bar = tqdm(total=tc.steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
     batches = pipeline.prefetch(stream.batch, range(start, tc.steps))
+    profile = Profile(profile_window(tc, start), profile_dir(run_dir), main)
     try:
         if preemption.heard():  # during the start: stop before the first step
             raise preemption.Preempted(
                 f"before step {start + 1}" + (f"; its newest checkpoint is {ckpt.path(start)}"
                                               if start else " (no checkpoint yet)"), start)
         for step, (local, cut) in zip(range(start, tc.steps), batches):
-            state, metrics = step_fn(state, frozen, global_batch(local, mesh))
             s = step + 1
+            profile.before(s, state)
+            state, metrics = step_fn(state, frozen, global_batch(local, mesh))
+            profile.after(s, (state, metrics))
             pending.append((s, metrics))
             window["truncated"] += cut
             if cut and not window["noted"] and main:
@@ -184,6 +237,7 @@ def step_loop(cfg, main, ckpt, stream, state, step_fn, frozen, mesh, start, log,
                     f"after step {s}; its checkpoint is {ckpt.path(s)}", s)
         ckpt.wait()
     finally:
+        profile.stop()  # a run stopped inside the window keeps what was traced
         batches.close()
         if bar is not None:
             bar.close()

@@ -17,8 +17,8 @@ import numpy as np
 
 from ptjax import methods
 from ptjax.aot import (GiB, check_fits, compile_decode, compile_eval, compile_step, compiled_peak,
-                       device_memory_limit, per_device_bytes, resolve_remat, step_flops,
-                       with_shardings)
+                       device_memory_limit, per_device_bytes, refused_bytes, resolve_remat,
+                       step_flops, with_shardings)
 from ptjax.errors import PtjaxError
 from ptjax.methods.base import check_run
 from ptjax.models.attention import cudnn_serves
@@ -106,13 +106,20 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None,
     the trainable state, the batch and the temporaries take), FLOPs, the remat chosen,
     whether it fits. ``steps`` may add "eval" (rank scoring of one eval batch) and
     "decode" (KV-cache decoding behind every member), each compiled for the same devices:
-    their peaks per device in ``per_device`` as eval_peak / decode_peak."""
+    their peaks per device in ``per_device`` as eval_peak / decode_peak. With
+    train.microbatches > 1 the step is also compiled in one pass: its accelerator peak is
+    ``per_device["one_pass_peak"]``, what the microbatches save."""
     p = compile_plan(cfg, device_memory, target)
     others = {f"{name}_peak": compiled_peak(check_fits(
         lambda: compile(p.model, p.method, cfg, p.mesh, p.trainable, p.frozen), what))
         for name, compile, what in (("eval", compile_eval, "the eval step"),
                                     ("decode", compile_decode, "decoding"))
         if name in steps}
+    M = cfg.train.microbatches
+    if M > 1:  # what they save: the same step (remat as chosen) in one pass, compiled too
+        one_pass = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                      microbatches=1))
+        others["one_pass_peak"] = one_pass_peak(p, one_pass)
     model, method, mesh, tc = p.model, p.method, p.mesh, cfg.train
     config, frozen, compiled, estimate = model.config, p.frozen, p.compiled, p.estimate
     limit, source = p.limit, p.source
@@ -129,6 +136,7 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None,
         "trainable_parameters_per_member": int(sum(
             math.prod(x.shape[1:]) for x in jax.tree.leaves(p.trainable))),
         "batch_size": B, "input_length": Li, "target_length": Lt,
+        "microbatches": M, "microbatch_size": B // M,
         "mesh": {"data": mesh.shape["data"], "model": mesh.shape["model"],
                  "fsdp": cfg.mesh.fsdp},
         "target": None if target is None else str(target),
@@ -148,6 +156,18 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None,
         "device_memory": limit, "device_memory_source": source,
         "fits": None if limit is None else bool(estimate <= limit),
     }
+
+
+def one_pass_peak(p: Planned, one_pass_cfg) -> float:
+    """The accelerator peak per device of ``p``'s step without microbatches (what they
+    save); a step the TPU compiler refuses for its memory counts its temporaries, a lower
+    bound (more than the chip has)."""
+    try:
+        return compile_step(p.model, p.method, one_pass_cfg, p.mesh, p.trainable, p.frozen)[3]
+    except jax.errors.JaxRuntimeError as e:
+        if refused_bytes(e) is None:
+            raise
+        return refused_bytes(e)
 
 
 def attention_summary(model, cfg) -> dict:
@@ -186,7 +206,9 @@ def format_plan(p: dict) -> str:
         + f", {p['trainable_parameters_per_member']:,} trainable parameters each",
         f"attention {p['attention']['train_step']} ({p['attention']['why']})",
         f"batch {p['batch_size']} x (inputs {p['input_length']} + targets "
-        f"{p['target_length']}) on {p['devices']}"
+        f"{p['target_length']})"
+        + (f" in {p['microbatches']} microbatches of {p['microbatch_size']}"
+           if p.get("microbatches", 1) > 1 else "") + f" on {p['devices']}"
         + (f" (compiled for {p['target']}, no hardware needed)" if p.get("target") else "")
         + f", mesh data={p['mesh']['data']} model={p['mesh']['model']}"
         + (" fsdp" if p['mesh']['fsdp'] else ""),
@@ -210,13 +232,17 @@ def format_plan(p: dict) -> str:
             f"converts {p['dtype']} weights for its matmuls; GPUs and TPUs do not)",
             f"  peak on an accelerator  {g(d['accelerator_peak'])}   (estimate: peak minus "
             "that copy)"]
+    if "one_pass_peak" in d:
+        saved = d["one_pass_peak"] - d["accelerator_peak"]
+        lines.append(f"  without microbatches    {g(d['one_pass_peak'])}   (the batch in one "
+                     f"pass: train.microbatches={p['microbatches']} saves {g(saved).strip()})")
     if p["fits"] is None:
         lines.append("device memory unknown: pass --device-memory (e.g. 80GB) to check a fit")
     else:
         room = p["device_memory"] - d["accelerator_peak"]
         verdict = (f"fits, {room / GiB:.2f} GiB to spare" if p["fits"] else
                    f"does NOT fit: {-room / GiB:.2f} GiB short (try model.remat=full, "
-                   "model.dtype=bfloat16, a smaller train.batch_size, or more devices)")
+                   "model.dtype=bfloat16, train.microbatches, or more devices)")
         lines.append(f"device memory {p['device_memory'] / GiB:.2f} GiB "
                      f"({p['device_memory_source']}): {verdict}")
     return "\n".join(lines)

@@ -227,7 +227,7 @@ def pretrain(cfg) -> dict:
 def _pretrain(cfg, main: bool, locks: list) -> dict:
     run_dir, tc, pc = cfg.run_dir, cfg.train, cfg.pretrain
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.model)
-    check_batch_size(tc.batch_size, mesh)
+    check_batch_size(tc.batch_size, mesh, microbatches=tc.microbatches)
     if tc.batch_size % jax.process_count():  # each process draws its own rows of a batch
         raise PtjaxError(f"train.batch_size={tc.batch_size} is not a multiple of the "
                          f"{jax.process_count()} processes")

@@ -31,13 +31,14 @@ from ptjax.models.named import TINY
 from ptjax.sharding import initialize_distributed, is_main_process, sync
 
 # Keys a rerun may change and still resume the same run: its length, its display, and
-# the devices it runs on (orbax restores into the new mesh's shardings).
+# the devices it runs on (orbax restores into the new mesh's shardings), with the
+# microbatches that fit them (the same step up to float rounding) and the steps profiled.
 # The run directory is the one named now (a run may be moved or copied), and what is only
 # scored after training (zero-shot transfer, the ensemble) may change too.
 RESUMABLE_CHANGES = ("train.steps", "train.progress", "train.wandb", "train.eval_batch_size",
                      "mesh.data", "mesh.model", "mesh.fsdp", "mesh.distributed", "run_dir",
                      "task.transfer", "train.ensemble", "train.ensemble_weighting",
-                     "train.ensemble_weights")
+                     "train.ensemble_weights", "train.microbatches", "train.profile_steps")
 
 
 class MetricsLog:

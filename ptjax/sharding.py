@@ -195,8 +195,19 @@ def sync(name: str):
         multihost_utils.sync_global_devices(name)
 
 
-def check_batch_size(batch_size: int, mesh, key: str = "train.batch_size"):
-    """One line if a batch cannot be split evenly over the mesh's data-parallel devices."""
-    if batch_size % mesh.shape["data"]:
+def check_batch_size(batch_size: int, mesh, key: str = "train.batch_size",
+                     microbatches: int = 1):
+    """One line if a batch cannot be split evenly over the mesh's data-parallel devices,
+    or into ``microbatches`` (train.microbatches) that each split evenly over them."""
+    data = mesh.shape["data"]
+    if batch_size % data:
         raise PtjaxError(f"{key}={batch_size} is not a multiple of the mesh's "
-                         f"{mesh.shape['data']} data-parallel devices (mesh.data)")
+                         f"{data} data-parallel devices (mesh.data)")
+    if batch_size % microbatches:
+        raise PtjaxError(f"train.microbatches={microbatches} does not divide {key}="
+                         f"{batch_size}; give a divisor of it")
+    if (batch_size // microbatches) % data:
+        raise PtjaxError(f"train.microbatches={microbatches} leaves {batch_size // microbatches}"
+                         f" examples per microbatch ({key}={batch_size}), not a multiple of "
+                         f"the mesh's {data} data-parallel devices (mesh.data); valid: a "
+                         f"divisor of {batch_size // data}")

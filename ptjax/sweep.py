@@ -47,9 +47,11 @@ from ptjax.sharding import is_main_process
 SWEEP_KEYS = ("name", "description", "dir", "base", "config", "grid", "zip", "seeds", "pack",
               "ensemble")
 INIT_KEYS = ("prompt.init",)  # what may differ inside a packed job, besides the seed
-# Keys that never change what a run computes (left out of its id).
+# Keys that never change what a run computes, but for float rounding (the mesh, the
+# microbatches): left out of its id.
 NOT_IN_ID = ("run_dir", "train.progress", "train.wandb", "train.eval_batch_size", "mesh.data",
-             "mesh.model", "mesh.fsdp", "mesh.distributed", "model.attention")
+             "mesh.model", "mesh.fsdp", "mesh.distributed", "model.attention",
+             "train.microbatches", "train.profile_steps")
 
 # Settings added after the first sweeps: left out of the id while at their default, so
 # sweep directories made before them keep their run and job ids.

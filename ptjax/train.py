@@ -130,19 +130,23 @@ def dropout_settings(train_cfg) -> dict:
 
 
 def step_settings(cfg) -> dict:
-    """make_train_step's keywords from a ``RunConfig``: dropout settings and the
-    verbalizer's class-level scoring (``verbalizers.scoring``)."""
-    return dict(dropout_settings(cfg.train), scoring=scoring(cfg.task))
+    """make_train_step's keywords from a ``RunConfig``: dropout settings, the verbalizer's
+    class-level scoring (``verbalizers.scoring``) and train.microbatches."""
+    return dict(dropout_settings(cfg.train), scoring=scoring(cfg.task),
+                microbatches=cfg.train.microbatches)
 
 
 def model_options(model, dropout: float | None = None, attention_dropout: float | None = None,
-                  dropout_broadcast: bool = False) -> ModelOptions:
+                  dropout_broadcast: bool = False, rows=None) -> ModelOptions:
     """The options ``sequence_nll`` runs the model with: ``model.options()`` (attention;
     on a mesh, activation sharding constraints), the given dropout rates (None = the
     checkpoint's), and right-padded keys, which is what ``ptjax.data.encoding`` makes (so
-    cuDNN may take padding as sequence lengths)."""
+    cuDNN may take padding as sequence lengths). rows: int [B], each row's index in the
+    step's whole batch, which its dropout masks are drawn from (``ModelOptions.
+    dropout_rows``; None = 0..B-1)."""
     return model.options(dropout=dropout, attention_dropout=attention_dropout,
-                         broadcast_dropout=dropout_broadcast, right_padded=True)
+                         broadcast_dropout=dropout_broadcast, right_padded=True,
+                         dropout_rows=rows)
 
 
 def dropout_key(rng, prng: str):
@@ -274,40 +278,130 @@ def prompt_keys(rng, prompt_seeds_K):
     return jax.vmap(lambda s: jax.random.fold_in(rng, s))(jnp.asarray(prompt_seeds_K))
 
 
+def loss_sums(model, method, trainable, frozen, batch, rng, dropout: float,
+              prompt_seeds_K=None, attention_dropout: float | None = None,
+              dropout_broadcast: bool = False, prng: str = "threefry", scoring=None,
+              rows=None):
+    """Each member's summed loss over the batch and what its mean divides by, ([K], [K])
+    fp32: the summed target-token NLL and the target-token count; with ``scoring`` the
+    summed class-level losses and the example count. ``loss_fn`` divides them; a step in
+    microbatches adds both up over its microbatches first (``microbatch_grads``).
+    rows: int [R], each row's index in the step's whole batch (its dropout masks,
+    ``model_options``; None = 0..R-1). The other arguments: see ``loss_fn``."""
+    if prompt_seeds_K is None:  # member k's seed is k
+        prompt_seeds_K = jnp.arange(jax.tree.leaves(trainable)[0].shape[0])
+    active = dropout > 0.0 or bool(attention_dropout)
+    rngs = prompt_keys(rng, prompt_seeds_K) if active else None
+    options = model_options(model, dropout, attention_dropout, dropout_broadcast, rows)
+    if scoring is not None:
+        losses_KxN = class_losses(model, method, trainable, frozen, batch, scoring, rngs,
+                                  options, prng)
+        return losses_KxN.sum(1), jnp.full(losses_KxN.shape[:1], losses_KxN.shape[1],
+                                           jnp.float32)
+    nll, count = member_nll(model, method, trainable, frozen, batch, rngs, options, prng)
+    return nll.sum(1), count.sum(1)
+
+
 def loss_fn(model, method, trainable, frozen, batch, rng, dropout: float,
             prompt_seeds_K=None, attention_dropout: float | None = None,
-            dropout_broadcast: bool = False, prng: str = "threefry", scoring=None):
+            dropout_broadcast: bool = False, prng: str = "threefry", scoring=None, rows=None):
     """Sum over members of each member's mean target-token NLL, and the [K] per-member
     means. Summing keeps each member's gradient equal to that of its own mean loss.
     scoring: a ``verbalizers.Scoring`` (task.verbalizer_loss=class or a soft verbalizer):
     each member's loss is then its mean class-level loss over the batch's examples.
     dropout: the hidden dropout rate; attention_dropout: the attention-probability rate
     (None = the checkpoint's own, as Hugging Face applies it; 0 lets the fused attention
-    run); dropout_broadcast: T5X's broadcast masks; prng: threefry | rbg | unsafe_rbg."""
-    if prompt_seeds_K is None:  # member k's seed is k
-        prompt_seeds_K = jnp.arange(jax.tree.leaves(trainable)[0].shape[0])
-    active = dropout > 0.0 or bool(attention_dropout)
-    rngs = prompt_keys(rng, prompt_seeds_K) if active else None
-    options = model_options(model, dropout, attention_dropout, dropout_broadcast)
-    if scoring is not None:
-        per_k = class_losses(model, method, trainable, frozen, batch, scoring, rngs, options,
-                             prng).mean(1)
-        return per_k.sum(), per_k
-    nll, count = member_nll(model, method, trainable, frozen, batch, rngs, options, prng)
-    per_k = nll.sum(1) / jnp.maximum(count.sum(1), 1.0)
+    run); dropout_broadcast: T5X's broadcast masks; prng: threefry | rbg | unsafe_rbg;
+    rows: see ``loss_sums``."""
+    total, count = loss_sums(model, method, trainable, frozen, batch, rng, dropout,
+                             prompt_seeds_K, attention_dropout, dropout_broadcast, prng,
+                             scoring, rows)
+    per_k = total / jnp.maximum(count, 1.0)
     return per_k.sum(), per_k
+
+
+def examples_in(batch) -> int:
+    """The examples in a train batch: its rows, or with the class-level loss (W rows per
+    example) its labels."""
+    return batch["label"].shape[0] if "label" in batch else batch["input_ids"].shape[0]
+
+
+def split_microbatches(tree, examples: int, microbatches: int, mesh=None):
+    """Every leaf [examples x r, ...] (r rows per example, example-major: 1, or the class-
+    level loss's W) -> [M, examples / M x r, ...]; microbatch i holds examples i, M + i,
+    2M + i, ... Strided, not blocks: the block of rows each device holds then splits
+    evenly among the microbatches, so no row moves between devices (``mesh``: each
+    microbatch's rows pinned on data, as the batch's are)."""
+    M, n = microbatches, examples // microbatches
+    pin = mesh is not None and mesh.shape["data"] > 1
+
+    def one(x):
+        r = x.shape[0] // examples
+        x = jnp.moveaxis(x.reshape((n, M, r) + x.shape[1:]), 1, 0)
+        x = x.reshape((M, n * r) + x.shape[3:])
+        if pin:
+            x = jax.lax.with_sharding_constraint(
+                x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
+        return x
+    return jax.tree.map(one, tree)
+
+
+def microbatch_grads(model, method, trainable, frozen, batch, rng, microbatches: int,
+                     *loss_args, mesh=None, shardings=None):
+    """``jax.grad(loss_fn)``'s (gradients, [K] per-member losses) for the whole batch,
+    computed in ``microbatches`` forward and backward passes one after another (a
+    ``lax.scan``), so that only one microbatch's activations are alive at a time.
+
+    Each member's summed loss, its count (``loss_sums``) and the gradient of the sum are
+    added up over the microbatches and divided by the count once at the end: the whole
+    batch's mean over its target tokens (or examples), not a mean of the microbatches'
+    means, which would weigh a token by how many share its microbatch. Each row's
+    dropout masks are those of its index in the whole batch (``model_options``), so the
+    result equals the one-pass step's up to float rounding. loss_args: ``loss_fn``'s
+    after ``rng``; mesh: the batch's (``split_microbatches``); shardings: the trainable
+    leaves', which the summed gradients keep (model tuning's sharded weights: a
+    replicated sum would be a whole copy of the weights on every device)."""
+    R = batch["input_ids"].shape[0]
+    micro, rows = split_microbatches((batch, jnp.arange(R)), examples_in(batch),
+                                     microbatches, mesh)
+
+    def summed(trainable, batch, rows):
+        total_K, count_K = loss_sums(model, method, trainable, frozen, batch, rng,
+                                     *loss_args, rows=rows)
+        return total_K.sum(), (total_K, count_K)
+
+    def pin(grads):
+        if shardings is None or mesh is None or mesh.size == 1:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, shardings)
+
+    def add(acc, xs):
+        grads, (total_K, count_K) = jax.grad(summed, has_aux=True)(trainable, *xs)
+        acc = jax.tree.map(jnp.add, acc, (grads, total_K, count_K))
+        return (pin(acc[0]),) + acc[1:], None
+
+    K = jax.tree.leaves(trainable)[0].shape[0]
+    zeros = (pin(jax.tree.map(jnp.zeros_like, trainable)), jnp.zeros(K), jnp.zeros(K))
+    (grads, total_K, count_K), _ = jax.lax.scan(add, zeros, (micro, rows))
+    count_K = jnp.maximum(count_K, 1.0)
+    grads = jax.tree.map(  # every trainable leaf is [K, ...]: member k's by its own count
+        lambda g: g / count_K.reshape((K,) + (1,) * (g.ndim - 1)).astype(g.dtype), grads)
+    return grads, total_K / count_K
 
 
 def make_train_step(model, method, tx, dropout: float = 0.1, shardings=None, *,
                     attention_dropout: float | None = None, dropout_broadcast: bool = False,
-                    prng: str = "threefry", scoring=None):
+                    prng: str = "threefry", scoring=None, microbatches: int = 1):
     """The jitted step ``(state, frozen_params, batch) -> (state, {"loss": [K], "finite":
     []})``; a step that would make the state non-finite returns the old state and
     finite=False.
 
     dropout / attention_dropout / dropout_broadcast / prng: see ``loss_fn`` (the config
     keys train.dropout, train.attention_dropout, train.dropout_broadcast, train.prng);
-    scoring: a ``verbalizers.Scoring`` for the class-level loss (see ``loss_fn``).
+    scoring: a ``verbalizers.Scoring`` for the class-level loss (see ``loss_fn``);
+    microbatches: train.microbatches, the batch's passes one after another with one
+    update (``microbatch_grads``; the batch's examples must split evenly, and on a mesh
+    each microbatch over the data-parallel devices: ``sharding.check_batch_size``).
 
     ``state`` is donated (its buffers are reused for the new state); ``frozen_params`` is
     only read. When the method tunes the weights pass ``frozen_params=None``: the weights
@@ -315,12 +409,21 @@ def make_train_step(model, method, tx, dropout: float = 0.1, shardings=None, *,
     shardings: ``(state, frozen, batch)`` shardings (``ptjax.sharding``), or None to let
     jit follow its inputs; metrics come back replicated.
     """
+    mesh = None if shardings is None else shardings[2].mesh
+    trainable_sh = None if shardings is None or shardings[0] is None \
+        else shardings[0].trainable
+
     def step(state: TrainState, frozen, batch):
         rng, drop_rng = jax.random.split(state.rng)
-        grads, per_k = jax.grad(
-            functools.partial(loss_fn, model, method), has_aux=True)(
-                state.trainable, frozen, batch, drop_rng, dropout, state.prompt_seeds,
-                attention_dropout, dropout_broadcast, prng, scoring)
+        loss_args = (dropout, state.prompt_seeds, attention_dropout, dropout_broadcast, prng,
+                     scoring)
+        if microbatches == 1:
+            grads, per_k = jax.grad(functools.partial(loss_fn, model, method), has_aux=True)(
+                state.trainable, frozen, batch, drop_rng, *loss_args)
+        else:
+            grads, per_k = microbatch_grads(model, method, state.trainable, frozen, batch,
+                                            drop_rng, microbatches, *loss_args, mesh=mesh,
+                                            shardings=trainable_sh)
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new = TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state,

@@ -5,6 +5,10 @@ CPU's XLA code generation rounds differently, and Adam amplifies it: 1.7e-6 at m
 prompt on an AMD EPYC with AVX-512, 2026-12-06). ``pinned_t5.npz`` was written again when
 the built-in tiny T5 got T5's 100 sentinels (issue 31: a larger vocabulary, so other random
 weights; with the sentinels left out the new code still reproduced the old file to 1e-6).
+Both were written again when dropout masks became one key per row (``models.common.
+Dropout``, for train.microbatches): every mask changed. With the old masks put back the new
+code reproduced the old files as main did (gpt2 to 1e-6; t5 off by 1.7e-6 in one prompt
+entry on this VM, main's own result there too).
 
 Regenerate (only when a change of results is intended, and say so in the commit):
     PTJAX_WRITE_PINNED=1 python -m pytest tests/test_pinned.py

@@ -30,7 +30,7 @@ POSITIVE = ("prompt.length", "train.steps", "train.batch_size", "train.log_every
             "train.eval_batch_size", "task.max_input_length", "task.max_target_length",
             "prompt.vocab_limit", "method.prefix.hidden", "pretrain.input_length",
             "pretrain.eval_examples", "pretrain.vocab_size", "pretrain.d_model", "pretrain.d_kv",
-            "pretrain.d_ff", "pretrain.num_layers", "pretrain.num_heads")
+            "pretrain.d_ff", "pretrain.num_layers", "pretrain.num_heads", "train.microbatches")
 NON_NEGATIVE = ("method.prefix.embed_dim", "method.ptuning.hidden", "task.shots",
                 "pretrain.documents", "pretrain.extra_ids")
 # The domain of every other numeric setting: (low, high, what it means), the bounds
@@ -56,9 +56,11 @@ DOMAINS = {
     "method.ptuning.model_learning_rate": ("[0", "inf)", "0 = the weights stay as they are"),
 }
 # Numeric settings any value of which is valid (seeds; the uniform range, checked as a
-# pair; mesh sizes, checked against the devices by ptjax.sharding).
+# pair; mesh sizes, checked against the devices by ptjax.sharding), or checked apart
+# (train.profile_steps: a pair of steps within train.steps; train.ensemble_weights: one
+# per member of prompt.seeds).
 FREE = ("train.seed", "prompt.seeds", "prompt.low", "prompt.high", "mesh.data", "mesh.model",
-        "train.ensemble_weights")  # (checked against prompt.seeds in validate)
+        "train.profile_steps", "train.ensemble_weights")
 
 
 def in_domain(value, low: str, high: str) -> bool:
@@ -87,6 +89,14 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
     if not cfg.prompt.low < cfg.prompt.high:
         raise PtjaxError(f"{where}: prompt.low={cfg.prompt.low} must be below "
                          f"prompt.high={cfg.prompt.high} (the random_uniform range)")
+    if cfg.train.batch_size % cfg.train.microbatches:
+        raise PtjaxError(f"{where}: train.microbatches={cfg.train.microbatches} does not "
+                         f"divide train.batch_size={cfg.train.batch_size}; give a divisor of it")
+    steps = cfg.train.profile_steps
+    if steps and not (len(steps) == 2 and 0 < steps[0] <= steps[1] <= cfg.train.steps):
+        raise PtjaxError(f"{where}: train.profile_steps={list(steps)} is not valid; give "
+                         f"[first, last] with 0 < first <= last <= train.steps "
+                         f"({cfg.train.steps}), e.g. [100, 105], or [] for no trace")
     if not cfg.prompt.seeds:
         raise PtjaxError(f"{where}: prompt.seeds is empty; give one seed per prompt, e.g. [0]")
     single = {"model": "trains one model",

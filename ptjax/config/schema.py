@@ -196,6 +196,15 @@ class TrainConfig:
     attention_dropout: float = 0.0
     dropout_broadcast: bool = False  # T5X's masks: shared over length (hidden), queries
     prng: str = "threefry"  # dropout masks: threefry | rbg | unsafe_rbg (cheaper on GPUs)
+    # Each batch in this many passes, one after another inside the step, with one update
+    # (gradient accumulation): the activations of batch_size / microbatches examples at a
+    # time. The same loss, gradients and dropout masks as one pass up to float rounding
+    # (rbg / unsafe_rbg masks differ). Must divide batch_size, and on a mesh leave a
+    # multiple of mesh.data examples per microbatch. May change when a run is resumed.
+    microbatches: int = 1
+    # [a, b]: a jax.profiler trace of steps a..b in run_dir/profile (TensorBoard's
+    # profile plugin, Perfetto); [] = none. 0 < a <= b <= steps; may change on resume.
+    profile_steps: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -156,7 +156,7 @@ def check_run(model, method, cfg, mesh):
     (``ptjax train`` and ``ptjax plan`` alike)."""
     method.check(model)
     check_lengths(model, method, cfg)
-    check_batch_size(cfg.train.batch_size, mesh)
+    check_batch_size(cfg.train.batch_size, mesh, microbatches=cfg.train.microbatches)
 
 
 def place_trainable(method, tree, mesh, cfg):

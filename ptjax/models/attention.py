@@ -68,6 +68,11 @@ class ModelOptions:
       which may be a target without the hardware); None = ``jax.default_backend()``.
     unroll_layers: the layer stacks unrolled instead of scanned (same arithmetic): XLA's
       cost analysis counts a loop body once, so FLOPs are counted on this form.
+    dropout_rows: int [B], each row's index in the whole train batch, or None (= 0..B-1):
+      row b's dropout masks are drawn from its own key, the layer's folded with
+      ``dropout_rows[b]`` (``common.Dropout``), so a microbatch's rows get exactly the masks
+      they get in the whole batch (``train.microbatches``). The one field that may be a
+      traced array: it is left out of equality and the hash.
     """
     attention: str = "auto"
     dropout: float | None = None
@@ -78,6 +83,7 @@ class ModelOptions:
     rules: tuple = ()
     platform: str | None = None
     unroll_layers: bool = False
+    dropout_rows: Any = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         if self.attention not in IMPLEMENTATIONS:

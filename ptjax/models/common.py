@@ -147,6 +147,47 @@ def scan_layers(layer_cls, length: int, n_broadcast: int, unroll: bool = False):
     )
 
 
+class Dropout(nn.Module):
+    """Flax's ``nn.Dropout`` with one key per row: row b's mask is drawn from the layer's
+    dropout key folded with ``rows[b]`` (its index in the whole train batch; None = 0..B-1).
+    A row's mask then does not depend on which other rows share its batch, so a step split
+    into microbatches draws the masks of the whole batch (``ptjax.train``), and a mesh
+    draws those of one device. Axis 0 is the rows; ``broadcast_dims`` (never 0) share a mask.
+
+    With threefry keys this costs what one mask for the batch costs (the same bits, plus a
+    fold per row). ``rbg`` / ``unsafe_rbg`` keys are the exception: jax batches XLA's
+    RngBitGenerator by drawing every row's bits from the first row's key, so their masks
+    depend on the first row of the (micro)batch (valid masks, but a microbatched step's
+    differ from the whole batch's).
+    """
+    rate: float
+    broadcast_dims: tuple = ()
+    rows: Any = None
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        if deterministic or self.rate == 0.0:
+            return x
+        if self.rate == 1.0:  # no 0/0 in the gradient
+            return jnp.zeros_like(x)
+        dims = {d % x.ndim for d in self.broadcast_dims}
+        if 0 in dims:
+            raise ValueError("Dropout: axis 0 is the rows, each with its own mask; it "
+                             "cannot be a broadcast dim")
+        keep = 1.0 - self.rate
+        row_shape = tuple(1 if d in dims else n for d, n in enumerate(x.shape))[1:]
+        rng = self.make_rng("dropout")
+        rows = jnp.arange(x.shape[0]) if self.rows is None else self.rows
+        mask = jax.vmap(lambda r: jax.random.bernoulli(jax.random.fold_in(rng, r), keep,
+                                                       row_shape))(rows)
+        return jax.lax.select(jnp.broadcast_to(mask, x.shape), x / keep, jnp.zeros_like(x))
+
+
+def dropout(rate: float, options: ModelOptions, broadcast_dims=()) -> Dropout:
+    """A ``Dropout`` at ``rate`` that reads each row's index from ``options``."""
+    return Dropout(rate, tuple(broadcast_dims), options.dropout_rows)
+
+
 class RMSNorm(nn.Module):
     """T5's layer norm: scale only, no mean subtraction, no bias; variance in fp32."""
     eps: float
@@ -248,8 +289,8 @@ class MultiHeadAttention(nn.Module):
                        dropout_active=dropout_active, cached=cache is not None)
         if impl == "einsum":
             # T5X's broadcast_dropout: one mask for every query ([B, H, 1, S])
-            drop = nn.Dropout(self.dropout_rate,
-                              broadcast_dims=(2,) if self.options.broadcast_dropout else ())
+            drop = dropout(self.dropout_rate, self.options,
+                           (2,) if self.options.broadcast_dropout else ())
             out_BxTxHxDh = einsum_attention(
                 q_BxTxHxDh, k_BxSxHxDh, v_BxSxHxDh, bias_BxHxTxS, mask, scale=self.scale,
                 dtype=self.dtype,

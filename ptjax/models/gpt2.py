@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions, MultiHeadAttention,
                                  PromptInputs, as_prompt_inputs, broadcast_prompt, constrain_hidden,
                                  logical, place_embeds, prefix_length, remat_layer, scan_layers,
-                                 site_prefix, tied_logits)
+                                 dropout, site_prefix, tied_logits)
 from ptjax.models.convert import Rule
 
 SITES = ("decoder",)  # where prefix keys/values can enter
@@ -86,8 +86,8 @@ class Block(nn.Module):
         cfg = self.config
         cache, prefix = layer_xs
         bias, mask = attn_mask
-        drop = nn.Dropout(self.options.hidden_rate(cfg.resid_pdrop),
-                          broadcast_dims=self.options.hidden_broadcast_dims)
+        drop = dropout(self.options.hidden_rate(cfg.resid_pdrop), self.options,
+                       self.options.hidden_broadcast_dims)
         head_dim = cfg.n_embd // cfg.n_head
         h = layer_norm(cfg, self.dtype, "ln_1")(x_BxTxD)
         h, new_cache = MultiHeadAttention(
@@ -128,8 +128,8 @@ class GPT2(nn.Module):
                              self.options.unroll_layers)(
             cfg, self.dtype, self.deterministic, self.options)
         self.ln_f = layer_norm(cfg, self.dtype)
-        self.drop = nn.Dropout(self.options.hidden_rate(cfg.embd_pdrop),
-                               broadcast_dims=self.options.hidden_broadcast_dims)
+        self.drop = dropout(self.options.hidden_rate(cfg.embd_pdrop), self.options,
+                            self.options.hidden_broadcast_dims)
 
     def embed(self, input_ids_BxL, attention_mask_BxL=None, prompt=None, slots=None):
         """-> (embeddings [B, P+L, D] without positions, mask [B, P+L], P); with a

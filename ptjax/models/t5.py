@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions, MultiHeadAttention,
                                  RMSNorm, Unembed, as_prompt_inputs, broadcast_prompt,
                                  constrain_hidden, logical, place_embeds, prefix_length,
-                                 remat_layer, scan_layers, site_prefix, tied_logits)
+                                 dropout, remat_layer, scan_layers, site_prefix, tied_logits)
 from ptjax.models.convert import Rule
 
 SITES = ("encoder", "decoder", "cross")  # where prefix keys/values can enter
@@ -145,8 +145,8 @@ def _by_heads(options: ModelOptions, bias_1xHxTxS):
 
 def _dropout(cfg: T5Config, options: ModelOptions):
     """Hidden dropout at the options' rate (default: the checkpoint's)."""
-    return nn.Dropout(options.hidden_rate(cfg.dropout_rate),
-                      broadcast_dims=options.hidden_broadcast_dims)
+    return dropout(options.hidden_rate(cfg.dropout_rate), options,
+                   options.hidden_broadcast_dims)
 
 
 def _attention(cfg: T5Config, dtype, deterministic, name, options, cross=False,

@@ -19,6 +19,7 @@ from ptjax.config import TaskConfig, load_config
 from ptjax.data.encoding import tokenize
 from ptjax.data.tasks import synthetic
 from ptjax.data.templates import parse
+from ptjax.errors import PtjaxError
 from ptjax.evaluation import build_dev_set, predict
 from ptjax.models.model import load_model
 from ptjax.models.tiny import build_tiny_model
@@ -226,3 +227,19 @@ def test_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert message in err and err.count("\n") == 1, err
     assert not os.path.exists(tmp_path / "tiny-gpt2")  # stopped before loading the model
 
+
+
+def test_examples_that_cannot_be_searched_are_one_line(tiny):
+    """A target that is none of the labels; a class with no train examples (refused before
+    any forward)."""
+    with pytest.raises(PtjaxError, match=r"train example 1: target 'meh' is not one of its "
+                                         r"labels \(negative, positive\)"):
+        autoverbalizer.labels_of([{"targets": "negative"}, {"targets": "meh"}], CLASSES, "t",
+                                 "train")
+    model = tiny["gpt2"]
+    tcfg = TaskConfig(template=TEMPLATE, max_input_length=32, max_target_length=4)
+    train = _examples(2)[:2]  # negatives only
+    labels = autoverbalizer.labels_of(train, CLASSES, "t", "train")
+    with pytest.raises(PtjaxError, match="class 'positive' has no train examples"):
+        autoverbalizer.search(model, CLASSES, train, labels, train, labels,
+                              encoding(model, tcfg), 3, 2, 32, 4)

@@ -22,7 +22,9 @@ verbalizer turns back into that one token (so the word scores what the search sc
 LM-BFF's code keeps every "Ġ" token; words of several tokens are not searched.
 
 One forward per batch gives each example's log-distribution at the mask [N, V]; the
-assignment search then reads only the cached log-probabilities of the candidate words.
+assignment search then reads only the cached log-probabilities of the candidate words
+(past ``CACHE_FLOATS``, step 1 sums batch by batch and a second pass keeps only the
+candidates' columns).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ FINAL_CHOICE = ("zero-shot dev accuracy of each of the top-n assignments (LM-BFF
                 "a model per assignment and ranks by dev accuracy after it; not done here)")
 MAX_ASSIGNMENTS = 1_000_000  # k^C assignments scored; LM-BFF's MNLI search is 30^3
 CHUNK = 4096  # assignments scored at once: [CHUNK, N, C] floats
+CACHE_FLOATS = 2 ** 28  # train log-probabilities [N, V] kept up to 1 GiB, else two passes
 
 
 # ---------------------------------------------------------------- the mask's distribution
@@ -74,12 +77,12 @@ def answer_position(arrays: dict, prefix_length: int) -> np.ndarray:
     return np.asarray(arrays["target_mask"]).argmax(1).astype(np.int32) + prefix_length
 
 
-def mask_logprobs(model, examples, enc: dict, max_input_length: int,
-                  max_target_length: int, batch_size: int = 32) -> np.ndarray:
-    """[N, V] fp32: each example's log-distribution over the vocabulary at the template's
-    {mask} (``enc``: ``taskdata.encoding``), one jitted forward per batch. The targets
-    encoded are a placeholder: the position read sees only the input (and T5's
-    decoder start and sentinel), never the target."""
+def batch_logprobs(model, examples, enc: dict, max_input_length: int,
+                   max_target_length: int, batch_size: int = 32):
+    """Yields (start, [n, V] fp32): each example's log-distribution over the vocabulary at
+    the template's {mask} (``enc``: ``taskdata.encoding``), one jitted forward per batch of
+    ``batch_size``. The targets encoded are a placeholder: the position read sees only
+    the input (and T5's decoder start and sentinel), never the target."""
     prefix = enc["target_prefix"]
     placeholder = [{**ex, "targets": "a"} for ex in examples]
     arrays, _ = encode(model, placeholder, max_input_length, max_target_length, prefix,
@@ -94,11 +97,32 @@ def mask_logprobs(model, examples, enc: dict, max_input_length: int,
         arrays = {"input_ids": arrays["input_ids"][:, :width],
                   "input_mask": arrays["input_mask"][:, :width]}
     arrays["position"] = position
-    out = []
-    for batch, n in eval_batches(arrays, batch_size):
+    V = vocabulary_size(model)
+    for start, (batch, n) in zip(itertools.count(0, batch_size),
+                                 eval_batches(arrays, batch_size)):
         pos = batch.pop("position")
-        out.append(np.asarray(_answer_logprobs(model, model.params, batch, pos))[:n])
-    return np.concatenate(out)[:, :vocabulary_size(model)]
+        yield start, np.asarray(_answer_logprobs(model, model.params, batch, pos))[:n, :V]
+
+
+def mask_logprobs(model, examples, enc: dict, max_input_length: int,
+                  max_target_length: int, batch_size: int = 32, columns=None) -> np.ndarray:
+    """[N, V] fp32 (``batch_logprobs``), or only the vocabulary ids ``columns`` [N, len]."""
+    out = [lp if columns is None else lp[:, columns]
+           for _, lp in batch_logprobs(model, examples, enc, max_input_length,
+                                       max_target_length, batch_size)]
+    return np.concatenate(out)
+
+
+def summed_logprobs(model, examples, labels_N, C: int, enc: dict, max_input_length: int,
+                    max_target_length: int, batch_size: int = 32) -> np.ndarray:
+    """``class_scores`` of the examples, batch by batch: [C, V] float64 without holding
+    [N, V]."""
+    total = None
+    for start, lp in batch_logprobs(model, examples, enc, max_input_length,
+                                    max_target_length, batch_size):
+        part = class_scores(lp, labels_N[start:start + len(lp)], C)
+        total = part if total is None else total + part
+    return total
 
 
 def vocabulary_size(model) -> int:
@@ -235,19 +259,29 @@ def search(model, classes, train, train_labels, dev, dev_labels, enc: dict, k: i
             raise PtjaxError(f"class {name!r} has no train examples; the candidates of a "
                              "class are ranked on its own train examples")
     check_assignments([k] * C, k)  # before any forward
-    lp_train = mask_logprobs(model, train, enc, max_input_length, max_target_length,
-                             batch_size)
-    cands = candidates(model, class_scores(lp_train, train_labels, C), k)
+    lengths = (max_input_length, max_target_length, batch_size)
+    if len(train) * vocabulary_size(model) <= CACHE_FLOATS:  # one pass, [N, V] kept
+        lp_train = mask_logprobs(model, train, enc, *lengths)
+        scores = class_scores(lp_train, train_labels, C)
+    else:  # summed batch by batch; a second pass reads the candidates' columns alone
+        lp_train, scores = None, summed_logprobs(model, train, train_labels, C, enc, *lengths)
+    cands = candidates(model, scores, k)
     for c, kept in enumerate(cands):
         if not kept:
             raise PtjaxError(f"class {classes[c]!r}: the vocabulary of {model.path} has no "
                              "single-token whole words to search")
     ids = [np.array([i for i, _, _ in kept]) for kept in cands]
-    top = top_assignments([lp_train[:, i] for i in ids], train_labels, n)
-    lp_dev = mask_logprobs(model, dev, enc, max_input_length, max_target_length, batch_size)
+    union = sorted({int(i) for x in ids for i in x})
+    column = {v: j for j, v in enumerate(union)}
+    if lp_train is None:
+        cols = mask_logprobs(model, train, enc, *lengths, columns=union)
+    else:
+        cols = lp_train[:, union]
+    top = top_assignments([cols[:, [column[int(i)] for i in x]] for x in ids], train_labels, n)
+    lp_dev = mask_logprobs(model, dev, enc, *lengths, columns=union)
     rows = []
     for combo, train_acc in top:
-        chosen = [ids[c][j] for c, j in enumerate(combo)]
+        chosen = [column[int(ids[c][j])] for c, j in enumerate(combo)]
         dev_acc = float((lp_dev[:, chosen].argmax(1) == dev_labels).mean())
         rows.append({"words": {classes[c]: cands[c][j][1] for c, j in enumerate(combo)},
                      "train_accuracy": 100.0 * train_acc, "dev_accuracy": 100.0 * dev_acc})

@@ -243,3 +243,25 @@ def test_examples_that_cannot_be_searched_are_one_line(tiny):
     with pytest.raises(PtjaxError, match="class 'positive' has no train examples"):
         autoverbalizer.search(model, CLASSES, train, labels, train, labels,
                               encoding(model, tcfg), 3, 2, 32, 4)
+
+
+def test_two_passes_find_what_one_finds(tiny, monkeypatch):
+    """A train split too large to keep [N, V] is summed batch by batch, then read again at
+    the candidates' columns alone: the same candidates, scores and assignments."""
+    model = tiny["gpt2"]
+    tcfg = TaskConfig(template=TEMPLATE, max_input_length=32, max_target_length=4)
+    train, dev = _examples(6), synthetic("synthetic_sentiment").split("validation")[:8]
+    labels = autoverbalizer.labels_of(train, CLASSES, "t", "train")
+    dev_labels = autoverbalizer.labels_of(dev, CLASSES, "t", "validation")
+
+    def run():
+        return autoverbalizer.search(model, CLASSES, train, labels, dev, dev_labels,
+                                     encoding(model, tcfg), 4, 6, 32, 4, batch_size=5)
+    one = run()
+    monkeypatch.setattr(autoverbalizer, "CACHE_FLOATS", 0)
+    two = run()
+    assert [[w for _, w, _ in c] for c in one.candidates] == \
+        [[w for _, w, _ in c] for c in two.candidates]
+    np.testing.assert_allclose([s for c in one.candidates for _, _, s in c],
+                               [s for c in two.candidates for _, _, s in c], rtol=1e-9)
+    assert one.assignments == two.assignments and one.best == two.best

@@ -18,6 +18,9 @@
     ptjax export RUN_DIR [--out DIR]     write a run's best members (any method) from its
                                      newest checkpoint, mid-run too
     ptjax config show [CONFIG|RUN_DIR] [key=value ...]   the resolved config, every key
+    ptjax verbalizer CONFIG [key=value ...] [--k 10] [--n 20] [--per-class 16]   label words
+                                     searched at the template's {mask} (LM-BFF's automatic
+                                     label word selection), ready as task.verbalizer=...
     ptjax --version
 
 A user's mistake (bad path, unsupported model, wrong shape) prints one line and exits 2.
@@ -34,7 +37,8 @@ import jax
 
 from ptjax import __version__, targets
 from ptjax.commands import (cmd_config, cmd_eval, cmd_export, cmd_generate, cmd_info, cmd_neighbors,
-                            cmd_plan, cmd_pretrain, cmd_report, cmd_sweep, cmd_tiny, cmd_train)
+                            cmd_plan, cmd_pretrain, cmd_report, cmd_sweep, cmd_tiny, cmd_train,
+                            cmd_verbalizer)
 from ptjax.errors import PtjaxError
 from ptjax.preemption import EXIT_PREEMPTED, Preempted
 
@@ -154,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an optional YAML config or run directory, then key=value overrides")
     sp.set_defaults(fn=cmd_config)
 
+    sp = sub.add_parser("verbalizer", help="search label words at the template's {mask} "
+                                           "(LM-BFF's automatic label word selection)")
+    sp.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                    help="a YAML config (task.template with {mask}), then key=value overrides")
+    sp.add_argument("--k", type=int, default=10, help="candidate words per class (top-k)")
+    sp.add_argument("--n", type=int, default=20,
+                    help="assignments kept by train accuracy, then ranked on dev")
+    sp.add_argument("--per-class", type=int, default=None,
+                    help="train examples per class, drawn with --seed (LM-BFF: 16); "
+                         "default: the whole train split")
+    sp.add_argument("--seed", type=int, default=0, help="the draw of --per-class")
+    sp.add_argument("--out", default=None,
+                    help="the results JSON (default: RUN_DIR/verbalizer.json)")
+    sp.set_defaults(fn=cmd_verbalizer)
+
     return p
 
 
@@ -182,7 +201,8 @@ def main(argv=None) -> int:
         # compile-only devices: JAX starts on its CPU, and their executables are not
         # cached (a compile-only client cannot load one back)
         targets.start_on_cpu()
-    elif args.command in ("train", "pretrain", "eval", "plan", "sweep", "neighbors", "export"):
+    elif args.command in ("train", "pretrain", "eval", "plan", "sweep", "neighbors", "export",
+                          "verbalizer"):
         enable_compilation_cache()
     try:
         code = args.fn(args)

@@ -14,6 +14,7 @@ import yaml
 
 from ptjax import targets
 from ptjax.analysis import run_neighbors
+from ptjax.autoverbalizer import run_search
 from ptjax.config import load_config, to_dict
 from ptjax.errors import PtjaxError
 from ptjax.models.model import count_params, load_model
@@ -24,7 +25,7 @@ from ptjax.preflight import check_config
 from ptjax.pretrain import pretrain
 from ptjax.report import write_report
 from ptjax.run import evaluate_prompts, train
-from ptjax.rundir import check_output_dir, check_output_file
+from ptjax.rundir import check_output_dir, check_output_file, write_json
 from ptjax.sharding import is_main_process, to_host
 from ptjax.sweep import all_done, load_sweep, parse_shard, run_sweep, seedless_runs
 from ptjax.taskdata import dev_task_config
@@ -246,3 +247,26 @@ def cmd_config(args):
     cfg = _config_and_overrides(args.items)
     check_config(cfg)  # the errors `ptjax train` would give, before it loads weights
     sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def cmd_verbalizer(args):
+    cfg = _config_and_overrides(args.items)
+    out = args.out or os.path.join(cfg.run_dir, "verbalizer.json")
+    if args.out:
+        check_output_file(out, "--out")
+    else:
+        check_output_dir(cfg.run_dir, "run_dir")
+    found = run_search(cfg, args.k, args.n, args.per_class, args.seed)
+    for c, kept in found["candidates"].items():
+        words = ", ".join(f"{w} ({s:.1f})" for w, s in kept)
+        print(f"candidates for {c}: {words}")
+    print(f"top {len(found['assignments'])} assignments by train accuracy "
+          f"({found['train_examples']} examples), then dev ({found['dev_examples']}):")
+    for a in found["assignments"]:
+        words = ", ".join(f"{c}={w}" for c, w in a["words"].items())
+        print(f"  {words}: train {a['train_accuracy']:.2f}, dev {a['dev_accuracy']:.2f}")
+    if not args.out:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+    write_json(out, found)
+    print(f"chosen by dev accuracy (written to {out}):")
+    print(found["override"])

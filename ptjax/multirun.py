@@ -1,0 +1,458 @@
+"""Several trained runs on one frozen model, evaluated in shared batches: the paper's
+case for prompt tuning (one frozen model serves many tasks, each row carrying its own
+task's prompt), for prompt tuning, P-tuning and prefix tuning alike.
+
+    multi = ptjax.load_runs(["runs/sentiment", "runs/qa-prefix"])
+    multi.evaluate()       # {run_dir: {metric: [K]}}: what ``ptjax eval RUN_DIR`` gives each
+    multi.score([{"run": "runs/sentiment", "inputs": "review: the film was great"}])
+    multi.logits(input_ids, entries=[(0, 0), (1, 0)], ...)   # row b behind (run, member)
+
+Every member of every run is one entry of a prompt table, built once: a soft prompt's (or
+a P-tuning encoder's) vectors [P_r, D] left-padded to the longest prompt with a mask
+(``PromptInputs.embeds_mask``), a prefix's keys and values [L, P_r, H, Dh] at each site
+left-padded likewise (a site's "mask"; a run without a prefix there has it all masked).
+A masked position gets no attention weight, and as the padding comes before the real
+vectors, T5's relative distances and GPT-2's positions (counted from the mask) are the
+run's own: each row's logits are those of its run alone, to fp32 rounding.
+
+Evaluation: every run's dev set (``ptjax eval``'s, ``run.run_dev_set``), one copy per
+member, right-padded to common widths, each row carrying its entry's index, interleaved
+so that batches mix runs, and scored by one jitted forward that gathers each row's prompt
+from the table. Each run's scores then go through its own prediction and metric code
+(``evaluation.rank_predictions`` / ``score``), so its metrics are ``ptjax eval``'s.
+
+All K members of every run are evaluated (``ptjax eval`` reports each member); ``score``
+answers with one member per request (the run's best by default). Rank classification
+only (labels, candidates, a manual verbalizer). Refused with one line: model tuning and
+P-tuning with tune_model (they change the weights), runs on different models, greedy
+generation, a soft verbalizer and templates with soft tokens inside the input.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ptjax import sharding
+from ptjax.data import pipeline
+from ptjax.data.tasks import load_task
+from ptjax.errors import PtjaxError
+from ptjax.evaluation import member_inputs, rank_predictions, rows_per_batch, score
+from ptjax.methods.prefix import site_geometry
+from ptjax.models.common import PromptInputs
+from ptjax.models.named import model_dir
+from ptjax.run import run_dev_set
+from ptjax.taskdata import dev_task_config
+from ptjax.train import model_options, sequence_nll
+from ptjax.trained import TrainedRun, load_run, run_config
+
+METHODS = ("prompt", "ptuning", "prefix")  # what a mixed batch can carry per row
+
+
+def model_key(cfg) -> tuple:
+    """What must match for runs to share a frozen model: the checkpoint (a local
+    directory resolved), its dtype and attention implementation."""
+    where = model_dir(cfg.model)
+    if os.path.isdir(os.path.expanduser(where)):
+        where = os.path.realpath(os.path.expanduser(where))
+    return where, cfg.model.dtype, cfg.model.attention
+
+
+def _different_models(a: str, cfg_a, b: str, cfg_b) -> PtjaxError:
+    (pa, da, aa), (pb, db, ab) = model_key(cfg_a), model_key(cfg_b)
+    what = ", ".join(f"{k} {x} vs {y}" for k, x, y in (
+        ("model.path", pa, pb), ("model.dtype", da, db), ("model.attention", aa, ab))
+        if x != y)
+    return PtjaxError(f"{a} and {b} are on different models ({what}); runs evaluated "
+                      "together must share one frozen model")
+
+
+def load_runs(run_dirs, overrides=()) -> MultiRun:
+    """Trained run directories on one frozen model, loaded once (``load_run`` each,
+    sharing the first's model). overrides: ``key=value`` strings applied to every run."""
+    run_dirs = list(run_dirs)
+    if not run_dirs:
+        raise PtjaxError("load_runs needs at least one run directory")
+    first_cfg = run_config(run_dirs[0], overrides)
+    cfgs = [first_cfg] + [run_config(d, overrides) for d in run_dirs[1:]]
+    for d, cfg in zip(run_dirs[1:], cfgs[1:]):  # before any weights are read
+        if model_key(cfg) != model_key(first_cfg):
+            raise _different_models(run_dirs[0], first_cfg, d, cfg)
+    first = load_run(run_dirs[0], overrides)
+    runs = [first] + [load_run(d, overrides, prepared=(first.mesh, first.model))
+                      for d in run_dirs[1:]]
+    return MultiRun(runs)
+
+
+def check_mixable(run: TrainedRun):
+    """One-line errors for a run whose rows cannot share the frozen model's batches."""
+    method = run.method
+    if method.tunes_weights:
+        raise PtjaxError(f"{run.run_dir}: method.name={method.name} trains the model's "
+                         "weights (model tuning, or P-tuning with tune_model), so its rows "
+                         "cannot share a frozen model with other runs; evaluate it alone "
+                         f"(ptjax eval {run.run_dir})")
+    if method.name not in METHODS:
+        raise PtjaxError(f"{run.run_dir}: method.name={method.name} cannot be mixed; "
+                         f"mixed evaluation takes {', '.join(METHODS)}")
+    tcfg = dev_task_config(run.config)
+    if tcfg.verbalizer_kind == "soft":
+        raise PtjaxError(f"{run.run_dir}: task.verbalizer_kind=soft is not supported in "
+                         f"mixed evaluation (manual verbalizers are); evaluate it alone "
+                         f"(ptjax eval {run.run_dir})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One row of the prompt table: member ``k`` of run ``run`` (an index)."""
+    run: int
+    k: int
+
+
+def prompt_table(runs, model_config) -> tuple[PromptInputs, tuple]:
+    """(every member's prompt material with a leading entry axis E, the entries in order).
+
+    embeds [E, P, D] fp32 and embeds_mask [E, P] (None when no run has prompt vectors);
+    prefix {site: {"k", "v" [E, L, P, H, Dh], "mask" [E, P]}} over every site any run
+    uses (None when none). Shorter prompts are padded on the left."""
+    parts = [member_inputs(run.method, run.trainables, None)[1] for run in runs]
+    entries = tuple(Entry(i, k) for i, run in enumerate(runs) for k in range(run.K))
+    Ks = [run.K for run in runs]
+    embeds = embeds_mask = None
+    lengths = [0 if p.embeds is None else p.embeds.shape[1] for p in parts]
+    if max(lengths):
+        P, D = max(lengths), model_config.hidden_size
+        embeds = np.concatenate([_left_pad(p.embeds, P, 1, (K, 0, D))
+                                 for p, K in zip(parts, Ks)])
+        embeds_mask = np.concatenate([_mask(K, n, P) for K, n in zip(Ks, lengths)])
+    prefix = None
+    sites = [s for s in ("encoder", "decoder", "cross")
+             if any(p.prefix is not None and s in p.prefix for p in parts)]
+    if sites:
+        P = max(next(iter(p.prefix.values()))["k"].shape[2] for p in parts
+                if p.prefix is not None)
+        prefix = {}
+        for site in sites:
+            L, H, Dh = site_geometry(model_config, site)
+            have = [p.prefix is not None and site in p.prefix for p in parts]
+            prefix[site] = {
+                name: np.concatenate([
+                    _left_pad(p.prefix[site][name] if h else None, P, 2, (K, L, 0, H, Dh))
+                    for p, K, h in zip(parts, Ks, have)])
+                for name in ("k", "v")}
+            prefix[site]["mask"] = np.concatenate([
+                _mask(K, p.prefix[site]["k"].shape[2] if h else 0, P)
+                for p, K, h in zip(parts, Ks, have)])
+    return PromptInputs(embeds=embeds, prefix=prefix, embeds_mask=embeds_mask), entries
+
+
+def _left_pad(x, P: int, axis: int, empty_shape) -> np.ndarray:
+    """``x`` (fp32) zero-padded on the left of ``axis`` to length P; None -> all zeros."""
+    if x is None:
+        shape = list(empty_shape)
+        shape[axis] = P
+        return np.zeros(shape, np.float32)
+    x = np.asarray(x, np.float32)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (P - x.shape[axis], 0)
+    return np.pad(x, widths)
+
+
+def _mask(K: int, n: int, P: int) -> np.ndarray:
+    """[K, P] bool: the last n positions real."""
+    return np.broadcast_to(np.arange(P) >= P - n, (K, P)).copy()
+
+
+def rows_prompt(table: PromptInputs, entry_B) -> PromptInputs:
+    """Each row's prompt material gathered from the table by its entry index:
+    embeds [B, P, D], prefix {site: {"k", "v" [L, B, P, H, Dh], "mask" [B, P]}}."""
+    embeds = None if table.embeds is None else table.embeds[entry_B]
+    embeds_mask = None if table.embeds_mask is None else table.embeds_mask[entry_B]
+    prefix = None
+    if table.prefix is not None:
+        prefix = {site: {"k": jnp.swapaxes(d["k"][entry_B], 0, 1),
+                         "v": jnp.swapaxes(d["v"][entry_B], 0, 1),
+                         "mask": d["mask"][entry_B]}
+                  for site, d in table.prefix.items()}
+    return PromptInputs(embeds=embeds, prefix=prefix, embeds_mask=embeds_mask)
+
+
+def mixed_options(model):
+    """``sequence_nll``'s options for mixed rows: a left-padded prompt makes key masks
+    that are not ones-then-zeros, so padding is never handed to cuDNN as lengths."""
+    return dataclasses.replace(model_options(model), right_padded=False)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _row_token_scores(model, params, table, batch):
+    """Each row's target-token log-probabilities behind its own entry's prompt, [B, T]
+    (0 off the targets)."""
+    rows = dict(batch)
+    prompt = rows_prompt(table, rows.pop("entry"))
+    nll, _ = sequence_nll(model, params, rows, prompt, options=mixed_options(model),
+                          per_token=True)
+    return -nll
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _row_logits(model, params, table, entry_B, input_ids, attention_mask,
+                decoder_input_ids, decoder_attention_mask):
+    prompt = rows_prompt(table, entry_B)
+    module = model.module(options=mixed_options(model))
+    args = ((input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, prompt)
+            if model.is_encoder_decoder else (input_ids, attention_mask, prompt))
+    return module.apply({"params": params}, *args)
+
+
+def _columns(model) -> tuple:
+    """The dev-set arrays a rank-classification forward reads."""
+    base = ("input_ids", "input_mask", "targets", "target_mask")
+    return base + (("decoder_input_ids",) if model.is_encoder_decoder else ())
+
+
+def _pad_to(x: np.ndarray, width: int) -> np.ndarray:
+    return np.pad(x, [(0, 0), (0, width - x.shape[1])])
+
+
+class MultiRun:
+    """Trained runs (``TrainedRun``, from ``ptjax.load_run`` or ``load_runs``) of prompt
+    tuning, P-tuning or prefix tuning on one frozen model, run through it together.
+
+    runs: the runs in order; model: the shared frozen model; entries: (run, member k) of
+    each row of the prompt table (``prompt_table``), run-major.
+    """
+
+    def __init__(self, runs):
+        runs = list(runs)
+        if not runs:
+            raise PtjaxError("MultiRun needs at least one trained run")
+        for run in runs:
+            check_mixable(run)
+        first = runs[0]
+        for run in runs[1:]:
+            same = (run.model is first.model
+                    or model_key(run.config) == model_key(first.config))
+            if not same or run.model.config != first.model.config:
+                raise _different_models(first.run_dir, first.config, run.run_dir,
+                                        run.config)
+        self.runs = tuple(runs)
+        self.model = first.model
+        self.mesh = first.mesh
+        self.table, self.entries = prompt_table(runs, self.model.config)
+        self._entry = {(e.run, e.k): i for i, e in enumerate(self.entries)}
+        self._tasks = {}
+
+    # ------------------------------------------------------------------ lookups
+
+    def index(self, run) -> int:
+        """A run given as its index, its run directory or its dev task's name (when one
+        run has it)."""
+        if isinstance(run, (int, np.integer)):
+            if not 0 <= run < len(self.runs):
+                raise PtjaxError(f"run {run} is not one of these runs; valid: 0.."
+                                 f"{len(self.runs) - 1}")
+            return int(run)
+        by_dir = [i for i, r in enumerate(self.runs)
+                  if os.path.normpath(r.run_dir) == os.path.normpath(str(run))]
+        by_task = [i for i, r in enumerate(self.runs)
+                   if dev_task_config(r.config).name == run]
+        if by_dir or len(by_task) == 1:
+            return (by_dir or by_task)[0]
+        why = "names several runs' task" if by_task else "is not one of these runs"
+        raise PtjaxError(f"run {run!r} {why}; give a run directory: "
+                         + ", ".join(r.run_dir for r in self.runs))
+
+    def entry(self, run, k: int | None = None) -> int:
+        """The table row of member k of a run (default: its best member)."""
+        i = self.index(run)
+        k = self.runs[i].best_member if k is None else k
+        if (i, k) not in self._entry:
+            raise PtjaxError(f"{self.runs[i].run_dir}: k={k} is not a member of this run; "
+                             f"valid: 0..{self.runs[i].K - 1}")
+        return self._entry[(i, k)]
+
+    def _put(self, batch: dict) -> dict:
+        return batch if self.mesh is None else sharding.replicated_batch(batch, self.mesh)
+
+    # ------------------------------------------------------------------ forward
+
+    def logits(self, input_ids, entries, *, attention_mask=None, decoder_input_ids=None,
+               decoder_attention_mask=None):
+        """fp32 logits [B, T, vocab] as ``TrainedRun.logits``, row b behind member k of run
+        r for ``entries[b] = (r, k)`` (r: index, run directory or task name)."""
+        entry_B = np.asarray([self.entry(r, k) for r, k in entries], np.int32)
+        B, L = np.shape(input_ids)
+        if len(entry_B) != B:
+            raise PtjaxError(f"entries has {len(entry_B)} (run, member) pairs for {B} rows")
+        if attention_mask is None:
+            attention_mask = np.ones((B, L), np.int32)
+        if self.model.is_encoder_decoder and decoder_input_ids is None:
+            raise PtjaxError("T5 needs decoder_input_ids ([B, T] ids starting with "
+                             "decoder_start_token_id="
+                             f"{self.model.config.decoder_start_token_id})")
+        return _row_logits(self.model, self.model.params, self.table, entry_B,
+                           input_ids, attention_mask, decoder_input_ids,
+                           decoder_attention_mask)
+
+    def _token_scores(self, columns: dict, batch_size: int) -> np.ndarray:
+        """Target-token log-probabilities [R, T] of rows that carry an "entry" column,
+        in fixed-size batches (one compile per width)."""
+        batch_size = rows_per_batch(batch_size, self.mesh)
+        out = [sharding.to_host(_row_token_scores(self.model, self.model.params, self.table,
+                                                  self._put(b)))[:n]
+               for b, n in pipeline.eval_batches(columns, batch_size)]
+        return np.concatenate(out)
+
+    def _pack(self, parts) -> tuple[dict, list]:
+        """Rows of several (entry, arrays) parts, right-padded to common widths and
+        interleaved (row j of every part, then row j + 1, ...) -> (columns, where: each
+        part's row indices into them)."""
+        names = _columns(self.model)
+        widths = {c: max(a[c].shape[1] for _, a in parts) for c in names}
+        sizes = [len(a["input_ids"]) for _, a in parts]
+        part_of = np.concatenate([np.full(n, p) for p, n in enumerate(sizes)])
+        local = np.concatenate([np.arange(n) for n in sizes])
+        order = np.lexsort((part_of, local))  # by local row, then part
+        columns = {c: np.concatenate([_pad_to(np.asarray(a[c]), widths[c])
+                                      for _, a in parts])[order] for c in names}
+        columns["entry"] = np.concatenate([np.full(n, e, np.int32)
+                                           for (e, _), n in zip(parts, sizes)])[order]
+        position = np.empty(len(order), np.int64)
+        position[order] = np.arange(len(order))
+        starts = np.cumsum([0] + sizes)
+        return columns, [position[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+    # ------------------------------------------------------------------ evaluation
+
+    def dev_sets(self, split: str = "validation") -> list:
+        """Each run's dev set, as ``ptjax eval`` builds it (rank classification only)."""
+        devs = []
+        for run in self.runs:
+            dev = run_dev_set(run.model, run.method, run.config, split, self._task(run, split))
+            self._check_dev(run, dev)
+            devs.append(dev)
+        return devs
+
+    def _task(self, run, split: str):
+        key = (run.run_dir, split)
+        if key not in self._tasks:
+            self._tasks[key] = load_task(dev_task_config(run.config), splits=(split,))
+        return self._tasks[key]
+
+    @staticmethod
+    def _check_dev(run, dev):
+        if dev.mode != "rank":
+            raise PtjaxError(f"{run.run_dir}: task {dev_task_config(run.config).name!r} is "
+                             "scored by greedy generation; mixed evaluation does rank "
+                             "classification only (labels or candidates, task.eval_mode=rank)"
+                             f"; evaluate it alone (ptjax eval {run.run_dir})")
+        if "slots" in dev.arrays:
+            raise PtjaxError(f"{run.run_dir}: its template puts soft tokens inside the input "
+                             "({soft:N}); mixed evaluation takes prompts prepended and "
+                             f"prefixes only; evaluate it alone (ptjax eval {run.run_dir})")
+
+    def _member_arrays(self, dev, k: int) -> dict:
+        """Member k's rows of a dev set (several templates: its own layout, ``[:, k]``)."""
+        names = _columns(self.model)
+        if dev.arrays["input_ids"].ndim == 3:
+            return {c: dev.arrays[c][:, k] for c in names}
+        return {c: dev.arrays[c] for c in names}
+
+    def scores(self, split: str = "validation", batch_size: int | None = None,
+               devs=None) -> list:
+        """Every run's rank scores as ``evaluation.predict`` computes them alone: [K, rows]
+        summed log-likelihoods, or [K, rows, T] token log-probabilities with a verbalizer;
+        one array per run, in order."""
+        devs = self.dev_sets(split) if devs is None else devs
+        parts = [(self._entry[(e.run, e.k)], self._member_arrays(devs[e.run], e.k))
+                 for e in self.entries]
+        columns, where = self._pack(parts)
+        tokens = self._token_scores(columns, batch_size or self.batch_size)
+        out = []
+        for i, dev in enumerate(devs):
+            T = dev.arrays["targets"].shape[-1]
+            per = np.stack([tokens[where[self._entry[(i, k)]], :T]
+                            for k in range(self.runs[i].K)])  # [K, rows, T]
+            out.append(per if dev.verbalizer else per.sum(-1))
+        return out
+
+    @property
+    def batch_size(self) -> int:
+        """Rows per shared batch: the largest of the runs' train.eval_batch_size."""
+        return max(run.config.train.eval_batch_size for run in self.runs)
+
+    def predict(self, split: str = "validation", batch_size: int | None = None) -> list:
+        """Every run's ``evaluation.Predictions`` (K members' answers), in order."""
+        devs = self.dev_sets(split)
+        return [rank_predictions(dev, s)
+                for dev, s in zip(devs, self.scores(split, batch_size, devs))]
+
+    def evaluate(self, split: str = "validation", batch_size: int | None = None) -> dict:
+        """{run_dir: {metric: [K]}}: each run's metrics, equal to ``ptjax eval RUN_DIR``'s."""
+        devs = self.dev_sets(split)
+        return {run.run_dir: score(dev, rank_predictions(dev, s).texts)
+                for run, dev, s in zip(self.runs, devs, self.scores(split, batch_size, devs))}
+
+    # ------------------------------------------------------------------ requests
+
+    def score(self, requests, batch_size: int | None = None) -> list[dict]:
+        """Rank scores of requests of any runs, in shared batches.
+
+        requests: [{"run": index | run directory | task name, "inputs": text, "fields":
+          {name: text} (a template's fields, optional), "candidates": [...] (optional,
+          per-example candidates), "k": member (optional, default the run's best)}].
+        -> per request {"run": run_dir, "k", "classes": candidates in order, "scores":
+          their log-likelihoods (a verbalizer: class scores), "probabilities": softmax of
+          the scores, "prediction": the best class}.
+        """
+        groups = {}  # (run index, k) -> request positions
+        for n, req in enumerate(requests):
+            if "run" not in req or "inputs" not in req:
+                raise PtjaxError(f"request {n} needs 'run' and 'inputs'; it has "
+                                 f"{', '.join(sorted(req)) or 'nothing'}")
+            i = self.index(req["run"])
+            k = self.runs[i].best_member if req.get("k") is None else int(req["k"])
+            self.entry(i, k)  # a one-line error for a member the run has not
+            groups.setdefault((i, k), []).append(n)
+        parts, devs = [], []
+        for (i, k), members in groups.items():
+            dev = self._request_dev(i, [requests[n] for n in members])
+            devs.append(dev)
+            parts.append((self._entry[(i, k)], self._member_arrays(dev, k)))
+        if not parts:
+            return []
+        columns, where = self._pack(parts)
+        tokens = self._token_scores(columns, batch_size or self.batch_size)
+        out = [None] * len(requests)
+        for ((i, k), members), dev, rows in zip(groups.items(), devs, where):
+            T = dev.arrays["targets"].shape[-1]
+            per = tokens[rows, :T][None]
+            preds = rank_predictions(dev, per if dev.verbalizer else per.sum(-1))
+            bounds = np.cumsum([0] + [len(c) for c in dev.candidates])
+            for j, n in enumerate(members):
+                s = np.asarray(preds.scores[0][bounds[j]:bounds[j + 1]], np.float64)
+                p = np.exp(s - s.max())
+                out[n] = {"run": self.runs[i].run_dir, "k": k,
+                          "classes": list(dev.candidates[j]), "scores": s.tolist(),
+                          "probabilities": (p / p.sum()).tolist(),
+                          "prediction": preds.texts[0][j]}
+        return out
+
+    def _request_dev(self, i: int, requests):
+        """Requests of run i as a dev set of its task (targets stand in: not scored)."""
+        run = self.runs[i]
+        task = self._task(run, "validation")
+        tcfg = dev_task_config(run.config)
+        stand_in = tcfg.verbalizer[0][0] if tcfg.verbalizer else "<unk>"
+        examples = [{"inputs": str(r["inputs"]), "fields": dict(r.get("fields") or {}),
+                     "targets": stand_in,
+                     **({"candidates": list(r["candidates"])} if r.get("candidates")
+                        else {})} for r in requests]
+        task = dataclasses.replace(task, splits={"validation": examples})
+        dev = run_dev_set(run.model, run.method, run.config, "validation", task)
+        self._check_dev(run, dev)
+        return dev

@@ -16,16 +16,19 @@ vectors, T5's relative distances and GPT-2's positions (counted from the mask) a
 run's own: each row's logits are those of its run alone, to fp32 rounding.
 
 Evaluation: every run's dev set (``ptjax eval``'s, ``run.run_dev_set``), one copy per
-member, right-padded to common widths, each row carrying its entry's index, interleaved
-so that batches mix runs, and scored by one jitted forward that gathers each row's prompt
-from the table. Each run's scores then go through its own prediction and metric code
-(``evaluation.rank_predictions`` / ``score``), so its metrics are ``ptjax eval``'s.
+member, padded to common widths, each row carrying its entry's index, interleaved so that
+batches mix runs. Rank classification (labels, candidates, a manual verbalizer): one
+jitted forward scores every row's targets behind its own prompt. Greedy generation: the
+rows of every run decoded greedily share the decoding batches (as many new tokens as the
+longest task.max_target_length; each output cut to its run's own, as a row's greedy
+tokens do not depend on the other rows). Each run's scores or answers then go through its
+own prediction and metric code (``evaluation.rank_predictions`` / ``score``), so its
+metrics are ``ptjax eval``'s.
 
 All K members of every run are evaluated (``ptjax eval`` reports each member); ``score``
-answers with one member per request (the run's best by default). Rank classification
-only (labels, candidates, a manual verbalizer). Refused with one line: model tuning and
-P-tuning with tune_model (they change the weights), runs on different models, greedy
-generation, a soft verbalizer and templates with soft tokens inside the input.
+answers with one member per request (the run's best by default). Refused with one line:
+model tuning and P-tuning with tune_model (they change the weights), runs on different
+models, a soft verbalizer and templates with soft tokens inside the input.
 """
 from __future__ import annotations
 
@@ -39,9 +42,11 @@ import numpy as np
 
 from ptjax import sharding
 from ptjax.data import pipeline
+from ptjax.data.templates import parse
 from ptjax.data.tasks import load_task
 from ptjax.errors import PtjaxError
-from ptjax.evaluation import member_inputs, rank_predictions, rows_per_batch, score
+from ptjax.evaluation import (Predictions, member_inputs, rank_predictions, rows_per_batch,
+                              score)
 from ptjax.methods.prefix import site_geometry
 from ptjax.models.common import PromptInputs
 from ptjax.models.named import model_dir
@@ -167,18 +172,36 @@ def _mask(K: int, n: int, P: int) -> np.ndarray:
     return np.broadcast_to(np.arange(P) >= P - n, (K, P)).copy()
 
 
-def rows_prompt(table: PromptInputs, entry_B) -> PromptInputs:
+def rows_prompt(table: PromptInputs, entry_B, slots_BxL=None, slotted_B=None) -> PromptInputs:
     """Each row's prompt material gathered from the table by its entry index:
-    embeds [B, P, D], prefix {site: {"k", "v" [L, B, P, H, Dh], "mask" [B, P]}}."""
+    embeds [B, P, D], prefix {site: {"k", "v" [L, B, P, H, Dh], "mask" [B, P]}}.
+    slots_BxL: where a template puts each row's vectors inside its input (indices into
+    the padded table row; -1 elsewhere), slotted_B: the rows whose run has such a template
+    (their vectors go only there, never before the input)."""
     embeds = None if table.embeds is None else table.embeds[entry_B]
     embeds_mask = None if table.embeds_mask is None else table.embeds_mask[entry_B]
+    if slots_BxL is not None:
+        embeds_mask = embeds_mask & (slotted_B == 0)[:, None]
     prefix = None
     if table.prefix is not None:
         prefix = {site: {"k": jnp.swapaxes(d["k"][entry_B], 0, 1),
                          "v": jnp.swapaxes(d["v"][entry_B], 0, 1),
                          "mask": d["mask"][entry_B]}
                   for site, d in table.prefix.items()}
-    return PromptInputs(embeds=embeds, prefix=prefix, embeds_mask=embeds_mask)
+    return PromptInputs(embeds=embeds, prefix=prefix, embeds_mask=embeds_mask,
+                        slots=slots_BxL)
+
+
+def _batch_prompt(table, rows: dict) -> PromptInputs:
+    """A batch's prompt inputs from its "entry" (and "slots", "slotted") columns, popped
+    from ``rows``."""
+    return rows_prompt(table, rows.pop("entry"), rows.pop("slots", None),
+                       rows.pop("slotted", None))
+
+
+def uses_slots(method) -> bool:
+    """Whether a method's template(s) put soft tokens inside the input (``slots``)."""
+    return any(parse(t).soft_tokens for t in method.templates)
 
 
 def mixed_options(model):
@@ -187,12 +210,18 @@ def mixed_options(model):
     return dataclasses.replace(model_options(model), right_padded=False)
 
 
+@jax.jit
+def _gather(table, batch):
+    rows = dict(batch)
+    return _batch_prompt(table, rows)
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _row_token_scores(model, params, table, batch):
     """Each row's target-token log-probabilities behind its own entry's prompt, [B, T]
     (0 off the targets)."""
     rows = dict(batch)
-    prompt = rows_prompt(table, rows.pop("entry"))
+    prompt = _batch_prompt(table, rows)
     nll, _ = sequence_nll(model, params, rows, prompt, options=mixed_options(model),
                           per_token=True)
     return -nll
@@ -214,8 +243,14 @@ def _columns(model) -> tuple:
     return base + (("decoder_input_ids",) if model.is_encoder_decoder else ())
 
 
-def _pad_to(x: np.ndarray, width: int) -> np.ndarray:
-    return np.pad(x, [(0, 0), (0, width - x.shape[1])])
+def _gen_columns(model) -> tuple:
+    """The dev-set arrays greedy decoding reads (GPT-2's are left-padded)."""
+    return ("input_ids", "input_mask") if model.is_encoder_decoder else ("gen_ids", "gen_mask")
+
+
+def _pad_to(x: np.ndarray, width: int, left: bool = False, fill: int = 0) -> np.ndarray:
+    extra = width - x.shape[1]
+    return np.pad(x, [(0, 0), (extra, 0) if left else (0, extra)], constant_values=fill)
 
 
 class MultiRun:
@@ -244,6 +279,9 @@ class MultiRun:
         self.mesh = first.mesh
         self.table, self.entries = prompt_table(runs, self.model.config)
         self._entry = {(e.run, e.k): i for i, e in enumerate(self.entries)}
+        # a template's slot j is row j + shift of its entry's left-padded table row
+        self._shift = ([0] * len(self.entries) if self.table.embeds_mask is None
+                       else (~self.table.embeds_mask).sum(1).tolist())
         self._tasks = {}
 
     # ------------------------------------------------------------------ lookups
@@ -285,6 +323,12 @@ class MultiRun:
         """fp32 logits [B, T, vocab] as ``TrainedRun.logits``, row b behind member k of run
         r for ``entries[b] = (r, k)`` (r: index, run directory or task name)."""
         entry_B = np.asarray([self.entry(r, k) for r, k in entries], np.int32)
+        for e in sorted(set(entry_B.tolist())):
+            run = self.runs[self.entries[e].run]
+            if uses_slots(run.method):
+                raise PtjaxError(f"{run.run_dir}: its template puts soft tokens inside the "
+                                 "input ({soft:N}); logits takes runs whose prompts are "
+                                 "prepended (evaluate and score take both)")
         B, L = np.shape(input_ids)
         if len(entry_B) != B:
             raise PtjaxError(f"entries has {len(entry_B)} (run, member) pairs for {B} rows")
@@ -307,18 +351,27 @@ class MultiRun:
                for b, n in pipeline.eval_batches(columns, batch_size)]
         return np.concatenate(out)
 
-    def _pack(self, parts) -> tuple[dict, list]:
-        """Rows of several (entry, arrays) parts, right-padded to common widths and
-        interleaved (row j of every part, then row j + 1, ...) -> (columns, where: each
-        part's row indices into them)."""
-        names = _columns(self.model)
+    def _pack(self, parts, left: bool = False) -> tuple[dict, list]:
+        """Rows of several (entry, arrays) parts, padded to common widths (on the right,
+        or the left for GPT-2's decoding inputs) and interleaved (row j of every part,
+        then row j + 1, ...) -> (columns, where: each part's row indices into them)."""
+        names = [c for c in parts[0][1] if c not in ("slots", "slotted")]
         widths = {c: max(a[c].shape[1] for _, a in parts) for c in names}
-        sizes = [len(a["input_ids"]) for _, a in parts]
+        sizes = [len(a[names[0]]) for _, a in parts]
         part_of = np.concatenate([np.full(n, p) for p, n in enumerate(sizes)])
         local = np.concatenate([np.arange(n) for n in sizes])
         order = np.lexsort((part_of, local))  # by local row, then part
-        columns = {c: np.concatenate([_pad_to(np.asarray(a[c]), widths[c])
+        columns = {c: np.concatenate([_pad_to(np.asarray(a[c]), widths[c], left)
                                       for _, a in parts])[order] for c in names}
+        if any("slots" in a for _, a in parts):  # as wide as the ids; -1: no vector
+            ids = names[0]
+            columns["slots"] = np.concatenate([
+                _pad_to(a["slots"], widths[ids], left, -1) if "slots" in a
+                else np.full((n, widths[ids]), -1, np.int32)
+                for (_, a), n in zip(parts, sizes)])[order]
+            columns["slotted"] = np.concatenate([
+                np.full(n, int("slots" in a), np.int32) for (_, a), n in zip(parts, sizes)
+            ])[order]
         columns["entry"] = np.concatenate([np.full(n, e, np.int32)
                                            for (e, _), n in zip(parts, sizes)])[order]
         position = np.empty(len(order), np.int64)
@@ -329,13 +382,9 @@ class MultiRun:
     # ------------------------------------------------------------------ evaluation
 
     def dev_sets(self, split: str = "validation") -> list:
-        """Each run's dev set, as ``ptjax eval`` builds it (rank classification only)."""
-        devs = []
-        for run in self.runs:
-            dev = run_dev_set(run.model, run.method, run.config, split, self._task(run, split))
-            self._check_dev(run, dev)
-            devs.append(dev)
-        return devs
+        """Each run's dev set, as ``ptjax eval`` builds it."""
+        return [run_dev_set(run.model, run.method, run.config, split, self._task(run, split))
+                for run in self.runs]
 
     def _task(self, run, split: str):
         key = (run.run_dir, split)
@@ -343,59 +392,104 @@ class MultiRun:
             self._tasks[key] = load_task(dev_task_config(run.config), splits=(split,))
         return self._tasks[key]
 
-    @staticmethod
-    def _check_dev(run, dev):
-        if dev.mode != "rank":
-            raise PtjaxError(f"{run.run_dir}: task {dev_task_config(run.config).name!r} is "
-                             "scored by greedy generation; mixed evaluation does rank "
-                             "classification only (labels or candidates, task.eval_mode=rank)"
-                             f"; evaluate it alone (ptjax eval {run.run_dir})")
-        if "slots" in dev.arrays:
-            raise PtjaxError(f"{run.run_dir}: its template puts soft tokens inside the input "
-                             "({soft:N}); mixed evaluation takes prompts prepended and "
-                             f"prefixes only; evaluate it alone (ptjax eval {run.run_dir})")
-
-    def _member_arrays(self, dev, k: int) -> dict:
-        """Member k's rows of a dev set (several templates: its own layout, ``[:, k]``)."""
-        names = _columns(self.model)
-        if dev.arrays["input_ids"].ndim == 3:
-            return {c: dev.arrays[c][:, k] for c in names}
-        return {c: dev.arrays[c] for c in names}
+    def _member_arrays(self, dev, entry: int) -> dict:
+        """An entry's rows of its run's dev set (several templates: its member's own
+        layout, ``[:, k]``), with a template's soft slots as indices into its padded table
+        row ("slots")."""
+        k = self.entries[entry].k
+        rank = dev.mode == "rank"
+        names = _columns(self.model) if rank else _gen_columns(self.model)
+        slots = "slots" if rank or self.model.is_encoder_decoder else "gen_slots"
+        pick = ((lambda a: a[:, k]) if dev.arrays["input_ids"].ndim == 3
+                else (lambda a: a))
+        out = {c: pick(dev.arrays[c]) for c in names}
+        if slots in dev.arrays:
+            s = pick(dev.arrays[slots])
+            out["slots"] = np.where(s >= 0, s + self._shift[entry], -1).astype(np.int32)
+        return out
 
     def scores(self, split: str = "validation", batch_size: int | None = None,
                devs=None) -> list:
-        """Every run's rank scores as ``evaluation.predict`` computes them alone: [K, rows]
-        summed log-likelihoods, or [K, rows, T] token log-probabilities with a verbalizer;
-        one array per run, in order."""
+        """Every rank-classification run's scores as ``evaluation.predict`` computes them
+        alone: [K, rows] summed log-likelihoods, or [K, rows, T] token log-probabilities
+        with a verbalizer; one per run, in order (None for a run decoded greedily)."""
         devs = self.dev_sets(split) if devs is None else devs
-        parts = [(self._entry[(e.run, e.k)], self._member_arrays(devs[e.run], e.k))
-                 for e in self.entries]
-        columns, where = self._pack(parts)
+        out = [None] * len(devs)
+        entries = [e for e in self.entries if devs[e.run].mode == "rank"]
+        if not entries:
+            return out
+        columns, where = self._pack([(self._entry[(e.run, e.k)],
+                                      self._member_arrays(devs[e.run],
+                                                          self._entry[(e.run, e.k)]))
+                                     for e in entries])
         tokens = self._token_scores(columns, batch_size or self.batch_size)
-        out = []
-        for i, dev in enumerate(devs):
-            T = dev.arrays["targets"].shape[-1]
-            per = np.stack([tokens[where[self._entry[(i, k)]], :T]
+        rows = {(e.run, e.k): w for e, w in zip(entries, where)}
+        for i in {e.run for e in entries}:
+            T = devs[i].arrays["targets"].shape[-1]
+            per = np.stack([tokens[rows[(i, k)], :T]
                             for k in range(self.runs[i].K)])  # [K, rows, T]
-            out.append(per if dev.verbalizer else per.sum(-1))
+            out[i] = per if devs[i].verbalizer else per.sum(-1)
         return out
+
+    def texts(self, split: str = "validation", batch_size: int | None = None,
+              devs=None) -> list:
+        """Every greedily decoded run's answers as ``evaluation.predict`` gives them alone:
+        K lists of N strings; one per run, in order (None for a rank-classification run).
+        Rows of every such run share the decoding batches, for as many new tokens as the
+        longest task.max_target_length; each row's output is cut to its run's own."""
+        devs = self.dev_sets(split) if devs is None else devs
+        out = [None] * len(devs)
+        entries = [e for e in self.entries if devs[e.run].mode == "generate"]
+        if not entries:
+            return out
+        columns, where = self._pack([(self._entry[(e.run, e.k)],
+                                      self._member_arrays(devs[e.run],
+                                                          self._entry[(e.run, e.k)]))
+                                     for e in entries], left=not self.model.is_encoder_decoder)
+        lengths = {i: self.runs[i].config.task.max_target_length for i in
+                   {e.run for e in entries}}
+        tokens = self._decode(columns, max(lengths.values()),
+                              batch_size or self.batch_size)
+        for i in lengths:
+            out[i] = [[t.strip() for t in self.model.tokenizer.batch_decode(
+                tokens[w, :lengths[i]], skip_special_tokens=True)]
+                for e, w in zip(entries, where) if e.run == i]
+        return out
+
+    def _decode(self, columns: dict, max_new_tokens: int, batch_size: int) -> np.ndarray:
+        """Greedy ids [R, max_new_tokens] of rows carrying an "entry" column."""
+        ids, mask = _gen_columns(self.model)
+        batch_size = rows_per_batch(batch_size, self.mesh)
+        out = []
+        for b, n in pipeline.eval_batches(columns, batch_size):
+            b = self._put(b)
+            prompt = _gather(self.table, {c: b[c] for c in ("entry", "slots", "slotted")
+                                          if c in b})
+            out.append(sharding.to_host(self.model.generate(
+                self.model.params, b[ids], attention_mask=b[mask], prompt=prompt,
+                max_new_tokens=max_new_tokens))[:n])
+        return np.concatenate(out)
 
     @property
     def batch_size(self) -> int:
         """Rows per shared batch: the largest of the runs' train.eval_batch_size."""
         return max(run.config.train.eval_batch_size for run in self.runs)
 
-    def predict(self, split: str = "validation", batch_size: int | None = None) -> list:
+    def predict(self, split: str = "validation", batch_size: int | None = None,
+                devs=None) -> list:
         """Every run's ``evaluation.Predictions`` (K members' answers), in order."""
-        devs = self.dev_sets(split)
-        return [rank_predictions(dev, s)
-                for dev, s in zip(devs, self.scores(split, batch_size, devs))]
+        devs = self.dev_sets(split) if devs is None else devs
+        scores = self.scores(split, batch_size, devs)
+        texts = self.texts(split, batch_size, devs)
+        return [rank_predictions(dev, s) if t is None else Predictions(t)
+                for dev, s, t in zip(devs, scores, texts)]
 
     def evaluate(self, split: str = "validation", batch_size: int | None = None) -> dict:
         """{run_dir: {metric: [K]}}: each run's metrics, equal to ``ptjax eval RUN_DIR``'s."""
         devs = self.dev_sets(split)
-        return {run.run_dir: score(dev, rank_predictions(dev, s).texts)
-                for run, dev, s in zip(self.runs, devs, self.scores(split, batch_size, devs))}
+        return {run.run_dir: score(dev, preds.texts)
+                for run, dev, preds in zip(self.runs, devs, self.predict(split, batch_size,
+                                                                         devs))}
 
     # ------------------------------------------------------------------ requests
 
@@ -422,7 +516,7 @@ class MultiRun:
         for (i, k), members in groups.items():
             dev = self._request_dev(i, [requests[n] for n in members])
             devs.append(dev)
-            parts.append((self._entry[(i, k)], self._member_arrays(dev, k)))
+            parts.append((self._entry[(i, k)], self._member_arrays(dev, self._entry[(i, k)])))
         if not parts:
             return []
         columns, where = self._pack(parts)
@@ -454,5 +548,8 @@ class MultiRun:
                         else {})} for r in requests]
         task = dataclasses.replace(task, splits={"validation": examples})
         dev = run_dev_set(run.model, run.method, run.config, "validation", task)
-        self._check_dev(run, dev)
+        if dev.mode != "rank":
+            raise PtjaxError(f"{run.run_dir}: task {tcfg.name!r} has no labels or candidates "
+                             "to score (it is decoded greedily); score takes rank "
+                             "classification runs")
         return dev

@@ -12,8 +12,8 @@ import pytest
 import ptjax
 from ptjax import cli
 from ptjax.errors import PtjaxError
-from ptjax.evaluation import predict
-from ptjax.multirun import MultiRun
+from ptjax.evaluation import predict, verbalize
+from ptjax.multirun import MultiRun, uses_slots
 from ptjax.run import run_dev_set
 
 COLOURS = "[red, green, blue, yellow, black, white]"
@@ -40,14 +40,16 @@ def train(tmp_path_factory, tiny_dir, name, **kw):
 @pytest.fixture(scope="module")
 def t5_runs(tmp_path_factory, tiny_dir):
     """Three T5 runs: prompt tuning (K = 2, P = 4) on sentiment; P-tuning (P = 3) on the
-    shifted sentiment task with a template and a verbalizer; prefix tuning (P = 5, every
-    site) on the QA task scored by rank over its colours, a longer target."""
+    shifted sentiment task with a verbalizer and a template that puts its vectors inside
+    the input; prefix tuning (P = 5, every site) on the QA task scored by rank over its
+    colours, a longer target."""
     return [
         train(tmp_path_factory, tiny_dir, "prompt", **{"prompt.seeds": "[0,1]"}),
         train(tmp_path_factory, tiny_dir, "ptuning", **{
             "method.name": "ptuning", "method.ptuning.hidden": 8, "prompt.length": 3,
             "task.name": "synthetic_sentiment_shifted",
-            "task.template": "'{inputs} so it was {mask}'", "task.verbalizer": VERBALIZER}),
+            "task.template": "'{inputs} {soft:3} so it was {mask}'",
+            "task.verbalizer": VERBALIZER}),
         train(tmp_path_factory, tiny_dir, "prefix", **{
             "method.name": "prefix", "method.prefix.hidden": 8, "prompt.length": 5,
             "task.name": "synthetic_qa", "task.labels": COLOURS, "task.eval_mode": "rank",
@@ -69,10 +71,10 @@ def gpt2_runs(tmp_path_factory, tiny_dir):
     ]
 
 
-def alone(run_dir, tmp_path, capsys):
+def alone(run_dir, tmp_path, capsys, *overrides):
     """A run's own ``ptjax eval`` metrics ({metric: [K]})."""
     out = str(tmp_path / f"{os.path.basename(run_dir)}.json")
-    assert cli.main(["eval", run_dir, "--out", out]) == 0
+    assert cli.main(["eval", run_dir, *overrides, "--out", out]) == 0
     capsys.readouterr()
     with open(out) as f:
         metrics = json.load(f)
@@ -90,8 +92,6 @@ def check_equal_alone(run_dirs, tmp_path, capsys):
         own = predict(run.model, run.method, run.trainables, run.model.params, dev,
                       run.config.train.eval_batch_size, 4).scores
         if dev.verbalizer:
-            scores = scores.copy()
-            from ptjax.evaluation import verbalize
             scores = verbalize(scores, dev)
         np.testing.assert_allclose(scores, own, rtol=1e-5, atol=1e-5)
     return multi
@@ -106,21 +106,39 @@ def test_t5_mixed_equals_alone(t5_runs, tmp_path, capsys):
     assert sorted(multi.table.prefix) == ["cross", "decoder", "encoder"]
     assert multi.table.prefix["encoder"]["mask"].sum(1).tolist() == [0, 0, 0, 5]
     # shared batches really mix runs: the first batch holds rows of all three
-    columns, _ = multi._pack([(e, multi._member_arrays(dev, 0))
-                              for e, dev in enumerate(multi.dev_sets())])
-    assert set(columns["entry"][:8]) == {0, 1, 2}
+    devs = multi.dev_sets()
+    columns, _ = multi._pack([(e, multi._member_arrays(devs[entry.run], e))
+                              for e, entry in enumerate(multi.entries)])
+    assert set(columns["entry"][:8]) == {0, 1, 2, 3}
+    # the P-tuning rows place their vectors by slots (shifted past the table's padding),
+    # the others prepend theirs
+    assert set(columns["slotted"][columns["entry"] == 2]) == {1}
+    assert set(columns["slotted"][columns["entry"] != 2]) == {0}
+    slots = columns["slots"][columns["entry"] == 2]
+    assert sorted(set(slots[slots >= 0])) == [1, 2, 3]
+    assert (columns["slots"][columns["entry"] != 2] == -1).all()
 
 
 @pytest.mark.slow
 def test_gpt2_mixed_equals_alone(gpt2_runs, tmp_path, capsys):
     multi = check_equal_alone(gpt2_runs, tmp_path, capsys)
     row_logits_match(multi, np.random.default_rng(1))
+    # greedy decoding: left-padded inputs of two widths behind prompts of two lengths
+    overrides = [["task.eval_mode=generate"], ["task.labels=[]", "task.eval_mode=generate"]]
+    multi = MultiRun([ptjax.load_run(d, o) for d, o in zip(gpt2_runs, overrides)])
+    mixed, texts = multi.evaluate(), multi.texts()
+    for d, o, run, t in zip(gpt2_runs, overrides, multi.runs, texts):
+        assert mixed[d] == alone(d, tmp_path, capsys, *o)
+        dev = run_dev_set(run.model, run.method, run.config)
+        assert t == predict(run.model, run.method, run.trainables, run.model.params, dev, 8,
+                            run.config.task.max_target_length).texts
 
 
 def row_logits_match(multi, rng):
     """Rows of every (run, member) in one batch: the mixed logits equal each run's own."""
     model = multi.model
-    entries = [(e.run, e.k) for e in multi.entries] * 2
+    entries = [(e.run, e.k) for e in multi.entries
+               if not uses_slots(multi.runs[e.run].method)] * 2
     B = len(entries)
     ids = rng.integers(5, 60, (B, 9))
     mask = np.ones((B, 9), np.int32)
@@ -135,7 +153,11 @@ def row_logits_match(multi, rng):
 
 
 def test_row_logits(t5_runs):
-    row_logits_match(ptjax.load_runs(t5_runs), np.random.default_rng(0))
+    multi = ptjax.load_runs(t5_runs)
+    row_logits_match(multi, np.random.default_rng(0))
+    with pytest.raises(PtjaxError, match="its template puts soft tokens inside the input"):
+        multi.logits(np.ones((1, 4), np.int32), [(1, 0)],
+                     decoder_input_ids=np.zeros((1, 2), np.int32))
 
 
 def test_cli_several_runs(t5_runs, tmp_path, capsys):
@@ -170,7 +192,6 @@ def test_score_requests(t5_runs):
         C = len(dev.candidates[j])
         row = scores[i][0]
         if dev.verbalizer:
-            from ptjax.evaluation import verbalize
             row = verbalize(scores[i], dev)[0]
         np.testing.assert_allclose(ans["scores"], row[j * C:(j + 1) * C], rtol=1e-5,
                                    atol=1e-5)
@@ -195,15 +216,34 @@ def test_refusals(t5_runs, tmp_path, capsys):
     msg = str(e.value)
     assert "\n" not in msg and t5_runs[0] in msg and str(other) in msg
     assert "different models" in msg and "tiny-t5" in msg and "tiny-gpt2" in msg
-    # greedy generation: one line naming the run and what is unsupported
-    gen = ptjax.load_run(t5_runs[2], ["task.labels=[]", "task.eval_mode=generate"])
-    with pytest.raises(PtjaxError, match=f"{t5_runs[2]}: task 'synthetic_qa' is scored by "
-                                         "greedy generation; mixed evaluation does rank"):
-        MultiRun([ptjax.load_run(t5_runs[0]), gen]).evaluate()
     assert cli.main(["eval", t5_runs[0], t5_runs[0]]) == 2
     assert "is given twice" in capsys.readouterr().err
     assert cli.main(["eval", t5_runs[0], t5_runs[1], "--ensemble", "majority"]) == 2
     assert "--ensemble takes one run" in capsys.readouterr().err
+
+
+GENERATE = {0: ["task.eval_mode=generate"],
+            2: ["task.labels=[]", "task.eval_mode=generate"]}
+
+
+@pytest.mark.slow
+def test_t5_generation_mixed(t5_runs, tmp_path, capsys):
+    """Runs decoded greedily (prompt tuning, prefix tuning: different lengths of prompt
+    and of answer) share the decoding batches; a rank run (P-tuning with a verbalizer) is
+    scored beside them; each run's metrics are its own ``ptjax eval``'s."""
+    runs = [ptjax.load_run(d, GENERATE.get(i, ())) for i, d in enumerate(t5_runs)]
+    multi = MultiRun(runs)
+    mixed = multi.evaluate()
+    assert [d.mode for d in multi.dev_sets()] == ["generate", "rank", "generate"]
+    for i, d in enumerate(t5_runs):
+        assert mixed[d] == alone(d, tmp_path, capsys, *GENERATE.get(i, ()))
+    texts = multi.texts()
+    for i, run in enumerate(runs):
+        if i in GENERATE:  # the answers themselves, not just their metric
+            dev = run_dev_set(run.model, run.method, run.config)
+            own = predict(run.model, run.method, run.trainables, run.model.params, dev, 8,
+                          run.config.task.max_target_length).texts
+            assert texts[i] == own
 
 
 @pytest.mark.slow

@@ -53,7 +53,10 @@ class PromptInputs:
       one P: a padded vector is a masked key, and as it sits before the real ones the
       relative distances (T5) and positions (GPT-2, from the mask) stay the run's own.
       With it, no row has both prompt vectors and an encoder prefix, and T5 puts the
-      encoder prefix keys just before the tokens (after the prompt slots).
+      encoder prefix keys just before the tokens (after the prompt slots); with ``slots``
+      too the vectors go both where the slots say and, where this mask says, before the
+      input (rows of runs with and without soft slots share the batch; a row of the
+      former has its mask all False, one of the latter its slots all -1).
       A site's prefix may likewise carry "mask" [B, P] bool next to "k" / "v" (a row
       whose run has no prefix there has it all False).
     """

@@ -136,13 +136,16 @@ class GPT2(nn.Module):
               prompt_mask=None):
         """-> (embeddings [B, P+L, D] without positions, mask [B, P+L], P); with a
         template's ``slots`` [B, L] the prompt goes inside the input (P = 0).
-        prompt_mask: [B, P] bool, which prompt vectors are real (None: all)."""
+        prompt_mask: [B, P] bool, which prompt vectors are real (None: all); with slots
+        too (a mixed batch), the vectors also go before the input where it says."""
         if attention_mask_BxL is None:
             attention_mask_BxL = jnp.ones(input_ids_BxL.shape, bool)
         mask = attention_mask_BxL.astype(bool)
         x = self.wte(input_ids_BxL)
         if slots is not None and prompt is not None:
-            return place_embeds(x, PromptInputs(embeds=prompt, slots=slots), self.dtype), mask, 0
+            x = place_embeds(x, PromptInputs(embeds=prompt, slots=slots), self.dtype)
+            if prompt_mask is None:  # else a mixed batch: prepended too, where the mask says
+                return x, mask, 0
         if prompt is None:
             return x, mask, 0
         prompt_BxPxD = broadcast_prompt(prompt, input_ids_BxL.shape[0], self.dtype)

@@ -348,7 +348,9 @@ class T5(nn.Module):
         offset = 0
         if prompt.slots is not None:  # a template's soft slots: inside the input
             x = place_embeds(x, prompt, self.dtype)
-        elif prompt.embeds is not None:
+        # with slots, prepended too only in a mixed batch (embeds_mask: rows without slots)
+        if prompt.embeds is not None and (prompt.slots is None
+                                          or prompt.embeds_mask is not None):
             prompt_BxPxD = broadcast_prompt(prompt.embeds, B, self.dtype)
             x = jnp.concatenate([prompt_BxPxD, x], axis=1)
             mask = jnp.concatenate([embeds_key_mask(prompt, B, prompt_BxPxD.shape[1]), mask],

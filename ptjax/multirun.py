@@ -26,9 +26,10 @@ own prediction and metric code (``evaluation.rank_predictions`` / ``score``), so
 metrics are ``ptjax eval``'s.
 
 All K members of every run are evaluated (``ptjax eval`` reports each member); ``score``
-answers with one member per request (the run's best by default). Refused with one line:
-model tuning and P-tuning with tune_model (they change the weights), runs on different
-models, a soft verbalizer and templates with soft tokens inside the input.
+answers with one member per request (the run's best by default). A soft verbalizer's
+rows (class vectors read at the answer position's hidden state) share batches of their
+own, each row with its entry's class vectors. Refused with one line: model tuning and
+P-tuning with tune_model (they change the weights) and runs on different models.
 """
 from __future__ import annotations
 
@@ -46,14 +47,15 @@ from ptjax.data.templates import parse
 from ptjax.data.tasks import load_task
 from ptjax.errors import PtjaxError
 from ptjax.evaluation import (Predictions, member_inputs, rank_predictions, rows_per_batch,
-                              score)
+                              score, soft_predictions)
 from ptjax.methods.prefix import site_geometry
 from ptjax.models.common import PromptInputs
 from ptjax.models.named import model_dir
 from ptjax.run import run_dev_set
 from ptjax.taskdata import dev_task_config
-from ptjax.train import model_options, sequence_nll
+from ptjax.train import forward, model_options, sequence_nll
 from ptjax.trained import TrainedRun, load_run, run_config
+from ptjax.verbalizers import answer_position
 
 METHODS = ("prompt", "ptuning", "prefix")  # what a mixed batch can carry per row
 
@@ -104,11 +106,6 @@ def check_mixable(run: TrainedRun):
     if method.name not in METHODS:
         raise PtjaxError(f"{run.run_dir}: method.name={method.name} cannot be mixed; "
                          f"mixed evaluation takes {', '.join(METHODS)}")
-    tcfg = dev_task_config(run.config)
-    if tcfg.verbalizer_kind == "soft":
-        raise PtjaxError(f"{run.run_dir}: task.verbalizer_kind=soft is not supported in "
-                         f"mixed evaluation (manual verbalizers are); evaluate it alone "
-                         f"(ptjax eval {run.run_dir})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +207,40 @@ def mixed_options(model):
     return dataclasses.replace(model_options(model), right_padded=False)
 
 
+def class_table(runs, entries, D: int) -> dict:
+    """Soft verbalizers' class vectors per entry: {"vectors" [E, C, D] fp32, "mask" [E, C]
+    bool} (C: the most classes of any run; zeros and False for a run without), or None
+    when no run has one."""
+    Cs = [np.shape(run.trainables["verbalizer"])[1] if "verbalizer" in run.trainables
+          else 0 for run in runs]
+    if not max(Cs):
+        return None
+    C = max(Cs)
+    vectors = np.zeros((len(entries), C, D), np.float32)
+    mask = np.zeros((len(entries), C), bool)
+    for e, entry in enumerate(entries):
+        n = Cs[entry.run]
+        if n:
+            vectors[e, :n] = np.asarray(runs[entry.run].trainables["verbalizer"][entry.k])
+            mask[e, :n] = True
+    return {"vectors": vectors, "mask": mask}
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _row_class_scores(model, params, table, classes, batch):
+    """Soft-verbalizer rows: each row's class log-probabilities [B, C] from its own
+    entry's class vectors (-inf past its run's classes), as ``evaluation``'s soft scores
+    alone."""
+    rows = dict(batch)
+    entry_B, word_mask = rows["entry"], rows.pop("word_mask")
+    prompt = _batch_prompt(table, rows)
+    h = forward(model, params, rows, prompt, options=mixed_options(model), hidden=True)
+    h_BxD = jnp.take_along_axis(h, answer_position(word_mask)[:, None, None], axis=1)[:, 0]
+    logits = jnp.einsum("bd,bcd->bc", h_BxD, classes["vectors"][entry_B],
+                        preferred_element_type=jnp.float32)
+    return jax.nn.log_softmax(jnp.where(classes["mask"][entry_B], logits, -jnp.inf), -1)
+
+
 @jax.jit
 def _gather(table, batch):
     rows = dict(batch)
@@ -282,6 +313,7 @@ class MultiRun:
         # a template's slot j is row j + shift of its entry's left-padded table row
         self._shift = ([0] * len(self.entries) if self.table.embeds_mask is None
                        else (~self.table.embeds_mask).sum(1).tolist())
+        self.classes = class_table(runs, self.entries, self.model.config.hidden_size)
         self._tasks = {}
 
     # ------------------------------------------------------------------ lookups
@@ -343,11 +375,17 @@ class MultiRun:
                            decoder_attention_mask)
 
     def _token_scores(self, columns: dict, batch_size: int) -> np.ndarray:
-        """Target-token log-probabilities [R, T] of rows that carry an "entry" column,
+        """Target-token log-probabilities [R, T] of rows that carry an "entry" column
+        (with a "word_mask" column: soft-verbalizer rows, class log-probabilities [R, C]),
         in fixed-size batches (one compile per width)."""
         batch_size = rows_per_batch(batch_size, self.mesh)
-        out = [sharding.to_host(_row_token_scores(self.model, self.model.params, self.table,
-                                                  self._put(b)))[:n]
+        if "word_mask" in columns:
+            fn = functools.partial(_row_class_scores, self.model, self.model.params,
+                                   self.table, self.classes)
+        else:
+            fn = functools.partial(_row_token_scores, self.model, self.model.params,
+                                   self.table)
+        out = [sharding.to_host(fn(self._put(b)))[:n]
                for b, n in pipeline.eval_batches(columns, batch_size)]
         return np.concatenate(out)
 
@@ -403,6 +441,8 @@ class MultiRun:
         pick = ((lambda a: a[:, k]) if dev.arrays["input_ids"].ndim == 3
                 else (lambda a: a))
         out = {c: pick(dev.arrays[c]) for c in names}
+        if dev.soft:  # a soft verbalizer reads the hidden state at each row's answer
+            out["word_mask"] = pick(dev.word_mask).astype(np.int32)
         if slots in dev.arrays:
             s = pick(dev.arrays[slots])
             out["slots"] = np.where(s >= 0, s + self._shift[entry], -1).astype(np.int32)
@@ -411,24 +451,28 @@ class MultiRun:
     def scores(self, split: str = "validation", batch_size: int | None = None,
                devs=None) -> list:
         """Every rank-classification run's scores as ``evaluation.predict`` computes them
-        alone: [K, rows] summed log-likelihoods, or [K, rows, T] token log-probabilities
-        with a verbalizer; one per run, in order (None for a run decoded greedily)."""
+        alone: [K, rows] summed log-likelihoods, [K, rows, T] token log-probabilities with
+        a verbalizer, [K, examples, C] class log-probabilities with a soft one; one per
+        run, in order (None for a run decoded greedily)."""
         devs = self.dev_sets(split) if devs is None else devs
         out = [None] * len(devs)
-        entries = [e for e in self.entries if devs[e.run].mode == "rank"]
-        if not entries:
-            return out
-        columns, where = self._pack([(self._entry[(e.run, e.k)],
-                                      self._member_arrays(devs[e.run],
-                                                          self._entry[(e.run, e.k)]))
-                                     for e in entries])
-        tokens = self._token_scores(columns, batch_size or self.batch_size)
-        rows = {(e.run, e.k): w for e, w in zip(entries, where)}
-        for i in {e.run for e in entries}:
-            T = devs[i].arrays["targets"].shape[-1]
-            per = np.stack([tokens[rows[(i, k)], :T]
-                            for k in range(self.runs[i].K)])  # [K, rows, T]
-            out[i] = per if devs[i].verbalizer else per.sum(-1)
+        for soft in (False, True):  # soft verbalizers read hidden states: batches of their own
+            entries = [e for e in self.entries
+                       if devs[e.run].mode == "rank" and devs[e.run].soft == soft]
+            if not entries:
+                continue
+            columns, where = self._pack([(self._entry[(e.run, e.k)],
+                                          self._member_arrays(devs[e.run],
+                                                              self._entry[(e.run, e.k)]))
+                                         for e in entries])
+            values = self._token_scores(columns, batch_size or self.batch_size)
+            rows = {(e.run, e.k): w for e, w in zip(entries, where)}
+            for i in {e.run for e in entries}:
+                dev = devs[i]
+                width = len(dev.verbalizer) if soft else dev.arrays["targets"].shape[-1]
+                per = np.stack([values[rows[(i, k)], :width]
+                                for k in range(self.runs[i].K)])  # [K, rows, T or C]
+                out[i] = per if dev.verbalizer else per.sum(-1)
         return out
 
     def texts(self, split: str = "validation", batch_size: int | None = None,
@@ -481,7 +525,8 @@ class MultiRun:
         devs = self.dev_sets(split) if devs is None else devs
         scores = self.scores(split, batch_size, devs)
         texts = self.texts(split, batch_size, devs)
-        return [rank_predictions(dev, s) if t is None else Predictions(t)
+        return [Predictions(t) if t is not None
+                else soft_predictions(dev, s) if dev.soft else rank_predictions(dev, s)
                 for dev, s, t in zip(devs, scores, texts)]
 
     def evaluate(self, split: str = "validation", batch_size: int | None = None) -> dict:
@@ -519,13 +564,21 @@ class MultiRun:
             parts.append((self._entry[(i, k)], self._member_arrays(dev, self._entry[(i, k)])))
         if not parts:
             return []
-        columns, where = self._pack(parts)
-        tokens = self._token_scores(columns, batch_size or self.batch_size)
+        soft = [dev.soft for dev in devs]
+        where, values = [None] * len(parts), {}
+        for kind in set(soft):  # soft verbalizers' rows in batches of their own
+            chosen = [p for p, s in enumerate(soft) if s == kind]
+            columns, w = self._pack([parts[p] for p in chosen])
+            values[kind] = self._token_scores(columns, batch_size or self.batch_size)
+            for p, rows in zip(chosen, w):
+                where[p] = rows
         out = [None] * len(requests)
         for ((i, k), members), dev, rows in zip(groups.items(), devs, where):
-            T = dev.arrays["targets"].shape[-1]
-            per = tokens[rows, :T][None]
-            preds = rank_predictions(dev, per if dev.verbalizer else per.sum(-1))
+            if dev.soft:
+                preds = soft_predictions(dev, values[True][rows, :len(dev.verbalizer)][None])
+            else:
+                per = values[False][rows, :dev.arrays["targets"].shape[-1]][None]
+                preds = rank_predictions(dev, per if dev.verbalizer else per.sum(-1))
             bounds = np.cumsum([0] + [len(c) for c in dev.candidates])
             for j, n in enumerate(members):
                 s = np.asarray(preds.scores[0][bounds[j]:bounds[j + 1]], np.float64)

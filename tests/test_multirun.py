@@ -59,8 +59,9 @@ def t5_runs(tmp_path_factory, tiny_dir):
 
 @pytest.fixture(scope="module")
 def gpt2_runs(tmp_path_factory, tiny_dir):
-    """GPT-2: prompt tuning (P = 4) on sentiment, prefix tuning (P = 2) on QA by rank:
-    absolute positions that a prefix shifts by its own length."""
+    """GPT-2: prompt tuning (P = 4) on sentiment, prefix tuning (P = 2) on QA by rank
+    (absolute positions that a prefix shifts by its own length), P-tuning (P = 3) with a
+    soft verbalizer (class vectors, K = 2) on the shifted sentiment task."""
     gpt2 = {"model.path": "tiny-gpt2"}
     return [
         train(tmp_path_factory, tiny_dir, "gpt2-prompt", **gpt2),
@@ -68,6 +69,10 @@ def gpt2_runs(tmp_path_factory, tiny_dir):
             "method.name": "prefix", "method.prefix.hidden": 8, "prompt.length": 2,
             "task.name": "synthetic_qa", "task.labels": COLOURS, "task.eval_mode": "rank",
             "task.max_input_length": 32}),
+        train(tmp_path_factory, tiny_dir, "gpt2-soft", **gpt2, **{
+            "method.name": "ptuning", "method.ptuning.hidden": 8, "prompt.length": 3,
+            "prompt.seeds": "[0,1]", "task.name": "synthetic_sentiment_shifted",
+            "task.verbalizer": VERBALIZER, "task.verbalizer_kind": "soft"}),
     ]
 
 
@@ -88,12 +93,11 @@ def check_equal_alone(run_dirs, tmp_path, capsys):
     for d in run_dirs:
         assert mixed[d] == alone(d, tmp_path, capsys)  # exactly
     # the scores behind them: those of each run's own forward, to fp32 rounding
-    for run, dev, scores in zip(multi.runs, multi.dev_sets(), multi.scores()):
+    for run, dev, preds in zip(multi.runs, multi.dev_sets(), multi.predict()):
         own = predict(run.model, run.method, run.trainables, run.model.params, dev,
-                      run.config.train.eval_batch_size, 4).scores
-        if dev.verbalizer:
-            scores = verbalize(scores, dev)
-        np.testing.assert_allclose(scores, own, rtol=1e-5, atol=1e-5)
+                      run.config.train.eval_batch_size, 4)
+        np.testing.assert_allclose(preds.scores, own.scores, rtol=1e-5, atol=1e-5)
+        assert preds.texts == own.texts
     return multi
 
 
@@ -123,15 +127,21 @@ def test_t5_mixed_equals_alone(t5_runs, tmp_path, capsys):
 def test_gpt2_mixed_equals_alone(gpt2_runs, tmp_path, capsys):
     multi = check_equal_alone(gpt2_runs, tmp_path, capsys)
     row_logits_match(multi, np.random.default_rng(1))
+    assert multi.classes["mask"].sum(1).tolist() == [0, 0, 2, 2]  # the soft run's members
+    answers = multi.score([{"run": gpt2_runs[2], "inputs": "sentence: this red cat is good"}])
+    assert answers[0]["classes"] == ["negative", "positive"]
     # greedy decoding: left-padded inputs of two widths behind prompts of two lengths
-    overrides = [["task.eval_mode=generate"], ["task.labels=[]", "task.eval_mode=generate"]]
+    overrides = [["task.eval_mode=generate"], ["task.labels=[]", "task.eval_mode=generate"],
+                 []]
     multi = MultiRun([ptjax.load_run(d, o) for d, o in zip(gpt2_runs, overrides)])
     mixed, texts = multi.evaluate(), multi.texts()
+    assert texts[2] is None  # the soft verbalizer's run is still ranked, beside them
     for d, o, run, t in zip(gpt2_runs, overrides, multi.runs, texts):
         assert mixed[d] == alone(d, tmp_path, capsys, *o)
-        dev = run_dev_set(run.model, run.method, run.config)
-        assert t == predict(run.model, run.method, run.trainables, run.model.params, dev, 8,
-                            run.config.task.max_target_length).texts
+        if t is not None:
+            dev = run_dev_set(run.model, run.method, run.config)
+            assert t == predict(run.model, run.method, run.trainables, run.model.params,
+                                dev, 8, run.config.task.max_target_length).texts
 
 
 def row_logits_match(multi, rng):

@@ -308,12 +308,15 @@ class MultiRun:
         self.runs = tuple(runs)
         self.model = first.model
         self.mesh = first.mesh
-        self.table, self.entries = prompt_table(runs, self.model.config)
+        table, self.entries = prompt_table(runs, self.model.config)
         self._entry = {(e.run, e.k): i for i, e in enumerate(self.entries)}
         # a template's slot j is row j + shift of its entry's left-padded table row
-        self._shift = ([0] * len(self.entries) if self.table.embeds_mask is None
-                       else (~self.table.embeds_mask).sum(1).tolist())
-        self.classes = class_table(runs, self.entries, self.model.config.hidden_size)
+        self._shift = ([0] * len(self.entries) if table.embeds_mask is None
+                       else (~table.embeds_mask).sum(1).tolist())
+        # on the devices once (replicated), not sent with every batch
+        self.table = self._place(table)
+        self.classes = self._place(class_table(runs, self.entries,
+                                               self.model.config.hidden_size))
         self._tasks = {}
 
     # ------------------------------------------------------------------ lookups
@@ -344,6 +347,14 @@ class MultiRun:
             raise PtjaxError(f"{self.runs[i].run_dir}: k={k} is not a member of this run; "
                              f"valid: 0..{self.runs[i].K - 1}")
         return self._entry[(i, k)]
+
+    def _place(self, tree):
+        if tree is None:
+            return None
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return jax.tree.map(lambda x: sharding.place(np.asarray(x), sharding.replicated(
+            self.mesh)), tree)
 
     def _put(self, batch: dict) -> dict:
         return batch if self.mesh is None else sharding.replicated_batch(batch, self.mesh)

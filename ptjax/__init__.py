@@ -11,7 +11,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from ptjax.errors import PtjaxError  # noqa: E402 (after the variables above)
 from ptjax.models.common import PromptInputs  # noqa: E402
 from ptjax.models.model import Model, load_model  # noqa: E402
+from ptjax.multirun import MultiRun, load_runs  # noqa: E402
 from ptjax.trained import TrainedRun, load_run  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Model", "PromptInputs", "PtjaxError", "TrainedRun", "load_model", "load_run"]
+__all__ = ["Model", "MultiRun", "PromptInputs", "PtjaxError", "TrainedRun", "load_model",
+           "load_run", "load_runs"]

@@ -9,6 +9,8 @@
     ptjax pretrain CONFIG [key=value ...]   pre-train a T5 on a corpus (pretrain.objective:
                                      span_corruption | prefix_lm); resumes a killed run
     ptjax eval RUN_DIR|CONFIG [key=value ...] [--prompt FILE]   evaluate a trained run
+    ptjax eval RUN_DIR RUN_DIR ... [key=value ...]   several runs on one frozen model in
+                                     shared batches (each row its own prompt or prefix)
     ptjax plan CONFIG [key=value ...] [--device-memory 80GB] [--target h100 [--topology 8]]
                                      memory per device and FLOPs, before a run; --target:
                                      compiled for an accelerator this machine does not have
@@ -99,16 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no progress bar: one line per train.log_every steps and per eval")
         sp.set_defaults(fn=fn)
 
-    sp = sub.add_parser("eval", help="evaluate a trained run (or a prompt file) on a split")
+    sp = sub.add_parser("eval", help="evaluate a trained run (or a prompt file) on a split, "
+                                     "or several runs on one frozen model together")
     sp.add_argument("items", nargs="*", metavar="RUN_DIR | CONFIG.yaml | key=value",
-                    help="a run directory or YAML config, then dotted.key=value overrides")
+                    help="a run directory or YAML config (or several run directories: "
+                         "evaluated in shared batches), then dotted.key=value overrides")
     sp.add_argument("--prompt", default=None,
                     help="a .npy ([P, D] or [K, P, D]) or safetensors soft prompt; default: "
                          "the run's trained members (best, from its checkpoints)")
     sp.add_argument("--split", default="validation")
     sp.add_argument("--ensemble", default="", choices=["", "majority", "mean_logprob"],
                     help="also score the prompts as one ensemble (one forward over K x B rows)")
-    sp.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+    sp.add_argument("--out", default=None, help="also write the metrics to this JSON file "
+                                                  "(several runs: {run_dir: metrics})")
     sp.set_defaults(fn=cmd_eval)
 
     sp = sub.add_parser("sweep", help="run a sweep file (grid x zip x seeds), then report")

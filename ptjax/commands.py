@@ -20,6 +20,7 @@ from ptjax.errors import PtjaxError
 from ptjax.models.model import count_params, load_model
 from ptjax.models.named import base_model_path
 from ptjax.models.tiny import build_tiny_model
+from ptjax.multirun import load_runs
 from ptjax.plan import format_plan, parse_bytes, plan, write_plan
 from ptjax.preflight import check_config
 from ptjax.pretrain import pretrain
@@ -147,6 +148,13 @@ def cmd_pretrain(args):
 def cmd_eval(args):
     if args.out:  # before the evaluation, not after it
         check_output_file(args.out, "--out")
+    paths = []
+    for item in args.items:
+        if "=" in item:
+            break
+        paths.append(item)
+    if len(paths) > 1:
+        return _eval_runs(args, paths, args.items[len(paths):])
     cfg = _config_and_overrides(args.items)
     items = list(args.items)
     run_dir = _run_dir_of(items[0]) if items and "=" not in items[0] else None
@@ -166,6 +174,42 @@ def cmd_eval(args):
         with open(args.out, "w") as f:
             json.dump({"task": task, "split": args.split, "prompt_file": args.prompt, **metrics},
                       f, indent=2)
+
+
+def _eval_runs(args, paths, overrides):
+    """``ptjax eval RUN_DIR RUN_DIR ...``: the runs' rows in shared batches through their
+    one frozen model (``ptjax.multirun``); each run's metrics as ``ptjax eval`` gives them
+    alone, named by run and task."""
+    if args.prompt or args.ensemble:
+        raise PtjaxError(f"{'--prompt' if args.prompt else '--ensemble'} takes one run; "
+                         f"with several run directories ({', '.join(paths)}) leave it out")
+    run_dirs = []
+    for path in paths:
+        run_dir = _run_dir_of(path)
+        if run_dir is None or not os.path.exists(os.path.join(run_dir, "config.yaml")):
+            raise PtjaxError(f"{path}: not a run directory; with several arguments before "
+                             "the key=value overrides each must be a trained run directory")
+        if os.path.normpath(run_dir) in map(os.path.normpath, run_dirs):
+            raise PtjaxError(f"{run_dir} is given twice")
+        run_dirs.append(run_dir)
+    for item in overrides:
+        if "=" not in item:
+            raise PtjaxError(f"argument {item!r} is not a dotted.key=value override (run "
+                             "directories come first)")
+    multi = load_runs(run_dirs, overrides)
+    metrics = multi.evaluate(args.split)
+    out = {}
+    for run in multi.runs:
+        task = dev_task_config(run.config).name
+        values = metrics[run.run_dir]
+        for name, per_member in values.items():
+            for k, v in enumerate(per_member):
+                print(f"{run.run_dir} member {k}: {args.split} {name} {v:.2f} on task {task}")
+        out[run.run_dir] = {"task": task, "method": run.method.name, "split": args.split,
+                            **values}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
 
 
 def cmd_sweep(args):

@@ -207,28 +207,39 @@ def predict(model, method, trainable, frozen, dev: DevSet, batch_size: int,
             wm = b.pop("word_mask")
             scores.append(sharding.to_host(_soft_scores(model, method, trainable, frozen, b,
                                                         wm))[:, :n])
-        scores = np.concatenate(scores, axis=1)  # [K, examples, classes]
-        scores = scores.reshape(len(scores), -1)
-        C = len(dev.verbalizer)
-        texts = [[dev.labels[int(np.argmax(row[i * C:(i + 1) * C]))]
-                  for i in range(len(dev.examples))] for row in scores]
-        return Predictions(texts, scores)
+        return soft_predictions(dev, np.concatenate(scores, axis=1))
     if dev.mode == "rank":
         per_token = dev.verbalizer != ()
         scores = [sharding.to_host(member_scores(model, method, trainable, frozen, put(b),
                                            per_token))[:, :n]
                   for b, n in pipeline.eval_batches(dev.arrays, batch_size)]
-        scores = np.concatenate(scores, axis=1)  # [K, total candidates (, T)]
-        if per_token:
-            scores = verbalize(scores, dev)  # [K, examples x classes]
-        bounds = np.cumsum([0] + [len(c) for c in dev.candidates])
-        texts = [[cands[int(np.argmax(row[a:b]))]
-                  for cands, a, b in zip(dev.candidates, bounds[:-1], bounds[1:])]
-                 for row in scores]
-        return Predictions(texts, scores)
+        return rank_predictions(dev, np.concatenate(scores, axis=1))
     outs = _generate(model, method, trainable, frozen, dev.arrays, batch_size, max_new_tokens,
                      put)
     return Predictions([[o.strip() for o in texts] for texts in outs])
+
+
+def soft_predictions(dev: DevSet, scores_KxNxC) -> Predictions:
+    """A soft verbalizer's predictions from K members' class log-probabilities [K, N, C]
+    (scores kept as [K, N x C], example-major)."""
+    scores = np.asarray(scores_KxNxC).reshape(len(scores_KxNxC), -1)
+    C = len(dev.verbalizer)
+    texts = [[dev.labels[int(np.argmax(row[i * C:(i + 1) * C]))]
+              for i in range(len(dev.examples))] for row in scores]
+    return Predictions(texts, scores)
+
+
+def rank_predictions(dev: DevSet, scores) -> Predictions:
+    """Rank classification's predictions from K members' scores of the dev rows: [K, rows]
+    summed log-likelihoods, or with a verbalizer [K, rows, T] token log-probabilities
+    (``verbalize``); each example's best-scoring candidate wins."""
+    if dev.verbalizer:
+        scores = verbalize(scores, dev)  # [K, examples x classes]
+    bounds = np.cumsum([0] + [len(c) for c in dev.candidates])
+    texts = [[cands[int(np.argmax(row[a:b]))]
+              for cands, a, b in zip(dev.candidates, bounds[:-1], bounds[1:])]
+             for row in scores]
+    return Predictions(texts, scores)
 
 
 def score(dev: DevSet, texts_K) -> dict:

@@ -213,12 +213,7 @@ def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validati
         method = dataclasses.replace(method, prompt=dataclasses.replace(
             cfg.prompt, length=table.shape[1], seeds=tuple(range(table.shape[0])), inits=()))
         trainable = {"prompt": place(table, replicated(mesh))}
-    tcfg = dev_task_config(cfg)
-    task = load_task(tcfg, splits=(split,))
-    check_lengths(model, method, cfg)
-    dev = build_dev_set(model, task, tcfg.eval_mode, cfg.task.max_input_length,
-                        cfg.task.max_target_length, split=split, **encoding(model, tcfg),
-                        **verbalizing(tcfg))
+    dev = run_dev_set(model, method, cfg, split)
     size, lengths = cfg.train.eval_batch_size, cfg.task.max_target_length
     frozen = None if method.tunes_weights else model.params
     if ensemble_method:
@@ -226,3 +221,15 @@ def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validati
         return ensemble_table(dev, preds, ensemble_method,
                               saved_weights(cfg, run_dir or cfg.run_dir))
     return evaluate(model, method, trainable, frozen, dev, size, lengths, mesh)
+
+
+def run_dev_set(model, method, cfg, split: str = "validation", task=None):
+    """The dev set ``ptjax eval`` scores a run on: its dev task's ``split`` (read, or
+    ``task`` already read), encoded with the run's lengths, template and verbalizer."""
+    tcfg = dev_task_config(cfg)
+    if task is None:
+        task = load_task(tcfg, splits=(split,))
+    check_lengths(model, method, cfg)
+    return build_dev_set(model, task, tcfg.eval_mode, cfg.task.max_input_length,
+                         cfg.task.max_target_length, split=split, **encoding(model, tcfg),
+                         **verbalizing(tcfg))

@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 
 from ptjax import config as config_lib
 from ptjax import methods
@@ -35,10 +36,17 @@ class TrainedRun:
     trainables: Any  # the best members, leaves [K, ...]
     step: int  # the checkpoint they come from
     mesh: Any = None
+    # each member's best dev metric (the early-stopping one) as the checkpoint records it
+    best_metric: tuple = ()
 
     @property
     def K(self) -> int:
         return self.method.K
+
+    @property
+    def best_member(self) -> int:
+        """The member with the best dev metric (the first of equals; 0 if unrecorded)."""
+        return int(np.argmax(self.best_metric)) if len(self.best_metric) else 0
 
     def member(self, k: int):
         if not 0 <= k < self.K:
@@ -74,19 +82,27 @@ def _inputs(method, member, frozen):
     return method.inputs(member, frozen)
 
 
-def load_run(run_dir: str, overrides=()) -> TrainedRun:
-    """A trained run directory (``ptjax train`` or a sweep's jobs/<id>) of any method.
-    overrides: ``key=value`` strings on top of its config.yaml (e.g. another task)."""
+def run_config(run_dir: str, overrides=()):
+    """A run directory's config (config.yaml plus ``key=value`` overrides)."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(path):
         raise PtjaxError(f"{run_dir}: not a run directory (no config.yaml)")
-    return restore_run(config_lib.load_config(path, overrides), run_dir)
+    return config_lib.load_config(path, overrides)
 
 
-def restore_run(cfg, run_dir: str) -> TrainedRun:
-    """The best members saved in ``run_dir``'s checkpoints, for the run config ``cfg``."""
+def load_run(run_dir: str, overrides=(), prepared=None) -> TrainedRun:
+    """A trained run directory (``ptjax train`` or a sweep's jobs/<id>) of any method.
+    overrides: ``key=value`` strings on top of its config.yaml (e.g. another task).
+    prepared: (mesh, model) already loaded for the model it names (``restore_run``)."""
+    return restore_run(run_config(run_dir, overrides), run_dir, prepared)
+
+
+def restore_run(cfg, run_dir: str, prepared=None) -> TrainedRun:
+    """The best members saved in ``run_dir``'s checkpoints, for the run config ``cfg``.
+    prepared: (mesh, model) for cfg's model, to share one loaded model between runs
+    (``ptjax.load_runs``); default: loaded here (``prepare``)."""
     cfg = dataclasses.replace(cfg, run_dir=run_dir)
-    mesh, model = prepare(cfg)
+    mesh, model = prepare(cfg) if prepared is None else prepared
     method = methods.build(cfg, model.config, model.dtype)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     # read only: evaluating a run never changes it (a damaged checkpoint is skipped, not moved)
@@ -99,6 +115,7 @@ def restore_run(cfg, run_dir: str) -> TrainedRun:
     shardings = method.shardings(shapes, mesh, logical_rules(cfg.mesh.fsdp))
     like = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings)
-    step, (best, _), _ = ckpt.newest_intact(lambda s: ckpt.restore_best(s, like))
+    step, (best, meta), _ = ckpt.newest_intact(lambda s: ckpt.restore_best(s, like))
     ckpt.close()
-    return TrainedRun(run_dir, cfg, model, method, best, step, mesh)
+    return TrainedRun(run_dir, cfg, model, method, best, step, mesh,
+                      tuple((meta or {}).get("best_metric", ())))

@@ -48,10 +48,22 @@ class PromptInputs:
       cross-attention); GPT-2 "decoder".
     slots: [B, L] int, set by a template's soft slots: where ``embeds`` go *inside* the
       input (the index of the vector at each place, -1 for a token), instead of before it.
+    embeds_mask: [B, P] bool, which prepended vectors are real (None: all). Rows of
+      several runs share a batch (``ptjax.multirun``) with their prompts left-padded to
+      one P: a padded vector is a masked key, and as it sits before the real ones the
+      relative distances (T5) and positions (GPT-2, from the mask) stay the run's own.
+      With it, no row has both prompt vectors and an encoder prefix, and T5 puts the
+      encoder prefix keys just before the tokens (after the prompt slots); with ``slots``
+      too the vectors go both where the slots say and, where this mask says, before the
+      input (rows of runs with and without soft slots share the batch; a row of the
+      former has its mask all False, one of the latter its slots all -1).
+      A site's prefix may likewise carry "mask" [B, P] bool next to "k" / "v" (a row
+      whose run has no prefix there has it all False).
     """
     embeds: Any = None
     prefix: Any = None
     slots: Any = None
+    embeds_mask: Any = None
 
 
 def as_prompt_inputs(prompt) -> PromptInputs:
@@ -62,7 +74,8 @@ def as_prompt_inputs(prompt) -> PromptInputs:
 
 
 def site_prefix(prompt: PromptInputs, site: str, batch: int, dtype):
-    """One site's prefix as {"k", "v"} [L, B, P, H, Dh] in ``dtype``, or None."""
+    """One site's prefix as {"k", "v"} [L, B, P, H, Dh] in ``dtype`` (and its "mask"
+    [B, P] bool if it has one), or None."""
     if prompt.prefix is None or prompt.prefix.get(site) is None:
         return None
     out = {}
@@ -74,7 +87,29 @@ def site_prefix(prompt: PromptInputs, site: str, batch: int, dtype):
             raise ValueError(f"prefix {site}.{name} must have shape [L, P, H, Dh] or "
                              f"[L, {batch}, P, H, Dh], got {tuple(kv.shape)}")
         out[name] = kv.astype(dtype)
+    if prompt.prefix[site].get("mask") is not None:
+        out["mask"] = jnp.asarray(prompt.prefix[site]["mask"]).astype(bool)
     return out
+
+
+def prefix_keys(prefix, batch: int):
+    """A site prefix (``site_prefix``) -> (its {"k", "v"}, what the scanned layers take,
+    and the mask of its keys [B, P] bool: all True unless the prefix carries one), or
+    (None, None) without a prefix."""
+    if prefix is None:
+        return None, None
+    mask = prefix.get("mask")
+    if mask is None:
+        mask = jnp.ones((batch, prefix["k"].shape[2]), bool)
+    return {"k": prefix["k"], "v": prefix["v"]}, mask
+
+
+def embeds_key_mask(prompt: PromptInputs, batch: int, length: int):
+    """The key mask [B, P] of prepended prompt vectors: ``prompt.embeds_mask`` or all
+    True."""
+    if prompt.embeds_mask is None:
+        return jnp.ones((batch, length), bool)
+    return jnp.asarray(prompt.embeds_mask).astype(bool)
 
 
 def place_embeds(x_BxLxD, prompt: PromptInputs, dtype):

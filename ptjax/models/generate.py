@@ -65,7 +65,7 @@ def gpt2_generate(cfg, dtype, options, params, input_ids, attention_mask, prompt
     variables = {"params": params}
     prompt = as_prompt_inputs(prompt)
     x, mask, _ = model.apply(variables, input_ids, attention_mask, prompt.embeds,
-                             prompt.slots, method=gpt2.GPT2.embed)
+                             prompt.slots, prompt.embeds_mask, method=gpt2.GPT2.embed)
     B, T0 = mask.shape
     prefix = site_prefix(prompt, "decoder", B, dtype)
     # Slots after the context hold generated tokens, all attended.

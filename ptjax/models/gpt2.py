@@ -19,8 +19,9 @@ import jax.numpy as jnp
 
 from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions, MultiHeadAttention,
                                  PromptInputs, as_prompt_inputs, broadcast_prompt, constrain_hidden,
-                                 logical, place_embeds, prefix_length, remat_layer, scan_layers,
-                                 dropout, site_prefix, tied_logits)
+                                 dropout, embeds_key_mask, logical, place_embeds, prefix_keys,
+                                 prefix_length, remat_layer, scan_layers, site_prefix,
+                                 tied_logits)
 from ptjax.models.convert import Rule
 
 SITES = ("decoder",)  # where prefix keys/values can enter
@@ -131,21 +132,28 @@ class GPT2(nn.Module):
         self.drop = dropout(self.options.hidden_rate(cfg.embd_pdrop), self.options,
                             self.options.hidden_broadcast_dims)
 
-    def embed(self, input_ids_BxL, attention_mask_BxL=None, prompt=None, slots=None):
+    def embed(self, input_ids_BxL, attention_mask_BxL=None, prompt=None, slots=None,
+              prompt_mask=None):
         """-> (embeddings [B, P+L, D] without positions, mask [B, P+L], P); with a
-        template's ``slots`` [B, L] the prompt goes inside the input (P = 0)."""
+        template's ``slots`` [B, L] the prompt goes inside the input (P = 0).
+        prompt_mask: [B, P] bool, which prompt vectors are real (None: all); with slots
+        too (a mixed batch), the vectors also go before the input where it says."""
         if attention_mask_BxL is None:
             attention_mask_BxL = jnp.ones(input_ids_BxL.shape, bool)
         mask = attention_mask_BxL.astype(bool)
         x = self.wte(input_ids_BxL)
         if slots is not None and prompt is not None:
-            return place_embeds(x, PromptInputs(embeds=prompt, slots=slots), self.dtype), mask, 0
+            x = place_embeds(x, PromptInputs(embeds=prompt, slots=slots), self.dtype)
+            if prompt_mask is None:  # else a mixed batch: prepended too, where the mask says
+                return x, mask, 0
         if prompt is None:
             return x, mask, 0
         prompt_BxPxD = broadcast_prompt(prompt, input_ids_BxL.shape[0], self.dtype)
         x = jnp.concatenate([prompt_BxPxD, x], axis=1)
-        mask = jnp.concatenate([jnp.ones(prompt_BxPxD.shape[:2], bool), mask], axis=1)
-        return x, mask, prompt_BxPxD.shape[1]
+        B, P = prompt_BxPxD.shape[:2]
+        mask = jnp.concatenate([embeds_key_mask(PromptInputs(embeds_mask=prompt_mask), B, P),
+                                mask], axis=1)
+        return x, mask, P
 
     def forward(self, embeds_BxTxD, positions_BxT, key_mask_BxS, cache=None, cache_index=None,
                 prefix=None):
@@ -153,14 +161,19 @@ class GPT2(nn.Module):
 
         Without a cache S == T. With one, the T new tokens fill slots ``cache_index``..
         of a cache of S slots and ``key_mask_BxS`` says which slots hold real tokens.
-        prefix: {"k", "v"} [L, B, P, H, Dh] keys always attended, before the slots; the
-        tokens' positions are then shifted by P.
+        prefix: {"k", "v"} [L, B, P, H, Dh] keys attended (all, or those its "mask" [B, P]
+        marks), before the slots; the tokens' positions are then shifted by the row's
+        attended prefix keys (P).
         """
         B, T = embeds_BxTxD.shape[:2]
         P = prefix_length(prefix)
         key_mask = key_mask_BxS
+        prefix, prefix_mask = prefix_keys(prefix, B)
+        shift = 0
         if P:
-            key_mask = jnp.concatenate([jnp.ones((B, P), bool), key_mask_BxS], 1)
+            key_mask = jnp.concatenate([prefix_mask, key_mask_BxS], 1)
+            # the tokens follow the real prefix keys (P of them unless some are masked)
+            shift = jnp.sum(prefix_mask, axis=1, dtype=jnp.int32)[:, None]
         if cache is None:  # causality as a static pattern: the fused paths need no mask
             attn_mask = (None, KeyMask(key_mask, causal=True))
         else:  # the cache's causality moves with cache_index: one [1, 1, T, S] bias
@@ -169,7 +182,7 @@ class GPT2(nn.Module):
             if P:
                 causal_TxS = jnp.concatenate([jnp.ones((T, P), bool), causal_TxS], 1)
             attn_mask = (jnp.where(causal_TxS, 0.0, MASK_VALUE)[None, None], KeyMask(key_mask))
-        x = embeds_BxTxD + self.wpe(positions_BxT + P)
+        x = embeds_BxTxD + self.wpe(positions_BxT + shift)
         x = constrain_hidden(self.options, self.drop(x, deterministic=self.deterministic))
         x, cache = self.h(x, attn_mask, cache_index, (cache, prefix))
         x = constrain_hidden(self.options, self.ln_f(x))
@@ -182,7 +195,8 @@ class GPT2(nn.Module):
         """Logits [B, L, vocab] for the real input positions (prompt positions dropped).
         prompt: [P, D], [B, P, D] or ``PromptInputs``."""
         prompt = as_prompt_inputs(prompt)
-        x, mask, P = self.embed(input_ids, attention_mask, prompt.embeds, prompt.slots)
+        x, mask, P = self.embed(input_ids, attention_mask, prompt.embeds, prompt.slots,
+                                prompt.embeds_mask)
         prefix = site_prefix(prompt, "decoder", input_ids.shape[0], self.dtype)
         logits, _ = self.forward(x, positions_from_mask(mask), mask, prefix=prefix)
         return logits[:, P:]

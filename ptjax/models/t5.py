@@ -11,7 +11,9 @@ Prefix keys (prefix tuning) and relative positions: a prefix of P keys sits at p
 prefix as tokens just before the sequence, as a prepended soft prompt would be. In the
 decoder this is Hugging Face's convention for past keys (queries at P.., keys at 0..), so
 PEFT's decoder prefix gives the same logits. Cross-attention has no position bias: its
-prefix keys get none either. Prefix keys are never masked.
+prefix keys get none either. Prefix keys are masked only where a site's prefix "mask" says
+so (rows of several runs left-padded to one P, ``ptjax.multirun``): the real keys
+then keep their distances to the tokens.
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ import jax.numpy as jnp
 
 from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions, MultiHeadAttention,
                                  RMSNorm, Unembed, as_prompt_inputs, broadcast_prompt,
-                                 constrain_hidden, logical, place_embeds, prefix_length,
-                                 dropout, remat_layer, scan_layers, site_prefix, tied_logits)
+                                 constrain_hidden, dropout, embeds_key_mask, logical,
+                                 place_embeds, prefix_keys, prefix_length, remat_layer,
+                                 scan_layers, site_prefix, tied_logits)
 from ptjax.models.convert import Rule
 
 SITES = ("encoder", "decoder", "cross")  # where prefix keys/values can enter
@@ -223,15 +226,19 @@ class Encoder(nn.Module):
     options: ModelOptions = ModelOptions()
 
     @nn.compact
-    def __call__(self, embeds_BxSxD, mask_BxS, prefix=None):
-        """prefix: {"k", "v"} [L, B, P, H, Dh] prepended at every layer, or None."""
+    def __call__(self, embeds_BxSxD, mask_BxS, prefix=None, prefix_offset: int = 0):
+        """prefix: {"k", "v"} [L, B, P, H, Dh] prepended at every layer, or None.
+        prefix_offset: positions the prefix keys sit later (static): a mixed batch's
+        prompt slots, so that for a row whose slots are all masked (a prefix run's) the
+        prefix sits just before its tokens, as when it runs alone."""
         cfg = self.config
         P, S = prefix_length(prefix), embeds_BxSxD.shape[1]
         q_pos = P + jnp.arange(S)
-        k_pos = jnp.arange(P + S)
+        k_pos = jnp.concatenate([prefix_offset + jnp.arange(P), q_pos])
         key_mask = mask_BxS
+        prefix, prefix_mask = prefix_keys(prefix, mask_BxS.shape[0])
         if P:
-            key_mask = jnp.concatenate([jnp.ones((mask_BxS.shape[0], P), bool), mask_BxS], 1)
+            key_mask = jnp.concatenate([prefix_mask, mask_BxS], 1)
         # The relative bias [1, H, S, S] and the key mask [B, S] stay apart, combined inside
         # each layer's attention: their sum would be a [B, H, S, S] fp32 buffer held for the
         # whole step (1.5 GiB for T5-XL at 612 tokens); cuDNN never builds it at all.
@@ -274,8 +281,9 @@ class Decoder(nn.Module):
             q_pos = P + cache_index + jnp.arange(T)
             tok_pos = P + jnp.arange(cache["self"]["k"].shape[2])
         key_mask = mask_BxS
+        self_prefix, self_prefix_mask = prefix_keys(self_prefix, B)
         if P:
-            key_mask = jnp.concatenate([jnp.ones((B, P), bool), mask_BxS], 1)
+            key_mask = jnp.concatenate([self_prefix_mask, mask_BxS], 1)
         k_pos = jnp.arange(P + tok_pos.shape[0])
         relpos = _by_heads(self.options, RelativePositionBias(
             cfg, bidirectional=False, name="relpos_bias")(q_pos, k_pos))
@@ -289,8 +297,9 @@ class Decoder(nn.Module):
                          KeyMask(key_mask))
         Pc = prefix_length(cross_prefix)
         enc_key_mask = enc_mask_BxS
+        cross_prefix, cross_prefix_mask = prefix_keys(cross_prefix, B)
         if Pc:
-            enc_key_mask = jnp.concatenate([jnp.ones((B, Pc), bool), enc_mask_BxS], 1)
+            enc_key_mask = jnp.concatenate([cross_prefix_mask, enc_mask_BxS], 1)
         drop = _dropout(cfg, self.options)
         x = constrain_hidden(self.options, drop(embeds_BxTxD, deterministic=self.deterministic))
         layer = remat_layer(DecoderLayer, self.remat)
@@ -328,22 +337,29 @@ class T5(nn.Module):
 
     def encode(self, input_ids_BxL, attention_mask_BxL=None, prompt=None):
         """Token ids [B, L] (+ prompt: [P, D], [B, P, D] or ``PromptInputs``) -> encoder
-        states [B, P+L, D] and their mask [B, P+L] (ones over the prompt embeddings; an
-        encoder prefix adds keys, not states)."""
+        states [B, P+L, D] and their mask [B, P+L] (ones over the prompt embeddings, or
+        ``prompt.embeds_mask``; an encoder prefix adds keys, not states)."""
         if attention_mask_BxL is None:
             attention_mask_BxL = jnp.ones(input_ids_BxL.shape, bool)
         prompt = as_prompt_inputs(prompt)
         B = input_ids_BxL.shape[0]
         mask = attention_mask_BxL.astype(bool)
         x = self.shared(input_ids_BxL)
+        offset = 0
         if prompt.slots is not None:  # a template's soft slots: inside the input
             x = place_embeds(x, prompt, self.dtype)
-        elif prompt.embeds is not None:
+        # with slots, prepended too only in a mixed batch (embeds_mask: rows without slots)
+        if prompt.embeds is not None and (prompt.slots is None
+                                          or prompt.embeds_mask is not None):
             prompt_BxPxD = broadcast_prompt(prompt.embeds, B, self.dtype)
             x = jnp.concatenate([prompt_BxPxD, x], axis=1)
-            mask = jnp.concatenate([jnp.ones(prompt_BxPxD.shape[:2], bool), mask], axis=1)
+            mask = jnp.concatenate([embeds_key_mask(prompt, B, prompt_BxPxD.shape[1]), mask],
+                                   axis=1)
+            if prompt.embeds_mask is not None:  # a mixed batch: no row has both
+                offset = prompt_BxPxD.shape[1]
         x = constrain_hidden(self.options, x)
-        return self.encoder(x, mask, site_prefix(prompt, "encoder", B, self.dtype)), mask
+        return self.encoder(x, mask, site_prefix(prompt, "encoder", B, self.dtype),
+                            offset), mask
 
     def decode(self, decoder_input_ids_BxT, decoder_mask, enc_BxSxD, enc_mask_BxS, cache=None,
                cache_index=None, prompt=None):

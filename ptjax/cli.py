@@ -1,8 +1,9 @@
 """The ``ptjax`` command line.
 
     ptjax info MODEL                 architecture, parameter count, weights file
-    ptjax generate MODEL|RUN_DIR TEXT ...   greedy decoding (behind a trained run's member k,
-                                     or a random soft prompt)
+    ptjax generate MODEL|RUN_DIR TEXT ...   greedy decoding, beam search (--num-beams) or
+                                     sampling (--sample), behind a trained run's member k
+                                     or a random soft prompt
     ptjax tiny DIR [--family t5]     write a built-in tiny model (no network needed)
     ptjax train [CONFIG.yaml] [key=value ...]   train (method.name: prompt | prefix | ptuning |
                                      model); resumes a killed run
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(sp)
     sp.set_defaults(fn=cmd_info)
 
-    sp = sub.add_parser("generate", help="greedy decoding")
+    sp = sub.add_parser("generate", help="greedy decoding, beam search or sampling")
     sp.add_argument("model", help="checkpoint directory, Hugging Face hub id, or a trained "
                                   "run directory (any method)")
     sp.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
@@ -80,7 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-new-tokens", type=int, default=32)
     sp.add_argument("--prompt-length", type=int, default=0,
                     help="prepend a random uniform[-0.5, 0.5] soft prompt of this length")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0,
+                    help="seeds the random prompt and sampling")
+    sp.add_argument("--num-beams", type=int, default=1,
+                    help="beam search with this many beams (1: greedy), as transformers")
+    sp.add_argument("--num-return-sequences", type=int, default=1,
+                    help="with --num-beams: print this many best beams per text")
+    sp.add_argument("--length-penalty", type=float, default=1.0,
+                    help="beams rank by sum of log-probs / new tokens ** this")
+    sp.add_argument("--early-stopping", default="false", choices=["false", "true", "never"],
+                    help="when beam search stops (transformers' early_stopping)")
+    sp.add_argument("--sample", action="store_true",
+                    help="sample instead of taking the most likely token")
+    sp.add_argument("--temperature", type=float, help="with --sample (default 1.0)")
+    sp.add_argument("--top-k", type=int,
+                    help="with --sample: keep the k most likely tokens (default 50; 0: all)")
+    sp.add_argument("--top-p", type=float, help="with --sample: keep the most likely tokens "
+                                                "up to this mass (default 1.0: all)")
     sp.set_defaults(fn=cmd_generate)
 
     sp = sub.add_parser("tiny", help="write a built-in tiny model")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import jax
@@ -17,6 +18,7 @@ from ptjax.analysis import run_neighbors
 from ptjax.autoverbalizer import run_search
 from ptjax.config import load_config, to_dict
 from ptjax.errors import PtjaxError
+from ptjax.models.generate import decoding
 from ptjax.models.model import count_params, load_model
 from ptjax.models.named import base_model_path
 from ptjax.models.tiny import build_tiny_model
@@ -53,7 +55,9 @@ def _random_prompt(model, length: int, seed: int):
     return rng.uniform(-0.5, 0.5, (length, model.config.hidden_size)).astype(np.float32)
 
 
-def _generate(model, params, texts, max_new_tokens, prompt):
+def _generate(model, params, texts, max_new_tokens, prompt, options):
+    """The decoded new text of each of ``texts`` (options: ``Model.generate``'s decoding
+    keywords; with num_return_sequences R, R texts per input, best first)."""
     if model.tokenizer is None:
         raise PtjaxError(f"{model.path}: the checkpoint has no tokenizer files, so text "
                          "cannot be encoded")
@@ -65,11 +69,45 @@ def _generate(model, params, texts, max_new_tokens, prompt):
     batch = tok(list(texts), padding=True, return_tensors="np")
     out = model.generate(params, batch["input_ids"],
                          attention_mask=batch["attention_mask"], prompt=prompt,
-                         max_new_tokens=max_new_tokens)
+                         max_new_tokens=max_new_tokens, **options)
     return tok.batch_decode(np.asarray(out), skip_special_tokens=True)
 
 
+def _decoding_options(args) -> dict:
+    """``Model.generate``'s decoding keywords from the command line, checked before the
+    model loads."""
+    if args.max_new_tokens < 1:
+        raise PtjaxError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
+    if args.num_beams < 1:
+        raise PtjaxError(f"--num-beams {args.num_beams}: must be at least 1 (1: no beam "
+                         "search)")
+    sampling = {"--temperature": args.temperature, "--top-k": args.top_k,
+                "--top-p": args.top_p}
+    if not args.sample and any(v is not None for v in sampling.values()):
+        given = ", ".join(k for k, v in sampling.items() if v is not None)
+        raise PtjaxError(f"{given}: only with --sample")
+    if args.sample and args.num_beams > 1:
+        raise PtjaxError(f"--sample with --num-beams {args.num_beams}: beam sampling is not "
+                         "supported; sample with one beam, or search beams without --sample")
+    if args.num_return_sequences > args.num_beams:
+        raise PtjaxError(f"--num-return-sequences {args.num_return_sequences}: at most "
+                         f"--num-beams ({args.num_beams})")
+    options = dict(num_beams=args.num_beams, num_return_sequences=args.num_return_sequences,
+                   length_penalty=args.length_penalty,
+                   early_stopping={"false": False, "true": True}.get(args.early_stopping,
+                                                                      args.early_stopping),
+                   do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)
+    try:
+        decoding(**options)
+    except PtjaxError as e:  # "top_p=0.0: must be ..." -> "--top-p 0.0: must be ..."
+        m = re.match(r"(\w+)=(\S+): (.*)", str(e))
+        raise (PtjaxError(f"--{m[1].replace('_', '-')} {m[2]}: {m[3]}") if m else e) from None
+    return options
+
+
 def cmd_generate(args):
+    options = _decoding_options(args)
     if os.path.exists(os.path.join(args.model, "config.yaml")):  # a trained run
         run = load_run(args.model)
         model = run.model
@@ -77,9 +115,10 @@ def cmd_generate(args):
     else:
         model = _load(args)
         params, prompt = model.params, _random_prompt(model, args.prompt_length, args.seed)
-    outs = _generate(model, params, args.text, args.max_new_tokens, prompt)
-    for text, out in zip(args.text, outs):
-        print(f"{text!r} -> {out!r}")
+    outs = _generate(model, params, args.text, args.max_new_tokens, prompt, options)
+    R = args.num_return_sequences
+    for i, out in enumerate(outs):
+        print(f"{args.text[i // R]!r} -> {out!r}")
 
 
 def cmd_tiny(args):

@@ -4,6 +4,7 @@
     run.config, run.model, run.method, run.trainables     # trainables: leaves [K, ...]
     run.logits(input_ids, k=0, attention_mask=..., decoder_input_ids=...)  # [B, T, vocab]
     run.generate(input_ids, k=0, attention_mask=..., max_new_tokens=16)   # [B, new]
+    run.generate(input_ids, k=0, num_beams=4)           # beam search (or do_sample=True, ...)
 
 The trainables are the best members (early stopping on dev) from the run's newest
 checkpoint, in the method's own form (a prefix's MLP, a P-tuning encoder), so inference
@@ -69,11 +70,12 @@ class TrainedRun:
                                  decoder_attention_mask=decoder_attention_mask, prompt=prompt)
 
     def generate(self, input_ids, *, k: int = 0, attention_mask=None,
-                 max_new_tokens: int = 32):
-        """Greedy decoding behind member k -> ids [B, max_new_tokens] (``Model.generate``)."""
+                 max_new_tokens: int = 32, **decoding):
+        """Decoding behind member k -> ids [B, max_new_tokens]: greedy, or beam search /
+        sampling with ``Model.generate``'s keywords (num_beams, do_sample, top_k, ...)."""
         params, prompt = self.inputs(k)
         return self.model.generate(params, input_ids, attention_mask=attention_mask,
-                                   prompt=prompt, max_new_tokens=max_new_tokens)
+                                   prompt=prompt, max_new_tokens=max_new_tokens, **decoding)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import math
+import numbers
 import os
 from typing import Any
 
@@ -30,7 +31,7 @@ from ptjax.errors import PtjaxError
 from ptjax.models import checkpoint_files, gpt2, t5
 from ptjax.models.common import ModelOptions, as_prompt_inputs
 from ptjax.models.convert import load_params, to_hf_state_dict
-from ptjax.models.generate import gpt2_generate, t5_generate
+from ptjax.models.generate import decoding, gpt2_generate, t5_generate
 from ptjax.models.hf_config import family_of, hf_config_dict, read_hf_config
 from ptjax.sharding import logical_rules
 from ptjax.sharding import place as place_sharded
@@ -123,17 +124,43 @@ class Model:
                                 decoder_attention_mask, prompt)
 
     def generate(self, params, input_ids, *, attention_mask=None, prompt=None,
-                 max_new_tokens: int = 32):
-        """Greedy decoding with a KV cache -> new token ids [B, max_new_tokens].
+                 max_new_tokens: int = 32, num_beams: int = 1, num_return_sequences: int = 1,
+                 length_penalty: float = 1.0, early_stopping: bool | str = False,
+                 do_sample: bool = False, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 return_scores: bool = False):
+        """Decoding with a KV cache -> new token ids [B, max_new_tokens].
+
+        Greedy by default. num_beams > 1: beam search as transformers' ``generate`` (same
+        scores, length_penalty, early_stopping), the best ``num_return_sequences`` beams of
+        each input -> [B * num_return_sequences, max_new_tokens] (input b's in rows b*R ..);
+        return_scores=True also returns their scores [B * R] (sum of log-probs / new tokens
+        ** length_penalty). do_sample: softmax(logits / temperature) after top-k (0: off)
+        and top-p (1.0: off), reproducible by seed; these three only with do_sample.
+        Defaults are transformers' (temperature 1.0, top_k 50, top_p 1.0).
 
         After a row emits EOS it is filled with the pad id (EOS for GPT-2 without one).
         GPT-2 inputs must be left-padded so every row's context ends at the same slot.
         """
+        dec = decoding(num_beams=num_beams, num_return_sequences=num_return_sequences,
+                       length_penalty=length_penalty, early_stopping=early_stopping,
+                       do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed)
+        if return_scores and dec.num_beams == 1:
+            raise PtjaxError("return_scores needs beam search (num_beams > 1): its scores are "
+                             "the beams' length-penalised log-probabilities")
+        if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+            raise PtjaxError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
+        max_new_tokens = int(max_new_tokens)
         self.check_prompt(prompt, np.shape(input_ids)[1] + max_new_tokens)
         if attention_mask is None:
             attention_mask = jnp.ones(np.shape(input_ids), jnp.int32)
-        return self._jit_generate(params, input_ids, attention_mask, prompt,
-                                  max_new_tokens=max_new_tokens)
+        kw = {} if dec.is_greedy else {"decoding": dec}  # greedy: the loop plan compiles
+        out = self._jit_generate(params, input_ids, attention_mask, prompt,
+                                 max_new_tokens=max_new_tokens, **kw)
+        if dec.num_beams == 1:
+            return out
+        return out if return_scores else out[0]
 
     @property
     def prefix_sites(self) -> tuple:

@@ -18,7 +18,7 @@ import os
 import jax
 import numpy as np
 
-from ptjax import methods
+from ptjax import methods, storage
 from ptjax.aot import auto_remat
 from ptjax.data.tasks import load_task
 from ptjax.design import run_design
@@ -134,7 +134,8 @@ def _finish(model, method, cfg, best, data, mesh, frozen) -> dict:
                               if e.name not in cfg.task.transfer]  # the trained tasks
     host = jax.tree.map(to_host, best.tree)
     if main:
-        method.export(export_dir, host, model, base_model_path(cfg))
+        with storage.staged_dir(export_dir) as local:  # a URL: written here, then uploaded
+            method.export(local, host, model, base_model_path(cfg))
     if tc.ensemble:
         preds = predict(model, method, best.tree, frozen, dev, tc.eval_batch_size,
                         cfg.task.max_target_length, mesh)

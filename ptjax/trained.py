@@ -19,7 +19,7 @@ from typing import Any
 import jax
 
 from ptjax import config as config_lib
-from ptjax import methods
+from ptjax import methods, storage
 from ptjax.checkpoint import Checkpointer
 from ptjax.errors import PtjaxError
 from ptjax.models.named import prepare
@@ -78,7 +78,7 @@ def load_run(run_dir: str, overrides=()) -> TrainedRun:
     """A trained run directory (``ptjax train`` or a sweep's jobs/<id>) of any method.
     overrides: ``key=value`` strings on top of its config.yaml (e.g. another task)."""
     path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise PtjaxError(f"{run_dir}: not a run directory (no config.yaml)")
     return restore_run(config_lib.load_config(path, overrides), run_dir)
 
@@ -91,7 +91,7 @@ def restore_run(cfg, run_dir: str) -> TrainedRun:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     # read only: evaluating a run never changes it (a damaged checkpoint is skipped, not moved)
     ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints, create=False) \
-        if os.path.isdir(ckpt_dir) else None
+        if storage.isdir(ckpt_dir) else None
     if not (ckpt and ckpt.latest_step()):
         raise PtjaxError(f"{ckpt_dir}: no checkpoint; the run has not saved its trained "
                          "members yet")

@@ -15,7 +15,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = [
     ("errors", ["ptjax.errors"]),
     ("leaf utilities", ["ptjax.sharding", "ptjax.optim", "ptjax.verbalizers",
-                        "ptjax.objectives", "ptjax.checkpoint", "ptjax.targets"]),
+                        "ptjax.objectives", "ptjax.checkpoint", "ptjax.targets",
+                        "ptjax.storage"]),
     ("models and data", ["ptjax.models", "ptjax.models.*", "ptjax.data", "ptjax.data.*",
                          "ptjax.prompts", "ptjax.export"]),
     ("config schema", ["ptjax.config", "ptjax.config.*"]),
@@ -30,7 +31,7 @@ LAYERS = [
 ]
 # Third-party packages that are optional extras (or, matplotlib, chosen a backend for
 # before pyplot loads): the only imports allowed inside a function, with a noqa reason.
-OPTIONAL = ("wandb", "tensorflow", "tensorflow_datasets", "torch", "matplotlib")
+OPTIONAL = ("wandb", "tensorflow", "tensorflow_datasets", "torch", "matplotlib", "fsspec")
 
 
 def modules(root: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ import pytest
 # does not serve (a 60 s timeout per bucket); read at gcsfs's import, so set here
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
+from ptjax import analysis as pa  # noqa: E402
 from ptjax import cli, storage  # noqa: E402
 from ptjax.errors import PtjaxError  # noqa: E402
 from ptjax.rundir import RunLock  # noqa: E402
@@ -290,8 +291,9 @@ def test_killed_run_on_gcs_resumes_to_an_uninterrupted_runs_results(bucket, tiny
 
 @pytest.mark.slow
 def test_sweep_on_gcs(bucket, tiny_dir, tmp_path, capsys):
-    """`ptjax sweep --dir gs://...`: the manifest, every job's run and a failed job's
-    error.txt go under the sweep's prefix; the rerun skips the finished jobs."""
+    """`ptjax sweep --dir gs://...`: the manifest, every job's run and the report (tables,
+    figures, report.md) go under the sweep's prefix, and read back as tables; the rerun
+    skips the finished jobs."""
     import yaml  # noqa: PLC0415
     sweep = {"name": "mini", "config": {
         "model": {"path": "tiny-t5", "tiny_dir": tiny_dir},
@@ -309,6 +311,13 @@ def test_sweep_on_gcs(bucket, tiny_dir, tmp_path, capsys):
     for job in jobs:
         results = json.loads(storage.read_text(f"{out}/jobs/{job}/results.json"))
         assert results["steps"] == 2 and len(results["prompts"]) == 2
+    names = objects(bucket)
+    assert {"sweeps/mini/report.md", "sweeps/mini/runs.csv", "sweeps/mini/summary.csv"} <= \
+        set(names) and any(n.startswith("sweeps/mini/figures/") for n in names)
+    assert not [n for n in names if n.endswith("/.lock")]
+    runs = pa.load_runs(out)
+    assert len(runs) == 4 and set(runs["prompt.length"]) == {2, 4}
+    assert len(pa.load_tables(out)["runs"]) == 4
     assert_all_under(bucket, "sweeps/mini")
     capsys.readouterr()
     assert cli.main(["sweep", str(path), "--dir", out, "--no-progress", "--no-report"]) == 0

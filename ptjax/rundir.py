@@ -286,7 +286,7 @@ class ObjectLock:
                     f"run_dir={run_dir}: another ptjax process is training this run now "
                     f"({_who(held)}; lock {self.path}); wait for it to finish, or use "
                     "another run_dir. If that process is gone (a killed run on another "
-                    f"machine leaves its lock), delete the lock: gcloud storage rm {self.path}")
+                    f"machine leaves its lock), delete the lock: {_rm(self.path)}")
 
     def _holder(self):
         """(the lock's JSON or None, its generation)."""
@@ -304,6 +304,10 @@ class ObjectLock:
 
     def release(self):
         storage.remove(self.path, self.generation)
+
+
+def _rm(url: str) -> str:
+    return f"gcloud storage rm {url}" if url.startswith("gs://") else f"delete {url}"
 
 
 def _who(held) -> str:

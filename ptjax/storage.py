@@ -170,9 +170,12 @@ def check_remote_dir(path: str, key: str):
     fs, where = _fs(path)
     bucket = where.split("/")[0]
     try:
-        if not fs.exists(bucket):
-            raise PtjaxError(f"{key}={path}: bucket {bucket!r} not found (or not visible with "
-                             "these credentials)")
+        try:
+            fs.info(bucket)
+        except FileNotFoundError:
+            raise PtjaxError(f"{key}={path}: bucket {bucket!r} not found") from None
+        except PermissionError:  # credentials may write objects without reading the
+            pass  # bucket's own metadata (roles/storage.objectAdmin)
         if where.rstrip("/") != bucket and fs.isfile(where):
             raise PtjaxError(f"{key}={path}: is an object (a file), not a directory")
     except PtjaxError:

@@ -334,3 +334,24 @@ def test_sweep_on_gcs(bucket, tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["sweep", str(path), "--dir", out, "--no-progress", "--no-report"]) == 0
     assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+
+
+def test_gcs_paths_that_cannot_be_run_directories_are_one_line_errors(bucket, tiny_dir,
+                                                                       capsys):
+    """Before any work: a bucket that does not exist, an object where the run directory
+    should be, and `ptjax pretrain` (which writes a local directory) given a URL."""
+    storage.write_text(f"gs://{bucket}/runs/file", "not a directory")
+    cases = [
+        (["train", *base_args("gs://no-such-bucket-ptjax/runs/a", tiny_dir)],
+         "run_dir=gs://no-such-bucket-ptjax/runs/a: bucket 'no-such-bucket-ptjax' not found"),
+        (["train", *base_args(f"gs://{bucket}/runs/file", tiny_dir)],
+         f"run_dir=gs://{bucket}/runs/file: is an object (a file), not a directory"),
+        (["pretrain", f"run_dir=gs://{bucket}/runs/pre", "train.steps=1"],
+         f"run_dir=gs://{bucket}/runs/pre: ptjax pretrain writes a local directory"),
+    ]
+    for argv, message in cases:
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"ptjax: error: {message}") and "\n" not in err, err
+    assert objects(bucket) == ["runs/file"]

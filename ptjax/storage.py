@@ -15,15 +15,18 @@ Local paths keep their plain ``os`` calls and need nothing new. For a remote pat
   GCS a create with ``ifGenerationMatch=0`` (refused when the object exists) and a delete
   with ``ifGenerationMatch=<generation>`` (refused when it was replaced since).
 
-orbax / tensorstore write checkpoints to the same URLs themselves. With a ``gs://`` path
-ptjax sets ``EPATH_USE_TF=false`` (unless it is set): etils.epath, through which orbax
-lists and finalises checkpoints, then uses fsspec / gcsfs like ptjax rather than
-``tf.io.gfile`` whenever TensorFlow happens to be installed (the ``tfds`` extra), so one
-client, with one set of credentials, serves every path of a run.
+orbax / tensorstore write checkpoints to the same URLs themselves. Where gcsfs is
+installed, importing this module sets ``EPATH_USE_TF=false`` (unless it is set):
+etils.epath, through which orbax lists and finalises checkpoints, then uses fsspec /
+gcsfs like ptjax rather than ``tf.io.gfile`` whenever TensorFlow happens to be installed
+(the ``tfds`` extra), so one client, with one set of credentials, serves every path of a
+run. It is set at import because etils decides once, at the first path it sees (a local
+one included), and keeps that choice for the process.
 """
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -32,6 +35,8 @@ import tempfile
 from ptjax.errors import PtjaxError
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+if importlib.util.find_spec("gcsfs") is not None:  # else TFDS keeps tf.io.gfile for gs://
+    os.environ.setdefault("EPATH_USE_TF", "false")
 
 
 def is_remote(path) -> bool:
@@ -40,13 +45,17 @@ def is_remote(path) -> bool:
 
 
 def _fs(path: str):
-    """(fsspec file system, its path for ``path``) with fresh listings: orbax writes
-    through another handle, so a cached listing could miss its objects."""
-    if path.startswith(("gs://", "gcs://")):
-        os.environ.setdefault("EPATH_USE_TF", "false")  # orbax's epath: fsspec, as ptjax
+    """(fsspec file system, its path for ``path``) with fresh listings: tensorstore
+    writes orbax's arrays through another client, so a cached listing could miss them.
+    For gs:// the very instance etils.epath gives orbax (``finalize_on_close=True``), so
+    that what ptjax changes (a checkpoint moved aside) orbax lists afresh too."""
     try:
         import fsspec  # noqa: PLC0415 (optional: fsspec comes with the gcs extra)
-        fs, key = fsspec.core.url_to_fs(path)
+        if path.startswith(("gs://", "gcs://")):
+            fs = fsspec.filesystem("gcs", finalize_on_close=True)
+            key = fsspec.core.strip_protocol(path)
+        else:
+            fs, key = fsspec.core.url_to_fs(path)
     except ImportError as e:
         raise PtjaxError(f"{path}: reading and writing this URL needs its fsspec client "
                          f"({str(e).splitlines()[0]}); for gs:// pip install 'ptjax[gcs]'") \

@@ -23,6 +23,7 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 from ptjax import analysis as pa  # noqa: E402
 from ptjax import cli, storage  # noqa: E402
+from ptjax.checkpoint import Checkpointer  # noqa: E402
 from ptjax.errors import PtjaxError  # noqa: E402
 from ptjax.rundir import RunLock  # noqa: E402
 from ptjax.trained import load_run  # noqa: E402
@@ -355,3 +356,31 @@ def test_gcs_paths_that_cannot_be_run_directories_are_one_line_errors(bucket, ti
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"ptjax: error: {message}") and "\n" not in err, err
     assert objects(bucket) == ["runs/file"]
+
+
+def test_a_damaged_checkpoint_on_gcs_is_skipped_and_moved_aside(bucket, capsys):
+    """orbax checkpoints written to gs:// by tensorstore; one whose metadata is cut (an
+    object rewritten half) is named, the newest intact one is used, and quarantine moves
+    the damaged one to damaged-checkpoints/ (a copy, then a delete)."""
+    ckpt_dir = f"gs://{bucket}/runs/c/checkpoints"
+    state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    ckpt = Checkpointer(ckpt_dir, keep=3)
+    for step in (1, 2):
+        ckpt.save(step, {"w": state["w"] * step}, None, {"data_position": step})
+    ckpt.wait()
+    meta = f"{ckpt_dir}/2/meta/metadata"
+    data = storage.read_bytes(meta)
+    storage.write_bytes(meta, data[:len(data) // 2])
+    ckpt.reload()
+    step, (restored, _, info), damaged = ckpt.newest_intact(
+        lambda s: ckpt.restore(s, state, None), report=False)
+    assert step == 1 and info["data_position"] == 1 and [s for s, _ in damaged] == [2]
+    np.testing.assert_array_equal(np.asarray(restored["w"]), state["w"])
+    ckpt.report_damaged(damaged, step, quarantine=True)
+    assert f"moved to gs://{bucket}/runs/c/damaged-checkpoints/2" in capsys.readouterr().err
+    assert ckpt._manager.all_steps() == [1]
+    names = objects(bucket)
+    assert "runs/c/damaged-checkpoints/2/meta/metadata" in names
+    assert not [n for n in names if n.startswith("runs/c/checkpoints/2/")]
+    ckpt.close()
+    assert_all_under(bucket, "runs/c")

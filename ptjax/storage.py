@@ -197,7 +197,8 @@ def check_remote_dir(path: str, key: str):
 def create_exclusive(path: str, data: bytes):
     """Create the object ``path`` only if none exists: its generation (a number the store
     gives each version; "" where it has none), or None when it exists already. On GCS
-    one request with ``ifGenerationMatch=0``: of two creators, exactly one succeeds."""
+    one request with ``ifGenerationMatch=0``: of two creators, exactly one succeeds.
+    Other stores: their fsspec client's "create" mode, which may check, then write."""
     fs, key = _fs(path)
     try:
         fs.pipe_file(key, data, mode="create")

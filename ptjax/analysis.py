@@ -7,14 +7,16 @@
     pa.load_tables("runs/demo")           # every CSV a report wrote: {"summary": ..., ...}
 
 Works on a sweep directory (``ptjax sweep``) and on a single run directory
-(``ptjax train``). Columns: ``run``, ``job``, ``prompt`` (its slot in the job), ``seed``,
-the swept settings under their config keys (``prompt.length``, ``model.path``, ...), the
-standard settings (``model.path``, ``task.name``, ``method.name``, ``prompt.length``,
-``prompt.init``), ``parameters`` (of the frozen model), ``step``, ``metric`` (the name of
-the dev metric that picks the best step), ``score`` (its value) and every dev metric.
+(``ptjax train``), local or on object storage (``gs://``). Columns: ``run``, ``job``,
+``prompt`` (its slot in the job), ``seed``, the swept settings under their config keys
+(``prompt.length``, ``model.path``, ...), the standard settings (``model.path``,
+``task.name``, ``method.name``, ``prompt.length``, ``prompt.init``), ``parameters`` (of
+the frozen model), ``step``, ``metric`` (the name of the dev metric that picks the best
+step), ``score`` (its value) and every dev metric.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -24,7 +26,7 @@ import pandas as pd
 import scipy
 
 from ptjax import config as config_lib
-from ptjax import methods
+from ptjax import methods, storage
 from ptjax.errors import PtjaxError
 from ptjax.models.named import load_run_model
 from ptjax.prompts import input_embedding
@@ -34,32 +36,30 @@ STANDARD = ("model.path", "task.name", "method.name", "prompt.length", "prompt.i
 
 
 def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(storage.read_text(path))
 
 
 def _metric_rows(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return []
     rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line cut by a kill
-                continue
+    for line in storage.read_text(path).splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut by a kill
+            continue
     return rows
 
 
 def _entries(directory: str) -> list[dict]:
     """(run, job, prompt, settings, run_dir, keys) of every run under ``directory``."""
     manifest = os.path.join(directory, "sweep.json")
-    if os.path.exists(manifest):
+    if storage.exists(manifest):
         m = _read_json(manifest)
         return [dict(r, run_dir=os.path.join(directory, "jobs", r["job"]), keys=m["keys"],
                      sweep=m["name"]) for r in m["runs"]]
-    if os.path.exists(os.path.join(directory, "config.yaml")):
+    if storage.exists(os.path.join(directory, "config.yaml")):
         cfg = config_lib.load_config(os.path.join(directory, "config.yaml"))
         name = os.path.basename(os.path.normpath(directory))
         return [{"run": f"{name}/{k}", "job": name, "prompt": k, "settings": {"seed": s},
@@ -91,11 +91,11 @@ def load_results(directory: str):
     rows = []
     for entry in _entries(directory):
         cfg_path = os.path.join(entry["run_dir"], "config.yaml")
-        if not os.path.exists(cfg_path):
+        if not storage.exists(cfg_path):
             continue  # a job not started yet
         cfg = config_lib.load_config(cfg_path)
         res_path = os.path.join(entry["run_dir"], "results.json")
-        results = _read_json(res_path) if os.path.exists(res_path) else None
+        results = _read_json(res_path) if storage.exists(res_path) else None
         base = _settings(entry, cfg, results)
         metric = (results or {}).get("metric")
         for r in _metric_rows(entry["run_dir"]):
@@ -186,10 +186,10 @@ def load_tables(directory: str) -> dict:
     """Every ``*.csv`` directly in ``directory`` as {file name without .csv: DataFrame}:
     a sweep directory's (``results``, ``runs``, ``summary``, ``ensemble``) or the lab's
     ``experiments/lab/results/tables`` (``pretraining``, ``probe``, ``fig1-summary``...)."""
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         raise PtjaxError(f"{directory}: not a directory; give one that holds CSV tables")
-    return {name[:-4]: pd.read_csv(os.path.join(directory, name))
-            for name in sorted(os.listdir(directory)) if name.endswith(".csv")}
+    return {name[:-4]: pd.read_csv(io.StringIO(storage.read_text(os.path.join(directory, name))))
+            for name in storage.listdir(directory) if name.endswith(".csv")}
 
 
 def load_ensembles(directory: str):
@@ -202,7 +202,7 @@ def load_ensembles(directory: str):
             continue
         seen.add(entry["job"])
         path = os.path.join(entry["run_dir"], "results.json")
-        if not os.path.exists(path):
+        if not storage.exists(path):
             continue
         results = _read_json(path)
         table = results.get("ensemble")
@@ -246,11 +246,11 @@ def run_neighbors(run_dir: str, k: int = 5, prompt: int | None = None):
     cfg_path = os.path.join(run_dir, "config.yaml")
     table_path = os.path.join(run_dir, "export", "prompts.npy")
     for path in (cfg_path, table_path):
-        if not os.path.exists(path):
+        if not storage.exists(path):
             raise PtjaxError(f"{path}: not found; give a finished prompt-tuning run directory")
     cfg = config_lib.load_config(cfg_path)
     model = load_run_model(cfg.model)
-    table = np.load(table_path)
+    table = np.load(io.BytesIO(storage.read_bytes(table_path)))
     which = range(table.shape[0]) if prompt is None else [prompt]
     if prompt is not None and not 0 <= prompt < table.shape[0]:
         raise PtjaxError(f"--prompt {prompt}: the run has prompts 0..{table.shape[0] - 1}")

@@ -12,6 +12,10 @@ killed mid-save leaves the previous checkpoint as the latest. A checkpoint damag
 (a truncated file, a missing item, corrupted array data, a non-finite array) is named in
 one line and skipped for the newest intact one (``newest_intact``); training moves it to
 ``damaged-checkpoints/`` beside ``checkpoints/`` so the run can write that step again.
+
+The directory may be a ``gs://`` URL: orbax writes there through tensorstore and, where a
+store cannot rename, marks each finished step with a commit file instead, so a killed save
+is still never taken for a checkpoint.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ptjax import storage
 from ptjax.errors import PtjaxError
 
 
@@ -80,7 +85,7 @@ def _abandoned_reads_muted(damaged: list):
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int, create: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         # create=False: a reader (eval, load_run) that writes nothing in the run
         options = (ocp.CheckpointManagerOptions(max_to_keep=keep, create=True) if create else
                    ocp.CheckpointManagerOptions(max_to_keep=None, create=False,
@@ -144,14 +149,16 @@ class Checkpointer:
                   file=sys.stderr)
 
     def quarantine(self, step: int) -> str:
-        """Move checkpoint ``step`` to ../damaged-checkpoints/ (atomic: a kill leaves it in
-        one place or the other) so orbax no longer sees it."""
+        """Move checkpoint ``step`` to ../damaged-checkpoints/ so orbax no longer sees it.
+        Locally one rename (a kill leaves it in one place or the other); on object storage
+        a copy, then a delete: a kill in between leaves it in both, and the next run finds
+        it damaged again and moves what is left (to ``<step>-1``)."""
         target_dir = os.path.join(os.path.dirname(self.directory), "damaged-checkpoints")
-        os.makedirs(target_dir, exist_ok=True)
+        storage.makedirs(target_dir)
         target, n = os.path.join(target_dir, str(step)), 1
-        while os.path.exists(target):
+        while storage.exists(target):
             target, n = os.path.join(target_dir, f"{step}-{n}"), n + 1
-        os.replace(self.path(step), target)
+        storage.move(self.path(step), target)
         self._manager.reload()
         return target
 

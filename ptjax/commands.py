@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import yaml
 
-from ptjax import targets
+from ptjax import storage, targets
 from ptjax.analysis import run_neighbors
 from ptjax.autoverbalizer import run_search
 from ptjax.config import load_config, to_dict
@@ -108,7 +108,7 @@ def _decoding_options(args) -> dict:
 
 def cmd_generate(args):
     options = _decoding_options(args)
-    if os.path.exists(os.path.join(args.model, "config.yaml")):  # a trained run
+    if storage.exists(os.path.join(args.model, "config.yaml")):  # a trained run
         run = load_run(args.model)
         model = run.model
         params, prompt = run.inputs(args.k)
@@ -131,11 +131,11 @@ def cmd_tiny(args):
 def _run_dir_of(path: str) -> str | None:
     """The run directory a CONFIG argument names: the directory itself, or the directory
     of a run's config.yaml (a file beside the run's checkpoints or metrics)."""
-    if os.path.isdir(path):
+    if storage.isdir(path):
         return path
     parent = os.path.dirname(path) or "."
     if os.path.basename(path) == "config.yaml" and any(
-            os.path.exists(os.path.join(parent, n))
+            storage.exists(os.path.join(parent, n))
             for n in ("checkpoints", "metrics.jsonl", "results.json")):
         return parent
     return None
@@ -151,7 +151,7 @@ def _config_and_overrides(items):
         run_dir = _run_dir_of(path)
         if run_dir is not None:
             path = os.path.join(run_dir, "config.yaml")
-            if not os.path.exists(path):
+            if not storage.exists(path):
                 raise PtjaxError(f"{run_dir}: a directory with no config.yaml; give a run "
                                  "directory or a YAML config file")
             overrides.insert(0, f"run_dir={run_dir}")  # an explicit run_dir= still wins
@@ -319,10 +319,11 @@ def cmd_export(args):
     run = load_run(args.run_dir)
     out = args.out or os.path.join(args.run_dir, "export")
     host = jax.tree.map(to_host, run.trainables)
-    run.method.export(out, host, run.model, base_model_path(run.config))
+    with storage.staged_dir(out) as local:  # a URL: written here, then uploaded
+        run.method.export(local, host, run.model, base_model_path(run.config))
     print(f"{run.method.name}: {run.K} member(s) from checkpoint step {run.step} exported to "
           f"{out}")
-    for name in sorted(os.listdir(out)):
+    for name in storage.listdir(out):
         print(f"  {os.path.join(out, name)}")
 
 

@@ -15,6 +15,7 @@ import os
 import random
 
 from ptjax import config as config_lib
+from ptjax import storage
 from ptjax.data.tasks import load_task
 from ptjax.data.templates import field_values, parse
 from ptjax.errors import PtjaxError
@@ -89,7 +90,7 @@ def run_design(cfg, mesh, model, method) -> dict:
                "prompts": [{"prompt": 0, "seed": int(method.seeds[0]), "best_step": 0,
                             f"best_{metric}": values[metric][0]}]}
     if is_main_process():
-        os.makedirs(cfg.run_dir, exist_ok=True)
+        storage.makedirs(cfg.run_dir)
         check_resumable(cfg.run_dir, cfg)
         config_lib.save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
         log = MetricsLog(cfg.run_dir, 0)

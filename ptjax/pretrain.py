@@ -37,7 +37,7 @@ import shutil
 import jax
 import numpy as np
 
-from ptjax import methods, objectives, sharding
+from ptjax import methods, objectives, sharding, storage
 from ptjax.aot import auto_remat
 from ptjax.data.corpus import load_corpus
 from ptjax.data.encoding import assemble
@@ -221,6 +221,10 @@ def pretrain(cfg) -> dict:
     holds the run directory's lock throughout (``ptjax.rundir.locked_run``)."""
     cfg = dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, name="model"),
                               prompt=dataclasses.replace(cfg.prompt, seeds=(0,), inits=()))
+    if storage.is_remote(cfg.run_dir):  # its model is loaded back from run_dir/init
+        raise PtjaxError(f"run_dir={cfg.run_dir}: ptjax pretrain writes a local directory; "
+                         "give a local path (and copy the model up after: gcloud storage cp "
+                         "-r); ptjax train, eval and sweep take gs:// directories")
     return locked_run(cfg, _pretrain)
 
 

@@ -6,14 +6,15 @@ K prompts draws from its own rng key.
 """
 from __future__ import annotations
 
-import os
+import io
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.numpy import load, load_file
 
+from ptjax import storage
 from ptjax.data.templates import parse
 from ptjax.errors import PtjaxError
 from ptjax.sharding import to_host
@@ -76,13 +77,15 @@ def load_table(path: str, dim: int, length: int | None = None):
     """A prompt table [K, P, D] from a .npy ([P, D] or [K, P, D]; the official released
     prompts are [P, D]) or a safetensors file with ``prompt_embeddings`` (a PEFT
     adapter_model.safetensors or a ptjax export)."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise PtjaxError(f"{path}: prompt file not found")
+    # a URL (gs://): read whole, then parsed from memory
+    source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
     try:
         if path.endswith(".npy"):
-            table = np.load(path)
+            table = np.load(source)
         elif path.endswith(".safetensors"):
-            tensors = load_file(path)
+            tensors = load(source.getvalue()) if storage.is_remote(path) else load_file(path)
             if PEFT_PROMPT_KEY not in tensors:
                 raise PtjaxError(f"{path}: no {PEFT_PROMPT_KEY!r} tensor (found: "
                                  f"{', '.join(sorted(tensors)) or 'none'})")

@@ -19,14 +19,13 @@ fewer than 3 seeds, the seeds' range (min to max); the figure's title says which
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
 
 import numpy as np
 
-from ptjax import analysis
+from ptjax import analysis, storage
 
 # Fewer seeds than this and the figures draw the seeds' range, not a 95% t-interval: with 2
 # seeds t = 12.7, so the demo's intervals ran from -17% to 172% accuracy.
@@ -153,11 +152,14 @@ def run_facts(directory: str) -> dict:
     """What the runs of a sweep (or one run) directory were: {"models", "tasks", "steps",
     "majority": {task: majority-class dev accuracy}} from their results.json files."""
     facts = {"models": set(), "tasks": set(), "steps": set(), "majority": {}}
-    paths = glob.glob(os.path.join(directory, "jobs", "*", "results.json"))
-    paths += glob.glob(os.path.join(directory, "results.json"))
+    jobs = os.path.join(directory, "jobs")
+    paths = [os.path.join(jobs, j, "results.json")
+             for j in (storage.listdir(jobs) if storage.isdir(jobs) else [])]
+    paths.append(os.path.join(directory, "results.json"))
     for path in paths:
-        with open(path) as f:
-            r = json.load(f)
+        if not storage.isfile(path):
+            continue
+        r = json.loads(storage.read_text(path))
         model = str(r.get("model", "?")).rstrip("/")
         if os.path.basename(model) == "model":  # a ptjax pretrain output: RUN/model
             model = os.path.dirname(model)
@@ -268,31 +270,35 @@ def _markdown(df, floatfmt="{:.2f}") -> str:
 
 
 def write_report(directory: str) -> dict:
-    """Write the tables, figures and report.md; returns {name: path}."""
+    """Write the tables, figures and report.md (a local directory or a URL: each file one
+    object, the figures drawn locally and copied up); returns {name: path}."""
     results = analysis.load_results(directory)
     runs = analysis.load_runs(directory)
     paths = {}
-    results.to_csv(p := os.path.join(directory, "results.csv"), index=False)
+    storage.write_text(p := os.path.join(directory, "results.csv"), results.to_csv(index=False))
     paths["results"] = p
     if runs.empty:
         return paths
-    runs.to_csv(p := os.path.join(directory, "runs.csv"), index=False)
+    storage.write_text(p := os.path.join(directory, "runs.csv"), runs.to_csv(index=False))
     paths["runs"] = p
     summary = analysis.summarize(runs)
-    summary.to_csv(p := os.path.join(directory, "summary.csv"), index=False)
+    storage.write_text(p := os.path.join(directory, "summary.csv"), summary.to_csv(index=False))
     paths["summary"] = p
     ensembles = analysis.load_ensembles(directory)
     if not ensembles.empty:
-        ensembles.to_csv(p := os.path.join(directory, "ensemble.csv"), index=False)
+        storage.write_text(p := os.path.join(directory, "ensemble.csv"),
+                           ensembles.to_csv(index=False))
         paths["ensemble"] = p
     fig_dir = os.path.join(directory, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
+    storage.makedirs(fig_dir)
     for name in FIGURES:  # a figure the sweep no longer calls for is not left behind
-        if os.path.exists(p := os.path.join(fig_dir, name)):
-            os.remove(p)
+        if storage.exists(p := os.path.join(fig_dir, name)):
+            storage.remove(p)
     metric = ", ".join(sorted(runs["metric"].dropna().unique())) or "score"
     facts = run_facts(directory)
-    paths["figures"] = figures(runs, fig_dir, metric, facts)
+    with storage.staged_dir(fig_dir) as local:
+        drawn = figures(runs, local, metric, facts)
+    paths["figures"] = [os.path.join(fig_dir, os.path.basename(f)) for f in drawn]
     transfer = [c for c in runs.columns if c.startswith("transfer:")]
     baseline = ("; majority-class baseline " + ", ".join(
         f"{v:.2f} ({t})" for t, v in sorted(facts["majority"].items()))
@@ -330,7 +336,6 @@ def write_report(directory: str) -> dict:
                  "embeddings too, not the prompt's." if size != "?" else ""), ""]
     lines += [f"![{os.path.basename(f)}](figures/{os.path.basename(f)})"
               for f in paths["figures"]]
-    with open(p := os.path.join(directory, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    storage.write_text(p := os.path.join(directory, "report.md"), "\n".join(lines) + "\n")
     paths["report"] = p
     return paths

@@ -19,7 +19,7 @@ import os
 import jax
 import numpy as np
 
-from ptjax import methods
+from ptjax import methods, storage
 from ptjax.aot import auto_remat
 from ptjax.data.tasks import load_task
 from ptjax.design import run_design
@@ -135,7 +135,8 @@ def _finish(model, method, cfg, best, data, mesh, frozen) -> dict:
                               if e.name not in cfg.task.transfer]  # the trained tasks
     host = jax.tree.map(to_host, best.tree)
     if main:
-        method.export(export_dir, host, model, base_model_path(cfg))
+        with storage.staged_dir(export_dir) as local:  # a URL: written here, then uploaded
+            method.export(local, host, model, base_model_path(cfg))
     if tc.ensemble:
         preds = predict(model, method, best.tree, frozen, dev, tc.eval_batch_size,
                         cfg.task.max_target_length, mesh)
@@ -184,9 +185,8 @@ def saved_weights(cfg, run_dir: str):
         return list(cfg.train.ensemble_weights) or None
     path = os.path.join(run_dir, "results.json")
     weights = None
-    if os.path.exists(path):
-        with open(path) as f:
-            weights = (json.load(f).get("ensemble") or {}).get("weights")
+    if storage.exists(path):
+        weights = (json.loads(storage.read_text(path)).get("ensemble") or {}).get("weights")
     if weights is None:
         raise PtjaxError(f"train.ensemble_weighting={how}: the weights are computed when a "
                          f"run with train.ensemble finishes, and {path} has none; finish the "

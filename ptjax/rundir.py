@@ -11,20 +11,27 @@ its checkpoints opened for resume, the metrics log and the atomic results file.
       damaged-checkpoints/  checkpoints found damaged on resume, moved out of orbax's way
 
 The run directory is the one named when the run starts (a copied or moved run continues
-where it is); one process trains it at a time (``RunLock``).
+where it is); one process trains it at a time (``RunLock``). It may be a ``gs://`` URL
+(``ptjax.storage``): orbax writes the checkpoints there itself, every other file is one
+object replaced whole, and the lock is an object created only if absent.
 """
 from __future__ import annotations
 
+import datetime
 import fcntl
 import hashlib
+import io
 import json
 import os
+import shutil
+import socket
+import tempfile
 
 import jax
 from tensorboardX import SummaryWriter
 
 from ptjax import config as config_lib
-from ptjax import preemption
+from ptjax import preemption, storage
 from ptjax.checkpoint import Checkpointer
 from ptjax.errors import PtjaxError
 from ptjax.models.named import TINY
@@ -51,24 +58,28 @@ class MetricsLog:
         # train/loss/prompt-P20-class_label-seed0 (metrics.jsonl keeps the index k)
         self.names = list(names) if names else None
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._remote = storage.is_remote(run_dir)
         rows = []
-        if os.path.exists(self.path):
-            with open(self.path, "rb") as f:
-                for raw in f:
-                    try:
-                        line = raw.decode("utf-8")
-                        keep = json.loads(line)["step"] <= resume_step
-                    except (ValueError, KeyError, TypeError):  # a line cut by a kill, or
-                        continue  # damaged: the rows after resume_step are written again
-                    if keep:
-                        rows.append(line if line.endswith("\n") else line + "\n")
-        with open(self.path + ".tmp", "w") as f:  # atomic: a kill here loses nothing
-            f.writelines(rows)
-        os.replace(self.path + ".tmp", self.path)
-        self._file = open(self.path, "a")
-        self._tb = None
+        if storage.exists(self.path):
+            for raw in io.BytesIO(storage.read_bytes(self.path)):
+                try:
+                    line = raw.decode("utf-8")
+                    keep = json.loads(line)["step"] <= resume_step
+                except (ValueError, KeyError, TypeError):  # a line cut by a kill, or
+                    continue  # damaged: the rows after resume_step are written again
+                if keep:
+                    rows.append(line if line.endswith("\n") else line + "\n")
+        # atomic: a kill here loses nothing. An object cannot be appended to: a remote
+        # log keeps its rows and uploads them whole at each write (replacing the object)
+        storage.write_text(self.path, "".join(rows))
+        self._rows = rows if self._remote else None
+        self._file = None if self._remote else open(self.path, "a")
+        self._tb = self._tb_dir = None
         if enabled_tb:
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"),
+            # tensorboardX writes local files: a remote run's events are written in a local
+            # directory and copied up to run_dir/tb at each write
+            self._tb_dir = tempfile.mkdtemp(prefix="ptjax-tb-") if self._remote else None
+            self._tb = SummaryWriter(self._tb_dir or os.path.join(run_dir, "tb"),
                                      purge_step=resume_step + 1 if resume_step else None)
         self._wandb = _wandb_run(run_dir, wandb_project, config) if wandb_project else None
 
@@ -77,7 +88,10 @@ class MetricsLog:
 
     def write(self, rows):
         for row in rows:
-            self._file.write(json.dumps(row) + "\n")
+            if self._remote:
+                self._rows.append(json.dumps(row) + "\n")
+            else:
+                self._file.write(json.dumps(row) + "\n")
             scalars = {}
             for key, value in row.items():
                 if key in ("step", "split", "prompt") or not isinstance(value, (int, float)):
@@ -89,12 +103,26 @@ class MetricsLog:
                     self._tb.add_scalar(tag, value, row["step"])
             if self._wandb is not None:
                 self._wandb.log(scalars, step=row["step"])
-        self._file.flush()
+        if self._remote:
+            storage.write_text(self.path, "".join(self._rows))
+            self._upload_tb(flush=True)
+        else:
+            self._file.flush()
+
+    def _upload_tb(self, flush: bool):
+        if self._tb_dir is not None:
+            if flush:
+                self._tb.flush()
+            storage.upload_tree(self._tb_dir, os.path.join(os.path.dirname(self.path), "tb"))
 
     def close(self):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
+            self._upload_tb(flush=False)
+            if self._tb_dir is not None:
+                shutil.rmtree(self._tb_dir, ignore_errors=True)
         if self._wandb is not None:
             self._wandb.finish()
 
@@ -117,15 +145,15 @@ def _wandb_run(run_dir: str, project: str, cfg):
     except ImportError:
         raise PtjaxError(f"train.wandb={project!r} needs Weights & Biases: pip install "
                          "'ptjax[wandb]' (or set train.wandb='')") from None
-    run_id = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+    run_id = hashlib.sha1(storage.absolute(run_dir).encode()).hexdigest()[:12]
     return wandb.init(project=project, name=os.path.basename(run_dir.rstrip("/")), id=run_id,
-                      dir=run_dir, resume="allow",
+                      dir=None if storage.is_remote(run_dir) else run_dir, resume="allow",
                       config=config_lib.to_dict(cfg) if cfg is not None else None)
 
 
 def check_resumable(run_dir: str, cfg):
     path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return
     old = config_lib.load_config(path)
     a, b = config_lib.to_dict(old), config_lib.to_dict(cfg)
@@ -149,6 +177,9 @@ def check_output_dir(path: str, key: str):
     there or above it, or a directory (or the run's own subdirectory) not writable."""
     if not path.strip():  # (sweeps resolve configs with run_dir "" before naming jobs)
         raise PtjaxError(f"{key} is empty; name the directory")
+    if storage.is_remote(path):
+        storage.check_remote_dir(path, key)
+        return
     target = probe = os.path.abspath(path)
     while not os.path.exists(probe) and os.path.dirname(probe) != probe:
         probe = os.path.dirname(probe)
@@ -175,16 +206,21 @@ def check_output_file(path: str, what: str):
 
 def _makedirs(path: str, key: str):
     try:
-        os.makedirs(path, exist_ok=True)
+        storage.makedirs(path)
     except OSError as e:
         raise PtjaxError(f"{key}={path}: cannot be created ({e.strerror})") from None
 
 
 class RunLock:
-    """An exclusive lock on a run directory (flock on the directory itself: nothing is
-    written, and the kernel drops it when its process dies, even by SIGKILL)."""
+    """An exclusive lock on a run directory. Local: flock on the directory itself (nothing
+    is written, and the kernel drops it when its process dies, even by SIGKILL). A URL:
+    the object ``<run_dir>/.lock`` (``ObjectLock``)."""
 
     def __init__(self, run_dir: str):
+        self._object = None
+        if storage.is_remote(run_dir):
+            self._object = ObjectLock(run_dir)
+            return
         self._fd = os.open(run_dir, os.O_RDONLY)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -196,7 +232,90 @@ class RunLock:
             pass
 
     def release(self):
-        os.close(self._fd)
+        if self._object is not None:
+            self._object.release()
+        else:
+            os.close(self._fd)
+
+
+def _boot_id() -> str:
+    """This machine's boot (Linux): a pid from before a reboot names no process now."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class ObjectLock:
+    """The lock of a run directory on object storage: the object ``<run_dir>/.lock``,
+    created only if absent (GCS: ``ifGenerationMatch=0``, so of two processes exactly one
+    creates it), holding the holder's host, boot, pid and start time, and deleted (that
+    generation only) on release. Nothing drops it when its holder dies: a lock whose
+    holder is known gone (same host and boot, pid not running; or same host, an earlier
+    boot) is taken over (deleted if still that generation, then created again); any other
+    is refused in one line naming the holder and the object to delete by hand."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, ".lock")
+        me = {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(),
+              "since": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                  timespec="seconds")}
+        data = json.dumps(me).encode()
+        self.generation = storage.create_exclusive(self.path, data)
+        if self.generation is None:  # held: take it over only from a holder known gone
+            held, gen = self._holder()
+            if held is None and gen is None:  # released meanwhile
+                self.generation = storage.create_exclusive(self.path, data)
+            elif held is not None and self._gone(held, me) and gen and \
+                    storage.remove(self.path, gen):
+                print(f"note: {self.path}: taking over the lock of {_who(held)}, which no "
+                      "longer runs", flush=True)
+                self.generation = storage.create_exclusive(self.path, data)
+            if self.generation is None:
+                held, _ = self._holder()
+                raise PtjaxError(
+                    f"run_dir={run_dir}: another ptjax process is training this run now "
+                    f"({_who(held)}; lock {self.path}); wait for it to finish, or use "
+                    "another run_dir. If that process is gone (a killed run on another "
+                    f"machine leaves its lock), delete the lock: {_rm(self.path)}")
+
+    def _holder(self):
+        """(the lock's JSON or None, its generation)."""
+        gen = storage.generation(self.path)
+        try:
+            return json.loads(storage.read_bytes(self.path)), gen
+        except (FileNotFoundError, ValueError):
+            return None, gen
+
+    @staticmethod
+    def _gone(held: dict, me: dict) -> bool:
+        if held.get("host") != me["host"] or not isinstance(held.get("pid"), int):
+            return False  # another machine's process: only its user knows
+        return held.get("boot") != me["boot"] or not _alive(held["pid"])
+
+    def release(self):
+        storage.remove(self.path, self.generation)
+
+
+def _rm(url: str) -> str:
+    return f"gcloud storage rm {url}" if url.startswith("gs://") else f"delete {url}"
+
+
+def _who(held) -> str:
+    if not held:
+        return "holder unknown"
+    return f"host {held.get('host')}, pid {held.get('pid')}, since {held.get('since')}"
 
 
 class NullLog:
@@ -214,7 +333,7 @@ def locked_run(cfg, body):
     check_output_dir(cfg.run_dir, "run_dir")
     initialize_distributed(cfg.mesh.distributed)  # before anything asks which process it is
     main = is_main_process()
-    locks = [RunLock(cfg.run_dir)] if main and os.path.isdir(cfg.run_dir) else []
+    locks = [RunLock(cfg.run_dir)] if main and storage.isdir(cfg.run_dir) else []
     try:
         with preemption.handling_sigterm():  # SIGTERM: save the step, exit 75 (the CLI)
             return body(cfg, main, locks)
@@ -234,7 +353,7 @@ def claim_run_dir(run_dir: str, main: bool, locks: list):
 def newest_checkpoint(ckpt_dir: str, keep: int, restore) -> tuple[int, object, list]:
     """(step, ``restore(reader, step)``, damaged) for the newest intact checkpoint in
     ``ckpt_dir``, read without writing anything; (0, None, []) when there is none."""
-    if not os.path.isdir(ckpt_dir):
+    if not storage.isdir(ckpt_dir):
         return 0, None, []
     reader = Checkpointer(ckpt_dir, keep, create=False)
     try:
@@ -258,16 +377,13 @@ def open_checkpoints(ckpt_dir: str, keep: int, main: bool, damaged, start: int) 
 
 def write_json(path: str, obj):
     """Atomic: a run killed while writing leaves the old file or the new one, never half."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    storage.write_text(path, json.dumps(obj, indent=2))
 
 
 def check_start(cfg, main: bool):
     """Before anything is loaded: a rerun's config must match the run it resumes, and a
     built-in tiny model not yet written needs a directory it can be written in."""
-    if main and os.path.isdir(cfg.run_dir):
+    if main and storage.isdir(cfg.run_dir):
         check_resumable(cfg.run_dir, cfg)
     if cfg.model.path in TINY and not os.path.exists(
             os.path.join(cfg.model.tiny_dir, cfg.model.path, "config.json")):

@@ -39,7 +39,7 @@ import sys
 import yaml
 
 from ptjax import config as config_lib
-from ptjax import methods, preemption
+from ptjax import methods, preemption, storage
 from ptjax.errors import PtjaxError
 from ptjax.run import train
 from ptjax.sharding import is_main_process
@@ -337,20 +337,16 @@ def write_manifest(sweep: Sweep):
     """DIR/sweep.json; a directory made by another sweep is refused, nothing overwritten."""
     path = os.path.join(sweep.dir, "sweep.json")
     new = manifest(sweep)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if storage.exists(path):
+        old = json.loads(storage.read_text(path))
         if sorted(r["run"] for r in old["runs"]) != sorted(r["run"] for r in new["runs"]):
             raise PtjaxError(
                 f"{path}: this directory holds sweep {old['name']!r} from "
                 f"{old['sweep_file']} ({len(old['runs'])} runs), which {sweep.path} does not "
                 "reproduce; give another directory (--dir) or the same sweep file")
         return
-    os.makedirs(sweep.dir, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(new, f, indent=2)
-    os.replace(tmp, path)
+    storage.makedirs(sweep.dir)
+    storage.write_text(path, json.dumps(new, indent=2))  # atomic
 
 
 def seedless_runs(sweep: Sweep) -> list:
@@ -367,10 +363,9 @@ def seedless_runs(sweep: Sweep) -> list:
 
 def job_done(job: Job) -> bool:
     path = os.path.join(job.run_dir, "results.json")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return False
-    with open(path) as f:
-        results = json.load(f)
+    results = json.loads(storage.read_text(path))
     if results.get("method") == "design":  # prompt design trains nothing: 0 steps is done
         return results.get("steps") == 0
     return results.get("steps") == job.config.train.steps
@@ -421,9 +416,8 @@ def _run_job(sweep: Sweep, job: Job, head: str, progress: bool, out: dict):
         out["failed"].append((job.id, str(e)))
         print(f"{head}: failed: {e}", file=sys.stderr)
         if is_main_process():
-            os.makedirs(job.run_dir, exist_ok=True)
-            with open(os.path.join(job.run_dir, "error.txt"), "w") as f:
-                f.write(str(e) + "\n")
+            storage.makedirs(job.run_dir)
+            storage.write_text(os.path.join(job.run_dir, "error.txt"), str(e) + "\n")
 
 
 def all_done(sweep: Sweep) -> bool:

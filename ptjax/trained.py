@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from ptjax import config as config_lib
-from ptjax import methods
+from ptjax import methods, storage
 from ptjax.checkpoint import Checkpointer
 from ptjax.errors import PtjaxError
 from ptjax.models.named import prepare
@@ -87,7 +87,7 @@ def _inputs(method, member, frozen):
 def run_config(run_dir: str, overrides=()):
     """A run directory's config (config.yaml plus ``key=value`` overrides)."""
     path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise PtjaxError(f"{run_dir}: not a run directory (no config.yaml)")
     return config_lib.load_config(path, overrides)
 
@@ -109,7 +109,7 @@ def restore_run(cfg, run_dir: str, prepared=None) -> TrainedRun:
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     # read only: evaluating a run never changes it (a damaged checkpoint is skipped, not moved)
     ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints, create=False) \
-        if os.path.isdir(ckpt_dir) else None
+        if storage.isdir(ckpt_dir) else None
     if not (ckpt and ckpt.latest_step()):
         raise PtjaxError(f"{ckpt_dir}: no checkpoint; the run has not saved its trained "
                          "members yet")

@@ -43,8 +43,13 @@ HF = "the paper's tasks from the hub's SuperGLUE (`hf download` or the hub itsel
      "checkpoint; tests/test_hf_data.py trains on Parquet files in the hub's layout made locally"
 TARGETS = "compiles for an H100 / TPU without one: needs the targets extra, kept in its own " \
           "venv (`make test-targets` runs `ptjax plan --target` in tests/test_targets.py)"
+GCS = "needs a GCS bucket and credentials; tests/test_gcs.py trains, evaluates and sweeps " \
+      "the same way against a GCS server on localhost"
 # Commands that cannot run here, by their words after `ptjax`, with why.
 SKIP = {
+    "train experiments/prompt_tuning.yaml run_dir=gs://my-bucket/runs/boolq-p100": GCS,
+    "eval gs://my-bucket/runs/boolq-p100": GCS,
+    "sweep experiments/lester2021/fig3a_length.yaml --dir gs://my-bucket/sweeps/fig3a": GCS,
     "eval runs/demo/jobs/a6a54caed0 --ensemble majority": DEMO,
     "config show runs/demo/jobs/a6a54caed0": DEMO,
     "sweep experiments/demo.yaml": "the demo itself (`make demo`, 7 min); sweeps run in "

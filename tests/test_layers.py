@@ -16,7 +16,7 @@ LAYERS = [
     ("errors", ["ptjax.errors"]),
     ("leaf utilities", ["ptjax.sharding", "ptjax.optim", "ptjax.verbalizers",
                         "ptjax.objectives", "ptjax.checkpoint", "ptjax.targets",
-                        "ptjax.preemption"]),
+                        "ptjax.preemption", "ptjax.storage"]),
     ("models and data", ["ptjax.models", "ptjax.models.*", "ptjax.data", "ptjax.data.*",
                          "ptjax.prompts", "ptjax.export"]),
     ("config schema", ["ptjax.config", "ptjax.config.*"]),
@@ -32,7 +32,7 @@ LAYERS = [
 # Third-party packages that are optional extras (or, matplotlib, chosen a backend for
 # before pyplot loads): the only imports allowed inside a function, with a noqa reason.
 OPTIONAL = ("wandb", "tensorflow", "tensorflow_datasets", "torch", "matplotlib",
-            "datasets")
+            "datasets", "fsspec")
 
 
 def modules(root: str) -> dict[str, str]:

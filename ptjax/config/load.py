@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
 import typing
 from typing import Any
@@ -20,6 +19,7 @@ import yaml
 
 from ptjax.config.checks import validate
 from ptjax.config.schema import LabelWords, RunConfig
+from ptjax import storage
 from ptjax.errors import PtjaxError
 
 
@@ -245,14 +245,13 @@ def load_config(path: str | None, overrides=()) -> RunConfig:
     """Read a YAML config (``None`` = all defaults) and apply overrides."""
     data = {}
     if path is not None:
-        if not os.path.exists(path):
+        if not storage.exists(path):
             raise PtjaxError(f"{path}: config file not found")
-        if os.path.isdir(path):
+        if storage.isdir(path):
             raise PtjaxError(f"{path}: is a directory, not a config file (a run directory "
                              "holds config.yaml)")
         try:
-            with open(path, encoding="utf-8") as f:
-                data = parse_yaml(f)
+            data = parse_yaml(storage.read_text(path))
         except yaml.YAMLError as e:
             raise PtjaxError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         except UnicodeDecodeError as e:
@@ -279,8 +278,6 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str):
-    """Atomic: a run killed while writing leaves the old file or the new one, never half."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    """Atomic: a run killed while writing leaves the old file or the new one, never half
+    (a local path or a URL: ``ptjax.storage``)."""
+    storage.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -99,7 +99,12 @@ def _max_diff(a, b):
                                                            jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# the default suite: one T5 and one GPT-2 case; the others (20-48 s each under load) slow
+SLOW_CASES = ("model-t5", "prefix-t5", "soft-verbalizer-gpt2")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_CASES
+                                  else c for c in sorted(CASES)])
 def test_microbatches_equal_the_whole_batch(tiny_dir, task_files, case):
     """One SGD step with train.microbatches=2 and 4 makes the update the one-pass step
     makes (the update is the learning rate times the gradient, so a gradient off by a

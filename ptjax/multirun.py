@@ -15,7 +15,7 @@ A masked position gets no attention weight, and as the padding comes before the 
 vectors, T5's relative distances and GPT-2's positions (counted from the mask) are the
 run's own: each row's logits are those of its run alone, to fp32 rounding.
 
-Evaluation: every run's dev set (``ptjax eval``'s, ``run.run_dev_set``), one copy per
+Evaluation: every run's dev set (``ptjax eval``'s, ``taskdata.run_dev_set``), one copy per
 member, padded to common widths, each row carrying its entry's index, interleaved so that
 batches mix runs. Rank classification (labels, candidates, a manual verbalizer): one
 jitted forward scores every row's targets behind its own prompt. Greedy generation: the
@@ -51,8 +51,7 @@ from ptjax.evaluation import (Predictions, member_inputs, rank_predictions, rows
 from ptjax.methods.prefix import site_geometry
 from ptjax.models.common import PromptInputs
 from ptjax.models.named import model_dir
-from ptjax.run import run_dev_set
-from ptjax.taskdata import dev_task_config
+from ptjax.taskdata import dev_task_config, run_dev_set
 from ptjax.train import forward, model_options, sequence_nll
 from ptjax.trained import TrainedRun, load_run, run_config
 from ptjax.verbalizers import answer_position

@@ -26,14 +26,14 @@ from ptjax.design import run_design
 from ptjax.errors import PtjaxError
 from ptjax.evaluation import build_dev_set, ensemble_table, evaluate, predict
 from ptjax.loop import resume, step_loop
-from ptjax.methods.base import check_lengths, check_run, place_trainable
+from ptjax.methods.base import check_run, place_trainable
 from ptjax.models.model import count_params
 from ptjax.models.named import base_model_path, prepare
 from ptjax.prompts import load_table
 from ptjax.rundir import (MetricsLog, NullLog, check_start, claim_run_dir, data_shards, locked_run,
                           member_names, open_checkpoints, write_json)
 from ptjax.sharding import is_main_process, place, replicated, sync, to_host
-from ptjax.taskdata import dev_task_config, encoding, prepare_data, verbalizing
+from ptjax.taskdata import dev_task_config, encoding, prepare_data, run_dev_set, verbalizing
 from ptjax.train import setup
 from ptjax.trained import restore_run
 
@@ -221,15 +221,3 @@ def evaluate_prompts(cfg, prompt_path: str | None = None, split: str = "validati
         return ensemble_table(dev, preds, ensemble_method,
                               saved_weights(cfg, run_dir or cfg.run_dir))
     return evaluate(model, method, trainable, frozen, dev, size, lengths, mesh)
-
-
-def run_dev_set(model, method, cfg, split: str = "validation", task=None):
-    """The dev set ``ptjax eval`` scores a run on: its dev task's ``split`` (read, or
-    ``task`` already read), encoded with the run's lengths, template and verbalizer."""
-    tcfg = dev_task_config(cfg)
-    if task is None:
-        task = load_task(tcfg, splits=(split,))
-    check_lengths(model, method, cfg)
-    return build_dev_set(model, task, tcfg.eval_mode, cfg.task.max_input_length,
-                         cfg.task.max_target_length, split=split, **encoding(model, tcfg),
-                         **verbalizing(tcfg))

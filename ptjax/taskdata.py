@@ -14,6 +14,7 @@ from ptjax.data.encoding import target_prefix
 from ptjax.data.tasks import load_task, task_names
 from ptjax.errors import PtjaxError
 from ptjax.evaluation import build_dev_set, metric_names
+from ptjax.methods.base import check_lengths
 
 
 def verbalizing(tcfg) -> dict:
@@ -188,3 +189,15 @@ def prepare_data(model, cfg, n_shards: int) -> RunData:
                                       cfg.task.max_input_length, cfg.task.max_target_length,
                                       tc.seed, **enc, scoring=scoring)
     return RunData(task, dev, metric, transfer, stream, n_shards)
+
+
+def run_dev_set(model, method, cfg, split: str = "validation", task=None):
+    """The dev set ``ptjax eval`` scores a run on: its dev task's ``split`` (read, or
+    ``task`` already read), encoded with the run's lengths, template and verbalizer."""
+    tcfg = dev_task_config(cfg)
+    if task is None:
+        task = load_task(tcfg, splits=(split,))
+    check_lengths(model, method, cfg)
+    return build_dev_set(model, task, tcfg.eval_mode, cfg.task.max_input_length,
+                         cfg.task.max_target_length, split=split, **encoding(model, tcfg),
+                         **verbalizing(tcfg))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import ast
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -166,3 +168,16 @@ def test_a_new_module_must_be_placed(package):
     (package / "newthing.py").write_text("import os\n")
     assert problems(str(package)) == [
         "ptjax.newthing: in no layer; add it to LAYERS (and docs/development.md)"]
+
+
+def test_the_package_imports_no_run_machinery():
+    """``import ptjax`` (the public API: models, load_run, load_runs) stays light: the run
+    directory's TensorBoard writer (tensorboardX, which imports torch where it is
+    installed) and TFDS load only with a run or a TFDS task (benchmarks/gpu_suite.py
+    checks the same on a GPU)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys, ptjax; print(sorted(m for m in ('tensorboardX', 'torch', "
+            "'tensorflow', 'tensorflow_datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=root), check=True)
+    assert out.stdout.strip() == "[]"

@@ -14,7 +14,7 @@ from ptjax import cli
 from ptjax.errors import PtjaxError
 from ptjax.evaluation import predict, verbalize
 from ptjax.multirun import MultiRun, uses_slots
-from ptjax.run import run_dev_set
+from ptjax.taskdata import run_dev_set
 
 COLOURS = "[red, green, blue, yellow, black, white]"
 VERBALIZER = "{negative: [bad, awful], positive: [good, great]}"

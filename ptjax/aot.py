@@ -175,6 +175,17 @@ def check_fits(compile_fn, what: str):
             "train.eval_batch_size, or shorter inputs") from None
 
 
+def step_peak(model, method, cfg, mesh, trainable, frozen) -> float:
+    """``compile_step``'s accelerator peak per device; a step the TPU compiler refuses for
+    its memory counts its temporaries (a lower bound: more than the chip has)."""
+    try:
+        return compile_step(model, method, cfg, mesh, trainable, frozen)[3]
+    except jax.errors.JaxRuntimeError as e:
+        if refused_bytes(e) is None:
+            raise
+        return refused_bytes(e)
+
+
 def resolve_remat(model, method, cfg, mesh, trainable, frozen, device_memory=None):
     """``model`` with ``remat="auto"`` replaced by ``choose_remat``'s pick (compiling the
     step once per policy tried); returns (model, {policy: peak bytes tried}). A policy the
@@ -184,13 +195,8 @@ def resolve_remat(model, method, cfg, mesh, trainable, frozen, device_memory=Non
     limit = device_memory or device_memory_limit()[0]
 
     def peak_of(policy):
-        try:
-            return compile_step(dataclasses.replace(model, remat=policy), method, cfg, mesh,
-                                trainable, frozen)[3]
-        except jax.errors.JaxRuntimeError as e:
-            if refused_bytes(e) is None:
-                raise
-            return refused_bytes(e)
+        return step_peak(dataclasses.replace(model, remat=policy), method, cfg, mesh,
+                         trainable, frozen)
 
     policy, peaks = choose_remat(peak_of, limit)
     return dataclasses.replace(model, remat=policy), peaks

@@ -45,7 +45,7 @@ from ptjax.data.tasks import load_task
 from ptjax.errors import PtjaxError
 from ptjax.models.named import load_run_model
 from ptjax.taskdata import encoding
-from ptjax.verbalizers import label_token_ids
+from ptjax.verbalizers import class_indices, label_token_ids
 
 METHOD = "LM-BFF automatic label word selection (Gao et al. 2021)"
 FINAL_CHOICE = ("zero-shot dev accuracy of each of the top-n assignments (LM-BFF fine-tunes "
@@ -210,15 +210,8 @@ def top_assignments(cand_logprobs, labels_N: np.ndarray, n: int) -> list[tuple]:
 
 def labels_of(examples, classes, task_name: str, split: str) -> np.ndarray:
     """[N] class indices of the examples' targets; a target that is no class is one line."""
-    index = {c: i for i, c in enumerate(classes)}
-    out = []
-    for i, ex in enumerate(examples):
-        if ex["targets"] not in index:
-            raise PtjaxError(f"task {task_name!r} {split} example {i}: target "
-                             f"{ex['targets']!r} is not one of its labels "
-                             f"({', '.join(classes)})")
-        out.append(index[ex["targets"]])
-    return np.asarray(out, np.int64)
+    return class_indices(examples, classes, task_name, split,
+                         f"is not one of its labels ({', '.join(classes)})")
 
 
 def few_shot(examples, labels_N, C: int, per_class: int, seed: int):

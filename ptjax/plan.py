@@ -17,8 +17,8 @@ import numpy as np
 
 from ptjax import methods
 from ptjax.aot import (GiB, check_fits, compile_decode, compile_eval, compile_step, compiled_peak,
-                       device_memory_limit, per_device_bytes, refused_bytes, resolve_remat,
-                       step_flops, with_shardings)
+                       device_memory_limit, per_device_bytes, resolve_remat, step_flops,
+                       step_peak, with_shardings)
 from ptjax.errors import PtjaxError
 from ptjax.methods.base import check_run
 from ptjax.models.attention import cudnn_serves
@@ -119,7 +119,8 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None,
     if M > 1:  # what they save: the same step (remat as chosen) in one pass, compiled too
         one_pass = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
                                                                       microbatches=1))
-        others["one_pass_peak"] = one_pass_peak(p, one_pass)
+        others["one_pass_peak"] = step_peak(p.model, p.method, one_pass, p.mesh, p.trainable,
+                                            p.frozen)
     model, method, mesh, tc = p.model, p.method, p.mesh, cfg.train
     config, frozen, compiled, estimate = model.config, p.frozen, p.compiled, p.estimate
     limit, source = p.limit, p.source
@@ -156,18 +157,6 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None,
         "device_memory": limit, "device_memory_source": source,
         "fits": None if limit is None else bool(estimate <= limit),
     }
-
-
-def one_pass_peak(p: Planned, one_pass_cfg) -> float:
-    """The accelerator peak per device of ``p``'s step without microbatches (what they
-    save); a step the TPU compiler refuses for its memory counts its temporaries, a lower
-    bound (more than the chip has)."""
-    try:
-        return compile_step(p.model, p.method, one_pass_cfg, p.mesh, p.trainable, p.frozen)[3]
-    except jax.errors.JaxRuntimeError as e:
-        if refused_bytes(e) is None:
-            raise
-        return refused_bytes(e)
 
 
 def attention_summary(model, cfg) -> dict:

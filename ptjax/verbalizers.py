@@ -91,16 +91,24 @@ def word_mask(target_mask, prefix_length: int) -> np.ndarray:
 def expand(examples, s: Scoring, task_name: str, where: str) -> tuple[list, np.ndarray]:
     """(rows: each example paired with each of ``s.words``, example-major; labels [N]:
     each example's gold class index). A target without label words is a one-line error."""
-    index = {c: i for i, c in enumerate(s.classes)}
-    labels = []
+    labels = class_indices(examples, s.classes, task_name, where,
+                           f"has no label words in task.verbalizer (classes: "
+                           f"{', '.join(s.classes)})")
+    rows = [{**ex, "targets": w} for ex in examples for w in s.words]
+    return rows, labels
+
+
+def class_indices(examples, classes, task_name: str, where: str, missing: str) -> np.ndarray:
+    """[N] int32: each example's target as an index into ``classes``; a target that is no
+    class is one line ("task T <where> example i: target 'x' <missing>")."""
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
     for i, ex in enumerate(examples):
         if ex["targets"] not in index:
             raise PtjaxError(f"task {task_name!r} {where} example {i}: target "
-                             f"{ex['targets']!r} has no label words in task.verbalizer "
-                             f"(classes: {', '.join(s.classes)})")
-        labels.append(index[ex["targets"]])
-    rows = [{**ex, "targets": w} for ex in examples for w in s.words]
-    return rows, np.asarray(labels, np.int32)
+                             f"{ex['targets']!r} {missing}")
+        out.append(index[ex["targets"]])
+    return np.asarray(out, np.int32)
 
 
 def class_scores(token_logprobs_KxRxT, word_mask_RxT, s: Scoring):

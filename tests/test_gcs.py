@@ -27,6 +27,7 @@ from ptjax.checkpoint import Checkpointer  # noqa: E402
 from ptjax.errors import PtjaxError  # noqa: E402
 from ptjax.rundir import RunLock  # noqa: E402
 from ptjax.trained import load_run  # noqa: E402
+from test_run import base_args as run_args  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,14 +125,8 @@ def tiny_dir(tmp_path_factory):
 
 
 def base_args(run_dir, tiny_dir, **kw):
-    args = {"run_dir": run_dir, "model.tiny_dir": tiny_dir, "model.path": "tiny-t5",
-            "prompt.length": 4, "prompt.init": "sampled_vocab", "task.max_input_length": 24,
-            "task.max_target_length": 4, "task.dev_size": 16, "train.batch_size": 8,
-            "train.eval_batch_size": 16, "train.steps": 6, "train.eval_every": 3,
-            "train.checkpoint_every": 3, "train.log_every": 2, "train.dropout": 0.0,
-            "train.progress": False, "prompt.seeds": "[0,1]"}
-    args.update(kw)
-    return [f"{k}={v}" for k, v in args.items()]
+    """test_run's short tiny-T5 run, with two members."""
+    return run_args(run_dir, tiny_dir, **{"prompt.seeds": "[0,1]", **kw})
 
 
 def rows(run_dir):

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import sys
 
 import jax
@@ -15,6 +16,7 @@ import yaml
 
 from ptjax import storage, targets
 from ptjax.analysis import run_neighbors
+from ptjax.autotemplate import run_search as run_template_search
 from ptjax.autoverbalizer import run_search
 from ptjax.config import load_config, to_dict
 from ptjax.errors import PtjaxError
@@ -354,3 +356,28 @@ def cmd_verbalizer(args):
     write_json(out, found)
     print(f"chosen by dev accuracy (written to {out}):")
     print(found["override"])
+
+
+def cmd_template(args):
+    cfg = _config_and_overrides(args.items)
+    out = args.out or os.path.join(cfg.run_dir, "templates.json")
+    if args.out:
+        check_output_file(out, "--out")
+    else:
+        check_output_dir(cfg.run_dir, "run_dir")
+    found = run_template_search(cfg, args.shape or (), args.beam, args.top, args.per_class,
+                                args.seed, args.max_tokens)
+    metric = found["metric"]
+    print(f"{len(found['templates'])} templates generated on {found['train_examples']} train "
+          f"examples (beam {found['beam']}), ranked by zero-shot dev {metric} "
+          f"({found['dev_examples']} examples):")
+    for r in found["templates"]:
+        print(f"  dev {r['dev'][metric]:.2f}  log-prob {r['mean_score']:.2f}/example  "
+              f"{r['template']}")
+    if not args.out:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+    write_json(out, found)
+    print(f"the top {len(found['top'])}, to train in one batch (train.ensemble):")
+    print(" ".join(shlex.quote(o) for o in found["overrides"]["templates"]))
+    print(f"chosen by dev {metric} (written to {out}):")
+    print(found["overrides"]["template"])

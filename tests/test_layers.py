@@ -26,7 +26,8 @@ LAYERS = [
     ("the step", ["ptjax.train", "ptjax.evaluation", "ptjax.aot"]),
     ("a run's data, directory and loop", ["ptjax.taskdata", "ptjax.rundir", "ptjax.loop"]),
     ("commands", ["ptjax.design", "ptjax.trained", "ptjax.run", "ptjax.pretrain",
-                  "ptjax.plan", "ptjax.preflight", "ptjax.autoverbalizer", "ptjax.multirun"]),
+                  "ptjax.plan", "ptjax.preflight", "ptjax.autoverbalizer", "ptjax.autotemplate",
+                  "ptjax.multirun"]),
     ("sweeps, analysis, reports, the CLI, the package", [
         "ptjax.sweep", "ptjax.analysis", "ptjax.report", "ptjax.commands", "ptjax.cli",
         "ptjax"]),

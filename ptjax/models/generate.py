@@ -154,11 +154,17 @@ def _sampler(dec: Decoding):
     return pick
 
 
-def _beam_search(dec: Decoding, step, logits_BNxV, max_new_tokens, eos, pad, cache):
+def beam_search(dec: Decoding, step, logits_BNxV, max_new_tokens, eos, pad, cache,
+                normalize: bool = True):
     """transformers' ``_beam_search`` (5.x) without sampling, on ``num_beams`` rows per input
     (row b*N + n), step for step: the same candidates, -1e9 masks and stopping rules.
     Returns (ids [B*R, max_new_tokens], scores [B*R]), R = num_return_sequences, best first;
-    a finished beam is filled with ``pad`` after its EOS."""
+    a finished beam is filled with ``pad`` after its EOS.
+
+    ``step(cache, token_BN, i) -> (logits [B*N, V], cache)``; every leaf of ``cache`` has
+    its rows on axis 1 (they follow the chosen beams). normalize=False: the step returns
+    each token's score itself (e.g. log-probabilities summed over several inputs,
+    ``ptjax.autotemplate``), added to the beams' as it is, without a log_softmax."""
     N, T = dec.num_beams, max_new_tokens
     BN, V = logits_BNxV.shape
     B = BN // N
@@ -175,7 +181,8 @@ def _beam_search(dec: Decoding, step, logits_BNxV, max_new_tokens, eos, pad, cac
     def select(i, logits, s):
         """Choose token i of every beam from logits [B*N, V]; -> new state and, for each new
         running beam, the flat row [B*N] its cache comes from."""
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1).reshape(B, N, V)
+        logp = logits.astype(jnp.float32)
+        logp = (jax.nn.log_softmax(logp, -1) if normalize else logp).reshape(B, N, V)
         top_lp, idx = jax.lax.top_k((logp + s["scores"][..., None]).reshape(B, N * V), K2)
         src, tok = idx // V, (idx % V).astype(jnp.int32)
         cand = gather(s["seqs"], src).at[:, :, i].set(tok)  # [B, K2, T]
@@ -239,7 +246,7 @@ def _decode(dec, step, logits_BxV, max_new_tokens, eos, pad, carry):
     if dec is None or dec.is_greedy:
         return _token_loop(step, _argmax, logits_BxV, max_new_tokens, eos, pad, carry)
     if dec.num_beams > 1:
-        return _beam_search(dec, step, logits_BxV, max_new_tokens, eos, pad, carry)
+        return beam_search(dec, step, logits_BxV, max_new_tokens, eos, pad, carry)
     return _token_loop(step, _sampler(dec), logits_BxV, max_new_tokens, eos, pad, carry)
 
 

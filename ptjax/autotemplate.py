@@ -359,8 +359,10 @@ def run_search(cfg, shapes=SHAPES, beam: int = 100, top: int = 3, per_class: int
     if per_class is not None and per_class < 1:
         raise PtjaxError(f"--per-class {per_class}: must be at least 1")
     shapes = tuple(shapes) or SHAPES
-    for shape in shapes:
-        check_shape(shape)
+    fills = max(check_shape(shape) for shape in shapes)
+    if max_new_tokens < fills:
+        raise PtjaxError(f"--max-tokens {max_new_tokens}: a shape with {fills} fills needs at "
+                         f"least {fills} tokens (their sentinels)")
     task = load_task(cfg.task)
     if not task.labels:
         raise PtjaxError(f"task {task.name!r} has no labels (a generative task); the search "
@@ -369,7 +371,7 @@ def run_search(cfg, shapes=SHAPES, beam: int = 100, top: int = 3, per_class: int
     if not model.is_encoder_decoder:
         raise PtjaxError(f"model.path={cfg.model.path}: ptjax template fills spans with T5's "
                          "sentinels (<extra_id_N>); this is a decoder-only model")
-    sentinel_ids(model, max(s.count(FILL) for s in shapes) + 1)
+    sentinel_ids(model, fills + 1)
     classes = tuple(task.labels)
     train = task.split("train")
     train_labels = labels_of(train, classes, task.name, "train")

@@ -275,7 +275,8 @@ def test_command_writes_json_and_its_templates_train(tiny, tmp_path, capsys):
     saved = load_config(str(run2 / "config.yaml"))
     assert saved.task.templates == tuple(found["top"])
     results = json.loads((run2 / "results.json").read_text())
-    assert len(results["ensemble"]["per_prompt"]["accuracy"]) == 2
+    assert results["ensemble"]["method"] == "mean_logprob"
+    assert len(results["ensemble"]["prompts"]["accuracy"]) == 2
 
 
 @pytest.mark.parametrize("args, message", [

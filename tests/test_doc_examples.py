@@ -251,7 +251,7 @@ def test_every_example_parses_and_its_config_is_accepted(page, tmp_path, tiny_mo
             continue
         words = ex.words if ex.key in SKIP else argv(ex, full=False)
         args, extra = parser.parse_known_args(words)  # exits 2 on an unknown option
-        if args.command in ("train", "pretrain", "plan", "config", "verbalizer"):
+        if args.command in ("train", "pretrain", "plan", "config", "verbalizer", "template"):
             items = args.items + extra
             if items and "=" not in items[0] and not os.path.exists(items[0]):
                 continue  # a run directory an earlier example makes (the slow test)

@@ -61,6 +61,7 @@ FINAL_CHOICE = ("zero-shot dev metric of the frozen model behind each generated 
 SHAPES = ("{inputs} {fill} {mask} {fill}", "{inputs} {fill} {mask}",
           "{fill} {mask} {fill} {inputs}")
 FILL = "{fill}"
+_SENTINEL = re.compile(r"<extra_id_\d+>")
 _NEG = -1.0e9  # generate's rule-out score: beams at or below half of it are not outputs
 
 
@@ -137,10 +138,12 @@ def sentinel_ids(model, n: int) -> list[int]:
 def ordinary_tokens(model) -> np.ndarray:
     """[vocab_size] bool: the ids a fill may hold: the tokenizer's, none of its special
     ones (pad, EOS, unk, sentinels), not the embedding's padding rows."""
-    V = model.config.vocab_size
+    V, tok = model.config.vocab_size, model.tokenizer
     ok = np.zeros(V, bool)
-    ok[:min(len(model.tokenizer), V)] = True
-    ok[[i for i in model.tokenizer.all_special_ids if i < V]] = False
+    ok[:min(len(tok), V)] = True
+    special = set(tok.all_special_ids) | {i for t, i in tok.get_vocab().items()
+                                          if _SENTINEL.fullmatch(t)}
+    ok[[i for i in special if i < V]] = False
     return ok
 
 

@@ -99,7 +99,7 @@ def t5_tokenizer():
 
 
 # Fixtures built with PyTorch: a test that takes one is a `torch` test.
-TORCH_FIXTURES = {"saved_models", "loaded", "t5_odd"}
+TORCH_FIXTURES = {"saved_models", "loaded", "t5_odd", "bert_models"}
 
 
 def pytest_collection_modifyitems(config, items):

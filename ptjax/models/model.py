@@ -1,5 +1,5 @@
-"""``ptjax.load_model``: a frozen Flax T5 / GPT-2 / BERT (RoBERTa) with its params, tokenizer and jitted
-``logits`` / ``generate``.
+"""``ptjax.load_model``: a frozen Flax T5 / GPT-2 / BERT (RoBERTa) with its params,
+tokenizer and jitted ``logits`` / ``generate``.
 
 The stable public API (outside checks call exactly this)::
 

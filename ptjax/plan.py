@@ -21,6 +21,7 @@ from ptjax.aot import (GiB, check_fits, compile_decode, compile_eval, compile_st
                        step_peak, with_shardings)
 from ptjax.errors import PtjaxError
 from ptjax.methods.base import check_run
+from ptjax.methods.prefix import model_sites, site_geometry
 from ptjax.models.attention import cudnn_serves
 from ptjax.models.hf_config import architecture
 from ptjax.models.model import DTYPES, Model, abstract_params, count_params, param_shardings
@@ -162,7 +163,7 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None,
 def attention_summary(model, cfg) -> dict:
     """What attention the planned step runs (on the mesh's platform) and why."""
     config = model.config
-    head_dim = config.d_kv if model.is_encoder_decoder else config.n_embd // config.n_head
+    head_dim = site_geometry(config, model_sites(config)[0])[2]
     rate = cfg.train.attention_dropout
     setting = cfg.model.attention
     if rate > 0:

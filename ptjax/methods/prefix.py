@@ -27,6 +27,7 @@ from ptjax.config.schema import PREFIX_INITS, PrefixConfig  # noqa: F401 (re-exp
 from ptjax.errors import PtjaxError
 from ptjax.methods.base import Method, stack_members, uniform_init
 from ptjax.models.common import PromptInputs
+from ptjax.models.model import kind_of
 from ptjax.prompts import strip_special
 
 
@@ -35,11 +36,15 @@ def site_geometry(config, site: str) -> tuple[int, int, int]:
     if config.model_type == "t5":
         layers = config.num_layers if site == "encoder" else config.num_decoder_layers
         return layers, config.num_heads, config.d_kv
+    if kind_of(config) == "masked":
+        H = config.num_attention_heads
+        return config.num_hidden_layers, H, config.hidden_size // H
     return config.n_layer, config.n_head, config.n_embd // config.n_head
 
 
 def model_sites(config) -> tuple:
-    return ("encoder", "decoder", "cross") if config.model_type == "t5" else ("decoder",)
+    return {"seq2seq": ("encoder", "decoder", "cross"), "causal": ("decoder",),
+            "masked": ("encoder",)}[kind_of(config)]
 
 
 def materialise(site_params: dict, geometry) -> dict:
@@ -129,8 +134,10 @@ class PrefixMethod(Method):
                   for site in self.sites}
         return frozen, PromptInputs(prefix=prefix)
 
-    def positions(self) -> int:  # GPT-2's tokens follow the prefix's P positions
-        return self.prompt.length if "decoder" in self.sites else 0
+    def positions(self) -> int:  # GPT-2's / BERT's tokens follow the prefix's P positions
+        if kind_of(self.model_config) == "seq2seq":  # T5's positions are relative
+            return self.prompt.length if "decoder" in self.sites else 0
+        return self.prompt.length
 
     def materialised(self, member) -> dict:
         """{site: {"k", "v"} [L, P, H, Dh]} as numpy, for export and inference."""

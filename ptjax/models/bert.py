@@ -123,7 +123,8 @@ class BertMLM(nn.Module):
     deterministic: bool = True
     remat: str = "none"
     options: ModelOptions = ModelOptions()
-    # the final hidden state (fp32 [B, T, D], before the MLM head) in place of the logits
+    # the state the tied output embeddings meet (fp32 [B, T, D]: the last layer's after the
+    # head's dense, activation and LayerNorm) in place of the logits (ptjax.verbalizers)
     hidden: bool = False
 
     def setup(self):
@@ -161,7 +162,7 @@ class BertMLM(nn.Module):
     def forward(self, embeds_BxTxD, positions_BxT, key_mask_BxT, token_types_BxT,
                 prefix=None):
         """Word embeddings at ``positions`` (counted from 0: the offset and a prefix's shift
-        are added here) -> fp32 logits [B, T, vocab] (the hidden state with ``hidden``).
+        are added here) -> fp32 logits [B, T, vocab] (with ``hidden``, the head's state).
         prefix: {"k", "v"} [L, B, P, H, Dh] keys attended (all, or those its "mask"
         [B, P] marks) before the tokens."""
         cfg = self.config
@@ -176,10 +177,10 @@ class BertMLM(nn.Module):
              + self.position_embeddings(positions_BxT + shift))
         x = self.drop(self.emb_ln(x), deterministic=self.deterministic)
         x, _ = self.layers(constrain_hidden(self.options, x), KeyMask(key_mask), prefix)
-        if self.hidden:
-            return x.astype(jnp.float32)
         h = ACTIVATIONS[cfg.head_act](self.head_dense(x))
         h = constrain_hidden(self.options, self.head_ln(h))
+        if self.hidden:
+            return h.astype(jnp.float32)
         logits = tied_logits(h, self.word_embeddings.embedding, self.dtype) + self.head_bias
         return self.options.constrain(logits, "batch", "length", "vocab")
 

@@ -7,41 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import padded_batch, torch
+from conftest import BERT_CONFIGS, padded_batch, torch
 
-import ptjax
 
 ATOL = 1e-5
 P = 4
-BERT_CONFIGS = {
-    "bert": ("BertForMaskedLM", "BertConfig", dict(
-        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)),
-    # RoBERTa: positions from pad_token_id + 1, one token type; gelu_new in the layers
-    # (its head stays exact gelu)
-    "roberta": ("RobertaForMaskedLM", "RobertaConfig", dict(
-        vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-        intermediate_size=48, max_position_embeddings=66, type_vocab_size=1,
-        pad_token_id=1, hidden_act="gelu_new", layer_norm_eps=1e-5)),
-}
-
-
-@pytest.fixture(scope="module")
-def bert_models(tmp_path_factory):
-    """{name: (torch model, ptjax.Model)}: random weights saved by transformers."""
-    import transformers
-    out = {}
-    for name, (cls, cfg_cls, kw) in BERT_CONFIGS.items():
-        torch.manual_seed(0)
-        model = getattr(transformers, cls)(getattr(transformers, cfg_cls)(**kw)).eval()
-        with torch.no_grad():  # a head bias and LayerNorms that are not 0 / 1
-            for n, p in model.named_parameters():
-                if "LayerNorm" in n or "layer_norm" in n or n.endswith("bias"):
-                    p.add_(0.1 * torch.randn_like(p))
-        directory = str(tmp_path_factory.mktemp(name))
-        model.save_pretrained(directory)
-        out[name] = (model, ptjax.load_model(directory))
-    return out
 
 
 def inputs(name, seed=0):
@@ -73,8 +43,8 @@ def max_err_on(a, b, mask):
 
 @pytest.mark.parametrize("name", list(BERT_CONFIGS))
 @pytest.mark.parametrize("prompt_kind", [None, "shared", "per_example"])
-def test_logits(bert_models, name, prompt_kind):
-    ref_model, model = bert_models[name]
+def test_logits(loaded, name, prompt_kind):
+    ref_model, model = loaded[name]
     assert model.kind == "masked"
     ids, mask, types = inputs(name)
     prompt = prompt_t = None
@@ -96,9 +66,9 @@ def test_logits(bert_models, name, prompt_kind):
 
 
 @pytest.mark.parametrize("name", list(BERT_CONFIGS))
-def test_prompt_gradient(bert_models, name):
+def test_prompt_gradient(loaded, name):
     """d(weighted logits at the real positions)/d(prompt) as PyTorch's autograd says."""
-    ref_model, model = bert_models[name]
+    ref_model, model = loaded[name]
     ids, mask, types = inputs(name, seed=2)
     rng = np.random.default_rng(3)
     prompt = rng.normal(size=(P, 32)).astype(np.float32)

@@ -142,7 +142,7 @@ PREFIX_INITS = ("random", "text")
 
 @dataclasses.dataclass(frozen=True)
 class PrefixConfig:
-    sites: tuple[str, ...] = ()  # T5: encoder, decoder, cross; GPT-2: decoder; () = all
+    sites: tuple[str, ...] = ()  # T5 encoder, decoder, cross; GPT-2 decoder; BERT encoder; () = all
     projection: bool = True  # the MLP reparameterisation; false = P-tuning v2
     hidden: int = 512  # h, the MLP's width
     embed_dim: int = 0  # k, the width of P' (0 = the model's d_model)

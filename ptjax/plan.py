@@ -106,11 +106,14 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None,
     """``compile_plan``'s step summarised: memory per device in bytes (what the weights,
     the trainable state, the batch and the temporaries take), FLOPs, the remat chosen,
     whether it fits. ``steps`` may add "eval" (rank scoring of one eval batch) and
-    "decode" (KV-cache decoding behind every member), each compiled for the same devices:
+    "decode" (KV-cache decoding behind every member; not for a masked LM, which does not
+    decode), each compiled for the same devices:
     their peaks per device in ``per_device`` as eval_peak / decode_peak. With
     train.microbatches > 1 the step is also compiled in one pass: its accelerator peak is
     ``per_device["one_pass_peak"]``, what the microbatches save."""
     p = compile_plan(cfg, device_memory, target)
+    if p.model.kind == "masked":  # a masked LM has no decoding (docs/masked-lm.md)
+        steps = tuple(s for s in steps if s != "decode")
     others = {f"{name}_peak": compiled_peak(check_fits(
         lambda: compile(p.model, p.method, cfg, p.mesh, p.trainable, p.frozen), what))
         for name, compile, what in (("eval", compile_eval, "the eval step"),

@@ -172,3 +172,13 @@ def test_each_method_trains_on_tiny_bert(tmp_path, method, extra):
     assert cli.main(["train", *[f"{k}={v}" for k, v in args.items()]]) == 0
     results = json.load(open(os.path.join(args["run_dir"], "results.json")))
     assert results["method"] == method
+
+
+@pytest.mark.slow
+def test_plan_compiles_a_masked_lm_without_decoding(tmp_path, capsys):
+    """`ptjax plan` compiles the train and eval steps of experiments/ptuning_bert.yaml on
+    tiny-bert and leaves out decoding, which a masked LM does not do."""
+    assert cli.main(["plan", EXPERIMENT, f"model.tiny_dir={tmp_path / 'models'}",
+                     f"run_dir={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out
+    assert "eval step peak" in out and "decoding peak" not in out

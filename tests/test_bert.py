@@ -157,10 +157,12 @@ def test_ptjax_train_runs_ptuning_template_on_a_bert_written_by_transformers(ber
     ("ptuning", {"method.ptuning.encoder": "mlp", "method.ptuning.hidden": 16}),
     ("prefix", {"method.prefix.hidden": 16, "task.template": "{inputs} it was {mask} ."}),
     ("model", {"task.template": "{inputs} it was {mask} .", "optim.learning_rate": 0.001}),
+    ("ptuning", {"model.path": "tiny-roberta", "task.max_target_length": 3}),
 ])
 def test_each_method_trains_on_tiny_bert(tmp_path, method, extra):
     """Prompt tuning, P-tuning (MLP), prefix tuning and model tuning on the built-in tiny
-    BERT with a {mask} template and a verbalizer: `ptjax train` runs, scores and exports."""
+    BERT (P-tuning on tiny-roberta too, whose label words are several tokens) with a
+    {mask} template and a verbalizer: `ptjax train` runs, scores and exports."""
     args = {"run_dir": str(tmp_path / method), "model.tiny_dir": str(tmp_path / "models"),
             "model.path": "tiny-bert", "method.name": method, "task.name": "synthetic_sentiment",
             "task.template": "{soft:2} {inputs} {soft:2} {mask} {soft:2}",
@@ -182,3 +184,22 @@ def test_plan_compiles_a_masked_lm_without_decoding(tmp_path, capsys):
                      f"run_dir={tmp_path / 'run'}"]) == 0
     out = capsys.readouterr().out
     assert "eval step peak" in out and "decoding peak" not in out
+
+
+def test_roberta_mask_template_layout(tmp_path):
+    """tiny-roberta: <s> x it was <mask> x M </s>, " " + word's byte-level BPE tokens at the
+    masks, pads of id 1 (RoBERTa's)."""
+    from ptjax.models.tiny import build_tiny_model
+    model = ptjax.load_model(build_tiny_model(str(tmp_path / "r"), family="roberta"))
+    tok = model.tokenizer
+    arrays, cut = encode(model, [{"inputs": "the movie", "targets": "good"}], 16, 3, (),
+                         templates.parse("{inputs} it was {mask}"))
+    assert cut == 0
+    ids = tok("the movie", add_special_tokens=False)["input_ids"]
+    want = ([tok.cls_token_id] + ids + tok(" it was", add_special_tokens=False)["input_ids"]
+            + [tok.mask_token_id] * 3 + [tok.sep_token_id])
+    assert arrays["input_ids"][0].tolist() == want + [1] * (16 - len(want))
+    word = tok(" good", add_special_tokens=False)["input_ids"]
+    at = len(want) - 4
+    assert arrays["targets"][0, at:at + len(word)].tolist() == word
+    assert arrays["target_mask"][0].sum() == len(word)

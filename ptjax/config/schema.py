@@ -29,7 +29,7 @@ LabelWords = tuple[tuple[str, tuple[str, ...]], ...]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    path: str = "tiny-t5"  # checkpoint dir, hub id, or a built-in: tiny-t5 | tiny-gpt2 | tiny-bert
+    path: str = "tiny-t5"  # checkpoint dir, hub id, or built-in: tiny-{t5,gpt2,bert,roberta}
     dtype: str = "float32"  # weights and activations; softmax, norms and loss stay fp32
     remat: str = "none"  # auto: the cheapest policy whose compiled step fits the device
     tiny_dir: str = "runs/models"  # where built-in tiny models are written

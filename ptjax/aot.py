@@ -81,13 +81,14 @@ def abstract_batch(model, cfg, mesh) -> dict:
     R = B * (1 if s is None else s.W)  # the class-level loss pairs each example with W words
     ids = lambda L, rows=R: jax.ShapeDtypeStruct((rows, L), jnp.int32,  # noqa: E731
                                                  sharding=batch_sharding(mesh))
+    width = Li if model.kind == "masked" else Li + Lt  # a masked LM's targets are in Li
     if model.is_encoder_decoder:
         out = dict(input_ids=ids(Li), input_mask=ids(Li), decoder_input_ids=ids(Lt),
                    targets=ids(Lt), target_mask=ids(Lt))
     else:
-        out = {k: ids(Li + Lt) for k in ("input_ids", "input_mask", "targets", "target_mask")}
+        out = {k: ids(width) for k in ("input_ids", "input_mask", "targets", "target_mask")}
     if s is not None:
-        out["word_mask"] = ids(Lt if model.is_encoder_decoder else Li + Lt)
+        out["word_mask"] = ids(Lt if model.is_encoder_decoder else width)
         out["label"] = jax.ShapeDtypeStruct((B,), jnp.int32, sharding=batch_sharding(mesh))
     return out
 

@@ -135,12 +135,13 @@ def vocabulary_size(model) -> int:
 
 def whole_word(model, token_id: int) -> str | None:
     """The word a token is, if it is a whole word the verbalizer scores as this one token
-    (T5: "▁word"; GPT-2: "Ġword"; ``word`` alphabetic), else None."""
+    (T5: "▁word"; GPT-2: "Ġword"; a masked LM: RoBERTa's "Ġword" or WordPiece's "word", not
+    "##word"; ``word`` alphabetic), else None."""
     piece = model.tokenizer.convert_ids_to_tokens(int(token_id))
-    mark = "▁" if model.is_encoder_decoder else "Ġ"
+    mark = {"seq2seq": "▁", "causal": "Ġ", "masked": ""}[model.kind]
     if not isinstance(piece, str) or not piece.startswith(mark):
         return None
-    word = piece[len(mark):]
+    word = piece[len(mark):] if mark else piece.removeprefix("Ġ")
     if not word.isalpha() or label_token_ids(model, [word]) != [int(token_id)]:
         return None
     return word

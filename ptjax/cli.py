@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("tiny", help="write a built-in tiny model")
     sp.add_argument("directory")
-    sp.add_argument("--family", default="t5", choices=["t5", "gpt2"])
+    sp.add_argument("--family", default="t5", choices=["t5", "gpt2", "bert", "roberta"])
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_tiny)
 

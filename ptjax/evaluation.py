@@ -87,6 +87,10 @@ def build_dev_set(model, task, mode: str, max_input_length: int, max_target_leng
                           max_target_length - len(target_prefix))
         return DevSet("rank", metric_set, examples, arrays, candidates, tuple(task.labels),
                       task.metric)
+    if model.kind == "masked":
+        raise PtjaxError(f"task {task.name!r}: task.eval_mode=generate (or auto without "
+                         "labels) decodes left to right, which a masked LM does not; give "
+                         "task.labels or task.verbalizer and task.eval_mode=rank")
     arrays, _ = encoding.encode(model, examples, max_input_length, max_target_length,
                                 target_prefix, template)
     select = task.metric
@@ -115,7 +119,8 @@ def _verbalized_dev_set(model, task, split, examples, max_input_length, max_targ
     arrays, _ = encoding.encode(model, pairs, max_input_length, max_target_length,
                                 target_prefix, template)
     # the word's own tokens: the target tokens after the prefix, without the final EOS
-    word_mask = verbalizers.word_mask(arrays["target_mask"], len(target_prefix))
+    word_mask = verbalizers.word_mask(arrays["target_mask"], len(target_prefix),
+                                      model.kind != "masked")
     return DevSet("rank", task.metric_set or task.metric, examples, arrays,
                   [list(classes)] * len(examples), classes, task.metric,
                   verbalizer=tuple(verbalizer),
@@ -148,12 +153,19 @@ def verbalize(token_logprobs_KxRxT, dev: DevSet) -> np.ndarray:
 
 def _check_labels_fit(model, labels, max_target_length):
     extra = 0 if model.is_encoder_decoder else 1  # GPT-2: " " + label, then EOS appended
+    if model.kind == "masked":  # " " + label at the mask tokens, nothing more
+        extra = 0
     for lab in labels:
-        n = len(model.tokenizer(lab if model.is_encoder_decoder else " " + lab)["input_ids"])
+        if model.kind == "masked":
+            n = len(model.tokenizer(" " + lab, add_special_tokens=False)["input_ids"])
+        else:
+            n = len(model.tokenizer(lab if model.is_encoder_decoder else " " + lab)["input_ids"])
         if n + extra > max_target_length:
+            what = " (on a masked LM, the mask tokens {mask} becomes)" \
+                if model.kind == "masked" else ""
             raise PtjaxError(f"label {lab!r} is {n + extra} tokens, over "
-                             f"task.max_target_length={max_target_length}; raise it so labels "
-                             "are scored whole")
+                             f"task.max_target_length={max_target_length}{what}; raise it so "
+                             "labels are scored whole")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 5))

@@ -8,7 +8,10 @@ safetensors file, and a PEFT prompt-tuning adapter directory.
     export/prompts.npy                          all K prompts [K, P, D]
 
 The PEFT adapter puts the prompt on the encoder only (``num_transformer_submodules=1``),
-as in Lester et al.; PEFT's own seq2seq default would also prompt the decoder.
+as in Lester et al.; PEFT's own seq2seq default would also prompt the decoder. A masked LM
+(BERT / RoBERTa) gets task_type FEATURE_EXTRACTION: PEFT has no masked-LM task type, and
+that one hands the prompted ``inputs_embeds`` (or the prefix as ``past_key_values``) to
+``BertForMaskedLM`` as it is, returning its MLM logits.
 """
 from __future__ import annotations
 
@@ -21,15 +24,21 @@ from safetensors.numpy import save_file
 from ptjax.prompts import PEFT_PROMPT_KEY
 
 
-def peft_adapter_config(model, length: int, base_model: str) -> dict:
+def peft_geometry(model) -> tuple[str, int, int]:
+    """(PEFT task_type, num_layers, num_attention_heads) of an adapter for ``model``."""
     cfg = model.config
-    if model.is_encoder_decoder:
-        task_type, layers, heads = "SEQ_2_SEQ_LM", cfg.num_layers, cfg.num_heads
-    else:
-        task_type, layers, heads = "CAUSAL_LM", cfg.n_layer, cfg.n_head
+    if model.kind == "seq2seq":
+        return "SEQ_2_SEQ_LM", cfg.num_layers, cfg.num_heads
+    if model.kind == "masked":
+        return "FEATURE_EXTRACTION", cfg.num_hidden_layers, cfg.num_attention_heads
+    return "CAUSAL_LM", cfg.n_layer, cfg.n_head
+
+
+def peft_adapter_config(model, length: int, base_model: str) -> dict:
+    task_type, layers, heads = peft_geometry(model)
     return {
         "peft_type": "PROMPT_TUNING", "task_type": task_type, "num_virtual_tokens": length,
-        "token_dim": cfg.hidden_size, "num_transformer_submodules": 1,
+        "token_dim": model.config.hidden_size, "num_transformer_submodules": 1,
         "num_attention_heads": heads, "num_layers": layers, "prompt_tuning_init": "RANDOM",
         "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
         "base_model_name_or_path": base_model, "inference_mode": True, "revision": None,

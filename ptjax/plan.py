@@ -21,6 +21,7 @@ from ptjax.aot import (GiB, check_fits, compile_decode, compile_eval, compile_st
                        step_peak, with_shardings)
 from ptjax.errors import PtjaxError
 from ptjax.methods.base import check_run
+from ptjax.methods.prefix import model_sites, site_geometry
 from ptjax.models.attention import cudnn_serves
 from ptjax.models.hf_config import architecture
 from ptjax.models.model import DTYPES, Model, abstract_params, count_params, param_shardings
@@ -105,11 +106,14 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None,
     """``compile_plan``'s step summarised: memory per device in bytes (what the weights,
     the trainable state, the batch and the temporaries take), FLOPs, the remat chosen,
     whether it fits. ``steps`` may add "eval" (rank scoring of one eval batch) and
-    "decode" (KV-cache decoding behind every member), each compiled for the same devices:
+    "decode" (KV-cache decoding behind every member; not for a masked LM, which does not
+    decode), each compiled for the same devices:
     their peaks per device in ``per_device`` as eval_peak / decode_peak. With
     train.microbatches > 1 the step is also compiled in one pass: its accelerator peak is
     ``per_device["one_pass_peak"]``, what the microbatches save."""
     p = compile_plan(cfg, device_memory, target)
+    if p.model.kind == "masked":  # a masked LM has no decoding (docs/masked-lm.md)
+        steps = tuple(s for s in steps if s != "decode")
     others = {f"{name}_peak": compiled_peak(check_fits(
         lambda: compile(p.model, p.method, cfg, p.mesh, p.trainable, p.frozen), what))
         for name, compile, what in (("eval", compile_eval, "the eval step"),
@@ -162,7 +166,7 @@ def plan(cfg, device_memory: float | None = None, target: Target | None = None,
 def attention_summary(model, cfg) -> dict:
     """What attention the planned step runs (on the mesh's platform) and why."""
     config = model.config
-    head_dim = config.d_kv if model.is_encoder_decoder else config.n_embd // config.n_head
+    head_dim = site_geometry(config, model_sites(config)[0])[2]
     rate = cfg.train.attention_dropout
     setting = cfg.model.attention
     if rate > 0:

@@ -245,7 +245,9 @@ def _pretrain(cfg, main: bool, locks: list) -> dict:
                        fsdp=cfg.mesh.fsdp)
     model = dataclasses.replace(model, remat=cfg.model.remat)
     if not model.is_encoder_decoder:
-        raise PtjaxError(f"pretrain.init={pc.init!r} is a decoder-only model; ptjax pretrain "
+        what = "a decoder-only model" if model.kind == "causal" else \
+            "a masked LM (span corruption writes T5 sentinels into a decoder's targets)"
+        raise PtjaxError(f"pretrain.init={pc.init!r} is {what}; ptjax pretrain "
                          "trains T5 (encoder-decoder) checkpoints")
     if model.tokenizer is None:
         raise PtjaxError(f"{model.path}: the checkpoint has no tokenizer files, so the corpus "

@@ -191,9 +191,8 @@ def initial_prompts(model, p, task, templates=()) -> np.ndarray:
 
 
 def input_embedding(model):
-    if model.is_encoder_decoder:
-        return model.params["shared"]["embedding"]
-    return model.params["wte"]["embedding"]
+    name = {"seq2seq": "shared", "causal": "wte", "masked": "word_embeddings"}[model.kind]
+    return model.params[name]["embedding"]
 
 
 def strip_special(tok, text):

@@ -50,7 +50,7 @@ def encoding(model, tcfg) -> dict:
     parsed = [templates.parse(t) for t in (tcfg.templates or (tcfg.template,) * bool(
         tcfg.template))]
     for t in parsed:
-        templates.check_for_model(t, model.is_encoder_decoder)
+        templates.check_for_model(t, model.kind)
     masks = {t.has_mask for t in parsed}
     if len(masks) > 1 and model.is_encoder_decoder:
         raise PtjaxError("task.templates: on T5 either every template has {mask} or none "

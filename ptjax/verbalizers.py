@@ -71,14 +71,17 @@ def scoring(tcfg) -> Scoring | None:
                    tcfg.verbalizer_tokens, "manual")
 
 
-def word_mask(target_mask, prefix_length: int) -> np.ndarray:
+def word_mask(target_mask, prefix_length: int, eos: bool = True) -> np.ndarray:
     """[R, T] bool: each row's word tokens, the target tokens after ``prefix_length`` ids
-    (T5's <extra_id_0>) and before the final EOS. target_mask: [R, T] or [R, K, T] (several
-    templates: targets are the same for every member)."""
+    (T5's <extra_id_0>) and before the final EOS (``eos=False``: a masked LM's targets,
+    the word's tokens at the mask tokens, have none). target_mask: [R, T] or [R, K, T]
+    (several templates: targets are the same for every member)."""
     mask = np.asarray(target_mask).astype(bool)
     if mask.ndim == 3:
         mask = mask[:, 0]
     out = mask.copy()
+    if not eos:
+        return out
     rows = np.arange(len(mask))
     first = mask.argmax(1)
     last = mask.shape[1] - 1 - mask[:, ::-1].argmax(1)
@@ -140,7 +143,8 @@ def answer_position(word_mask_RxT):
 
 
 def label_token_ids(model, words) -> list[int]:
-    """The ids of a class's label words as the targets hold them (GPT-2: " " + word)."""
+    """The ids of a class's label words as the targets hold them (GPT-2, a masked LM:
+    " " + word)."""
     tok = model.tokenizer
     ids = []
     for w in words:
@@ -152,11 +156,13 @@ def label_token_ids(model, words) -> list[int]:
 def output_embeddings(model, params=None):
     """[V, D] fp32: the rows the LM head multiplies the (scaled) hidden state by (T5 v1.1's
     lm_head, else the tied input embedding; T5 v1.0's d_model**-0.5 is on the hidden side,
-    see ``T5.decode``)."""
+    see ``T5.decode``; a masked LM's tied word embeddings, which its head's transformed
+    hidden state meets)."""
     params = model.params if params is None else params
     if "lm_head" in params:
         return jnp.asarray(params["lm_head"]["kernel"], jnp.float32).T
-    table = params["shared"] if model.is_encoder_decoder else params["wte"]
+    table = params[{"seq2seq": "shared", "causal": "wte", "masked": "word_embeddings"}[
+        model.kind]]
     return jnp.asarray(table["embedding"], jnp.float32)
 
 

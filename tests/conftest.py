@@ -49,9 +49,29 @@ GPT2_CONFIGS = {
                          bos_token_id=0, eos_token_id=0),
 }
 
+BERT_CONFIGS = {  # masked LMs: (transformers class, config class, config)
+    "bert": ("BertForMaskedLM", "BertConfig", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, pad_token_id=0)),
+    # RoBERTa: positions from pad_token_id + 1, one token type; gelu_new in the layers
+    # (its head stays exact gelu)
+    "roberta": ("RobertaForMaskedLM", "RobertaConfig", dict(
+        vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=48, max_position_embeddings=66, type_vocab_size=1,
+        pad_token_id=1, hidden_act="gelu_new", layer_norm_eps=1e-5)),
+}
+
 
 def make_torch_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
+    if name in BERT_CONFIGS:
+        cls, cfg_cls, kw = BERT_CONFIGS[name]
+        model = getattr(transformers, cls)(getattr(transformers, cfg_cls)(**kw))
+        with torch.no_grad():  # a head bias and LayerNorms that are not 0 / 1
+            for n, p in model.named_parameters():
+                if "LayerNorm" in n or "layer_norm" in n or n.endswith("bias"):
+                    p.add_(0.1 * torch.randn_like(p))
+        return model.eval()
     if name in T5_CONFIGS:
         cfg = transformers.T5Config(**T5_CONFIGS[name])
         model = transformers.T5ForConditionalGeneration(cfg)
@@ -67,7 +87,7 @@ def make_torch_model(name: str, seed: int = 0):
 def saved_models(tmp_path_factory):
     """{name: (torch_model, directory)} for every tiny reference configuration."""
     out = {}
-    for name in list(T5_CONFIGS) + list(GPT2_CONFIGS):
+    for name in list(T5_CONFIGS) + list(GPT2_CONFIGS) + list(BERT_CONFIGS):
         model = make_torch_model(name)
         directory = str(tmp_path_factory.mktemp(name))
         model.save_pretrained(directory)

@@ -36,6 +36,8 @@ def _wrap(base, config):
 
 
 def _task_type(base):
+    if base.config.model_type in ("bert", "roberta"):  # PEFT has no masked-LM task type;
+        return "FEATURE_EXTRACTION"  # this one hands BertForMaskedLM the prompted inputs
     return "SEQ_2_SEQ_LM" if base.config.is_encoder_decoder else "CAUSAL_LM"
 
 

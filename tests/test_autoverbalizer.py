@@ -16,7 +16,7 @@ import pytest
 
 from ptjax import autoverbalizer, cli
 from ptjax.config import TaskConfig, load_config
-from ptjax.data.encoding import tokenize
+from ptjax.data.encoding import MASK_SLOT, tokenize
 from ptjax.data.tasks import synthetic
 from ptjax.data.templates import parse
 from ptjax.errors import PtjaxError
@@ -31,10 +31,12 @@ CLASSES = ("negative", "positive")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The built-in tiny-t5 and tiny-gpt2, in a model.tiny_dir the command reuses."""
+    """The built-in tiny-t5, tiny-gpt2 and tiny-bert, in a model.tiny_dir the command
+    reuses."""
     d = tmp_path_factory.mktemp("tiny-autoverbalizer")
     return {"t5": load_model(build_tiny_model(str(d / "tiny-t5"), "t5")),
             "gpt2": load_model(build_tiny_model(str(d / "tiny-gpt2"), "gpt2")),
+            "bert": load_model(build_tiny_model(str(d / "tiny-bert"), "bert")),
             "dir": str(d)}
 
 
@@ -57,6 +59,10 @@ def _plain_mask_logprobs(model, ex, tcfg):
         assert enc["target_prefix"] == (sentinel,) and sentinel in ids
         dec = np.array([[model.config.decoder_start_token_id, sentinel]])
         logits = model.logits(model.params, np.array([ids]), decoder_input_ids=dec)[0, 1]
+    elif model.kind == "masked":  # the first of the template's mask tokens
+        at = ids.index(MASK_SLOT)
+        ids = [model.tokenizer.mask_token_id if i == MASK_SLOT else i for i in ids]
+        logits = model.logits(model.params, np.array([ids]))[0, at]
     else:
         logits = model.logits(model.params, np.array([ids]))[0, -1]
     x = np.asarray(logits, np.float64)
@@ -64,10 +70,12 @@ def _plain_mask_logprobs(model, ex, tcfg):
 
 
 def _is_whole_word(model, i):
-    """The word token i is, by the tokenizer alone: '▁word' / 'Ġword', alphabetic, and the
-    word (GPT-2: after a space) tokenizes back to exactly [i]."""
+    """The word token i is, by the tokenizer alone: '▁word' / 'Ġword' / WordPiece's 'word',
+    alphabetic, and the word (GPT-2, BERT: after a space) tokenizes back to exactly [i]."""
     piece = model.tokenizer.convert_ids_to_tokens(i)
     mark = "▁" if model.is_encoder_decoder else "Ġ"
+    if model.kind == "masked":
+        piece = "Ġ" + piece  # WordPiece marks a word's continuation (##), not its start
     if not piece.startswith(mark) or not piece[1:].isalpha():
         return None
     word = piece[1:]
@@ -75,7 +83,7 @@ def _is_whole_word(model, i):
     return word if model.tokenizer(text, add_special_tokens=False)["input_ids"] == [i] else None
 
 
-@pytest.mark.parametrize("family", ["t5", "gpt2"])
+@pytest.mark.parametrize("family", ["t5", "gpt2", "bert"])
 def test_candidates_equal_the_papers_sum_by_a_plain_loop(tiny, family):
     """V_c = Top-k over whole words v of sum_{x in class c} log P([MASK] = v | T(x))."""
     model, k = tiny[family], 6

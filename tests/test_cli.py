@@ -69,7 +69,7 @@ def bare_t5(tmp_path_factory):
     (["model.path=/nonexistent/t5"], "model.path=/nonexistent/t5: no such directory"),
     (["model.path=tiny-t6"], "did you mean 'tiny-t5'? give a checkpoint directory, a "
                              "Hugging Face hub id (e.g. google/t5-small-lm-adapt) or a "
-                             "built-in model: tiny-t5, tiny-gpt2"),
+                             "built-in model: tiny-t5, tiny-gpt2, tiny-bert"),
 ])
 def test_config_show_refuses_what_train_refuses(tmp_path, capsys, bare_t5, overrides,
                                                 message):

@@ -189,7 +189,7 @@ def argv(ex: Example, full: bool) -> list:
 def tiny_models(tmp_path_factory):
     d = tmp_path_factory.mktemp("doc-models")
     return {name: build_tiny_model(str(d / name), family=name.split("-")[1])
-            for name in ("tiny-t5", "tiny-gpt2")}
+            for name in ("tiny-t5", "tiny-gpt2", "tiny-bert")}
 
 
 def sandbox(path, tiny_models) -> str:

@@ -19,7 +19,7 @@ try:  # the PEFT / PyTorch side; the tests that use it are `torch` tests (confte
 except ImportError:
     ref = None
 from ptjax.methods import for_model
-from ptjax.methods.prefix import peft_layer_slots
+from ptjax.methods.prefix import peft_layer_slots, peft_site
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -94,24 +94,26 @@ def _prefix_grads_as_peft(g, projection, cols):
 
 
 @pytest.mark.parametrize("name, projection", [("gpt2", True), ("gpt2", False),
-                                              ("t5_odd", True), ("t5_odd", False)])
+                                              ("t5_odd", True), ("t5_odd", False),
+                                              ("bert", True), ("roberta", False)])
 def test_prefix_matches_peft(loaded, t5_odd, name, projection):
-    """GPT-2: keys/values at every layer. T5: the decoder self-attention alone, which is
-    all a PEFT prefix reaches (with its layer slots 2n mod N)."""
+    """GPT-2, BERT / RoBERTa: keys/values at every layer (BERT's positions shifted by P, as
+    transformers shifts them behind a cache of P keys). T5: the decoder self-attention
+    alone, which is all a PEFT prefix reaches (with its layer slots 2n mod N)."""
     tmodel, model = t5_odd if name == "t5_odd" else loaded[name]
     P = 3
     pm = ref.prefix_model(tmodel, P, projection, hidden=16)
     batch = _batch(model)
     want_logits, want_grads = ref.logits_and_grads(pm, **batch)
-    sites = '["decoder"]'
-    method = for_model(model, "prefix", [f"prompt.length={P}", f"method.prefix.sites={sites}",
+    site = peft_site(model.config)
+    method = for_model(model, "prefix", [f"prompt.length={P}", f"method.prefix.sites=[{site}]",
                                          f"method.prefix.projection={projection}",
                                          "method.prefix.hidden=16"])
     cols = peft_layer_slots(model.config)
-    member = {"prefix": {"decoder": _prefix_member(ref.adapter_state(pm), projection, cols)}}
+    member = {"prefix": {site: _prefix_member(ref.adapter_state(pm), projection, cols)}}
     logits, grads = _jax_logits_and_grads(model, method, member, batch)
     np.testing.assert_allclose(_masked(logits, batch), _masked(want_logits, batch), **TOL)
-    got = _prefix_grads_as_peft(grads["prefix"]["decoder"], projection, cols)
+    got = _prefix_grads_as_peft(grads["prefix"][site], projection, cols)
     for key, want in want_grads.items():
         np.testing.assert_allclose(np.asarray(got[key]), want, **TOL, err_msg=key)
 
@@ -132,7 +134,7 @@ def _ptuning_member(state, encoder):
             "head": {"l0": lin(0), "l1": lin(2)}}
 
 
-@pytest.mark.parametrize("name", ["gpt2", "t5_v1_0"])
+@pytest.mark.parametrize("name", ["gpt2", "t5_v1_0", "bert", "roberta"])
 @pytest.mark.parametrize("encoder", ["mlp", "lstm"])
 def test_ptuning_matches_peft(loaded, name, encoder):
     tmodel, model = loaded[name]
@@ -189,14 +191,17 @@ def _ptjax_logits(model, method, member, batch):
 
 
 @pytest.mark.parametrize("name, method_name", [("gpt2", "prefix"), ("t5_odd", "prefix"),
-                                               ("gpt2", "ptuning"), ("t5_v1_0", "ptuning")])
+                                               ("gpt2", "ptuning"), ("t5_v1_0", "ptuning"),
+                                               ("bert", "prefix"), ("roberta", "ptuning"),
+                                               ("bert", "prompt")])
 def test_exported_adapter_loads_in_peft_with_equal_logits(loaded, t5_odd, tmp_path, name,
                                                           method_name):
     """The export of a trained member is a PEFT adapter (PREFIX_TUNING with the
     materialised prefix; P_TUNING with the encoder's output) giving ptjax's logits."""
     tmodel, model = t5_odd if name == "t5_odd" else loaded[name]
     overrides = ["prompt.length=3", "prompt.seeds=[0,1]", "prompt.init=random_uniform",
-                 "method.prefix.sites=[decoder]", "method.prefix.hidden=16",
+                 f"method.prefix.sites=[{peft_site(model.config)}]",
+                 "method.prefix.hidden=16",
                  "method.ptuning.encoder=lstm", "method.ptuning.hidden=16"]
     method = for_model(model, method_name, overrides)
     tree = method.init(model, None, None)

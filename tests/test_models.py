@@ -90,7 +90,7 @@ def test_prompt_and_input_errors(loaded):
         gpt2.logits(gpt2.params, ids, decoder_input_ids=ids)
 
 
-@pytest.mark.parametrize("family", ["t5", "gpt2"])
+@pytest.mark.parametrize("family", ["t5", "gpt2", "bert", "roberta"])
 @pytest.mark.torch
 def test_tiny_model_is_a_valid_hf_checkpoint(tmp_path, family):
     """ptjax writes the built-in tiny model in Hugging Face form: transformers reads it and
@@ -110,6 +110,27 @@ def test_tiny_model_is_a_valid_hf_checkpoint(tmp_path, family):
             want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                        decoder_input_ids=torch.tensor(dec)).logits.numpy()
         np.testing.assert_allclose(out, want, atol=1e-4)
+    elif family in ("bert", "roberta"):  # [CLS] ... [SEP] / <s> ... </s>, a mask token
+        tok = model.tokenizer
+        batch = tok([f"the movie was {tok.mask_token}", "a dull film"], ["yes", "no"],
+                    padding=True, return_tensors="np")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        types = batch.get("token_type_ids", np.zeros_like(ids))
+        assert tok.mask_token_id in ids[0] and ids[0, 0] == tok.cls_token_id
+        assert types.max() == (family == "bert")  # RoBERTa has one token type
+        cls = (transformers.BertForMaskedLM if family == "bert"
+               else transformers.RobertaForMaskedLM)
+        ref = cls.from_pretrained(path).eval()
+        params = dict(model.params, head_bias=np.linspace(-1, 1, model.config.vocab_size,
+                                                         dtype=np.float32))
+        with torch.no_grad():  # the head's bias (0 when built) is read where it is written
+            head = ref.cls.predictions if family == "bert" else ref.lm_head
+            head.bias.copy_(torch.tensor(params["head_bias"]))
+            want = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                       token_type_ids=torch.tensor(types)).logits.numpy()
+        out = model.logits(params, ids, attention_mask=mask, token_type_ids=types)
+        m = mask.astype(bool)
+        np.testing.assert_allclose(np.asarray(out)[m], want[m], atol=1e-4)
     else:
         ref = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
         out = model.logits(model.params, ids, attention_mask=mask)
@@ -123,12 +144,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli.main(["info", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing: no such directory" in err
-    bad = tmp_path / "bert"
+    bad = tmp_path / "llama"
     bad.mkdir()
-    (bad / "config.json").write_text('{"model_type": "bert"}')
+    (bad / "config.json").write_text('{"model_type": "llama"}')
     assert cli.main(["info", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "'bert' is not supported; supported: t5, gpt2" in err
+    assert err.count("\n") == 1 and ("'llama' is not supported; supported: t5, gpt2, bert, "
+                                      "roberta") in err
 
 
 def test_cli_tiny_info_generate(tmp_path, capsys):

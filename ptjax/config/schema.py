@@ -29,7 +29,7 @@ LabelWords = tuple[tuple[str, tuple[str, ...]], ...]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    path: str = "tiny-t5"  # checkpoint dir, hub id, or a built-in: tiny-t5 | tiny-gpt2
+    path: str = "tiny-t5"  # checkpoint dir, hub id, or built-in: tiny-{t5,gpt2,bert,roberta}
     dtype: str = "float32"  # weights and activations; softmax, norms and loss stay fp32
     remat: str = "none"  # auto: the cheapest policy whose compiled step fits the device
     tiny_dir: str = "runs/models"  # where built-in tiny models are written
@@ -142,7 +142,7 @@ PREFIX_INITS = ("random", "text")
 
 @dataclasses.dataclass(frozen=True)
 class PrefixConfig:
-    sites: tuple[str, ...] = ()  # T5: encoder, decoder, cross; GPT-2: decoder; () = all
+    sites: tuple[str, ...] = ()  # T5 encoder, decoder, cross; GPT-2 decoder; BERT encoder; () = all
     projection: bool = True  # the MLP reparameterisation; false = P-tuning v2
     hidden: int = 512  # h, the MLP's width
     embed_dim: int = 0  # k, the width of P' (0 = the model's d_model)

@@ -16,6 +16,15 @@ GPT-2: one sequence ``inputs + " " + targets + EOS`` right-padded to Li + Lt:
 input_ids/input_mask [N, Li+Lt]; targets[t] = the token at t+1 and target_mask marks only
 the target tokens (the loss never sees the input), as PEFT's causal-LM labels do.
 
+BERT / RoBERTa (a masked LM): the template's ``{mask}`` becomes task.max_target_length
+(M) mask tokens inside ``[CLS] ... [SEP]`` (RoBERTa's <s> ... </s>), and the target's
+tokens (" " + target, no special tokens) are predicted there: input_ids/input_mask,
+targets and target_mask [N, Li] (+ the soft tokens), targets[t] = the target token the
+mask at t stands for, target_mask marking them. A shorter word leaves the masks after it
+unscored: PET's scoring of multi-token label words in one pass (Schick & Schütze 2021,
+"It's Not Just Size That Matters", M = the longest word's tokens); set
+task.max_target_length to that.
+
 With a template (``ptjax.data.templates``) the input is laid out by it, and its P soft
 tokens take places of their own: inputs are Li + P wide, and ``slots`` (same shape as
 input_ids, and gen_slots as gen_ids) holds at each place the index of the soft vector
@@ -119,6 +128,7 @@ def _pad(rows, length, pad_id, left=False):
 
 
 SENTINEL = "<extra_id_0>"  # T5's first span-corruption sentinel, the vocabulary's last id
+MASK_SLOT = -(2 ** 30)  # a masked LM's {mask} token while tokenized (soft tokens are -1..-P)
 
 
 def _tokenizer(model):
@@ -139,8 +149,10 @@ def target_prefix(model, sentinel: bool, max_target_length: int,
         raise PtjaxError(f"{why} puts {SENTINEL} before every target; "
                          f"task.max_target_length={max_target_length} leaves no room for it")
     if not model.is_encoder_decoder:
+        what = "a decoder-only" if model.kind == "causal" else \
+            "a masked LM (its {mask} is its own mask token, targets have no sentinel)"
         raise PtjaxError(f"{why} needs a T5 checkpoint with span-"
-                         f"corruption sentinels; {model.path} is a decoder-only model")
+                         f"corruption sentinels; {model.path} is {what} model")
     tok = _tokenizer(model)
     i = tok.convert_tokens_to_ids(SENTINEL)
     if i is None or i == tok.unk_token_id or i >= model.config.vocab_size:
@@ -157,6 +169,15 @@ def tokenize(model, examples, max_input_length: int, max_target_length: int,
     tok, cfg = _tokenizer(model), model.config
     if not examples:  # e.g. a batch whose examples were all tokenized before (the cache)
         return []
+    if model.kind == "masked":
+        if template is None or not template.has_mask:
+            raise PtjaxError("a masked LM predicts its targets at mask tokens: it needs "
+                             "task.template with {mask} (e.g. '{inputs} It was {mask}.')")
+        inputs = _tokenize_template(model, template, examples, max_input_length,
+                                    masks=max_target_length)
+        targets = [_clip(ids, max_target_length) for ids in tok(
+            [" " + e["targets"] for e in examples], add_special_tokens=False)["input_ids"]]
+        return [(a, b, ca or cb) for (a, ca), (b, cb) in zip(inputs, targets)]
     if template is not None:
         inputs = _tokenize_template(model, template, examples, max_input_length)
     else:
@@ -183,6 +204,8 @@ def assemble(model, tokenized, max_input_length: int, max_target_length: int,
     soft_tokens: P of a template with soft slots (inputs are Li + P wide, with ``slots``)."""
     cfg = model.config
     width = max_input_length + soft_tokens
+    if model.kind == "masked":
+        return _assemble_masked(model, tokenized, width, soft_tokens)
     if model.is_encoder_decoder:
         input_ids, input_mask = _pad([a for a, _, _ in tokenized], width, cfg.pad_token_id)
         targets, target_mask = _pad([b for _, b, _ in tokenized], max_target_length,
@@ -209,6 +232,23 @@ def assemble(model, tokenized, max_input_length: int, max_target_length: int,
     if soft_tokens:
         out["input_ids"], out["slots"] = _split_slots(input_ids, pad)
         out["gen_ids"], out["gen_slots"] = _split_slots(gen_ids, pad)
+    return out
+
+
+def _assemble_masked(model, tokenized, width: int, soft_tokens: int) -> dict:
+    """A masked LM's arrays (module docstring): the target's tokens at the mask tokens."""
+    pad, mask_id = model.config.pad_token_id, model.tokenizer.mask_token_id
+    input_ids, input_mask = _pad([a for a, _, _ in tokenized], width, pad)
+    targets = np.zeros_like(input_ids)
+    target_mask = np.zeros_like(input_mask)
+    for i, (_, b, _) in enumerate(tokenized):
+        at = np.flatnonzero(input_ids[i] == MASK_SLOT)[:len(b)]
+        targets[i, at], target_mask[i, at] = b, 1
+    input_ids = np.where(input_ids == MASK_SLOT, mask_id, input_ids).astype(np.int32)
+    out = dict(input_ids=input_ids, input_mask=input_mask, targets=targets,
+               target_mask=target_mask)
+    if soft_tokens:
+        out["input_ids"], out["slots"] = _split_slots(input_ids, pad)
     return out
 
 
@@ -242,13 +282,18 @@ def encode(model, examples, max_input_length: int, max_target_length: int,
     return per_member[0], cut
 
 
-def _tokenize_template(model, template, examples, max_length: int) -> list:
+def _tokenize_template(model, template, examples, max_length: int, masks: int = 0) -> list:
     """[(input ids with soft tokens as -(1 + index), truncated)] laid out by ``template``:
     pieces tokenized one by one (a space before a piece that follows text), T5's
     <extra_id_0> at {mask} and EOS at the end; fields cut longest-first so the text
-    tokens fit ``max_length`` (soft tokens come on top)."""
+    tokens fit ``max_length`` (soft tokens come on top). A masked LM (``masks``): {mask}
+    is that many ``MASK_SLOT`` ids and the row is [CLS] ... [SEP] (the tokenizer's)."""
     tok, cfg = _tokenizer(model), model.config
     enc_dec = model.is_encoder_decoder
+    masked = model.kind == "masked"
+    if masked and tok.mask_token_id is None:
+        raise PtjaxError(f"{model.path}: the tokenizer has no mask token, which a masked LM's "
+                         "{mask} needs")
 
     def ids(text):
         return tok(text, add_special_tokens=False)["input_ids"]
@@ -258,6 +303,8 @@ def _tokenize_template(model, template, examples, max_length: int) -> list:
         lead = " " if p.space and seen_text else ""
         if p.kind == "text":
             fixed.append(ids(lead + p.text))
+        elif p.kind == "mask" and masked:
+            fixed.append([MASK_SLOT] * masks)
         elif p.kind == "mask":
             fixed.append(list(target_prefix(model, True, 2)) if enc_dec else [])
         elif p.kind == "soft":
@@ -266,7 +313,11 @@ def _tokenize_template(model, template, examples, max_length: int) -> list:
             fixed.append(None)
         seen_text |= p.kind in ("text", "field")
     eos = [cfg.eos_token_id] if enc_dec else []
-    n_fixed = sum(len([i for i in f if i >= 0]) for f in fixed if f is not None) + len(eos)
+    bos = []
+    if masked:  # the single-sequence special tokens: [CLS] ... [SEP] / <s> ... </s>
+        bos, eos = [tok.cls_token_id], [tok.sep_token_id]
+    n_fixed = sum(len([i for i in f if i >= 0 or i == MASK_SLOT]) for f in fixed
+                  if f is not None) + len(eos) + len(bos)
     if n_fixed >= max_length:
         raise PtjaxError(f"task.template={template.source!r}: its own text takes {n_fixed} of "
                          f"task.max_input_length={max_length} tokens, leaving none for the "
@@ -297,5 +348,5 @@ def _tokenize_template(model, template, examples, max_length: int) -> list:
         seq = []
         for i, f in enumerate(fixed):
             seq += fields[i] if f is None else f
-        out.append((seq + eos, cut))
+        out.append((bos + seq + eos, cut))
     return out

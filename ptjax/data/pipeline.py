@@ -116,7 +116,8 @@ class TrainStream:
             _, arrays["label"] = expand([self.shards[q][i] for q, i in keys], self.scoring,
                                         "train", "train")
             arrays["word_mask"] = word_mask(arrays["target_mask"],
-                                            len(self.target_prefix)).astype(np.int32)
+                                            len(self.target_prefix),
+                                            self.model.kind != "masked").astype(np.int32)
         return arrays, sum(cut for _, _, cut in (ex[0][0] for ex in tokenized))
 
 

@@ -137,9 +137,16 @@ def parse(source: str, where: str = "task.template") -> Template:
     return Template(source, tuple(pieces), P, masks == 1)
 
 
-def check_for_model(template: Template, encoder_decoder: bool, where: str = "task.template"):
-    """Model-dependent rules: GPT-2's answer follows the input, so {mask} comes last."""
-    if not encoder_decoder and template.has_mask and template.pieces[-1].kind != "mask":
+def check_for_model(template: Template, kind: str, where: str = "task.template"):
+    """Model-dependent rules (kind: ``Model.kind``): GPT-2's answer follows the input, so
+    {mask} comes last; a masked LM predicts its answer at {mask}, so it needs one."""
+    if kind == "masked":
+        n = sum(p.kind == "mask" for p in template.pieces)
+        if n != 1:
+            raise PtjaxError(f"{where}={template.source!r}: a masked LM predicts the answer "
+                             f"at the template's {{mask}}; it needs exactly one, not {n}")
+        return
+    if kind == "causal" and template.has_mask and template.pieces[-1].kind != "mask":
         raise PtjaxError(f"{where}={template.source!r}: on a decoder-only model the answer "
                          "follows the input, so {mask} must be the last piece")
 

@@ -25,8 +25,10 @@ from safetensors.numpy import save_file
 
 from ptjax.config.schema import PREFIX_INITS, PrefixConfig  # noqa: F401 (re-exported)
 from ptjax.errors import PtjaxError
+from ptjax.export import peft_geometry
 from ptjax.methods.base import Method, stack_members, uniform_init
 from ptjax.models.common import PromptInputs
+from ptjax.models.model import kind_of
 from ptjax.prompts import strip_special
 
 
@@ -35,11 +37,21 @@ def site_geometry(config, site: str) -> tuple[int, int, int]:
     if config.model_type == "t5":
         layers = config.num_layers if site == "encoder" else config.num_decoder_layers
         return layers, config.num_heads, config.d_kv
+    if kind_of(config) == "masked":
+        H = config.num_attention_heads
+        return config.num_hidden_layers, H, config.hidden_size // H
     return config.n_layer, config.n_head, config.n_embd // config.n_head
 
 
 def model_sites(config) -> tuple:
-    return ("encoder", "decoder", "cross") if config.model_type == "t5" else ("decoder",)
+    return {"seq2seq": ("encoder", "decoder", "cross"), "causal": ("decoder",),
+            "masked": ("encoder",)}[kind_of(config)]
+
+
+def peft_site(config) -> str:
+    """The site a PEFT prefix (``past_key_values``) enters: the decoder's self-attention,
+    a masked LM's (encoder) self-attention."""
+    return "encoder" if kind_of(config) == "masked" else "decoder"
 
 
 def materialise(site_params: dict, geometry) -> dict:
@@ -129,8 +141,10 @@ class PrefixMethod(Method):
                   for site in self.sites}
         return frozen, PromptInputs(prefix=prefix)
 
-    def positions(self) -> int:  # GPT-2's tokens follow the prefix's P positions
-        return self.prompt.length if "decoder" in self.sites else 0
+    def positions(self) -> int:  # GPT-2's / BERT's tokens follow the prefix's P positions
+        if kind_of(self.model_config) == "seq2seq":  # T5's positions are relative
+            return self.prompt.length if "decoder" in self.sites else 0
+        return self.prompt.length
 
     def materialised(self, member) -> dict:
         """{site: {"k", "v"} [L, P, H, Dh]} as numpy, for export and inference."""
@@ -140,7 +154,8 @@ class PrefixMethod(Method):
 
     def export(self, directory, best, model, base_model):
         """prefix-k/prefix.safetensors ({site}.k / {site}.v [L, P, H, Dh]) per member, and
-        a PEFT PREFIX_TUNING adapter where PEFT can express the prefix: GPT-2, and T5 with
+        a PEFT PREFIX_TUNING adapter where PEFT can express the prefix: GPT-2, BERT /
+        RoBERTa (FEATURE_EXTRACTION, ``ptjax.export``), and T5 with
         the decoder self-attention site alone, as many decoder as encoder layers, an odd
         number of them (``peft_layer_slots``) and d_kv x heads = d_model."""
         os.makedirs(directory, exist_ok=True)
@@ -151,7 +166,8 @@ class PrefixMethod(Method):
             save_file({f"{site}.{n}": np.ascontiguousarray(a) for site, d in kv.items()
                        for n, a in d.items()}, os.path.join(out, "prefix.safetensors"))
             if peft_expressible(self.model_config, self.sites):
-                write_peft_prefix(out, flatten_kv(kv["decoder"]), model, base_model)
+                write_peft_prefix(out, flatten_kv(kv[peft_site(self.model_config)]), model,
+                                  base_model)
 
 
 def peft_layer_slots(config) -> np.ndarray:
@@ -161,7 +177,7 @@ def peft_layer_slots(config) -> np.ndarray:
     concatenating two copies of its N layer slots and cutting them in fours (self k, v,
     cross k, v), so decoder layer n reads slot 2n mod N, and the cross half is dropped:
     only an odd N gives every layer a slot of its own."""
-    L, H, Dh = site_geometry(config, "decoder")
+    L, H, Dh = site_geometry(config, peft_site(config))
     width = 2 * H * Dh
     slots = [(2 * n) % L for n in range(L)] if config.model_type == "t5" else range(L)
     return np.concatenate([np.arange(s * width, (s + 1) * width) for s in slots])
@@ -169,8 +185,8 @@ def peft_layer_slots(config) -> np.ndarray:
 
 def peft_expressible(config, sites) -> bool:
     """Whether a PEFT PREFIX_TUNING adapter can hold this prefix exactly."""
-    if config.model_type == "gpt2":
-        return tuple(sites) == ("decoder",)
+    if kind_of(config) != "seq2seq":  # PEFT's past_key_values: the one site, every layer
+        return tuple(sites) == model_sites(config)
     heads_fit = config.d_kv * config.num_heads == config.d_model  # PEFT sizes Dh = D / H
     return (tuple(sites) == ("decoder",) and config.num_decoder_layers == config.num_layers
             and config.num_layers % 2 == 1 and heads_fit)
@@ -179,10 +195,8 @@ def peft_expressible(config, sites) -> bool:
 def write_peft_prefix(directory: str, flat_PxF, model, base_model: str):
     """A PEFT PREFIX_TUNING adapter holding the materialised prefix (inference mode)."""
     cfg = model.config
-    if model.is_encoder_decoder:
-        task_type, layers, heads, dim = "SEQ_2_SEQ_LM", cfg.num_layers, cfg.num_heads, cfg.d_model
-    else:
-        task_type, layers, heads, dim = "CAUSAL_LM", cfg.n_layer, cfg.n_head, cfg.n_embd
+    task_type, layers, heads = peft_geometry(model)
+    dim = cfg.hidden_size
     peft_flat = flat_PxF[:, np.argsort(peft_layer_slots(cfg))]  # ptjax layer n -> its slot
     save_file({"prompt_embeddings": np.ascontiguousarray(peft_flat, np.float32)},
               os.path.join(directory, "adapter_model.safetensors"))

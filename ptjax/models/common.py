@@ -121,6 +121,26 @@ def place_embeds(x_BxLxD, prompt: PromptInputs, dtype):
     return jnp.where((slots >= 0)[..., None], picked, x_BxLxD)
 
 
+def with_prompt(x_BxLxD, mask_BxL, prompt, slots, prompt_mask, dtype):
+    """Token embeddings and their mask with a prompt -> (embeddings [B, P+L, D], mask
+    [B, P+L], P): prompt vectors [P, D] / [B, P, D] go before the input, or, with a
+    template's ``slots`` [B, L], inside it (P = 0). prompt_mask: [B, P] bool, which prompt
+    vectors are real (None: all); with slots too (a mixed batch), the vectors also go
+    before the input where it says."""
+    if slots is not None and prompt is not None:
+        x_BxLxD = place_embeds(x_BxLxD, PromptInputs(embeds=prompt, slots=slots), dtype)
+        if prompt_mask is None:  # else a mixed batch: prepended too, where the mask says
+            return x_BxLxD, mask_BxL, 0
+    if prompt is None:
+        return x_BxLxD, mask_BxL, 0
+    prompt_BxPxD = broadcast_prompt(prompt, x_BxLxD.shape[0], dtype)
+    x = jnp.concatenate([prompt_BxPxD, x_BxLxD], axis=1)
+    B, P = prompt_BxPxD.shape[:2]
+    mask = jnp.concatenate([embeds_key_mask(PromptInputs(embeds_mask=prompt_mask), B, P),
+                            mask_BxL], axis=1)
+    return x, mask, P
+
+
 def prefix_length(prefix) -> int:
     """P of a site prefix from ``site_prefix`` (0 for None)."""
     return 0 if prefix is None else prefix["k"].shape[2]

@@ -18,10 +18,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ptjax.models.common import (ACTIVATIONS, MASK_VALUE, KeyMask, ModelOptions, MultiHeadAttention,
-                                 PromptInputs, as_prompt_inputs, broadcast_prompt, constrain_hidden,
-                                 dropout, embeds_key_mask, logical, place_embeds, prefix_keys,
+                                 as_prompt_inputs, constrain_hidden, dropout, logical, prefix_keys,
                                  prefix_length, remat_layer, scan_layers, site_prefix,
-                                 tied_logits)
+                                 tied_logits, with_prompt)
 from ptjax.models.convert import Rule
 
 SITES = ("decoder",)  # where prefix keys/values can enter
@@ -141,19 +140,8 @@ class GPT2(nn.Module):
         if attention_mask_BxL is None:
             attention_mask_BxL = jnp.ones(input_ids_BxL.shape, bool)
         mask = attention_mask_BxL.astype(bool)
-        x = self.wte(input_ids_BxL)
-        if slots is not None and prompt is not None:
-            x = place_embeds(x, PromptInputs(embeds=prompt, slots=slots), self.dtype)
-            if prompt_mask is None:  # else a mixed batch: prepended too, where the mask says
-                return x, mask, 0
-        if prompt is None:
-            return x, mask, 0
-        prompt_BxPxD = broadcast_prompt(prompt, input_ids_BxL.shape[0], self.dtype)
-        x = jnp.concatenate([prompt_BxPxD, x], axis=1)
-        B, P = prompt_BxPxD.shape[:2]
-        mask = jnp.concatenate([embeds_key_mask(PromptInputs(embeds_mask=prompt_mask), B, P),
-                                mask], axis=1)
-        return x, mask, P
+        return with_prompt(self.wte(input_ids_BxL), mask, prompt, slots, prompt_mask,
+                           self.dtype)
 
     def forward(self, embeds_BxTxD, positions_BxT, key_mask_BxS, cache=None, cache_index=None,
                 prefix=None):

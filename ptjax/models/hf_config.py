@@ -1,4 +1,4 @@
-"""Hugging Face ``config.json`` <-> ptjax's T5 / GPT-2 configs, and each model family's
+"""Hugging Face ``config.json`` <-> ptjax's T5 / GPT-2 / BERT configs, and each model family's
 conversion rules and Flax module."""
 from __future__ import annotations
 
@@ -10,14 +10,11 @@ from typing import Any
 import numpy as np
 
 from ptjax.errors import PtjaxError
-from ptjax.models import checkpoint_files, gpt2, t5
+from ptjax.models import bert, checkpoint_files, gpt2, t5
 from ptjax.models.common import ACTIVATIONS
 from ptjax.models.presets import preset
 
-SUPPORTED_MODEL_TYPES = ("t5", "gpt2")
-
-
-SUPPORTED_MODEL_TYPES = ("t5", "gpt2")
+SUPPORTED_MODEL_TYPES = ("t5", "gpt2", "bert", "roberta")
 
 
 def _require(cfg: dict, key: str, where: str):
@@ -78,6 +75,34 @@ def _gpt2_config(c: dict, weights, where: str) -> gpt2.GPT2Config:
         pad_token_id=c.get("pad_token_id"))
 
 
+def _bert_config(c: dict, weights, where: str) -> bert.BertConfig:
+    model_type = c["model_type"]
+    for key, valid in (("position_embedding_type", "absolute"), ("is_decoder", False),
+                       ("add_cross_attention", False), ("tie_word_embeddings", True)):
+        if c.get(key, valid) != valid:
+            raise PtjaxError(f"{where}: config.json sets {key}={c[key]!r}; ptjax's "
+                             f"{model_type} masked LM supports only {valid!r}")
+    act = c.get("hidden_act", "gelu")
+    if act not in ACTIVATIONS:
+        raise PtjaxError(f"{where}: hidden_act {act!r} is not supported; valid: "
+                         f"{', '.join(ACTIVATIONS)}")
+    defaults = (dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+                if model_type == "roberta" else
+                dict(pad_token_id=0, bos_token_id=None, eos_token_id=None))
+    return bert.BertConfig(
+        vocab_size=_require(c, "vocab_size", where),
+        hidden_size=_require(c, "hidden_size", where),
+        num_hidden_layers=_require(c, "num_hidden_layers", where),
+        num_attention_heads=_require(c, "num_attention_heads", where),
+        intermediate_size=_require(c, "intermediate_size", where), hidden_act=act,
+        hidden_dropout_prob=c.get("hidden_dropout_prob", 0.1),
+        attention_probs_dropout_prob=c.get("attention_probs_dropout_prob", 0.1),
+        max_position_embeddings=c.get("max_position_embeddings", 512),
+        type_vocab_size=c.get("type_vocab_size", 2),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+        **{k: c.get(k, v) for k, v in defaults.items()}, model_type=model_type)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """How one model family converts: its config from a config.json dict, its weight
@@ -93,11 +118,14 @@ FAMILIES = {
     # GPT2LMHeadModel saves "transformer.h.0..."; the original hub files say "h.0...".
     "gpt2": Family(_gpt2_config, gpt2.hf_rules, gpt2.GPT2,
                     rename=lambda k: k.removeprefix("transformer.")),
+    # BertForMaskedLM / RobertaForMaskedLM, by the names they save (``bert.hf_rules``)
+    "bert": Family(_bert_config, bert.hf_rules, bert.BertMLM),
+    "roberta": Family(_bert_config, bert.hf_rules, bert.BertMLM),
 }
 
 
 def family_of(config) -> Family:
-    """The family of a ptjax config (T5Config / GPT2Config)."""
+    """The family of a ptjax config (T5Config / GPT2Config / BertConfig)."""
     return FAMILIES[config.model_type]
 
 
@@ -112,6 +140,8 @@ def hf_config_dict(config) -> dict:
         if not tie and d["scale_decoder_outputs"]:
             raise PtjaxError("cannot save a T5 with both a separate lm_head and output "
                              "scaling in Hugging Face form")
+    elif isinstance(config, bert.BertConfig):
+        d["architectures"] = [bert.ARCHITECTURES[config.model_type]]
     else:
         d["architectures"] = ["GPT2LMHeadModel"]
     return d

@@ -1,12 +1,13 @@
-"""``ptjax.load_model``: a frozen Flax T5 / GPT-2 with its params, tokenizer and jitted
-``logits`` / ``generate``.
+"""``ptjax.load_model``: a frozen Flax T5 / GPT-2 / BERT (RoBERTa) with its params,
+tokenizer and jitted ``logits`` / ``generate``.
 
 The stable public API (outside checks call exactly this)::
 
     model = ptjax.load_model(path_or_hub_id, dtype="float32")
     model.config, model.params, model.tokenizer     # tokenizer may be None
     model.logits(params, input_ids, *, attention_mask=None, decoder_input_ids=None,
-                 decoder_attention_mask=None, prompt=None) -> [B, T, vocab]
+                 decoder_attention_mask=None, prompt=None, token_type_ids=None)
+        -> [B, T, vocab]
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from flax.linen import meta as nn_meta
 from safetensors.flax import save_file
 
 from ptjax.errors import PtjaxError
-from ptjax.models import checkpoint_files, gpt2, t5
+from ptjax.models import bert, checkpoint_files, gpt2, t5
 from ptjax.models.common import ModelOptions, as_prompt_inputs
 from ptjax.models.convert import load_params, to_hf_state_dict
 from ptjax.models.generate import decoding, gpt2_generate, t5_generate
@@ -55,7 +56,7 @@ class Model:
     ``params`` is a plain nested dict of arrays; per-layer weights carry a leading
     [layers] axis. ``logits`` and ``generate`` are jitted once per input shape.
     """
-    config: t5.T5Config | gpt2.GPT2Config
+    config: t5.T5Config | gpt2.GPT2Config | bert.BertConfig
     params: Any
     tokenizer: Any = None
     dtype: Any = jnp.float32
@@ -73,13 +74,20 @@ class Model:
     def is_encoder_decoder(self) -> bool:
         return isinstance(self.config, t5.T5Config)
 
+    @property
+    def kind(self) -> str:
+        """"seq2seq" (T5: targets from the decoder), "causal" (GPT-2: targets after the
+        input, scored left to right) or "masked" (BERT / RoBERTa: label words at the
+        input's mask tokens)."""
+        return kind_of(self.config)
+
     def module(self, *, deterministic: bool = True, remat: str | None = None,
                options: ModelOptions | None = None, **kw):
         """The Flax module; ``deterministic=False`` turns dropout on (needs a 'dropout' rng).
         remat: none | full | dots | dots_no_batch (default: ``self.remat``).
         options: ``ModelOptions`` (attention implementation, dropout rates); default:
         ``self.options()``."""
-        cls = t5.T5 if self.is_encoder_decoder else gpt2.GPT2
+        cls = family_of(self.config).module
         if options is None:
             options = self.options()
         return cls(self.config, dtype=self.dtype, deterministic=deterministic,
@@ -104,22 +112,32 @@ class Model:
                        static_argnames=("max_new_tokens",))
 
     def logits(self, params, input_ids, *, attention_mask=None, decoder_input_ids=None,
-               decoder_attention_mask=None, prompt=None):
+               decoder_attention_mask=None, prompt=None, token_type_ids=None):
         """fp32 logits over the real positions only, never the prompt's.
 
         input_ids / attention_mask: [B, L]. prompt: [P, D] shared or [B, P, D], or a
         ``PromptInputs`` (embeddings and/or per-layer prefix keys/values).
         T5: decoder_input_ids / decoder_attention_mask [B, T] -> [B, T, vocab].
         GPT-2: -> [B, L, vocab] (decoder_* must be None).
+        BERT / RoBERTa: -> [B, L, vocab], the MLM head's; token_type_ids [B, L] (None: 0;
+        only these take it).
         """
         if self.is_encoder_decoder:
             if decoder_input_ids is None:
                 raise PtjaxError("T5 needs decoder_input_ids ([B, T] ids starting with "
                                  f"decoder_start_token_id={self.config.decoder_start_token_id})")
         elif decoder_input_ids is not None or decoder_attention_mask is not None:
-            raise PtjaxError("GPT-2 is decoder-only: pass input_ids/attention_mask, "
+            name = "GPT-2 is decoder-only" if self.kind == "causal" else \
+                f"{self.config.model_type} is encoder-only"
+            raise PtjaxError(f"{name}: pass input_ids/attention_mask, "
                              "not decoder_input_ids/decoder_attention_mask")
+        if token_type_ids is not None and self.kind != "masked":
+            raise PtjaxError(f"token_type_ids: {self.config.model_type} has no token types; "
+                             "only BERT / RoBERTa take them")
         self.check_prompt(prompt, np.shape(input_ids)[1])
+        if token_type_ids is not None:
+            return self._jit_logits(params, input_ids, attention_mask, decoder_input_ids,
+                                    decoder_attention_mask, prompt, token_type_ids)
         return self._jit_logits(params, input_ids, attention_mask, decoder_input_ids,
                                 decoder_attention_mask, prompt)
 
@@ -142,6 +160,10 @@ class Model:
         After a row emits EOS it is filled with the pad id (EOS for GPT-2 without one).
         GPT-2 inputs must be left-padded so every row's context ends at the same slot.
         """
+        if self.kind == "masked":
+            raise PtjaxError(f"generate: {self.config.model_type} is a masked LM, which "
+                             "predicts tokens at its input's mask tokens and has no "
+                             "left-to-right decoding; use logits")
         dec = decoding(num_beams=num_beams, num_return_sequences=num_return_sequences,
                        length_penalty=length_penalty, early_stopping=early_stopping,
                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -165,7 +187,7 @@ class Model:
     @property
     def prefix_sites(self) -> tuple:
         """Attention sites that take prefix keys/values (``PromptInputs.prefix``)."""
-        return t5.SITES if self.is_encoder_decoder else gpt2.SITES
+        return {"seq2seq": t5.SITES, "causal": gpt2.SITES, "masked": bert.SITES}[self.kind]
 
     def check_prompt(self, prompt, length: int):
         """One-line errors for a prompt of the wrong width or one that overflows positions."""
@@ -182,7 +204,7 @@ class Model:
             if site not in self.prefix_sites:
                 raise PtjaxError(f"prefix site {site!r} is not one of this model's: "
                                  f"{', '.join(self.prefix_sites)}")
-            if site == "decoder" and not self.is_encoder_decoder:
+            if not self.is_encoder_decoder:  # its one site's keys take positions
                 used += np.shape(kv["k"])[-3]
         limit = self.config.max_prompt_positions
         if limit is not None and used + length > limit:
@@ -203,12 +225,21 @@ class Model:
 
 
 def _logits(module, params, input_ids, attention_mask, decoder_input_ids,
-            decoder_attention_mask, prompt):
+            decoder_attention_mask, prompt, token_type_ids=None):
     variables = {"params": params}
     if isinstance(module, t5.T5):
         return module.apply(variables, input_ids, attention_mask, decoder_input_ids,
                             decoder_attention_mask, prompt)
+    if isinstance(module, bert.BertMLM):
+        return module.apply(variables, input_ids, attention_mask, prompt, token_type_ids)
     return module.apply(variables, input_ids, attention_mask, prompt)
+
+
+def kind_of(config) -> str:
+    """A config's model kind: "seq2seq", "causal" or "masked" (``Model.kind``)."""
+    if isinstance(config, t5.T5Config):
+        return "seq2seq"
+    return "masked" if isinstance(config, bert.BertConfig) else "causal"
 
 
 # ---------------------------------------------------------------- configs and loading
@@ -255,7 +286,7 @@ def param_shardings(config, mesh, rules):
 
 def load_model(path_or_hub_id: str, dtype="float32", *, mesh=None, fsdp: bool = False
                ) -> Model:
-    """Load a Hugging Face T5 / GPT-2 checkpoint into a frozen ptjax ``Model``.
+    """Load a Hugging Face T5 / GPT-2 / BERT / RoBERTa checkpoint into a frozen ptjax ``Model``.
 
     path_or_hub_id: a directory with config.json and weights, or a hub id.
     dtype: "float32", "bfloat16" or "float16": the weights' and activations' dtype

@@ -13,7 +13,8 @@ from ptjax.models.model import load_model
 from ptjax.models.tiny import build_tiny_model
 from ptjax.sharding import initialize_distributed, is_main_process, make_mesh, sync
 
-TINY = {"tiny-t5": "t5", "tiny-gpt2": "gpt2"}
+TINY = {"tiny-t5": "t5", "tiny-gpt2": "gpt2", "tiny-bert": "bert",
+        "tiny-roberta": "roberta"}
 
 
 def model_dir(cfg) -> str:

@@ -16,7 +16,7 @@ from tokenizers import (Regex, Tokenizer, decoders, models, normalizers, pre_tok
                         trainers)
 
 from ptjax.errors import PtjaxError
-from ptjax.models import gpt2, t5
+from ptjax.models import bert, gpt2, t5
 from ptjax.models.model import Model, init_params
 
 # Words of the built-in synthetic tasks, so the tiny tokenizer covers them whole.
@@ -35,6 +35,8 @@ WORDS = (
 T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5's vocabulary
 T5_SENTINELS = 100  # the built-in tiny T5's <extra_id_N>, as many as real T5 checkpoints have
 GPT2_EOS = "<|endoftext|>"
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4
+ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")  # <s>=0, <pad>=1, </s>=2 as RoBERTa
 
 
 def _corpus(n: int = 2000, seed: int = 0):
@@ -55,6 +57,10 @@ def train_tokenizer(family: str, vocab_size: int = 512, texts=None, extra_ids: i
     with newlines, e.g. ``ptjax.data.corpus``). A unigram vocabulary has (at most)
     ``vocab_size`` ids, sentinels included; BPE's sentinels come on top of ``vocab_size``.
     gpt2: byte-level BPE with <|endoftext|> as BOS/EOS.
+    bert: lower-cased WordPiece with [PAD]=0, [UNK], [CLS], [SEP], [MASK] and every
+    sequence as [CLS] ... [SEP], like bert-base-uncased's.
+    roberta: byte-level BPE with <s>=0, <pad>=1, </s>=2, <unk>, <mask> and every sequence as
+    <s> ... </s>, like roberta-base's.
     words: also train on the built-in tasks' words, so each is a whole token.
     """
     texts = list(texts) if texts is not None else list(_corpus())
@@ -97,7 +103,33 @@ def train_tokenizer(family: str, vocab_size: int = 512, texts=None, extra_ids: i
         return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=GPT2_EOS,
                                        eos_token=GPT2_EOS, unk_token=GPT2_EOS,
                                        pad_token=GPT2_EOS)
-    raise PtjaxError(f"unknown tiny model family {family!r}; valid: t5, gpt2")
+    if family == "bert":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        texts = texts + list(".,;:!?'\"()-")  # punctuation is split off: each its own token
+        tok.train_from_iterator(texts, trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS), show_progress=False))
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        return transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+            sep_token="[SEP]", mask_token="[MASK]",
+            model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    if family == "roberta":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(texts, trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=list(ROBERTA_SPECIALS), show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+        return transformers.PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+            unk_token="<unk>", cls_token="<s>", sep_token="</s>", mask_token="<mask>")
+    raise PtjaxError(f"unknown tiny model family {family!r}; valid: t5, gpt2, bert, roberta")
 
 
 def tiny_config(family: str, vocab_size: int, **overrides):
@@ -108,6 +140,17 @@ def tiny_config(family: str, vocab_size: int, **overrides):
                     relative_attention_max_distance=64, feed_forward_proj="gated-gelu",
                     scale_decoder_outputs=False, tie_lm_head=False)
         return t5.T5Config(**{**base, **overrides})
+    if family == "bert":
+        base = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=128, max_position_embeddings=256,
+                    pad_token_id=0)
+        return bert.BertConfig(**{**base, **overrides})
+    if family == "roberta":  # positions from pad_token_id + 1: 256 of them after the offset
+        base = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=128, max_position_embeddings=258,
+                    type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+                    eos_token_id=2, model_type="roberta")
+        return bert.BertConfig(**{**base, **overrides})
     base = dict(vocab_size=vocab_size, n_positions=256, n_embd=64, n_layer=2, n_head=4,
                 bos_token_id=0, eos_token_id=0)
     return gpt2.GPT2Config(**{**base, **overrides})
@@ -119,7 +162,7 @@ def build_tiny_model(directory: str, family: str = "t5", seed: int = 0,
 
     extra_ids: T5 sentinels in the vocabulary (see ``train_tokenizer``); default: T5's 100
     for t5 (the built-in tiny T5, so templates' ``{mask}`` and ``task.target_sentinel``
-    work on it as on a real T5), none for gpt2. Returns ``directory``; an existing model of
+    work on it as on a real T5), none for the others. Returns ``directory``; an existing model of
     the same family and sentinels there is reused as it is; another model, or other
     files, are an error (never overwritten).
     """

@@ -340,7 +340,7 @@ def overrides(best: str, top: list[str]) -> dict:
 
 def check_task_config(cfg):
     """One line for what the search cannot run on: a mixture, several templates, a
-    decoder-only built-in model (before it is built)."""
+    built-in model that is not a T5 (before it is built)."""
     tcfg = cfg.task
     if tcfg.mixture or tcfg.templates:
         raise PtjaxError("ptjax template generates templates for one task; unset "
@@ -371,9 +371,10 @@ def run_search(cfg, shapes=SHAPES, beam: int = 100, top: int = 3, per_class: int
         raise PtjaxError(f"task {task.name!r} has no labels (a generative task); the search "
                          "puts each class's label word into the template: set task.labels")
     model = load_run_model(cfg.model)
-    if not model.is_encoder_decoder:
+    if model.kind != "seq2seq":
+        what = {"causal": "a decoder-only model", "masked": "a masked LM"}[model.kind]
         raise PtjaxError(f"model.path={cfg.model.path}: ptjax template fills spans with T5's "
-                         "sentinels (<extra_id_N>); this is a decoder-only model")
+                         f"sentinels (<extra_id_N>); this is {what}")
     sentinel_ids(model, fills + 1)
     classes = tuple(task.labels)
     train = task.split("train")

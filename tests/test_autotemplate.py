@@ -317,3 +317,13 @@ def test_a_class_without_train_examples_is_one_line(tiny):
     with pytest.raises(PtjaxError, match="class 'positive' has no train examples"):
         autotemplate.search(model, TaskConfig(), synthetic("synthetic_sentiment"), CLASSES,
                             train[:2], labels[:2], autotemplate.SHAPES, 2, 4)
+
+
+def test_a_masked_lm_is_one_line_naming_it(tmp_path, capsys):
+    """A BERT written to a directory (not a built-in name) is refused once loaded, saying
+    what it is: its {mask} is its own token, there are no spans to fill."""
+    d = build_tiny_model(str(tmp_path / "bert"), "bert")
+    assert cli.main(["template", f"model.path={d}", "task.name=synthetic_sentiment",
+                     f"run_dir={tmp_path / 'r'}"]) == 2
+    err = capsys.readouterr().err
+    assert "this is a masked LM" in err and err.count("\n") == 1, err

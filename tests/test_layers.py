@@ -28,13 +28,14 @@ LAYERS = [
     ("commands", ["ptjax.design", "ptjax.trained", "ptjax.run", "ptjax.pretrain",
                   "ptjax.plan", "ptjax.preflight", "ptjax.autoverbalizer", "ptjax.multirun"]),
     ("sweeps, analysis, reports, the CLI, the package", [
-        "ptjax.sweep", "ptjax.analysis", "ptjax.report", "ptjax.commands", "ptjax.cli",
+        "ptjax.sweep", "ptjax.analysis", "ptjax.report", "ptjax.serving", "ptjax.commands",
+        "ptjax.cli",
         "ptjax"]),
 ]
 # Third-party packages that are optional extras (or, matplotlib, chosen a backend for
 # before pyplot loads): the only imports allowed inside a function, with a noqa reason.
 OPTIONAL = ("wandb", "tensorflow", "tensorflow_datasets", "torch", "matplotlib",
-            "datasets", "fsspec")
+            "datasets", "fsspec", "aiohttp")
 
 
 def modules(root: str) -> dict[str, str]:

@@ -29,6 +29,7 @@ import collections
 import importlib.util
 import itertools
 import json
+import signal
 import socket
 import threading
 import time
@@ -438,18 +439,43 @@ class Server:
         app.on_cleanup.append(cleanup)
         return app
 
-    def serve(self, host: str = "127.0.0.1", port: int = 8000, ready=None):
-        """Listens until SIGTERM or SIGINT (then finishes what is in flight). ready:
-        called with the URL once listening."""
+    async def run(self, bind, listening=None, signals=()):
+        """Serves until ``stop()`` or one of ``signals``, then shuts down gracefully
+        (new requests 503, those queued and in flight answered). bind: aiohttp runner ->
+        its site; listening: called once the site accepts connections."""
         from aiohttp import web  # noqa: PLC0415 (optional: the serve extra)
 
-        async def announce(app):
-            if ready is not None:
-                ready(f"http://{host}:{port}")
-        app = self.app()
-        app.on_startup.append(announce)
-        web.run_app(app, host=host, port=port, shutdown_timeout=self.timeout_s,
-                    print=None, access_log=None, handle_signals=True)
+        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=self.timeout_s)
+        await runner.setup()
+        try:
+            await bind(runner).start()
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            for sig in signals:
+                self._loop.add_signal_handler(sig, self._stop.set)
+            if listening is not None:
+                listening()
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+
+    def stop(self):
+        """Ends ``run`` (from any thread)."""
+        self._loop.call_soon_threadsafe(self._stop.set)
+
+    def serve(self, host: str = "127.0.0.1", port: int = 8000, ready=None):
+        """Listens on host:port until SIGTERM or SIGINT (then finishes what is in
+        flight). ready: called with the URL once listening."""
+        from aiohttp import web  # noqa: PLC0415 (optional: the serve extra)
+
+        def bind(runner):
+            return web.TCPSite(runner, host, port)
+        url = f"http://{host}:{port}"
+        try:
+            asyncio.run(self.run(bind, ready and (lambda: ready(url)),
+                                 (signal.SIGTERM, signal.SIGINT)))
+        except OSError as e:  # the port taken, the host not this machine's
+            raise PtjaxError(f"--host {host} --port {port}: cannot listen there "
+                             f"({e.strerror or e}); choose another --port") from None
 
 
 class Background:
@@ -462,22 +488,12 @@ class Background:
         sock = socket.socket()
         sock.bind((host, 0))
         self.url = f"http://{host}:{sock.getsockname()[1]}"
-        started, self._stop = threading.Event(), None
-        failure = []
-
-        async def main():
-            runner = web.AppRunner(server.app(), access_log=None,
-                                   shutdown_timeout=server.timeout_s)
-            await runner.setup()
-            await web.SockSite(runner, sock).start()
-            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            started.set()
-            await self._stop.wait()
-            await runner.cleanup()
+        started, failure = threading.Event(), []
 
         def thread():
             try:
-                asyncio.run(main())
+                asyncio.run(server.run(lambda runner: web.SockSite(runner, sock),
+                                       started.set))
             except BaseException as e:  # reported by the constructor
                 failure.append(e)
                 started.set()
@@ -489,5 +505,5 @@ class Background:
             raise failure[0]
 
     def stop(self):
-        self._loop.call_soon_threadsafe(self._stop.set)
+        self.server.stop()
         self.thread.join()

@@ -8,8 +8,10 @@ a batch of many tasks' rows costs about what a batch of one task's does).
 
 Runs are built in memory on one frozen model (random prompts, prefixes and P-tuning
 encoders: the cost does not depend on what they learned), of different methods and
-prompt lengths, in two groups that batch separately in ``ptjax serve``:
+prompt lengths, in groups (rank and decoded rows batch separately in ``ptjax serve``):
 
+  prompt:   the paper's case: prompt tuning (P=20) on three tasks (sentiment, shifted
+            sentiment, QA ranked over 6 colours)
   rank:     prompt tuning (P=20) on sentiment, P-tuning (P=10) with a verbalizer on the
             shifted sentiment task, prefix tuning (P=5) on QA ranked over 6 colours
   generate: prompt tuning (P=20) and prefix tuning (P=5) on QA decoded greedily
@@ -61,6 +63,13 @@ from train_step import write_result  # noqa: E402
 COLOURS = "[red, green, blue, yellow, black, white]"
 VERBALIZER = "{negative: [bad, awful], positive: [good, great]}"
 GROUPS = {
+    "prompt": {  # the paper's case: prompt tuning only, one prompt length, any tasks
+        "sentiment": ["method.name=prompt", "prompt.length=20"],
+        "sentiment-shifted": ["method.name=prompt", "prompt.length=20",
+                              "task.name=synthetic_sentiment_shifted"],
+        "qa-rank": ["method.name=prompt", "prompt.length=20", "task.name=synthetic_qa",
+                    f"task.labels={COLOURS}", "task.eval_mode=rank"],
+    },
     "rank": {
         "prompt-sentiment": ["method.name=prompt", "prompt.length=20"],
         "ptuning-verbalizer": ["method.name=ptuning", "prompt.length=10",
@@ -185,7 +194,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8, help="requests per batch")
     p.add_argument("--sizes", default="8,16,32,64",
                    help="batch-size buckets in rows (the largest batch is added)")
-    p.add_argument("--groups", default="rank,generate")
+    p.add_argument("--groups", default="prompt,rank,generate")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)

@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -32,6 +33,16 @@ from ptjax.taskdata import run_dev_set
 pytest.importorskip("aiohttp")
 
 VERBALIZER = "{negative: [bad, awful], positive: [good, great]}"
+PAGE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "serving.md")
+
+
+def page_examples():
+    """docs/serving.md's curl bodies (-d '...') and its example answers (```json)."""
+    text = open(PAGE).read()
+    bodies = [json.loads(b) for b in re.findall(r"-d '(\{.*?\})'", text)]
+    block = re.search(r"```json\n(.*?)```", text, re.S).group(1)
+    answers = [json.loads(a) for a in re.findall(r"^\{.*?\}$", block, re.S | re.M)]
+    return bodies, answers
 
 
 # ---------------------------------------------------------------- without a model
@@ -96,6 +107,14 @@ def test_batcher():
     # a, b fit in 4 rows; c (2 rows) does not fit after them... then c, d, e
     assert seen[:2] == [["a", "b"], ["c", "d", "e"]]
     assert seen[2:] == [["boom"], ["g"]]
+
+
+def test_page_examples_are_requests():
+    """The page's curl bodies are valid requests (the slow CLI test posts them)."""
+    bodies, answers = page_examples()
+    assert len(bodies) == 2 and len(answers) == 2
+    for body in bodies:
+        assert parse_request(json.dumps(body).encode()) == body
 
 
 def test_cli_refuses(tmp_path, capsys):
@@ -312,7 +331,7 @@ def test_cli_serve_sigterm(runs):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    proc = subprocess.Popen([sys.executable, "-m", "ptjax.cli", "serve", *runs[:2],
+    proc = subprocess.Popen([sys.executable, "-m", "ptjax.cli", "serve", *runs,
                              "--port", str(port), "--batch-sizes", "4,8",
                              "--window-ms", "300"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -325,9 +344,14 @@ def test_cli_serve_sigterm(runs):
                 break
         assert f"listening on http://127.0.0.1:{port}" in lines[-1], "".join(lines)
         url = f"http://127.0.0.1:{port}"
-        body = {"run": "synthetic_sentiment", "inputs": "sentence: a good red cat"}
+        bodies, answers = page_examples()  # docs/serving.md's curl requests
+        for body, shown in zip(bodies, answers):
+            status, answer, _ = Client(url).call("POST", "/v1/predict", body)
+            assert status == 200 and set(answer) == set(shown), answer
+        assert answer["run"] == runs[2]  # named by its task
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(lambda: Client(url).call("POST", "/v1/predict", body))
+            pending = pool.submit(lambda: Client(url).call("POST", "/v1/predict",
+                                                           bodies[0]))
             time.sleep(0.1)  # in the 300 ms window
             proc.send_signal(signal.SIGTERM)
             status, answer, _ = pending.result()

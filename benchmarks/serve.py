@@ -4,7 +4,7 @@ a batch of many tasks' rows costs about what a batch of one task's does).
 
     nice python benchmarks/serve.py --model tiny-t5
     nice python benchmarks/serve.py --model t5-small      # random weights of that shape
-    python benchmarks/serve.py --model t5-base --requests 256   # on a GPU, unchanged
+    python benchmarks/serve.py --model t5-base --requests 256 --sizes 32,64,128  # a GPU
 
 Runs are built in memory on one frozen model (random prompts, prefixes and P-tuning
 encoders: the cost does not depend on what they learned), of different methods and
@@ -18,14 +18,14 @@ prompt lengths, in groups (rank and decoded rows batch separately in ``ptjax ser
 
 Each group's requests (``--requests`` per run, the runs' dev examples, arriving
 interleaved) are answered through ``MultiRun.answer`` with ``ptjax serve``'s fixed
-buckets (``MultiRun.buckets``, all compiled before timing) two ways:
+buckets (``MultiRun.buckets`` of ``--sizes``, all compiled before timing) two ways, in
+batches as ``ptjax serve`` makes them under load (the next requests while their rows fit
+in the largest size):
 
-  mixed:   batches of ``--batch`` requests in arrival order, rows of every run together
-           (one ``MultiRun`` of the group: widths of its widest run, prompts padded to
-           its longest);
-  per run: each run's requests in batches of ``--batch`` of their own, through a
-           ``MultiRun`` of that run alone (its own widths and prompt length), as a
-           server of one run would.
+  mixed:   requests in arrival order, rows of every run together (one ``MultiRun`` of
+           the group: widths of its widest run, prompts padded to its longest);
+  per run: each run's requests in batches of their own, through a ``MultiRun`` of that
+           run alone (its own widths and prompt length), as a server of one run would.
 
 Reported per group and way: requests/s and rows/s over all batches, batch latency
 percentiles (ms), and mixed / per-run time. Encoding (tokenization) happens before the
@@ -141,8 +141,18 @@ def latency(ms) -> dict:
     return {f"batch_p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)}
 
 
-def chunks(xs, size):
-    return [xs[i:i + size] for i in range(0, len(xs), size)]
+def chunks(prepared, max_rows: int) -> list:
+    """Requests in arrival order, batched as ``ptjax serve``'s batcher does under load:
+    each batch takes the next requests while their rows fit in ``max_rows``."""
+    out, rows = [[]], 0
+    for p in prepared:
+        n = len(next(iter(p.arrays.values())))
+        if rows + n > max_rows:
+            out.append([])
+            rows = 0
+        out[-1].append(p)
+        rows += n
+    return out
 
 
 def run_group(model, group: str, a, tiny_dir: str) -> dict:
@@ -155,8 +165,7 @@ def run_group(model, group: str, a, tiny_dir: str) -> dict:
     # the same requests for each run's own MultiRun (run index 0 there)
     own = [[m.prepare([{**r, "run": 0}])[0] for r in reqs if r["run"] == i]
            for i, m in enumerate(alone)]
-    rows_per_request = max(len(next(iter(p.arrays.values()))) for p in prepared)
-    sizes = sorted({a.batch * rows_per_request, *a.sizes})
+    sizes = a.sizes
     t0 = time.perf_counter()
     buckets = mixed.buckets(sizes)
     mixed.warm_up(buckets)
@@ -166,11 +175,11 @@ def run_group(model, group: str, a, tiny_dir: str) -> dict:
     warm_s = time.perf_counter() - t0
     best = {}
     for _ in range(a.rounds):  # alternated, so a busy machine hurts both alike
-        r = timed(mixed, chunks(prepared, a.batch), buckets)
+        r = timed(mixed, chunks(prepared, sizes[-1]), buckets)
         if "mixed" not in best or r["seconds"] < best["mixed"]["seconds"]:
             best["mixed"] = r
-        parts = [timed(m, chunks(p, a.batch), b) for m, p, b in zip(alone, own,
-                                                                     own_buckets)]
+        parts = [timed(m, chunks(p, sizes[-1]), b) for m, p, b in zip(alone, own,
+                                                                       own_buckets)]
         total = sum(p["seconds"] for p in parts)
         n, rows = sum(p["requests"] for p in parts), sum(p["rows"] for p in parts)
         r = {"seconds": total, "requests": n, "rows": rows,
@@ -191,21 +200,20 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny-t5", help="tiny-t5 or a preset (t5-small, ...)")
     p.add_argument("--requests", type=int, default=48, help="requests per run")
-    p.add_argument("--batch", type=int, default=8, help="requests per batch")
-    p.add_argument("--sizes", default="8,16,32,64",
-                   help="batch-size buckets in rows (the largest batch is added)")
+    p.add_argument("--sizes", default="8,16,32",
+                   help="batch-size buckets in rows; the largest: the rows of a full batch")
     p.add_argument("--groups", default="prompt,rank,generate")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
-    a.sizes = [int(x) for x in a.sizes.split(",")]
+    a.sizes = sorted(int(x) for x in a.sizes.split(","))
     with tempfile.TemporaryDirectory() as tiny_dir:
         model = frozen_model(a.model, tiny_dir)
         result = {"benchmark": "serve", "date": datetime.date.today().isoformat(),
                   "machine": platform.platform(), "cpus": os.cpu_count(),
                   "device": jax.devices()[0].device_kind, "model": a.model,
                   "command": " ".join(["python", "benchmarks/serve.py", *sys.argv[1:]]),
-                  "requests_per_run": a.requests, "batch": a.batch,
+                  "requests_per_run": a.requests, "batch_sizes": a.sizes,
                   "versions": {"jax": jax.__version__}, "groups": {}}
         for group in a.groups.split(","):
             r = run_group(model, group, a, tiny_dir)

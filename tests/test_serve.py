@@ -361,3 +361,19 @@ def test_cli_serve_sigterm(runs):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_benchmark_runs(tmp_path):
+    """benchmarks/serve.py end to end at its smallest (the prompt group on the tiny T5):
+    both ways answer every request, the JSON has the ratio docs/serving.md reads."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                    "benchmarks"))
+    import serve as bench  # noqa: PLC0415 (a script, not a module of the package)
+    out = str(tmp_path / "serve.json")
+    bench.main(["--model", "tiny-t5", "--requests", "4", "--sizes", "8", "--groups",
+                "prompt", "--rounds", "1", "--out", out])
+    result = json.load(open(out))["groups"]["prompt"]
+    assert result["mixed"]["requests"] == result["per_run"]["requests"] == 12
+    assert result["mixed"]["rows"] == result["per_run"]["rows"]
+    assert 0 < result["mixed_over_per_run_time"] < 10

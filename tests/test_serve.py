@@ -201,6 +201,43 @@ def check(answer, req, refs):
     np.testing.assert_allclose(answer["probabilities"], p / p.sum(), rtol=1e-6)
 
 
+def dev_requests(run_dirs, refs) -> list:
+    """A request for every dev example of every run (each member of a run of several),
+    shuffled; "_j": the example's index."""
+    requests = []
+    for d in run_dirs:
+        run, dev, _ = refs[d]
+        for j, ex in enumerate(dev.examples):
+            for k in ([0, 1] if run.K > 1 else [None]):
+                req = {"run": d, "inputs": ex["inputs"], "_j": j}
+                if ex.get("fields"):
+                    req["fields"] = ex["fields"]
+                if k is not None:
+                    req["k"] = k
+                requests.append(req)
+    random.Random(0).shuffle(requests)
+    return requests
+
+
+def concurrent_clients(url, requests, refs, clients: int = 6):
+    """The requests from ``clients`` threads at once, each answer checked (``check``)."""
+    results = [None] * len(requests)
+
+    def worker(w):
+        c = Client(url)
+        for n in range(w, len(requests), clients):
+            body = {k: v for k, v in requests[n].items() if not k.startswith("_")}
+            results[n] = c.call("POST", "/v1/predict", body)
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for req, (status, answer, _) in zip(requests, results):
+        assert status == 200, answer
+        check(answer, {**req, "run": req.get("_as", req["run"])}, refs)
+
+
 @pytest.mark.slow
 def test_serve_mixed_runs(runs):
     """Concurrent clients of three runs (and each member of the K = 2 run, and a run
@@ -220,35 +257,10 @@ def test_serve_mixed_runs(runs):
         assert [r["kind"] for r in listing["runs"]] == ["rank", "rank", "generate"]
         assert [r["method"] for r in listing["runs"]] == ["prompt", "ptuning", "prefix"]
 
-        requests = []
-        for d in runs:
-            run, dev, _ = refs[d]
-            for j, ex in enumerate(dev.examples):
-                for k in ([0, 1] if run.K > 1 else [None]):
-                    req = {"run": d, "inputs": ex["inputs"], "_j": j}
-                    if ex.get("fields"):
-                        req["fields"] = ex["fields"]
-                    if k is not None:
-                        req["k"] = k
-                    requests.append(req)
+        requests = dev_requests(runs, refs)
         requests.append({"run": "synthetic_qa", "inputs": refs[runs[2]][1].examples[0][
             "inputs"], "_j": 0, "_as": runs[2]})
-        random.Random(0).shuffle(requests)
-        results = [None] * len(requests)
-
-        def worker(w):
-            c = Client(bg.url)
-            for n in range(w, len(requests), 6):
-                body = {k: v for k, v in requests[n].items() if not k.startswith("_")}
-                results[n] = c.call("POST", "/v1/predict", body)
-        threads = [threading.Thread(target=worker, args=(w,)) for w in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for req, (status, answer, _) in zip(requests, results):
-            assert status == 200, answer
-            check(answer, {**req, "run": req.get("_as", req["run"])}, refs)
+        concurrent_clients(bg.url, requests, refs)
 
         status, m, _ = client.call("GET", "/metrics")
         assert m["compiles_after_warm_up"] == 0  # counted: no shape outside the buckets
@@ -303,6 +315,14 @@ def test_serve_mixed_runs(runs):
     finally:
         bg.stop()
 
+    # the same from Python: MultiRun.generate (score's counterpart), refusing rank runs
+    run, dev, preds = refs[runs[2]]
+    texts = multi.generate([{"run": runs[2], "inputs": ex["inputs"]}
+                            for ex in dev.examples[:4]])
+    assert [t["text"] for t in texts] == preds.texts[0][:4]
+    with pytest.raises(ptjax.PtjaxError, match="generate takes runs decoded greedily"):
+        multi.generate([{"run": runs[0], "inputs": "x"}])
+
     # overload: a queue of 2 and a long window, 16 clients at once -> some 429s
     small = Server(multi, sizes=(16,), window_ms=200, queue_size=2)
     small.warm_up()
@@ -319,6 +339,33 @@ def test_serve_mixed_runs(runs):
                 assert headers["Retry-After"] == "1"
             else:
                 check(answer, {**good, "_j": 0}, refs)
+    finally:
+        bg.stop()
+
+
+@pytest.mark.slow
+def test_serve_gpt2(tmp_path_factory):
+    """GPT-2: prompt tuning (P = 4) by rank and prefix tuning (P = 2) decoded greedily
+    from left-padded inputs of another width, concurrent clients, each answer the run's
+    own, nothing compiled after warm-up."""
+    tiny = str(tmp_path_factory.mktemp("tiny-gpt2"))
+    gpt2 = {"model.path": "tiny-gpt2"}
+    run_dirs = [
+        train(tmp_path_factory, tiny, "gpt2-prompt", **gpt2),
+        train(tmp_path_factory, tiny, "gpt2-prefix", **gpt2, **{
+            "method.name": "prefix", "method.prefix.hidden": 8, "prompt.length": 2,
+            "task.name": "synthetic_qa", "task.max_input_length": 32,
+            "task.max_target_length": 5}),
+    ]
+    refs = {d: own_answers(d) for d in run_dirs}
+    server = Server(ptjax.load_runs(run_dirs), sizes=(4, 16), window_ms=20)
+    server.warm_up()
+    bg = Background(server)
+    try:
+        assert [r["kind"] for r in server.runs()] == ["rank", "generate"]
+        concurrent_clients(bg.url, dev_requests(run_dirs, refs), refs)
+        _, m, _ = Client(bg.url).call("GET", "/metrics")
+        assert m["compiles_after_warm_up"] == 0 and m["batches"] < m["requests"]
     finally:
         bg.stop()
 

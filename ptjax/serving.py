@@ -290,6 +290,7 @@ class Server:
         self.buckets = None
         self.warm = {}
         self.batcher = None
+        self.pending = 0  # predict requests being answered (the event loop's count)
         _listen()
 
     # ------------------------------------------------------------------ the model side
@@ -376,6 +377,7 @@ class Server:
         async def predict(request):
             t0 = time.perf_counter()
             status, body, headers = 200, None, {}
+            self.pending += 1
             try:
                 if self.state != "ready":
                     raise Stopping("the server is shutting down")
@@ -397,6 +399,8 @@ class Server:
                                                    "bytes)"}
             except Exception as e:  # a failed batch: its requests only
                 status, body = 500, {"error": f"{type(e).__name__}: {one_line(e)}"}
+            finally:
+                self.pending -= 1
             self.metrics.request(status, time.perf_counter() - t0)
             return web.json_response(body, status=status, headers=headers)
 
@@ -419,12 +423,6 @@ class Server:
                                        items, self.buckets.sizes, failed))
             self._task = asyncio.get_running_loop().create_task(self.batcher.run())
 
-        async def stopping(app):  # new requests 503; those queued still run
-            self.state = "stopping"
-            while (self.batcher.in_flight or self.batcher._carry
-                   or not self.batcher.queue.empty()):
-                await asyncio.sleep(0.01)
-
         async def cleanup(app):
             self._task.cancel()
             self.encoder.shutdown(wait=False)
@@ -435,7 +433,6 @@ class Server:
         app.router.add_get("/health", health)
         app.router.add_get("/metrics", metrics)
         app.on_startup.append(start)
-        app.on_shutdown.append(stopping)
         app.on_cleanup.append(cleanup)
         return app
 
@@ -455,6 +452,11 @@ class Server:
             if listening is not None:
                 listening()
             await self._stop.wait()
+            # still listening: new requests 503 while those already in answer
+            self.state = "stopping"
+            end = time.monotonic() + self.timeout_s
+            while self.pending and time.monotonic() < end:
+                await asyncio.sleep(0.01)
         finally:
             await runner.cleanup()
 

@@ -372,15 +372,16 @@ def test_serve_gpt2(tmp_path_factory):
 
 @pytest.mark.slow
 def test_cli_serve_sigterm(runs):
-    """``ptjax serve`` as a user starts it: listening after warm-up, a curl-shaped
-    request answered, SIGTERM finishes the request in flight and exits 0."""
+    """``ptjax serve`` as a user starts it: listening after warm-up, the page's curl
+    requests answered; on SIGTERM new requests get 503 while the one in flight is
+    answered, then it exits 0."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
     proc = subprocess.Popen([sys.executable, "-m", "ptjax.cli", "serve", *runs,
                              "--port", str(port), "--batch-sizes", "4,8",
-                             "--window-ms", "300"],
+                             "--window-ms", "1000"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     try:
@@ -396,11 +397,19 @@ def test_cli_serve_sigterm(runs):
             status, answer, _ = Client(url).call("POST", "/v1/predict", body)
             assert status == 200 and set(answer) == set(shown), answer
         assert answer["run"] == runs[2]  # named by its task
+        open_conn = Client(url)  # a keep-alive connection made before the signal
+        assert open_conn.call("GET", "/health")[0] == 200
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(lambda: Client(url).call("POST", "/v1/predict",
                                                            bodies[0]))
-            time.sleep(0.1)  # in the 300 ms window
+            time.sleep(0.2)  # in the 1 s window
             proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            # stopping: still listening, new requests refused, the one in flight answered
+            status, answer, _ = open_conn.call("POST", "/v1/predict", bodies[0])
+            assert status == 503 and answer == {"error": "the server is shutting down"}
+            assert open_conn.call("GET", "/health")[:2] == (503, {"status": "stopping",
+                                                                  "runs": 3})
             status, answer, _ = pending.result()
         assert status == 200 and answer["classes"] == ["negative", "positive"]
         assert proc.wait(60) == 0

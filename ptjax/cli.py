@@ -12,6 +12,8 @@
     ptjax eval RUN_DIR|CONFIG [key=value ...] [--prompt FILE]   evaluate a trained run
     ptjax eval RUN_DIR RUN_DIR ... [key=value ...]   several runs on one frozen model in
                                      shared batches (each row its own prompt or prefix)
+    ptjax serve RUN_DIR [RUN_DIR ...] [key=value ...] [--port 8000]   an HTTP/JSON server
+                                     of the runs, requests of every run batched together
     ptjax plan CONFIG [key=value ...] [--device-memory 80GB] [--target h100 [--topology 8]]
                                      memory per device and FLOPs, before a run; --target:
                                      compiled for an accelerator this machine does not have
@@ -43,10 +45,11 @@ import jax
 
 from ptjax import __version__, targets
 from ptjax.commands import (cmd_config, cmd_eval, cmd_export, cmd_generate, cmd_info, cmd_neighbors,
-                            cmd_plan, cmd_pretrain, cmd_report, cmd_sweep, cmd_tiny, cmd_train,
-                            cmd_template, cmd_verbalizer)
+                            cmd_plan, cmd_pretrain, cmd_report, cmd_serve, cmd_sweep,
+                            cmd_template, cmd_tiny, cmd_train, cmd_verbalizer)
 from ptjax.errors import PtjaxError
 from ptjax.preemption import EXIT_PREEMPTED, Preempted
+from ptjax.serving import SIZES
 
 
 def _version() -> str:
@@ -135,6 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="also write the metrics to this JSON file "
                                                   "(several runs: {run_dir: metrics})")
     sp.set_defaults(fn=cmd_eval)
+
+    sp = sub.add_parser("serve", help="trained runs on one frozen model behind an HTTP/JSON "
+                                      "server, requests of every run batched together")
+    sp.add_argument("items", nargs="+", metavar="RUN_DIR | key=value",
+                    help="trained run directories, then dotted.key=value overrides")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--batch-sizes", default=",".join(map(str, SIZES)),
+                    help="batch-size buckets in rows, all compiled before listening "
+                         "(the largest: the most rows of one batch)")
+    sp.add_argument("--window-ms", type=float, default=2.0,
+                    help="how long a batch's first request waits for others")
+    sp.add_argument("--queue", type=int, default=256,
+                    help="requests waiting at most; more are answered 429")
+    sp.add_argument("--timeout", type=float, default=30.0,
+                    help="seconds until a request not yet answered gets 504")
+    sp.set_defaults(fn=cmd_serve)
 
     sp = sub.add_parser("sweep", help="run a sweep file (grid x zip x seeds), then report")
     sp.add_argument("sweep", help="a sweep YAML (see experiments/)")
@@ -248,7 +268,7 @@ def main(argv=None) -> int:
         # cached (a compile-only client cannot load one back)
         targets.start_on_cpu()
     elif args.command in ("train", "pretrain", "eval", "plan", "sweep", "neighbors", "export",
-                          "verbalizer", "template"):
+                          "verbalizer", "template", "serve"):
         enable_compilation_cache()
     try:
         code = args.fn(args)

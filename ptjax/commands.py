@@ -4,6 +4,7 @@ returns the exit status (None = 0)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from ptjax.pretrain import pretrain
 from ptjax.report import write_report
 from ptjax.run import evaluate_prompts, train
 from ptjax.rundir import check_output_dir, check_output_file, write_json
+from ptjax.serving import Server, require_aiohttp
 from ptjax.sharding import is_main_process, to_host
 from ptjax.sweep import all_done, load_sweep, parse_shard, run_sweep, seedless_runs
 from ptjax.taskdata import dev_task_config
@@ -224,20 +226,7 @@ def _eval_runs(args, paths, overrides):
     if args.prompt or args.ensemble:
         raise PtjaxError(f"{'--prompt' if args.prompt else '--ensemble'} takes one run; "
                          f"with several run directories ({', '.join(paths)}) leave it out")
-    run_dirs = []
-    for path in paths:
-        run_dir = _run_dir_of(path)
-        if run_dir is None or not os.path.exists(os.path.join(run_dir, "config.yaml")):
-            raise PtjaxError(f"{path}: not a run directory; with several arguments before "
-                             "the key=value overrides each must be a trained run directory")
-        if os.path.normpath(run_dir) in map(os.path.normpath, run_dirs):
-            raise PtjaxError(f"{run_dir} is given twice")
-        run_dirs.append(run_dir)
-    for item in overrides:
-        if "=" not in item:
-            raise PtjaxError(f"argument {item!r} is not a dotted.key=value override (run "
-                             "directories come first)")
-    multi = load_runs(run_dirs, overrides)
+    multi = load_runs(_run_dirs(paths, overrides), overrides)
     metrics = multi.evaluate(args.split)
     out = {}
     for run in multi.runs:
@@ -251,6 +240,56 @@ def _eval_runs(args, paths, overrides):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
+
+
+def _run_dirs(paths, overrides) -> list:
+    """Trained run directories given before the key=value overrides (each once)."""
+    run_dirs = []
+    for path in paths:
+        run_dir = _run_dir_of(path)
+        if run_dir is None or not os.path.exists(os.path.join(run_dir, "config.yaml")):
+            raise PtjaxError(f"{path}: not a run directory; with several arguments before "
+                             "the key=value overrides each must be a trained run directory")
+        if os.path.normpath(run_dir) in map(os.path.normpath, run_dirs):
+            raise PtjaxError(f"{run_dir} is given twice")
+        run_dirs.append(run_dir)
+    for item in overrides:
+        if "=" not in item:
+            raise PtjaxError(f"argument {item!r} is not a dotted.key=value override (run "
+                             "directories come first)")
+    return run_dirs
+
+
+def cmd_serve(args):
+    """``ptjax serve RUN_DIR [RUN_DIR ...] [key=value ...]``: the runs on one frozen
+    model behind an HTTP/JSON server (``ptjax.serving``) until SIGTERM or SIGINT."""
+    require_aiohttp()
+    paths = list(itertools.takewhile(lambda x: "=" not in x, args.items))
+    overrides = args.items[len(paths):]
+    if not paths:
+        raise PtjaxError("ptjax serve needs at least one trained run directory")
+    try:
+        sizes = sorted({int(x) for x in args.batch_sizes.split(",")})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise PtjaxError(f"--batch-sizes={args.batch_sizes}: give positive integers "
+                         "separated by commas, e.g. 1,2,4,8,16,32")
+    for name in ("queue", "timeout", "window_ms"):
+        if not getattr(args, name) > 0:
+            raise PtjaxError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be > 0")
+    multi = load_runs(_run_dirs(paths, overrides), overrides)
+    server = Server(multi, sizes, args.window_ms, args.queue, args.timeout)
+    warm = server.warm_up()
+    for run in server.runs():
+        print(f"ptjax serve: {run['run']} (task {run['task']}, {run['method']}, "
+              f"{run['kind']})")
+    print(f"ptjax serve: warmed up batch sizes {','.join(map(str, server.buckets.sizes))} "
+          f"in {warm['seconds']:.1f} s ({warm['compiles']} compiles)", flush=True)
+    server.serve(args.host, args.port, ready=lambda url: print(
+        f"ptjax serve: listening on {url} (POST /v1/predict, GET /health, /metrics, "
+        "/v1/runs)", flush=True))
+    print("ptjax serve: stopped", flush=True)
 
 
 def cmd_sweep(args):

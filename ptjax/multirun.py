@@ -278,6 +278,40 @@ def _gen_columns(model) -> tuple:
     return ("input_ids", "input_mask") if model.is_encoder_decoder else ("gen_ids", "gen_mask")
 
 
+KINDS = ("rank", "soft", "generate")  # rows that share batches with each other
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One kind of batch's fixed layout: {column: width}, and whether it carries the
+    "slots"/"slotted" columns (some run's template puts soft tokens inside the input)."""
+    widths: dict
+    slotted: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """Serving shapes (``MultiRun.buckets``): batch sizes (rows), each kind's Shape,
+    the new tokens every decoding batch runs for."""
+    sizes: tuple
+    shapes: dict
+    new_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """Requests of one (run, member), checked and encoded: their dev set, the entry's
+    arrays (``MultiRun._member_arrays``), their kind (``KINDS``) and positions in the
+    request list."""
+    run: int
+    k: int
+    entry: int
+    dev: object
+    arrays: dict
+    kind: str
+    positions: tuple
+
+
 def _pad_to(x: np.ndarray, width: int, left: bool = False, fill: int = 0) -> np.ndarray:
     extra = width - x.shape[1]
     return np.pad(x, [(0, 0), (extra, 0) if left else (0, extra)], constant_values=fill)
@@ -384,11 +418,16 @@ class MultiRun:
                            input_ids, attention_mask, decoder_input_ids,
                            decoder_attention_mask)
 
-    def _token_scores(self, columns: dict, batch_size: int) -> np.ndarray:
+    def _batches(self, columns: dict, batch_size: int, sizes=None):
+        """(batch, n_valid) of ``batch_size`` rows, or of the bucket ``sizes``."""
+        if sizes:
+            return pipeline.bucketed_batches(columns, sizes)
+        return pipeline.eval_batches(columns, rows_per_batch(batch_size, self.mesh))
+
+    def _token_scores(self, columns: dict, batch_size: int, sizes=None) -> np.ndarray:
         """Target-token log-probabilities [R, T] of rows that carry an "entry" column
         (with a "word_mask" column: soft-verbalizer rows, class log-probabilities [R, C]),
-        in fixed-size batches (one compile per width)."""
-        batch_size = rows_per_batch(batch_size, self.mesh)
+        in fixed-size batches (one compile per width), or batches of the bucket sizes."""
         if "word_mask" in columns:
             fn = functools.partial(_row_class_scores, self.model, self.model.params,
                                    self.table, self.classes)
@@ -396,22 +435,32 @@ class MultiRun:
             fn = functools.partial(_row_token_scores, self.model, self.model.params,
                                    self.table)
         out = [sharding.to_host(fn(self._put(b)))[:n]
-               for b, n in pipeline.eval_batches(columns, batch_size)]
+               for b, n in self._batches(columns, batch_size, sizes)]
         return np.concatenate(out)
 
-    def _pack(self, parts, left: bool = False) -> tuple[dict, list]:
+    def _pack(self, parts, left: bool = False, shape: Shape | None = None
+              ) -> tuple[dict, list]:
         """Rows of several (entry, arrays) parts, padded to common widths (on the right,
         or the left for GPT-2's decoding inputs) and interleaved (row j of every part,
-        then row j + 1, ...) -> (columns, where: each part's row indices into them)."""
+        then row j + 1, ...) -> (columns, where: each part's row indices into them).
+        shape: fixed widths (and slots columns whether or not a part has them), so that
+        batches of any parts have one shape (serving); default: the parts' widest."""
         names = [c for c in parts[0][1] if c not in ("slots", "slotted")]
         widths = {c: max(a[c].shape[1] for _, a in parts) for c in names}
+        if shape is not None:
+            for c, w in widths.items():
+                if w > shape.widths[c]:
+                    raise PtjaxError(f"a request's {c} is {w} wide, over its bucket's "
+                                     f"{shape.widths[c]}")
+            widths = dict(shape.widths)
         sizes = [len(a[names[0]]) for _, a in parts]
         part_of = np.concatenate([np.full(n, p) for p, n in enumerate(sizes)])
         local = np.concatenate([np.arange(n) for n in sizes])
         order = np.lexsort((part_of, local))  # by local row, then part
         columns = {c: np.concatenate([_pad_to(np.asarray(a[c]), widths[c], left)
                                       for _, a in parts])[order] for c in names}
-        if any("slots" in a for _, a in parts):  # as wide as the ids; -1: no vector
+        if (shape.slotted if shape is not None else any("slots" in a for _, a in parts)):
+            # as wide as the ids; -1: no vector
             ids = names[0]
             columns["slots"] = np.concatenate([
                 _pad_to(a["slots"], widths[ids], left, -1) if "slots" in a
@@ -510,12 +559,12 @@ class MultiRun:
                 for e, w in zip(entries, where) if e.run == i]
         return out
 
-    def _decode(self, columns: dict, max_new_tokens: int, batch_size: int) -> np.ndarray:
+    def _decode(self, columns: dict, max_new_tokens: int, batch_size: int,
+                sizes=None) -> np.ndarray:
         """Greedy ids [R, max_new_tokens] of rows carrying an "entry" column."""
         ids, mask = _gen_columns(self.model)
-        batch_size = rows_per_batch(batch_size, self.mesh)
         out = []
-        for b, n in pipeline.eval_batches(columns, batch_size):
+        for b, n in self._batches(columns, batch_size, sizes):
             b = self._put(b)
             prompt = _gather(self.table, {c: b[c] for c in ("entry", "slots", "slotted")
                                           if c in b})
@@ -558,49 +607,163 @@ class MultiRun:
           their log-likelihoods (a verbalizer: class scores), "probabilities": softmax of
           the scores, "prediction": the best class}.
         """
-        groups = {}  # (run index, k) -> request positions
-        for n, req in enumerate(requests):
-            if "run" not in req or "inputs" not in req:
-                raise PtjaxError(f"request {n} needs 'run' and 'inputs'; it has "
-                                 f"{', '.join(sorted(req)) or 'nothing'}")
-            i = self.index(req["run"])
-            k = self.runs[i].best_member if req.get("k") is None else int(req["k"])
-            self.entry(i, k)  # a one-line error for a member the run has not
-            groups.setdefault((i, k), []).append(n)
-        parts, devs = [], []
-        for (i, k), members in groups.items():
-            dev = self._request_dev(i, [requests[n] for n in members])
-            devs.append(dev)
-            parts.append((self._entry[(i, k)], self._member_arrays(dev, self._entry[(i, k)])))
-        if not parts:
-            return []
-        soft = [dev.soft for dev in devs]
-        where, values = [None] * len(parts), {}
-        for kind in set(soft):  # soft verbalizers' rows in batches of their own
-            chosen = [p for p, s in enumerate(soft) if s == kind]
-            columns, w = self._pack([parts[p] for p in chosen])
-            values[kind] = self._token_scores(columns, batch_size or self.batch_size)
-            for p, rows in zip(chosen, w):
-                where[p] = rows
+        return self._answer_requests(requests, "rank", batch_size)
+
+    def generate(self, requests, batch_size: int | None = None) -> list[dict]:
+        """Greedy answers to requests of runs decoded greedily, in shared batches (as
+        ``ptjax eval`` decodes their dev sets: task.max_target_length new tokens).
+
+        requests: as ``score``'s (without candidates) -> per request {"run": run_dir,
+        "k", "text"}."""
+        return self._answer_requests(requests, "generate", batch_size)
+
+    def _answer_requests(self, requests, mode, batch_size) -> list[dict]:
+        prepared = self.prepare(requests, mode)
         out = [None] * len(requests)
-        for ((i, k), members), dev, rows in zip(groups.items(), devs, where):
-            if dev.soft:
-                preds = soft_predictions(dev, values[True][rows, :len(dev.verbalizer)][None])
-            else:
-                per = values[False][rows, :dev.arrays["targets"].shape[-1]][None]
-                preds = rank_predictions(dev, per if dev.verbalizer else per.sum(-1))
-            bounds = np.cumsum([0] + [len(c) for c in dev.candidates])
-            for j, n in enumerate(members):
-                s = np.asarray(preds.scores[0][bounds[j]:bounds[j + 1]], np.float64)
-                p = np.exp(s - s.max())
-                out[n] = {"run": self.runs[i].run_dir, "k": k,
-                          "classes": list(dev.candidates[j]), "scores": s.tolist(),
-                          "probabilities": (p / p.sum()).tolist(),
-                          "prediction": preds.texts[0][j]}
+        for prep, answers in zip(prepared, self.answer(prepared, batch_size)):
+            for n, a in zip(prep.positions, answers):
+                out[n] = a
         return out
 
-    def _request_dev(self, i: int, requests):
-        """Requests of run i as a dev set of its task (targets stand in: not scored)."""
+    def prepare(self, requests, mode: str | None = None) -> list[Prepared]:
+        """Requests checked and encoded (one-line errors naming the request), grouped by
+        (run, member): what ``answer`` runs. mode: "rank" or "generate" to refuse runs
+        of the other kind (None: each run's own)."""
+        groups = {}  # (run index, k) -> request positions
+        for n, req in enumerate(requests):
+            if not isinstance(req, dict) or "run" not in req or "inputs" not in req:
+                have = ", ".join(sorted(req)) if isinstance(req, dict) else type(req).__name__
+                raise PtjaxError(f"request {n} needs 'run' and 'inputs'; it has "
+                                 f"{have or 'nothing'}")
+            i = self.index(req["run"])
+            k = self.runs[i].best_member if req.get("k") is None else req["k"]
+            if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+                raise PtjaxError(f"request {n}: k={k!r} is not an integer; valid: 0.."
+                                 f"{self.runs[i].K - 1}")
+            self.entry(i, int(k))  # a one-line error for a member the run has not
+            groups.setdefault((i, int(k)), []).append(n)
+        out = []
+        for (i, k), members in groups.items():
+            dev = self._request_dev(i, [requests[n] for n in members], mode)
+            entry = self._entry[(i, k)]
+            kind = "generate" if dev.mode == "generate" else "soft" if dev.soft else "rank"
+            out.append(Prepared(i, k, entry, dev, self._member_arrays(dev, entry), kind,
+                                tuple(members)))
+        return out
+
+    def answer(self, prepared, batch_size: int | None = None,
+               buckets: Buckets | None = None) -> list[list[dict]]:
+        """Each prepared group's answers (``score``'s or ``generate``'s dicts), its rows
+        run in shared batches: rank rows, soft-verbalizer rows and decoded rows each in
+        batches of their own. buckets: fixed widths and batch sizes (``buckets``), so
+        that no batch has a shape unseen after ``warm_up``; default: batch_size rows
+        (the runs' eval batch size) as wide as the widest."""
+        out = [None] * len(prepared)
+        for kind in KINDS:
+            chosen = [p for p, prep in enumerate(prepared) if prep.kind == kind]
+            if not chosen:
+                continue
+            values = self._run_kind(kind, [prepared[p] for p in chosen], batch_size,
+                                    buckets)
+            for p, rows in zip(chosen, values):
+                out[p] = (self._texts(prepared[p], rows) if kind == "generate"
+                          else self._rank_answers(prepared[p], rows))
+        return out
+
+    def _run_kind(self, kind, prepared, batch_size, buckets) -> list:
+        """The rows of prepared groups of one kind through the model -> per group its
+        rows' values (token scores, class scores, or greedy ids)."""
+        columns, where = self._pack(
+            [(p.entry, p.arrays) for p in prepared],
+            left=kind == "generate" and not self.model.is_encoder_decoder,
+            shape=None if buckets is None else buckets.shapes[kind])
+        sizes = None if buckets is None else buckets.sizes
+        batch_size = batch_size or self.batch_size
+        if kind == "generate":
+            new = (buckets.new_tokens if buckets is not None else
+                   max(self.runs[p.run].config.task.max_target_length for p in prepared))
+            values = self._decode(columns, new, batch_size, sizes)
+        else:
+            values = self._token_scores(columns, batch_size, sizes)
+        return [values[rows] for rows in where]
+
+    def _rank_answers(self, prep: Prepared, values) -> list[dict]:
+        dev, run = prep.dev, self.runs[prep.run]
+        if dev.soft:
+            preds = soft_predictions(dev, values[:, :len(dev.verbalizer)][None])
+        else:
+            per = values[:, :dev.arrays["targets"].shape[-1]][None]
+            preds = rank_predictions(dev, per if dev.verbalizer else per.sum(-1))
+        bounds = np.cumsum([0] + [len(c) for c in dev.candidates])
+        out = []
+        for j in range(len(dev.examples)):
+            s = np.asarray(preds.scores[0][bounds[j]:bounds[j + 1]], np.float64)
+            p = np.exp(s - s.max())
+            out.append({"run": run.run_dir, "k": prep.k, "classes": list(dev.candidates[j]),
+                        "scores": s.tolist(), "probabilities": (p / p.sum()).tolist(),
+                        "prediction": preds.texts[0][j]})
+        return out
+
+    def _texts(self, prep: Prepared, tokens) -> list[dict]:
+        """Greedy ids cut to the run's task.max_target_length, as text (``texts``)."""
+        run = self.runs[prep.run]
+        texts = self.model.tokenizer.batch_decode(
+            tokens[:, :run.config.task.max_target_length], skip_special_tokens=True)
+        return [{"run": run.run_dir, "k": prep.k, "text": t.strip()} for t in texts]
+
+    # ------------------------------------------------------------------ serving shapes
+
+    def sample(self, i: int) -> Prepared:
+        """Run i's first validation example as a prepared request (for ``buckets`` and
+        ``warm_up``)."""
+        ex = self._task(self.runs[i], "validation").split("validation")[0]
+        req = {"run": i, "inputs": ex["inputs"], "fields": ex.get("fields") or {},
+               **({"candidates": ex["candidates"]} if ex.get("candidates") else {})}
+        return self.prepare([req])[0]
+
+    def buckets(self, sizes, samples=None) -> Buckets:
+        """Fixed shapes for serving: batches of ``sizes`` rows (each a multiple of the
+        mesh's data axis), every kind's columns as wide as its widest run's (a run's
+        widths are fixed by its config: task.max_input_length, max_target_length, its
+        template's soft tokens), decoding the most new tokens of any run.
+        samples: a prepared request of each run (default ``sample``)."""
+        samples = [self.sample(i) for i in range(len(self.runs))] if samples is None \
+            else samples
+        sizes = tuple(sorted({rows_per_batch(int(s), self.mesh) for s in sizes}))
+        shapes = {}
+        for kind in KINDS:
+            mine = [p for p in samples if p.kind == kind]
+            if mine:
+                names = [c for c in mine[0].arrays if c != "slots"]
+                shapes[kind] = Shape({c: max(p.arrays[c].shape[1] for p in mine)
+                                      for c in names},
+                                     any("slots" in p.arrays for p in mine))
+        new = max([self.runs[p.run].config.task.max_target_length for p in samples
+                   if p.kind == "generate"] or [0])
+        return Buckets(sizes, shapes, new)
+
+    def warm_up(self, buckets: Buckets, samples=None) -> None:
+        """Compiles every (kind, size) of ``buckets``: batches of copies of each run's
+        sample rows, so that serving requests of these runs compiles nothing new."""
+        samples = [self.sample(i) for i in range(len(self.runs))] if samples is None \
+            else samples
+        for kind in buckets.shapes:
+            mine = [p for p in samples if p.kind == kind]
+            columns, _ = self._pack([(p.entry, p.arrays) for p in mine],
+                                    left=kind == "generate" and not
+                                    self.model.is_encoder_decoder,
+                                    shape=buckets.shapes[kind])
+            rows = len(columns["entry"])
+            for size in buckets.sizes:
+                batch = pipeline.take(columns, np.arange(size) % rows)
+                if kind == "generate":
+                    self._decode(batch, buckets.new_tokens, size, (size,))
+                else:
+                    self._token_scores(batch, size, (size,))
+
+    def _request_dev(self, i: int, requests, mode: str | None = None):
+        """Requests of run i as a dev set of its task (targets stand in: not scored).
+        mode: the kind of run asked for ("rank", "generate"; None: either)."""
         run = self.runs[i]
         task = self._task(run, "validation")
         tcfg = dev_task_config(run.config)
@@ -611,8 +774,12 @@ class MultiRun:
                         else {})} for r in requests]
         task = dataclasses.replace(task, splits={"validation": examples})
         dev = run_dev_set(run.model, run.method, run.config, "validation", task)
-        if dev.mode != "rank":
+        if mode == "rank" and dev.mode != "rank":
             raise PtjaxError(f"{run.run_dir}: task {tcfg.name!r} has no labels or candidates "
                              "to score (it is decoded greedily); score takes rank "
                              "classification runs")
+        if mode == "generate" and dev.mode != "generate":
+            raise PtjaxError(f"{run.run_dir}: task {tcfg.name!r} is scored by rank "
+                             "classification (task.eval_mode); generate takes runs decoded "
+                             "greedily")
         return dev

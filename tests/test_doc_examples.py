@@ -67,6 +67,9 @@ SKIP = {
         "h100", "h100 --topology 8 mesh.model=2", "tpu-v5e --topology 2x2")},
     "info google/t5-base-lm-adapt": "downloads T5-base from the hub (what `info` prints is "
                                     "run on the tiny T5 by cli.md's `ptjax info`)",
+    "serve runs/sentiment runs/qa --port 8000": "serves until stopped; tests/test_serve.py "
+                                               "starts it on the same kind of runs and posts "
+                                               "the page's curl bodies",
 }
 # Words that mark a line as a pattern, not a command (`ptjax COMMAND --help`, `...`).
 PLACEHOLDERS = {"...", "COMMAND", "SWEEP.yaml"}

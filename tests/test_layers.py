@@ -29,13 +29,14 @@ LAYERS = [
                   "ptjax.plan", "ptjax.preflight", "ptjax.autoverbalizer", "ptjax.autotemplate",
                   "ptjax.multirun"]),
     ("sweeps, analysis, reports, the CLI, the package", [
-        "ptjax.sweep", "ptjax.analysis", "ptjax.report", "ptjax.commands", "ptjax.cli",
+        "ptjax.sweep", "ptjax.analysis", "ptjax.report", "ptjax.serving", "ptjax.commands",
+        "ptjax.cli",
         "ptjax"]),
 ]
 # Third-party packages that are optional extras (or, matplotlib, chosen a backend for
 # before pyplot loads): the only imports allowed inside a function, with a noqa reason.
 OPTIONAL = ("wandb", "tensorflow", "tensorflow_datasets", "torch", "matplotlib",
-            "datasets", "fsspec")
+            "datasets", "fsspec", "aiohttp")
 
 
 def modules(root: str) -> dict[str, str]:

@@ -196,3 +196,16 @@ def eval_batches(arrays: dict, batch_size: int):
         valid = int(min(batch_size, n - start))
         idx[valid:] = 0
         yield take(arrays, idx), valid
+
+
+def bucketed_batches(arrays: dict, sizes):
+    """Chunks of the largest of ``sizes`` rows in order; the last (or only) chunk filled
+    with copies of row 0 up to the smallest size that holds it, so batches take only
+    these shapes (a server that never recompiles). Yields (batch, n_valid)."""
+    sizes = sorted(sizes)
+    n = len(next(iter(arrays.values())))
+    for start in range(0, n, sizes[-1]):
+        valid = int(min(sizes[-1], n - start))
+        idx = np.zeros(next(s for s in sizes if s >= valid), np.int64)
+        idx[:valid] = np.arange(start, start + valid)
+        yield take(arrays, idx), valid

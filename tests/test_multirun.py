@@ -76,6 +76,26 @@ def gpt2_runs(tmp_path_factory, tiny_dir):
     ]
 
 
+@pytest.fixture(scope="module")
+def bert_runs(tmp_path_factory, tiny_dir):
+    """BERT (a masked LM: label words at its mask tokens): prompt tuning (P = 4) on
+    sentiment, P-tuning (P = 3, an LSTM encoder) with P-tuning's template (P1, x, P2,
+    [MASK], P3) on the shifted task, prefix tuning (P = 2) at the encoder."""
+    bert = {"model.path": "tiny-bert", "task.max_target_length": 2,
+            "task.verbalizer": VERBALIZER, "task.template": "'{inputs} it was {mask}'"}
+    return [
+        train(tmp_path_factory, tiny_dir, "bert-prompt", **bert),
+        train(tmp_path_factory, tiny_dir, "bert-ptuning", **{
+            **bert, "method.name": "ptuning", "method.ptuning.hidden": 8,
+            "method.ptuning.encoder": "lstm", "prompt.length": 3,
+            "task.name": "synthetic_sentiment_shifted",
+            "task.template": "'{soft:1} {inputs} {soft:1} {mask} {soft:1}'"}),
+        train(tmp_path_factory, tiny_dir, "bert-prefix", **{
+            **bert, "method.name": "prefix", "method.prefix.hidden": 8,
+            "prompt.length": 2}),
+    ]
+
+
 def alone(run_dir, tmp_path, capsys, *overrides):
     """A run's own ``ptjax eval`` metrics ({metric: [K]})."""
     out = str(tmp_path / f"{os.path.basename(run_dir)}.json")
@@ -143,6 +163,14 @@ def test_gpt2_mixed_equals_alone(gpt2_runs, tmp_path, capsys):
             dev = run_dev_set(run.model, run.method, run.config)
             assert t == predict(run.model, run.method, run.trainables, run.model.params,
                                 dev, 8, run.config.task.max_target_length).texts
+
+
+@pytest.mark.slow
+def test_bert_mixed_equals_alone(bert_runs, tmp_path, capsys):
+    multi = check_equal_alone(bert_runs, tmp_path, capsys)
+    assert [r.method.name for r in multi.runs] == ["prompt", "ptuning", "prefix"]
+    answers = multi.score([{"run": bert_runs[0], "inputs": "sentence: this red cat is good"}])
+    assert answers[0]["classes"] == ["negative", "positive"]
 
 
 def row_logits_match(multi, rng):

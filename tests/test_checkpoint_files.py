@@ -289,12 +289,12 @@ def test_error_nonexistent_local_path(tmp_path):
 
 
 def test_error_unsupported_model_type(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 8}))
-    with pytest.raises(PtjaxError, match="'bert'") as excinfo:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 8}))
+    with pytest.raises(PtjaxError, match="'llama'") as excinfo:
         ptjax.load_model(str(tmp_path))
     msg = _error(excinfo)
     assert "config.json" in msg
-    assert re.search(r"\bt5\b", msg) and re.search(r"\bgpt2\b", msg), msg
+    assert all(re.search(rf"\b{t}\b", msg) for t in ("t5", "gpt2", "bert", "roberta")), msg
 
 
 def test_error_missing_weight_names_key(t5_ref, tmp_path):

@@ -134,8 +134,12 @@ def _ptuning_member(state, encoder):
             "head": {"l0": lin(0), "l1": lin(2)}}
 
 
-@pytest.mark.parametrize("name", ["gpt2", "t5_v1_0", "bert", "roberta"])
-@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+# BERT and RoBERTa take one encoder each in the default suite, the other in the slow one
+@pytest.mark.parametrize("encoder, name", [
+    (e, n) for e in ("mlp", "lstm") for n in ("gpt2", "t5_v1_0")] + [
+    ("lstm", "bert"), ("mlp", "roberta"),
+    pytest.param("mlp", "bert", marks=pytest.mark.slow),
+    pytest.param("lstm", "roberta", marks=pytest.mark.slow)])
 def test_ptuning_matches_peft(loaded, name, encoder):
     tmodel, model = loaded[name]
     P = 3

@@ -374,13 +374,24 @@ def cmd_config(args):
     sys.stdout.write(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def _search_output(cfg, out, name: str) -> str:
+    """Where a search command (``ptjax verbalizer`` / ``template``) writes its JSON: --out,
+    else RUN_DIR/NAME; checked before the search runs, so a bad path costs nothing."""
+    if out:
+        check_output_file(out, "--out")
+        return out
+    check_output_dir(cfg.run_dir, "run_dir")
+    return os.path.join(cfg.run_dir, name)
+
+
+def _write_search(out: str, found: dict):
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    write_json(out, found)
+
+
 def cmd_verbalizer(args):
     cfg = _config_and_overrides(args.items)
-    out = args.out or os.path.join(cfg.run_dir, "verbalizer.json")
-    if args.out:
-        check_output_file(out, "--out")
-    else:
-        check_output_dir(cfg.run_dir, "run_dir")
+    out = _search_output(cfg, args.out, "verbalizer.json")
     found = run_search(cfg, args.k, args.n, args.per_class, args.seed)
     for c, kept in found["candidates"].items():
         words = ", ".join(f"{w} ({s:.1f})" for w, s in kept)
@@ -390,20 +401,14 @@ def cmd_verbalizer(args):
     for a in found["assignments"]:
         words = ", ".join(f"{c}={w}" for c, w in a["words"].items())
         print(f"  {words}: train {a['train_accuracy']:.2f}, dev {a['dev_accuracy']:.2f}")
-    if not args.out:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-    write_json(out, found)
+    _write_search(out, found)
     print(f"chosen by dev accuracy (written to {out}):")
     print(found["override"])
 
 
 def cmd_template(args):
     cfg = _config_and_overrides(args.items)
-    out = args.out or os.path.join(cfg.run_dir, "templates.json")
-    if args.out:
-        check_output_file(out, "--out")
-    else:
-        check_output_dir(cfg.run_dir, "run_dir")
+    out = _search_output(cfg, args.out, "templates.json")
     found = run_template_search(cfg, args.shape or (), args.beam, args.top, args.per_class,
                                 args.seed, args.max_tokens)
     metric = found["metric"]
@@ -413,9 +418,7 @@ def cmd_template(args):
     for r in found["templates"]:
         print(f"  dev {r['dev'][metric]:.2f}  log-prob {r['mean_score']:.2f}/example  "
               f"{r['template']}")
-    if not args.out:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-    write_json(out, found)
+    _write_search(out, found)
     print(f"the top {len(found['top'])}, to train in one batch (train.ensemble):")
     print(" ".join(shlex.quote(o) for o in found["overrides"]["templates"]))
     print(f"chosen by dev {metric} (written to {out}):")

@@ -29,6 +29,7 @@ from ptjax.evaluation import predict
 from ptjax.serving import (Background, Batcher, Overloaded, RequestError, Server,
                            parse_request)
 from ptjax.taskdata import run_dev_set
+from test_multirun import train as multirun_train
 
 pytest.importorskip("aiohttp")
 
@@ -127,16 +128,13 @@ def test_cli_refuses(tmp_path, capsys):
 
 # ---------------------------------------------------------------- trained runs
 
+# test_multirun's runs, shorter: 2 steps, 10 dev examples
+QUICK = {"task.dev_size": 10, "train.steps": 2, "train.eval_every": 2,
+         "train.checkpoint_every": 2, "train.log_every": 2}
+
+
 def train(tmp_path_factory, tiny_dir, name, **kw):
-    run_dir = str(tmp_path_factory.mktemp(name))
-    args = {"run_dir": run_dir, "model.tiny_dir": tiny_dir, "model.path": "tiny-t5",
-            "prompt.length": 4, "task.max_input_length": 24, "task.max_target_length": 4,
-            "task.dev_size": 10, "train.batch_size": 8, "train.eval_batch_size": 8,
-            "train.steps": 2, "train.eval_every": 2, "train.checkpoint_every": 2,
-            "train.log_every": 2, "train.dropout": 0.0, "train.progress": False}
-    args.update(kw)
-    assert cli.main(["train", *[f"{k}={v}" for k, v in args.items()]]) == 0
-    return run_dir
+    return multirun_train(tmp_path_factory, tiny_dir, name, **{**QUICK, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -263,18 +263,24 @@ def init_params(module, rng):
     return jax.jit(lambda r: nn_meta.unbox(_boxed_init(module, r)))(rng)
 
 
+@functools.lru_cache(maxsize=32)
+def _abstract_boxed(config, dtype):
+    """The boxed (logically annotated) params tree of a config, shapes only. Traced once
+    per config and dtype: loading a model asks for its shapes, axes and shardings, and
+    tracing a large model's init takes seconds. (Configs are frozen dataclasses.)"""
+    module = family_of(config).module(config, dtype)
+    return jax.eval_shape(lambda: _boxed_init(module, jax.random.key(0)))
+
+
 def abstract_params(config, dtype=jnp.float32):
     """The params tree of a config as ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
-    module = family_of(config).module(config, dtype)
-    return jax.eval_shape(lambda: nn_meta.unbox(_boxed_init(module, jax.random.key(0))))
+    return nn_meta.unbox(_abstract_boxed(config, jnp.dtype(dtype)))
 
 
 def param_logical_axes(config):
     """The params tree with each leaf's logical axis names, e.g. ("layers", "embed",
     "heads", "kv") for an attention query kernel."""
-    module = family_of(config).module(config)
-    boxed = jax.eval_shape(lambda: _boxed_init(module, jax.random.key(0)))
-    return jax.tree.map(lambda b: tuple(b.names), boxed,
+    return jax.tree.map(lambda b: tuple(b.names), _abstract_boxed(config, jnp.dtype("float32")),
                         is_leaf=lambda x: isinstance(x, nn_meta.Partitioned))
 
 

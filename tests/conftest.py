@@ -3,17 +3,28 @@ checkpoints loaded by ptjax. Nothing here touches the network."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a test process (or a subprocess) with ``devices`` CPU devices."""
+    return (f"--xla_force_host_platform_device_count={devices}"
+            " --xla_backend_optimization_level=0")
+
+
 # Eight CPU devices for the mesh tests (before jax starts); everything else runs on device 0.
 # The tiny test models spend their time compiling, not running: LLVM's -O0 halves compile
 # time (a T5 step with dropout: 12.5 s -> 5.2 s) and leaves the HLO, hence the maths, as is.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-# One XLA compilation cache for the session, shared with `ptjax train` subprocesses.
+# One XLA compilation cache for the tests, shared with `ptjax train` subprocesses and kept
+# between sessions: `make test-slow` after `make test` (as CI runs them) reuses the steps
+# the default suite compiled. Entries are keyed by the HLO, the XLA flags and the jax
+# version, so a stale one is never read; least recently used ones go past 2 GB.
 import tempfile  # noqa: E402
 
-os.environ.setdefault("PTJAX_COMPILATION_CACHE", tempfile.mkdtemp(prefix="ptjax-xla-"))
+os.environ.setdefault("PTJAX_COMPILATION_CACHE", os.path.join(
+    tempfile.gettempdir(), f"ptjax-test-xla-{os.getuid()}"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2 * 1024 ** 3))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

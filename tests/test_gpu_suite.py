@@ -7,14 +7,15 @@ import subprocess
 import sys
 
 import pytest
+from conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
 def test_gpu_suite_dry_run(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, like a one-GPU machine
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=xla_flags(1))  # one CPU device, like a one-GPU machine
     # benchmarks/predict.py's output for the tiny K=1 case's shape (a made-up number: the
     # suite joins the row, it does not recompute it)
     predictions = tmp_path / "predict.json"

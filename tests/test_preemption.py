@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import yaml
+from conftest import xla_flags
 from test_run import ROOT, _files, _finished_steps, base_args, ptjax, read_rows
 
 from ptjax import checkpoint, loop, run
@@ -111,6 +112,7 @@ def test_sigterm_saves_the_step_and_the_rerun_is_exact(where, reference, tiny_di
     _same_run(reference, run_dir, STEPS)
 
 
+@pytest.mark.slow
 def test_a_preempted_sweep_resumes_its_job(tiny_dir, tmp_path, monkeypatch, capsys):
     """SIGTERM in a sweep's second job: the sweep exits 75; the rerun skips the first job,
     resumes the second from its checkpoint, and both equal an uninterrupted sweep's."""
@@ -177,7 +179,7 @@ def _two_processes(run_dir, tiny_dir, sigterm_rank=None):
         env = dict(os.environ, PYTHONPATH=ROOT, SLURM_JOB_ID=job,
                    SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
                    SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
-                   XLA_FLAGS="--xla_force_host_platform_device_count=2")
+                   XLA_FLAGS=xla_flags(2))
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     if sigterm_rank is not None:

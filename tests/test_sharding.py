@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 from jax.sharding import PartitionSpec as P
 
 from ptjax import cli
@@ -228,7 +229,7 @@ def test_two_processes_reproduce_one(tiny, tmp_path):
         env = dict(os.environ, PYTHONPATH=ROOT, SLURM_JOB_ID=str(1000 + os.getpid() % 3000),
                    SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
                    SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
-                   XLA_FLAGS="--xla_force_host_platform_device_count=4")
+                   XLA_FLAGS=xla_flags(4))
         procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=240)[0] for p in procs]

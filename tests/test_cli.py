@@ -104,7 +104,6 @@ def test_no_progress_logs_a_line_per_log_step(quiet_run):
     assert "PyTorch was not found" not in out.stderr and "[transformers]" not in out.stderr
 
 
-@pytest.mark.slow  # five ptjax subprocesses
 def test_a_normal_run_prints_nothing_from_third_parties(quiet_run, tmp_path):
     """Issue 31: train, resume, eval, export and generate print ptjax's own lines alone:
     no absl warning from orbax's read-only checkpoint reader ("Given directory is read

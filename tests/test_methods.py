@@ -340,7 +340,7 @@ def _train(tmp_path, name, **kw):
 
 @pytest.mark.parametrize("method_name, extra", [
     ("prefix", {"method.prefix.hidden": 16, "method.prefix.sites": "[encoder,cross]"}),
-    pytest.param("ptuning", {"method.ptuning.hidden": 16}, marks=pytest.mark.slow),
+    ("ptuning", {"method.ptuning.hidden": 16}),
 ])
 def test_a_run_of_each_method_evaluates_ensembles_and_loads(tmp_path, capsys, method_name,
                                                             extra):

@@ -130,7 +130,6 @@ def test_microbatches_equal_the_whole_batch(tiny_dir, task_files, case):
               f"{biggest:.3g})")
 
 
-@pytest.mark.slow
 def test_microbatches_on_a_mesh_keep_each_devices_rows(tiny_dir, task_files):
     """On 4 data-parallel devices, 2 microbatches of 4 rows equal one device's one-pass
     step, and the compiled step moves no batch rows between devices: its only

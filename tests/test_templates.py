@@ -59,7 +59,7 @@ def test_bad_templates_are_one_line_errors(source, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("family", [pytest.param("t5", marks=pytest.mark.slow), "gpt2"])
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
 def test_soft_prompt_template_equals_the_prepended_prompt(tiny, family):
     """"{soft:P} {inputs}": the same arrays' content, and the loss and prompt gradient
     equal prepending the prompt (1e-6), with dropout."""

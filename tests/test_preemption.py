@@ -112,7 +112,6 @@ def test_sigterm_saves_the_step_and_the_rerun_is_exact(where, reference, tiny_di
     _same_run(reference, run_dir, STEPS)
 
 
-@pytest.mark.slow
 def test_a_preempted_sweep_resumes_its_job(tiny_dir, tmp_path, monkeypatch, capsys):
     """SIGTERM in a sweep's second job: the sweep exits 75; the rerun skips the first job,
     resumes the second from its checkpoint, and both equal an uninterrupted sweep's."""

@@ -42,6 +42,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 import jax
+from jax._src import compilation_cache as _jax_cache  # see _single_device_cpu_entries
 
 from ptjax import __version__, targets
 from ptjax.commands import (cmd_config, cmd_eval, cmd_export, cmd_generate, cmd_info, cmd_neighbors,
@@ -250,6 +251,39 @@ def enable_compilation_cache():
     if path and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        _single_device_cpu_entries()
+
+
+def _single_device_cpu_entries():
+    """Keep XLA:CPU programs that span several devices out of the persistent cache.
+
+    Read back from the cache, such a program can deadlock (jax 0.10.2): its devices reach
+    their all-reduces in different orders, XLA's rendezvous waits 40 s and aborts the
+    process (tests/test_sharding.py's meshes, trained twice against one cache). Compiled
+    fresh it runs. CPU meshes are tests and dry runs, so they compile each time; GPU and TPU
+    programs and single-device CPU ones are cached as before. jax has no public hook for
+    this: the guard wraps its cache's read and write, and does nothing where they are gone.
+    """
+    read = getattr(_jax_cache, "get_executable_and_time", None)
+    write = getattr(_jax_cache, "put_executable_and_time", None)
+    if read is None or write is None or getattr(read, "ptjax_guard", False):
+        return
+
+    def spans_cpu_devices(backend, devices) -> bool:
+        return backend.platform == "cpu" and len(devices) > 1
+
+    def guarded_read(cache_key, compile_options, backend, executable_devices):
+        if spans_cpu_devices(backend, executable_devices):
+            return None, None
+        return read(cache_key, compile_options, backend, executable_devices)
+
+    def guarded_write(cache_key, module_name, executable, backend, compile_time):
+        if not spans_cpu_devices(backend, executable.local_devices()):
+            write(cache_key, module_name, executable, backend, compile_time)
+
+    guarded_read.ptjax_guard = True
+    _jax_cache.get_executable_and_time = guarded_read
+    _jax_cache.put_executable_and_time = guarded_write
 
 
 def main(argv=None) -> int:

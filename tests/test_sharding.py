@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 from conftest import xla_flags
+from jax._src import compilation_cache as jax_cache
+from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 from ptjax import cli
@@ -389,3 +391,26 @@ def test_kv_cache_decoding_on_a_mesh_matches_one_device(tiny, family):
     a = plain.generate(plain.params, ids, prompt=prompt, max_new_tokens=5)
     b = sharded.generate(sharded.params, ids, prompt=prompt, max_new_tokens=5)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+
+def test_cpu_programs_over_several_devices_stay_out_of_the_compilation_cache():
+    """XLA:CPU executables over several devices can deadlock when read back from JAX's
+    persistent cache (cli._single_device_cpu_entries). With the guard conftest installs,
+    one over two devices is neither written nor read; a single-device one round-trips."""
+    cache_dir = jax.config.jax_compilation_cache_dir
+    backend = jax.devices()[0].client
+    f = jax.jit(lambda v: (v * 3.0).sum())
+    pair = NamedSharding(make_mesh(2, 1, jax.devices()[:2]), P("data"))
+    one = SingleDeviceSharding(jax.devices()[0])
+    for sharding, cached in ((pair, False), (one, True)):
+        exe = f.lower(jax.device_put(np.arange(8.0), sharding)).compile().runtime_executable()
+        key = f"ptjax-test-guard-{len(exe.local_devices())}-{os.getpid()}"
+        jax_cache.put_executable_and_time(key, "f", exe, backend, 5)
+        assert os.path.exists(os.path.join(cache_dir, f"{key}-cache")) == cached
+        got, _ = jax_cache.get_executable_and_time(key, None, backend,
+                                                   sharding._internal_device_list)
+        assert (got is not None) == cached
+    # an entry that is there is still not read back onto two CPU devices
+    got, _ = jax_cache.get_executable_and_time(key, None, backend, pair._internal_device_list)
+    assert got is None

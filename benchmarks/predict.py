@@ -362,8 +362,8 @@ def markdown(result: dict) -> str:
     lines = ["| model | method | K | target | mesh (data x model) | "
              + " | ".join(f"remat {m}: peak / device (GiB)" for m in remats)
              + " | device memory (GiB) | FLOPs / step | FLOPs / device | compile (s) "
-             "| smallest slice that holds it |",
-             "| --- " * (10 + len(remats)) + "|"]
+             "| smallest slice that holds it | ptjax |",
+             "| --- " * (11 + len(remats)) + "|"]
     for key in keys:
         g = groups[key]
         ok = [r for r in g.values() if r.get("status") == "ok"]
@@ -371,7 +371,8 @@ def markdown(result: dict) -> str:
         if not ok:
             r = next(iter(g.values()))
             error = f"{r.get('status')}: {(r.get('error') or '')[:120]}"
-            lines.append(head + " | ".join([error] + [""] * (5 + len(remats))) + " |")
+            lines.append(head + " | ".join([error] + [""] * (5 + len(remats))
+                                           + [r.get("commit", "")]) + " |")
             continue
         r0 = ok[0]
         m = r0["mesh"]
@@ -388,7 +389,7 @@ def markdown(result: dict) -> str:
                   f"{r0['flops_per_step_per_device']:.3g}",
                   " / ".join(_compile_s(g[x]) for x in remats if x in g and
                              g[x].get("status") == "ok"),
-                  _slice(g)]
+                  _slice(g), r0.get("commit", "")]
         lines.append(head + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -507,6 +508,8 @@ def main(argv=None) -> int:
         mine = split(a.only_targets)
         rows = [r for r in rows if r["target"] in mine]
     predictor = Predictor(a.set) if rows else None
+    commit = (result["ptjax"]["commit"] or "")[:7] + ("+" if result["ptjax"][
+        "ptjax_modified"] else "")
     for row in rows:
         if a.budget_s and time.perf_counter() - start > a.budget_s:
             result["skipped"].append(dict(row, why="time budget spent"))
@@ -523,6 +526,7 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001
                 r["smallest_slice"] = {"topology": None, "tried": [], "error": one_line(e)}
         r["wall_s"] = time.perf_counter() - t0
+        r["commit"] = commit  # merged files mix runs: each row says which ptjax made it
         result["rows"].append(r)
         print(_line(r), flush=True)
         result["elapsed_s"] = time.perf_counter() - start
@@ -553,7 +557,9 @@ def merge(paths: list[str], wanted: list[dict], targets: list[str]) -> dict:
             if run.get("command") not in [x["command"] for x in runs]:
                 runs.append({k: run.get(k) for k in ("command", "date", "elapsed_s", "ptjax",
                                                       "versions", "machine")})
+        made = (got.get("runs") or [got])[0].get("ptjax") or {}
         for r in got["rows"]:
+            r.setdefault("commit", (made.get("commit") or "")[:7])  # files from before rows had it
             if _key(r) not in seen:
                 seen[_key(r)] = len(rows)
                 rows.append(r)

@@ -70,10 +70,52 @@ def test_predict_writes_rows_for_a_target(tmp_path, capsys):
     assert "\n" not in bad["error"]
     table = capsys.readouterr().out
     line = [x for x in table.splitlines() if x.startswith("| tiny-t5 | prompt | 1 | h100 |")]
-    assert len(line) == 1 and "fits | none: " in line[0] and line[0].count("|") == 13
+    assert len(line) == 1 and "fits | none: " in line[0] and line[0].count("|") == 14
+    assert line[0].endswith(f"| {result['ptjax']['commit'][:7]} |") or line[0].endswith(
+        f"| {result['ptjax']['commit'][:7]}+ |")  # the commit column (+: ptjax/ modified)
     assert "| tiny-t5 | prompt | 1 | h100:0 | error: PtjaxError: --topology '0'" in table
     assert predict.main(["--table", str(out)]) == 0
     assert line[0] in capsys.readouterr().out
+
+
+def _row(size, target, remat, status="ok", **kw):
+    row = {"size": size, "model": predict.model_name(size), "target": target,
+           "method": "prompt", "prompts": 1, "remat_setting": remat, "status": status}
+    if status == "ok":
+        row.update(mesh={"data": 4, "model": 1, "fsdp": False}, remat="none", fits=True,
+                   per_device={"accelerator_peak": 2 * GiB}, device_memory=16 * GiB,
+                   flops_per_step=1e12, flops_per_step_per_device=2.5e11, compile_s=3.0,
+                   compile_s_tried={"none": 3.0})
+    else:
+        row["error"] = "PtjaxError: libtpu cannot describe it"
+    return dict(row, **kw)
+
+
+def test_merge_keeps_each_rows_commit_and_replaces_errors(tmp_path, capsys):
+    """Runs of parts of the matrix made at different commits: the merged table names, per
+    row, the ptjax that compiled it; a row that ran replaces one that failed."""
+    old = {"ptjax": {"commit": "a" * 40}, "command": "predict.py RUN1", "rows": [
+        _row("small", "v5e-2x2", "none"), _row("base", "v5e-2x2", "none", status="error")]}
+    new = {"ptjax": {"commit": "b" * 40}, "command": "predict.py RUN2", "rows": [
+        _row("base", "v5e-2x2", "none", commit="bbbbbbb")]}
+    paths = []
+    for name, got in (("old", old), ("new", new)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(got, f)
+    out = tmp_path / "merged.json"
+    assert predict.main(["--merge", *paths, "--sizes", "small,base", "--targets", "v5e-2x2",
+                         "--methods", "prompt", "--prompts", "1", "--remat", "none",
+                         "--out", str(out), "--markdown"]) == 0
+    merged = json.loads(out.read_text())
+    assert [(r["size"], r["status"], r["commit"]) for r in merged["rows"]] == [
+        ("small", "ok", "aaaaaaa"), ("base", "ok", "bbbbbbb")]
+    assert [r["command"] for r in merged["runs"]] == ["predict.py RUN1", "predict.py RUN2"]
+    assert merged["skipped"] == []
+    table = capsys.readouterr().out
+    assert "| small | prompt | 1 | v5e-2x2 | 4 x 1 | 2.0 fits |" in table
+    assert [x.rsplit("|", 2)[1].strip() for x in table.splitlines() if x.startswith(
+        ("| small", "| base"))] == ["aaaaaaa", "bbbbbbb"]
 
 
 def test_the_matrix_and_its_order():

@@ -152,9 +152,20 @@ def _bytes(number: str, unit: str) -> float:
     return float(number) * 1024 ** ("KMGT".index(unit) + 1)  # libtpu's G: GiB
 
 
+class DoesNotFit(PtjaxError):
+    """``check_fits``'s one line, carrying the refused program's temporaries (bytes)."""
+
+    def __init__(self, message: str, temporaries: float):
+        super().__init__(message)
+        self.temporaries = temporaries
+
+
 def refused_bytes(error: BaseException | str) -> float | None:
     """The temporaries (bytes; a lower bound of the peak) of a program the TPU compiler
-    refused for not fitting its HBM, or None for any other error."""
+    refused for not fitting its HBM (libtpu's error or ``check_fits``'s), or None for any
+    other error."""
+    if isinstance(error, DoesNotFit):
+        return error.temporaries
     m = _REFUSED.search(str(error))
     return None if m is None else _bytes(m.group(1), m.group(2))
 
@@ -169,11 +180,11 @@ def check_fits(compile_fn, what: str):
         if m is None:
             raise
         need, hbm = _bytes(m.group(1), m.group(2)), _bytes(m.group(3), m.group(4))
-        raise PtjaxError(
+        raise DoesNotFit(
             f"{what} does not fit: the TPU compiler refuses it (its temporaries alone "
             f"take {need / GiB:.2f} GiB of the chip's {hbm / GiB:.2f} GiB); use more chips "
             "(--topology, mesh.*), model.remat=full, a smaller train.batch_size or "
-            "train.eval_batch_size, or shorter inputs") from None
+            "train.eval_batch_size, or shorter inputs", need) from None
 
 
 def step_peak(model, method, cfg, mesh, trainable, frozen) -> float:

@@ -13,6 +13,7 @@ import jax
 import pytest
 
 from ptjax import aot
+from ptjax.errors import PtjaxError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -149,3 +150,10 @@ def test_tpu_refusal_is_read_as_not_fitting():
            "temporaries (21.58G) exceeds available HBM (15.75G).")
     assert aot.refused_bytes(msg) == pytest.approx(21.58 * GiB)
     assert aot.refused_bytes("INVALID_ARGUMENT: something else") is None
+
+    def refused():
+        raise jax.errors.JaxRuntimeError(msg)
+    # ptjax plan's one line for the same refusal (what compile_plan raises) still counts
+    with pytest.raises(PtjaxError, match="the train step does not fit") as e:
+        aot.check_fits(refused, "the train step")
+    assert aot.refused_bytes(e.value) == pytest.approx(21.58 * GiB)

@@ -389,7 +389,8 @@ def markdown(result: dict) -> str:
                   f"{r0['flops_per_step_per_device']:.3g}",
                   " / ".join(_compile_s(g[x]) for x in remats if x in g and
                              g[x].get("status") == "ok"),
-                  _slice(g), r0.get("commit", "")]
+                  _slice(g), " / ".join(dict.fromkeys(  # each remat row's, once
+                      g[x].get("commit", "") for x in remats if x in g))]
         lines.append(head + " | ".join(cells) + " |")
     return "\n".join(lines)
 

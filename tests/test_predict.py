@@ -98,7 +98,8 @@ def test_merge_keeps_each_rows_commit_and_replaces_errors(tmp_path, capsys):
     old = {"ptjax": {"commit": "a" * 40}, "command": "predict.py RUN1", "rows": [
         _row("small", "v5e-2x2", "none"), _row("base", "v5e-2x2", "none", status="error")]}
     new = {"ptjax": {"commit": "b" * 40}, "command": "predict.py RUN2", "rows": [
-        _row("base", "v5e-2x2", "none", commit="bbbbbbb")]}
+        _row("base", "v5e-2x2", "none", commit="bbbbbbb"),
+        _row("small", "v5e-2x2", "auto", commit="bbbbbbb")]}
     paths = []
     for name, got in (("old", old), ("new", new)):
         paths.append(str(tmp_path / f"{name}.json"))
@@ -106,17 +107,20 @@ def test_merge_keeps_each_rows_commit_and_replaces_errors(tmp_path, capsys):
             json.dump(got, f)
     out = tmp_path / "merged.json"
     assert predict.main(["--merge", *paths, "--sizes", "small,base", "--targets", "v5e-2x2",
-                         "--methods", "prompt", "--prompts", "1", "--remat", "none",
+                         "--methods", "prompt", "--prompts", "1", "--remat", "none,auto",
                          "--out", str(out), "--markdown"]) == 0
     merged = json.loads(out.read_text())
-    assert [(r["size"], r["status"], r["commit"]) for r in merged["rows"]] == [
-        ("small", "ok", "aaaaaaa"), ("base", "ok", "bbbbbbb")]
+    assert [(r["size"], r["remat_setting"], r["status"], r["commit"]) for r in
+            merged["rows"]] == [("small", "none", "ok", "aaaaaaa"),
+                                ("small", "auto", "ok", "bbbbbbb"),
+                                ("base", "none", "ok", "bbbbbbb")]
     assert [r["command"] for r in merged["runs"]] == ["predict.py RUN1", "predict.py RUN2"]
-    assert merged["skipped"] == []
+    assert [(r["size"], r["remat_setting"]) for r in merged["skipped"]] == [("base", "auto")]
     table = capsys.readouterr().out
-    assert "| small | prompt | 1 | v5e-2x2 | 4 x 1 | 2.0 fits |" in table
+    assert "| small | prompt | 1 | v5e-2x2 | 4 x 1 | 2.0 fits | none: 2.0 fits |" in table
+    # a line whose remat rows came from two runs names both commits
     assert [x.rsplit("|", 2)[1].strip() for x in table.splitlines() if x.startswith(
-        ("| small", "| base"))] == ["aaaaaaa", "bbbbbbb"]
+        ("| small", "| base"))] == ["aaaaaaa / bbbbbbb", "bbbbbbb"]
 
 
 def test_the_matrix_and_its_order():

@@ -251,6 +251,7 @@ def enable_compilation_cache():
     if path and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if jax.config.jax_compilation_cache_dir:  # ours, or one the user set for jax
         _single_device_cpu_entries()
 
 

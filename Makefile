@@ -34,14 +34,17 @@ demo: $(VENV)/.ptjax-base
 # The suite, under 10 minutes on 2 cores; the slow tests (SIGKILL resume for every method,
 # multi-process and mesh runs, pre-training, the GPU suite's dry run) are `make test-slow`,
 # which CI runs too. Tests run in parallel, one worker per core up to PYTEST_WORKERS: XLA
-# compiles a tiny model's step on one thread, so one process leaves a core idle.
+# compiles a tiny model's step on one thread, so one process leaves a core idle. Each runs
+# on one CPU device, then the `mesh` tests in a second session on eight (tests/conftest.py).
 PYTEST_WORKERS ?= 4
 PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses $(PYTEST_WORKERS)
 test: $(VENV)/.ptjax-test
-	$(PYTEST) -m "not slow and not targets"
+	$(PYTEST) -m "not slow and not targets and not mesh"
+	PTJAX_TEST_DEVICES=8 $(PYTEST) -m "not slow and not targets and mesh"
 
 test-slow: $(VENV)/.ptjax-test
-	$(PYTEST) -m "slow and not targets"
+	$(PYTEST) -m "slow and not targets and not mesh"
+	PTJAX_TEST_DEVICES=8 $(PYTEST) -m "slow and not targets and mesh"
 
 # The compile matrix (tests/test_targets.py): every method and attention path compiled for
 # an H100 and a TPU v5e, one chip and several, on this CPU. Its own venv: the CUDA plugin
@@ -55,7 +58,7 @@ $(TVENV)/.ptjax-targets: setup.cfg pyproject.toml
 
 test-targets: $(TVENV)/.ptjax-targets
 	JAX_PLATFORMS=cpu $(TVENV)/bin/python -m pytest -q -p no:cacheprovider -m targets \
-		tests/test_targets.py tests/test_predict.py
+		-n auto --maxprocesses $(PYTEST_WORKERS) tests/test_targets.py tests/test_predict.py
 
 # The analysis notebooks, executed against the demo sweep's output (after `make demo`).
 notebooks: $(VENV)/.ptjax-test

@@ -143,6 +143,7 @@ def test_cudnn_asked_for_off_a_gpu_is_one_line():
                           dtype=jnp.bfloat16, T=8, S=8, dropout_active=False, cached=False)
 
 
+@pytest.mark.mesh
 def test_auto_decides_by_the_mesh_platform_not_the_host(loaded):
     """A model placed on a mesh compiles for the mesh's devices: its options name their
     platform (a GPU target's mesh says gpu though the host is a CPU)."""

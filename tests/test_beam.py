@@ -164,6 +164,7 @@ def test_beam_search_with_a_prefix_per_row_equals_each_row_alone(loaded, name):
     assert not np.array_equal(both, np.asarray(other))  # each row's prefix steers its beams
 
 
+@pytest.mark.mesh
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["t5_v1_1", "gpt2"])
 def test_beam_search_and_sampling_on_a_mesh_match_one_device(saved_models, loaded, name):

@@ -130,6 +130,7 @@ def test_microbatches_equal_the_whole_batch(tiny_dir, task_files, case):
               f"{biggest:.3g})")
 
 
+@pytest.mark.mesh
 def test_microbatches_on_a_mesh_keep_each_devices_rows(tiny_dir, task_files):
     """On 4 data-parallel devices, 2 microbatches of 4 rows equal one device's one-pass
     step, and the compiled step moves no batch rows between devices: its only
@@ -227,6 +228,7 @@ def test_bad_microbatches_are_one_line_errors(overrides, message):
     assert str(e.value) == message
 
 
+@pytest.mark.mesh
 def test_microbatches_must_split_over_the_mesh():
     mesh = make_mesh(4, 1)
     check_batch_size(16, mesh, microbatches=4)  # 4 examples per microbatch, 1 per device

@@ -33,6 +33,7 @@ def _cfg(tmp_path, **kw):
     return from_dict(base)
 
 
+@pytest.mark.mesh
 def test_plan_counts_what_each_device_holds(tmp_path):
     one = plan(_cfg(tmp_path, **{"mesh.data": 1}))
     d = one["per_device"]

@@ -1,6 +1,7 @@
-"""Meshes on 8 CPU devices (XLA_FLAGS in conftest): parameters are sharded as the logical
-axis rules say, training on meshes (8,1), (4,2), (2,4) follows one device, and a real
-two-process job (SLURM environment, gloo collectives) reproduces a one-process run."""
+"""Meshes on 8 CPU devices (PTJAX_TEST_DEVICES=8, XLA_FLAGS in conftest): parameters are
+sharded as the logical axis rules say, training on meshes (8,1), (4,2), (2,4) follows one
+device, and a real two-process job (SLURM environment, gloo collectives) reproduces a
+one-process run."""
 import json
 import os
 import subprocess
@@ -22,6 +23,8 @@ from ptjax.models.model import load_model
 from ptjax.models.tiny import build_tiny_model
 from ptjax.prompts import initial_prompts
 from ptjax.sharding import logical_rules, make_mesh, spec_for
+
+pytestmark = pytest.mark.mesh  # the whole module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -301,18 +301,26 @@ class Predictor:
         ladder = LADDER.get(name, [])
         if topology not in ladder:
             return None
-        tried = []
+        tried, outcomes = [], {}
         for bigger in ladder[ladder.index(topology) + 1:][:max_up]:
             target = self.target(name, bigger)
             mesh, why = choose_mesh(len(target.devices), self.count(row), row["method"],
                                     target.memory)
             c = self.compile(row, target, mesh, "full")
             tried.append(bigger)
+            # what each slice said: its peak, libtpu's refusal (the temporaries it named),
+            # or an error, which is not "does not fit" and ends the search
+            outcomes[bigger] = {"mesh": mesh, "compile_s": c["compile_s"], **(
+                {"peak": c["estimate"]} if "estimate" in c else
+                {"refused_at_least": c["oom"]} if c.get("oom") else {"error": c["error"]})}
+            if "error" in outcomes[bigger]:
+                return {"topology": None, "tried": tried, "outcomes": outcomes,
+                        "error": c["error"]}
             if "estimate" in c and c["estimate"] <= target.memory:
                 return {"topology": bigger, "devices": c["devices"], "mesh": mesh,
                         "remat": "full", "accelerator_peak": c["estimate"],
-                        "compile_s": c["compile_s"], "tried": tried}
-        return {"topology": None, "tried": tried}
+                        "compile_s": c["compile_s"], "tried": tried, "outcomes": outcomes}
+        return {"topology": None, "tried": tried, "outcomes": outcomes}
 
 
 def _split_target(text: str) -> tuple[str, str]:
@@ -415,6 +423,9 @@ def _slice(g: dict) -> str:
     if s.get("topology"):
         return (f"{ok[0]['target_name']} {s['topology']} (remat full, "
                 f"{gib(s['accelerator_peak'])} GiB)")
+    if s.get("error"):  # a compile that failed says nothing about fitting
+        where = f" on {s['tried'][-1]}" if s.get("tried") else ""
+        return f"search failed{where} (see the JSON)"
     return f"none of {', '.join(s['tried'])}" if s.get("tried") else "not searched"
 
 

@@ -6,6 +6,7 @@ the run going on, the table; and the rules that pick meshes and read libtpu's re
 Runs in the targets venv (``make test-targets``), like tests/test_targets.py.
 """
 import json
+import math
 import os
 import sys
 
@@ -161,3 +162,42 @@ def test_tpu_refusal_is_read_as_not_fitting():
     with pytest.raises(PtjaxError, match="the train step does not fit") as e:
         aot.check_fits(refused, "the train step")
     assert aot.refused_bytes(e.value) == pytest.approx(21.58 * GiB)
+
+
+def test_the_slice_search_tells_a_failed_compile_from_one_that_does_not_fit(monkeypatch):
+    """Up the ladder, a slice libtpu refuses does not hold the row and the search goes on;
+    a compile that fails for another reason ends it, and the table says the search failed
+    instead of "none of" the slices (which would claim they were too small)."""
+    p = predict.Predictor([])
+
+    class Slice:  # chips of 16 GiB, no compile behind them
+        def __init__(self, topology):
+            self.topology, self.memory = topology, 16 * GiB
+            self.devices = [None] * math.prod(int(n) for n in topology.split("x"))
+
+    said = {}
+    monkeypatch.setattr(p, "target", lambda name, topology: Slice(topology))
+    monkeypatch.setattr(p, "count", lambda row: 3 * 10 ** 9)
+    monkeypatch.setattr(p, "compile", lambda row, target, mesh, policy: said[target.topology])
+    row = {"method": "prefix", "remat_setting": "auto"}
+    result = {"target_name": "tpu-v5e", "topology": "2x2"}
+
+    def cell(search):
+        return predict._slice({"auto": dict(status="ok", fits=False, smallest_slice=search,
+                                            target_name="tpu-v5e")})
+
+    refused = {"oom": 20 * GiB, "error": "RESOURCE_EXHAUSTED: ...", "compile_s": 1.0}
+    said.update({"2x4": refused, "4x4": {"error": "INVALID_ARGUMENT: boom", "compile_s": 1.0}})
+    s = p.smallest_slice(row, result, max_up=2)
+    assert s["topology"] is None and s["tried"] == ["2x4", "4x4"] and "boom" in s["error"]
+    assert s["outcomes"]["2x4"]["refused_at_least"] == 20 * GiB
+    assert cell(s) == "search failed on 4x4 (see the JSON)"
+
+    said["4x4"] = refused
+    s = p.smallest_slice(row, result, max_up=2)
+    assert "error" not in s and cell(s) == "none of 2x4, 4x4"
+
+    said["4x4"] = {"estimate": 9 * GiB, "devices": "16 x TPU v5 lite", "compile_s": 2.0}
+    s = p.smallest_slice(row, result, max_up=2)
+    assert s["topology"] == "4x4" and s["outcomes"]["4x4"]["peak"] == 9 * GiB
+    assert cell(s) == "tpu-v5e 4x4 (remat full, 9.0 GiB)"

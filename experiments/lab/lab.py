@@ -18,11 +18,17 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+
+import pandas as pd
+import yaml
+
+from ptjax.report import checkpoint_family, pretrain_results, size_label
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -112,8 +118,6 @@ def cut_sweep(name: str, root: str, sizes, smoke: bool = False) -> str:
     """The sweep file ``name`` cut to ``sizes``, its paths moved under ``root``; with
     ``smoke`` also cut to 2 seeds, one task and a few steps. Written to ROOT/sweeps/NAME
     and returned (a cut sweep has its own root: a sweep directory holds one sweep)."""
-    import yaml
-
     with open(os.path.join(HERE, name)) as f:
         data = yaml.safe_load(f)
     lm = ({f"lm{a}-": f"lm{b}-" for a, b in zip(LM_ADAPT_STEPS, SMOKE["lm_adapt_steps"])}
@@ -174,8 +178,6 @@ def _setting_axis(df) -> str:
     """The column a sweep's table spreads across (method, checkpoint, init, length), made
     (as column "setting") from several where one alone repeats within a size, e.g. one
     method at two learning rates; adds "checkpoint" (the pre-training family)."""
-    from ptjax.report import checkpoint_family
-
     if "model.path" in df:
         sentinel = df.get("task.target_sentinel", [False] * len(df))
         df["checkpoint"] = [checkpoint_family(p, str(s) == "True")
@@ -195,8 +197,6 @@ def _setting_axis(df) -> str:
 
 def _last_train_losses(job_dir: str) -> dict:
     """{member k: its last logged train loss} of a job (empty: never trained)."""
-    import json
-
     losses = {}
     path = os.path.join(job_dir, "metrics.jsonl")
     if os.path.exists(path):
@@ -211,8 +211,6 @@ def _last_train_losses(job_dir: str) -> dict:
 def _train_losses(d: str):
     """The sweep's runs.csv with ``loss``, each run's last logged train loss (runs that
     never logged one dropped), or None without runs.csv."""
-    import pandas as pd
-
     path = os.path.join(d, "runs.csv")
     if not os.path.exists(path):
         return None
@@ -226,8 +224,6 @@ def _loss_tables(df) -> list[str]:
     """Report lines: each setting's train loss at its last logged step (``_train_losses``),
     mean over seeds. Accuracy at chance can hide a fit that differs (e.g. with prompt
     length)."""
-    from ptjax.report import size_label
-
     if df is None or df.empty:
         return []
     df = df.copy()
@@ -252,12 +248,6 @@ def report(root: str, out: str) -> str:
     the tables it is made from as CSV in OUT/tables (``ptjax.analysis.load_tables``):
     pretraining.csv, probe.csv, and per sweep NAME-summary.csv, NAME-ensemble.csv and
     NAME-train_loss.csv (NAME: the sweep file's, e.g. fig1)."""
-    import json
-
-    import pandas as pd
-
-    from ptjax.report import checkpoint_family, pretrain_results, size_label
-
     os.makedirs(os.path.join(out, "figures"), exist_ok=True)
     tables = os.path.join(out, "tables")
     os.makedirs(tables, exist_ok=True)

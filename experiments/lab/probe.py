@@ -17,15 +17,21 @@ import os
 import random
 import sys
 
+import jax
 import numpy as np
+import pandas as pd
+
+from ptjax.data.corpus import _speeches, load_corpus
+from ptjax.data.encoding import encode
+from ptjax.models.model import load_model
+from ptjax.report import pretrain_results
+from ptjax.train import sequence_nll
 
 PAIRS_SEED = 0
 
 
 def pairs(n: int = 150, words: int = 20, window: int = 6) -> list[tuple[str, str]]:
     """(real line, the line with one window shuffled) from the held-out scenes."""
-    from ptjax.data.corpus import _speeches, load_corpus
-
     corpus = load_corpus("shakespeare")
     rng = random.Random(f"probe-{PAIRS_SEED}")
     pool = [s[:words] for d in corpus.validation for s in _speeches(d) if len(s) >= words]
@@ -43,11 +49,6 @@ def pairs(n: int = 150, words: int = 20, window: int = 6) -> list[tuple[str, str
 def line_nll(model, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL and token count (EOS included) of each text as the decoder's target
     after an empty input (the encoder reads EOS alone): ([N], [N])."""
-    import jax
-
-    from ptjax.data.encoding import encode
-    from ptjax.train import sequence_nll
-
     arrays, cut = encode(model, [{"inputs": "", "targets": t} for t in texts], 1,
                          max(len(model.tokenizer(t).input_ids) for t in texts))
     assert cut == 0
@@ -63,11 +64,6 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 
 
 def probe(paths: list[str]) -> list[dict]:
-    import jax
-
-    from ptjax.models.model import load_model
-    from ptjax.report import pretrain_results
-
     data = pairs()
     rows = []
     for path in paths:
@@ -94,8 +90,6 @@ def main(argv=None) -> None:
     p.add_argument("models", nargs="+", help="checkpoint directories (RUN/model)")
     p.add_argument("--out", default="runs/lab/probe.csv")
     a = p.parse_args(argv)
-    import pandas as pd
-
     df = pd.DataFrame(probe(a.models))
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     df.to_csv(a.out, index=False)

@@ -305,3 +305,117 @@ def test_lab_report_writes_its_tables_and_they_load_back(tmp_path):
     assert "| 134K | 34.1 ± 1.2 | 33.3 ± 0.0 |" in text and "| 134K | 5.00 | 6.00 |" in text
     with pytest.raises(analysis.PtjaxError, match="not a directory"):
         analysis.load_tables(str(tmp_path / "none"))
+
+
+
+TABLES = os.path.join(LAB, "results", "tables")
+TASKS = {"genre": "shakespeare_genre", "order": "shakespeare_order"}
+
+
+def _md_table(text: str, header: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, rows of cells) of the one markdown table whose header row starts
+    with ``header``."""
+    lines = text.splitlines()
+    start = [i for i, line in enumerate(lines) if line.startswith(header)]
+    assert len(start) == 1, f"README.md: {len(start)} tables start with {header!r}"
+
+    def cells(line):
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    rows = []
+    for line in lines[start[0] + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(cells(line))
+    return cells(lines[start[0]]), rows
+
+
+def _one(df, **where):
+    """The one row of ``df`` whose columns equal ``where`` (keys: column names)."""
+    for k, v in where.items():
+        df = df[df[k] == v]
+    assert len(df) == 1, f"{len(df)} rows for {where}"
+    return df.iloc[0]
+
+
+def _run(path: str) -> str:
+    """runs/lab/pretrain/lm500-m/model -> "lm500" (the checkpoint's family in the lab)."""
+    return path.rstrip("/").split("/")[-2].split("-")[0]
+
+
+def test_the_lab_readme_quotes_the_committed_tables():
+    """experiments/lab/README.md's tables are the numbers in results/tables (written by
+    ``lab.py report`` from the runs): the probe, Figure 1, Figures 3a-3d and the train
+    losses. A rerun that changes a number fails here until the README says it."""
+    tables = analysis.load_tables(TABLES)
+    readme = open(os.path.join(LAB, "README.md")).read()
+    sizes = {report.size_label(p): p for p in tables["pretraining"]["parameters"]}
+    assert len(sizes) == 4
+
+    def with_cols(df):
+        return df.assign(size=[report.size_label(p) for p in df["parameters"]],
+                         run=[_run(p) for p in df["model.path" if "model.path" in df
+                                                  else "checkpoint"]])
+
+    probe = with_cols(tables["probe"])
+    head, rows = _md_table(readme, "| size | span corruption |")
+    assert sorted(r[0] for r in rows) == sorted(sizes)
+    for row in rows:
+        for run, cell in zip(("span", "lm100", "lm500"), row[1:]):
+            r = _one(probe, size=row[0], run=run)
+            assert cell == f"{r['real_more_likely']:.1f}", (row[0], run)
+
+    def acc(r):
+        return f"{r['mean']:.1f} ± {r['ci95']:.1f}"
+
+    fig1 = with_cols(tables["fig1-summary"])
+    methods = {"prompt": "prompt", "prefix": "prefix", "P-tuning": "ptuning",
+               "model": "model", "design (2-shot)": "design"}
+    head, rows = _md_table(readme, "| size | task | prompt |")
+    assert len(rows) == 8 and head[2:] == list(methods)
+    for row in rows:
+        for col, cell in zip(head[2:], row[2:]):
+            r = _one(fig1, size=row[0], **{"task.name": TASKS[row[1]],
+                                           "method.name": methods[col]})
+            assert cell == acc(r), (row[:2], col)
+
+    # Figures 3a-3d, one table: each row one setting, each column one size (genre task)
+    cd = with_cols(tables["fig3cd_pretraining-summary"])
+    init = with_cols(tables["fig3b_init-summary"])
+    length = with_cols(tables["fig3a_length-summary"])
+    settings = {
+        "span corruption": lambda s: _one(cd, size=s, run="span",
+                                          **{"task.target_sentinel": False}),
+        "span corruption + sentinel": lambda s: _one(cd, size=s, run="span",
+                                                     **{"task.target_sentinel": True}),
+        "LM adaptation 100 steps": lambda s: _one(cd, size=s, run="lm100"),
+        "LM adaptation 500 steps": lambda s: _one(cd, size=s, run="lm500"),
+        **{f"init {i.replace('_', ' ')}": (lambda i: lambda s: _one(
+            init, size=s, **{"prompt.init": i}))(i)
+           for i in ("random_uniform", "sampled_vocab", "class_label")},
+        **{f"length {n}": (lambda n: lambda s: _one(length, size=s, **{"prompt.length": n}))(n)
+           for n in (1, 5, 20, 50)}}
+    head, rows = _md_table(readme, "| genre, prompt tuning |")
+    assert [r[0] for r in rows] == list(settings) and sorted(head[1:]) == sorted(sizes)
+    for row in rows:
+        for size, cell in zip(head[1:], row[1:]):
+            assert cell == acc(settings[row[0]](size)), (row[0], size)
+
+    # last train loss, mean over seeds (genre): Figure 3a's lengths and Figure 1's methods
+    def loss(df, **where):
+        df = with_cols(df)
+        for k, v in where.items():
+            df = df[df[k] == v]
+        return df.groupby("size")["loss"].mean()
+
+    losses = {f"prompt length {n}": loss(tables["fig3a_length-train_loss"],
+                                         **{"prompt.length": n}) for n in (1, 5, 20, 50)}
+    for name, method in (("prefix tuning (10)", "prefix"), ("P-tuning (20)", "ptuning"),
+                         ("model tuning", "model")):
+        losses[name] = loss(tables["fig1-train_loss"], **{"task.name": TASKS["genre"],
+                                                          "method.name": method})
+    head, rows = _md_table(readme, "| genre task |")
+    assert [r[0] for r in rows] == list(losses) and sorted(head[1:]) == sorted(sizes)
+    for row in rows:
+        for size, cell in zip(head[1:], row[1:]):
+            assert cell == f"{losses[row[0]][size]:.2f}", (row[0], size)

@@ -307,7 +307,6 @@ def test_lab_report_writes_its_tables_and_they_load_back(tmp_path):
         analysis.load_tables(str(tmp_path / "none"))
 
 
-
 TABLES = os.path.join(LAB, "results", "tables")
 TASKS = {"genre": "shakespeare_genre", "order": "shakespeare_order"}
 
@@ -330,10 +329,16 @@ def _md_table(text: str, header: str) -> tuple[list[str], list[list[str]]]:
     return cells(lines[start[0]]), rows
 
 
-def _one(df, **where):
-    """The one row of ``df`` whose columns equal ``where`` (keys: column names)."""
+def _where(df, **where):
+    """The rows of ``df`` whose columns equal ``where`` (keys: column names)."""
     for k, v in where.items():
         df = df[df[k] == v]
+    return df
+
+
+def _one(df, **where):
+    """The one row of ``df`` whose columns equal ``where``."""
+    df = _where(df, **where)
     assert len(df) == 1, f"{len(df)} rows for {where}"
     return df.iloc[0]
 
@@ -383,30 +388,24 @@ def test_the_lab_readme_quotes_the_committed_tables():
     cd = with_cols(tables["fig3cd_pretraining-summary"])
     init = with_cols(tables["fig3b_init-summary"])
     length = with_cols(tables["fig3a_length-summary"])
-    settings = {
-        "span corruption": lambda s: _one(cd, size=s, run="span",
-                                          **{"task.target_sentinel": False}),
-        "span corruption + sentinel": lambda s: _one(cd, size=s, run="span",
-                                                     **{"task.target_sentinel": True}),
-        "LM adaptation 100 steps": lambda s: _one(cd, size=s, run="lm100"),
-        "LM adaptation 500 steps": lambda s: _one(cd, size=s, run="lm500"),
-        **{f"init {i.replace('_', ' ')}": (lambda i: lambda s: _one(
-            init, size=s, **{"prompt.init": i}))(i)
+    settings = {  # README row: (table, the row's columns)
+        "span corruption": (cd, {"run": "span", "task.target_sentinel": False}),
+        "span corruption + sentinel": (cd, {"run": "span", "task.target_sentinel": True}),
+        "LM adaptation 100 steps": (cd, {"run": "lm100"}),
+        "LM adaptation 500 steps": (cd, {"run": "lm500"}),
+        **{f"init {i.replace('_', ' ')}": (init, {"prompt.init": i})
            for i in ("random_uniform", "sampled_vocab", "class_label")},
-        **{f"length {n}": (lambda n: lambda s: _one(length, size=s, **{"prompt.length": n}))(n)
-           for n in (1, 5, 20, 50)}}
+        **{f"length {n}": (length, {"prompt.length": n}) for n in (1, 5, 20, 50)}}
     head, rows = _md_table(readme, "| genre, prompt tuning |")
     assert [r[0] for r in rows] == list(settings) and sorted(head[1:]) == sorted(sizes)
     for row in rows:
         for size, cell in zip(head[1:], row[1:]):
-            assert cell == acc(settings[row[0]](size)), (row[0], size)
+            df, where = settings[row[0]]
+            assert cell == acc(_one(df, size=size, **where)), (row[0], size)
 
     # last train loss, mean over seeds (genre): Figure 3a's lengths and Figure 1's methods
     def loss(df, **where):
-        df = with_cols(df)
-        for k, v in where.items():
-            df = df[df[k] == v]
-        return df.groupby("size")["loss"].mean()
+        return _where(with_cols(df), **where).groupby("size")["loss"].mean()
 
     losses = {f"prompt length {n}": loss(tables["fig3a_length-train_loss"],
                                          **{"prompt.length": n}) for n in (1, 5, 20, 50)}
